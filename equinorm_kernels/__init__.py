@@ -1,0 +1,35 @@
+"""equinorm-kernels: weight-space normalization for PyTorch (EquiNorm, ENorm) with fused kernels.
+
+Public API:
+    channel_mean, equinorm_weight            functional EquiNorm (backend="auto" picks the fastest)
+    EquiNormConv1d/2d/3d, EquiNormLinear     drop-in layers
+    convert                                  swap Conv/Linear -> BatchNorm pairs for EquiNorm layers
+    ENorm                                    equi-normalization of a network between SGD steps
+    reference                                the pure-PyTorch specification
+    available_backends, build_info, set_value_checks
+"""
+from ._extension import build_info
+from ._checks import set_value_checks
+from .backends import available_backends
+from . import reference
+from .functional import channel_mean, equinorm_weight
+from .layers import EquiNormConv1d, EquiNormConv2d, EquiNormConv3d, EquiNormLinear
+from .convert import convert
+from .enorm import ENorm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ENorm",
+    "EquiNormConv1d",
+    "EquiNormConv2d",
+    "EquiNormConv3d",
+    "EquiNormLinear",
+    "available_backends",
+    "build_info",
+    "channel_mean",
+    "convert",
+    "equinorm_weight",
+    "reference",
+    "set_value_checks",
+]

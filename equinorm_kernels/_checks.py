@@ -1,0 +1,156 @@
+"""Argument validation shared by every public entry point: clear errors that name the argument."""
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MODES = ("single_pass", "exact")
+
+_value_checks = True
+
+
+def set_value_checks(enabled: bool) -> None:
+    """Turn the data-dependent checks (NaN/Inf inputs, negative channel means) on or off.
+
+    They are on by default and cost one host-device synchronisation per call on GPU. They never
+    run inside ``torch.compile``/``torch.fx`` graphs, where data-dependent Python branches are not
+    allowed; there (and when turned off) bad values are not reported but stay finite where the
+    documented clamps apply.
+    """
+    global _value_checks
+    _value_checks = bool(enabled)
+
+
+def value_checks_active() -> bool:
+    if not _value_checks:
+        return False
+    return not (torch.compiler.is_compiling() or torch.jit.is_scripting() or is_fx_tracing())
+
+
+def is_fx_tracing() -> bool:
+    from torch.fx import _symbolic_trace
+
+    probe = getattr(_symbolic_trace, "is_fx_symbolic_tracing", None) or _symbolic_trace.is_fx_tracing
+    return probe()
+
+
+def stats_rows(batch: int, stats_fraction: float) -> int:
+    """Samples that feed the statistics: the first ceil(stats_fraction * batch), at least one."""
+    # The small slack keeps products like 0.14 * 50 = 7.000000000000001 from rounding up.
+    return max(1, math.ceil(stats_fraction * batch - 1e-9))
+
+
+def check_tensor(value: object, name: str, *, dims: str, min_dim: int, max_dim: int | None = None) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {dims}, got {type(value).__name__}")
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {value.dtype}")
+    if value.dim() < min_dim or (max_dim is not None and value.dim() > max_dim):
+        raise ValueError(f"{name} must have shape {dims}, got a {value.dim()}-D tensor of shape {tuple(value.shape)}")
+    return value
+
+
+def check_number(value: object, name: str, *, low: float, high: float = math.inf, low_inclusive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
+        raise TypeError(f"{name} must be a finite real number, got {value!r}")
+    value = float(value)
+    above = value >= low if low_inclusive else value > low
+    if not (above and value <= high):
+        bracket = "[" if low_inclusive else "("
+        raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value}")
+    return value
+
+
+def check_same_device(reference: torch.Tensor, value: torch.Tensor, ref_name: str, name: str) -> None:
+    if value.device != reference.device:
+        raise ValueError(f"{name} is on {value.device} but {ref_name} is on {reference.device}; put them on one device")
+
+
+def check_channel_mean_args(x: object, stats_fraction: object) -> float:
+    x = check_tensor(x, "x", dims="(N, C, *spatial) or (N, C)", min_dim=2)
+    if x.shape[0] == 0:
+        raise ValueError("x has an empty batch (N = 0): channel means need at least one sample")
+    if x.shape[1] == 0:
+        raise ValueError("x has no channels (C = 0)")
+    if x.numel() == 0:
+        raise ValueError(f"x has an empty spatial extent {tuple(x.shape[2:])}: channel means need at least one element")
+    return check_number(stats_fraction, "stats_fraction", low=0.0, high=1.0)
+
+
+def check_equinorm_weight_args(
+    weight: object, mean: object, ratio: object, groups: object, mode: object, gain: object, eps: object
+) -> None:
+    weight = check_tensor(weight, "weight", dims="(D, C/groups, *kernel) or (D, C)", min_dim=2)
+    mean = check_tensor(mean, "mean", dims="(C,)", min_dim=1, max_dim=1)
+    check_same_device(weight, mean, "weight", "mean")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    out_channels, group_channels = weight.shape[0], weight.shape[1]
+    if out_channels == 0 or weight.numel() == 0:
+        raise ValueError(f"weight must not be empty, got shape {tuple(weight.shape)}")
+    if out_channels % groups:
+        raise ValueError(f"weight.shape[0] = {out_channels} output channels is not divisible by groups = {groups}")
+    if mean.numel() != group_channels * groups:
+        raise ValueError(
+            f"mean must have C = weight.shape[1] * groups = {group_channels * groups} entries "
+            f"(one per input channel), got {mean.numel()}"
+        )
+    if weight[0].numel() < 2:
+        raise ValueError(
+            "EquiNorm needs at least 2 weights per output channel (C/groups * kernel taps >= 2): with one weight "
+            f"the mean-centred weight is identically zero; got weight of shape {tuple(weight.shape)}"
+        )
+    check_number(ratio, "ratio", low=0.0)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if gain is not None:
+        gain = check_tensor(gain, "gain", dims=f"({out_channels},)", min_dim=1, max_dim=1)
+        check_same_device(weight, gain, "weight", "gain")
+        if gain.numel() != out_channels:
+            raise ValueError(f"gain must have shape ({out_channels},) (one per output channel), got {tuple(gain.shape)}")
+    check_number(eps, "eps", low=0.0)
+
+
+def _any_non_finite(tensor: torch.Tensor) -> torch.Tensor:
+    return (~torch.isfinite(tensor.detach())).any()
+
+
+def _any_bad_mean(mean: torch.Tensor) -> torch.Tensor:
+    mean = mean.detach()
+    return (~torch.isfinite(mean) | (mean < 0)).any()
+
+
+def check_finite_values(tensor: torch.Tensor, name: str, what: str) -> None:
+    """Raise if ``tensor`` holds NaN or Inf (one synchronisation)."""
+    if bool(_any_non_finite(tensor)):
+        first = tuple(int(i) for i in (~torch.isfinite(tensor.detach())).nonzero()[0])
+        raise ValueError(f"{name} contains NaN or Inf ({what}; first at index {first})")
+
+
+def check_channel_means(mean: torch.Tensor, name: str = "mean") -> None:
+    """EquiNorm's balance assumes non-negative inputs: raise on NaN/Inf or negative channel means."""
+    if not bool(_any_bad_mean(mean)):
+        return
+    check_finite_values(mean, name, "a non-finite input gives non-finite channel means")
+    channel = int((mean.detach() < 0).nonzero()[0, 0])
+    raise ValueError(
+        f"{name} must be non-negative: EquiNorm balances positive and negative weights against "
+        f"non-negative inputs (ReLU outputs, or raw pixels in [0, 1] rather than standardised ones), "
+        f"but input channel {channel} has mean {float(mean[channel]):.4g}"
+    )
+
+
+def check_equinorm_weight_values(weight: torch.Tensor, mean: torch.Tensor, gain: torch.Tensor | None) -> None:
+    """Data checks of equinorm_weight's inputs with a single synchronisation when all is well."""
+    flags = [_any_bad_mean(mean), _any_non_finite(weight)]
+    if gain is not None:
+        flags.append(_any_non_finite(gain))
+    if not bool(torch.stack(flags).any()):
+        return
+    check_channel_means(mean)
+    check_finite_values(weight, "weight", "the weight must be finite")
+    if gain is not None:
+        check_finite_values(gain, "gain", "the gain must be finite")

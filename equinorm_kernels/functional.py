@@ -1,0 +1,73 @@
+"""The public EquiNorm functions: validate, then run the selected backend.
+
+Same semantics as :mod:`equinorm_kernels.reference`, plus a ``backend`` argument ("auto" picks the
+fastest backend available for the tensor's device) and the data checks of
+:func:`equinorm_kernels.set_value_checks`.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _checks
+from .backends import resolve_backend
+
+
+def channel_mean(x: torch.Tensor, *, stats_fraction: float = 1.0, backend: str = "auto") -> torch.Tensor:
+    """Per-channel mean of ``x`` over every dim but dim 1.
+
+    Args:
+        x: (N, C, *spatial) or (N, C), float16/bfloat16/float32/float64, NCHW or channels_last.
+        stats_fraction: only the first ceil(stats_fraction * N) samples are averaged (0 < f <= 1).
+        backend: "auto" or a name from :func:`equinorm_kernels.available_backends`.
+
+    Returns:
+        (C,) float32 (float64 for float64 ``x``) with float32 accumulation for float16/bfloat16;
+        differentiable in ``x``.
+
+    Raises:
+        ValueError: bad shapes or arguments, or (value checks on) NaN/Inf in ``x``.
+    """
+    stats_fraction = _checks.check_channel_mean_args(x, stats_fraction)
+    mean = resolve_backend(backend, x.device).channel_mean(x, stats_fraction)
+    if _checks.value_checks_active():
+        _checks.check_finite_values(mean, "x", "its channel means are not finite")
+    return mean
+
+
+def equinorm_weight(
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    *,
+    ratio: float = 1.0,
+    groups: int = 1,
+    mode: str = "single_pass",
+    gain: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The EquiNorm-rescaled weight w'' = gain_d * ratio / P_d * (w + b_d).
+
+    Args:
+        weight: (D, C/groups, *kernel) or (D, C) for Linear; any float dtype and memory format.
+        mean: (C,) non-negative per-input-channel means (batch statistics or a running mean).
+        ratio: rho = prod(spatial_out) * prod(stride) / prod(spatial_in) (1 for Linear).
+        groups: convolution groups.
+        mode: "single_pass" (default, the paper's experiments) or "exact".
+        gain: optional (D,) gain folded into the result.
+        eps: relative threshold of the positive mass P_d below which an output channel gets a zero
+            weight (see :mod:`equinorm_kernels.reference`).
+        backend: "auto" or a name from :func:`equinorm_kernels.available_backends`.
+
+    Returns:
+        Tensor of ``weight``'s shape, dtype and memory format, computed in float32 (float64 if any
+        operand is float64); differentiable in ``weight``, ``mean`` and ``gain``.
+
+    Raises:
+        ValueError / TypeError: bad shapes, dtypes, devices or arguments; (value checks on) NaN/Inf
+        in any operand or a negative channel mean.
+    """
+    _checks.check_equinorm_weight_args(weight, mean, ratio, groups, mode, gain, eps)
+    if _checks.value_checks_active():
+        _checks.check_equinorm_weight_values(weight, mean, gain)
+    impl = resolve_backend(backend, weight.device)
+    return impl.equinorm_weight(weight, mean, float(ratio), groups, mode, gain, float(eps))

@@ -1,0 +1,345 @@
+"""Drop-in layers: nn.Conv1d/2d/3d and nn.Linear whose weight is EquiNorm-rescaled on every forward.
+
+    y = conv(x, gain_d * w''(w, mu)) + bias_d
+
+with mu the batch's per-input-channel means in training (tracked in ``running_mean``) and the
+running mean in eval. ``gain`` and ``bias`` are the per-output-channel affine that follows the
+normalization, as BatchNorm's weight and bias are; the gain is folded into the weight, so the layer
+runs a single convolution.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _checks
+from .backends import AUTO_PREFERENCE, _REGISTRY
+from .functional import channel_mean, equinorm_weight
+
+
+@torch.no_grad()
+def balance_signs_(weight: torch.Tensor) -> torch.Tensor:
+    """Resample the signs of every output channel's weights that are all positive or all negative.
+
+    The paper's balanced initialisation (section 5.2): EquiNorm balances positive against negative
+    weights, so no output channel should start one-signed. Magnitudes are kept. In place; returns
+    ``weight``. Rows with fewer than two non-zero weights cannot be balanced and are left as they are.
+    """
+    rows = weight.view(weight.shape[0], -1) if weight.is_contiguous() else weight.reshape(weight.shape[0], -1)
+    fixable = (rows != 0).sum(dim=1) >= 2
+    while True:
+        one_signed = fixable & ~((rows > 0).any(dim=1) & (rows < 0).any(dim=1))
+        if not bool(one_signed.any()):
+            break
+        chosen = rows[one_signed]
+        signs = torch.randint(0, 2, chosen.shape, device=rows.device).to(rows.dtype) * 2 - 1
+        rows[one_signed] = chosen.abs() * signs
+    if not weight.is_contiguous():
+        weight.copy_(rows.view_as(weight))
+    return weight
+
+
+def _check_layer_options(mode: object, momentum: object, stats_fraction: object, eps: object, backend: object) -> None:
+    if mode not in _checks.MODES:
+        raise ValueError(f"mode must be one of {_checks.MODES}, got {mode!r}")
+    if momentum is not None:
+        _checks.check_number(momentum, "momentum", low=0.0, high=1.0, low_inclusive=True)
+    _checks.check_number(stats_fraction, "stats_fraction", low=0.0, high=1.0)
+    _checks.check_number(eps, "eps", low=0.0)
+    known = ("auto", *AUTO_PREFERENCE, *_REGISTRY)
+    if backend not in known:
+        raise ValueError(f"backend must be one of {sorted(set(known))}, got {backend!r}")
+
+
+class EquiNormLayer(nn.Module):
+    """What the EquiNorm conv and linear layers share: options, gain, running mean, forward."""
+
+    _spatial_dims: int  # 0 for Linear
+    _plain_class: type[nn.Module]
+
+    def _init_equinorm(
+        self, mode: str, momentum: float | None, stats_fraction: float, eps: float, backend: str
+    ) -> None:
+        _check_layer_options(mode, momentum, stats_fraction, eps, backend)
+        if self.weight[0].numel() < 2:
+            raise ValueError(
+                f"{type(self).__name__} needs at least 2 weights per output channel "
+                f"(in_channels/groups * kernel taps >= 2), got weight of shape {tuple(self.weight.shape)}"
+            )
+        self.mode, self.momentum, self.stats_fraction = mode, momentum, float(stats_fraction)
+        self.eps, self.backend = float(eps), backend
+        device = self.weight.device
+        self.gain = nn.Parameter(torch.ones(self.weight.shape[0], device=device, dtype=self.weight.dtype))
+        stats_dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        in_channels = self.weight.shape[1] * getattr(self, "groups", 1)
+        # Ones, not zeros: before any training every input channel counts equally.
+        self.register_buffer("running_mean", torch.ones(in_channels, device=device, dtype=stats_dtype))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        balance_signs_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+        if hasattr(self, "gain"):
+            nn.init.ones_(self.gain)
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.fill_(1.0)
+        self.num_batches_tracked.zero_()
+
+    # --- shapes -------------------------------------------------------------------------------
+    def _in_channels(self) -> int:
+        return self.weight.shape[1] * getattr(self, "groups", 1)
+
+    def _check_input(self, x: torch.Tensor) -> bool:
+        """Validate ``x``; True when it is batched."""
+        batched_dim = self._spatial_dims + 2
+        if not isinstance(x, torch.Tensor):
+            if _checks.is_fx_tracing():
+                raise TypeError(
+                    f"{type(self).__name__} cannot be traced through by torch.fx symbolic tracing (its ratio needs "
+                    "the input's concrete shape): trace it as a leaf module (Tracer.is_leaf_module) or use torch.export"
+                )
+            raise TypeError(f"{type(self).__name__} expects a torch.Tensor input, got {type(x).__name__}")
+        channels = self._in_channels()
+        if self._spatial_dims == 0:
+            if x.dim() < 1 or x.shape[-1] != channels:
+                raise ValueError(f"{type(self).__name__} expects input of shape (..., {channels}), got {tuple(x.shape)}")
+            return x.dim() > 1
+        if x.dim() not in (batched_dim, batched_dim - 1) or x.shape[-self._spatial_dims - 1] != channels:
+            spatial = ", ".join(("D", "H", "W")[-self._spatial_dims :])
+            raise ValueError(
+                f"{type(self).__name__} expects input of shape (N, {channels}, {spatial}) or ({channels}, {spatial}), "
+                f"got {tuple(x.shape)}"
+            )
+        return x.dim() == batched_dim
+
+    def _ratio(self, spatial_in: Sequence[int]) -> float:
+        return 1.0
+
+    # --- statistics ---------------------------------------------------------------------------
+    def _batch_means(self, x: torch.Tensor, batched: bool) -> torch.Tensor:
+        if not batched:
+            x = x.unsqueeze(0)
+        if self._spatial_dims == 0 and x.dim() > 2:
+            # Linear on (N, ..., C): samples are along dim 0, every other leading dim is batch too.
+            rows = _checks.stats_rows(x.shape[0], self.stats_fraction)
+            return channel_mean(x[:rows].reshape(-1, x.shape[-1]), backend=self.backend)
+        return channel_mean(x, stats_fraction=self.stats_fraction, backend=self.backend)
+
+    @torch.no_grad()
+    def _track(self, mean: torch.Tensor) -> None:
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:  # cumulative moving average, as BatchNorm's momentum=None
+            factor = 1.0 / self.num_batches_tracked.item()
+        else:
+            factor = self.momentum
+        self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
+
+    # --- forward and folding ------------------------------------------------------------------
+    def normalized_weight(self, mean: torch.Tensor, ratio: float) -> torch.Tensor:
+        """The weight the layer applies: gain_d * w''(weight, mean), same shape as ``weight``."""
+        return equinorm_weight(
+            self.weight,
+            mean,
+            ratio=ratio,
+            groups=getattr(self, "groups", 1),
+            mode=self.mode,
+            gain=self.gain,
+            eps=self.eps,
+            backend=self.backend,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batched = self._check_input(x)
+        ratio = self._ratio(x.shape[x.dim() - self._spatial_dims :])
+        if not self.training:
+            return self._run_op(x, self.normalized_weight(self.running_mean, ratio))
+        mean = self._batch_means(x, batched)
+        weight = self.normalized_weight(mean, ratio)  # validates the means before they are tracked
+        self._track(mean)
+        return self._run_op(x, weight)
+
+    def _run_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _plain_kwargs(self) -> dict:
+        raise NotImplementedError
+
+    def _fold_ratio(self, input_size: Sequence[int] | None) -> float:
+        return 1.0
+
+    @torch.no_grad()
+    def fold(self, input_size: Sequence[int] | None = None) -> nn.Module:
+        """A plain nn.Conv*d / nn.Linear with the eval-mode weight (running mean, gain) and bias baked
+        in: same output as this layer in eval mode.
+
+        Args:
+            input_size: spatial size of the inputs the folded conv will see; needed only when the
+                ratio depends on it (a stride above 1 or padding other than "same").
+        """
+        ratio = self._fold_ratio(input_size)
+        plain = self._plain_class(**self._plain_kwargs(), bias=self.bias is not None, device=self.weight.device, dtype=self.weight.dtype)
+        plain.weight.copy_(self.normalized_weight(self.running_mean, ratio))
+        if self.bias is not None:
+            plain.bias.copy_(self.bias)
+        return plain.train(self.training)
+
+    def extra_repr(self) -> str:
+        options = f"mode={self.mode!r}, momentum={self.momentum}, stats_fraction={self.stats_fraction}, eps={self.eps}"
+        return f"{super().extra_repr()}, {options}, backend={self.backend!r}"
+
+
+def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+class _EquiNormConvNd(EquiNormLayer):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, ...],
+        stride: int | tuple[int, ...] = 1,
+        padding: str | int | tuple[int, ...] = 0,
+        dilation: int | tuple[int, ...] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        mode: str = "single_pass",
+        momentum: float | None = 0.1,
+        stats_fraction: float = 1.0,
+        eps: float = 1e-5,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
+        )
+        self._init_equinorm(mode, momentum, stats_fraction, eps, backend)
+
+    def _ratio_is_constant(self) -> bool:
+        """rho = 1 for every input size: stride 1 and an output as large as the input."""
+        if self.padding == "same":
+            return True
+        if self.padding == "valid":
+            return False
+        return all(
+            s == 1 and 2 * p == d * (k - 1)
+            for s, p, d, k in zip(self.stride, self.padding, self.dilation, self.kernel_size)
+        )
+
+    def _ratio(self, spatial_in: Sequence[int]) -> float:
+        if self._ratio_is_constant():
+            return 1.0
+        padding = (0,) * self._spatial_dims if self.padding == "valid" else self.padding
+        spatial_out = [
+            _output_size(n, k, s, p, d)
+            for n, k, s, p, d in zip(spatial_in, self.kernel_size, self.stride, padding, self.dilation)
+        ]
+        if min(spatial_out) < 1:
+            raise ValueError(
+                f"{type(self).__name__}: input spatial size {tuple(spatial_in)} is too small for kernel "
+                f"{self.kernel_size} with padding {self.padding} and dilation {self.dilation}"
+            )
+        return math.prod(spatial_out) * math.prod(self.stride) / math.prod(spatial_in)
+
+    def _fold_ratio(self, input_size: Sequence[int] | None) -> float:
+        if self._ratio_is_constant():
+            return 1.0
+        if input_size is None:
+            raise ValueError(
+                f"{type(self).__name__}.fold() needs input_size (the spatial size of its inputs): with stride "
+                f"{self.stride} and padding {self.padding} the ratio rho depends on it"
+            )
+        input_size = tuple(input_size)
+        if len(input_size) != self._spatial_dims or not all(isinstance(n, int) and n > 0 for n in input_size):
+            raise ValueError(f"input_size must be {self._spatial_dims} positive ints, got {input_size}")
+        return self._ratio(input_size)
+
+    def _run_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, weight, self.bias)
+
+    def _plain_kwargs(self) -> dict:
+        return dict(
+            in_channels=self.in_channels,
+            out_channels=self.out_channels,
+            kernel_size=self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            padding_mode=self.padding_mode,
+        )
+
+
+_LAYER_OPTIONS_DOC = """
+    Arguments as ``{base}``, plus (keyword-only):
+        mode: "single_pass" (default, the paper's experiments) or "exact".
+        momentum: running-mean update factor, ``(1 - momentum) * running_mean + momentum * mu``;
+            None for a cumulative average.
+        stats_fraction: only the first ceil(stats_fraction * N) samples feed the statistics in
+            training (0.25 is the paper's regulariser, section 6.1).
+        eps: relative threshold of the positive mass below which an output channel's weight is zero
+            (a constant kernel, or only zero inputs); see :mod:`equinorm_kernels.reference`.
+        backend: "auto" or a name from :func:`equinorm_kernels.available_backends`.
+
+    Parameters ``weight`` (as ``{base}``), ``gain`` (out,) and ``bias`` (out,) (the affine after the
+    normalization); buffer ``running_mean`` (in,). Inputs as ``{base}``, non-negative (ReLU outputs,
+    or raw pixels in [0, 1]); any float dtype (statistics in float32), NCHW or channels_last.
+    Differentiable in the input (through the batch means), ``weight``, ``gain`` and ``bias``.
+"""
+
+
+class EquiNormConv1d(_EquiNormConvNd, nn.Conv1d):
+    _spatial_dims = 1
+    _plain_class = nn.Conv1d
+    __doc__ = "nn.Conv1d with EquiNorm weights." + _LAYER_OPTIONS_DOC.format(base="nn.Conv1d")
+
+
+class EquiNormConv2d(_EquiNormConvNd, nn.Conv2d):
+    _spatial_dims = 2
+    _plain_class = nn.Conv2d
+    __doc__ = "nn.Conv2d with EquiNorm weights." + _LAYER_OPTIONS_DOC.format(base="nn.Conv2d")
+
+
+class EquiNormConv3d(_EquiNormConvNd, nn.Conv3d):
+    _spatial_dims = 3
+    _plain_class = nn.Conv3d
+    __doc__ = "nn.Conv3d with EquiNorm weights." + _LAYER_OPTIONS_DOC.format(base="nn.Conv3d")
+
+
+class EquiNormLinear(EquiNormLayer, nn.Linear):
+    __doc__ = "nn.Linear with EquiNorm weights (ratio 1)." + _LAYER_OPTIONS_DOC.format(base="nn.Linear")
+    _spatial_dims = 0
+    _plain_class = nn.Linear
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        mode: str = "single_pass",
+        momentum: float | None = 0.1,
+        stats_fraction: float = 1.0,
+        eps: float = 1e-5,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self._init_equinorm(mode, momentum, stats_fraction, eps, backend)
+
+    def _run_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight, self.bias)
+
+    def _plain_kwargs(self) -> dict:
+        return dict(in_features=self.in_features, out_features=self.out_features)

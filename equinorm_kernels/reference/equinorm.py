@@ -1,0 +1,136 @@
+"""EquiNorm in plain PyTorch ops: the specification every fused kernel is tested against.
+
+Everything here is differentiable by autograd: gradients reach the weight, the gain and, through
+the channel means, the layer input. The equations (per-element means form of the paper's sums):
+
+    mu_c = mean of x over every dim but 1          W_dc = sum_t w_dct           M_d = sum_c mu_c
+    b_d  = -sum_c mu_c W_dc / (K M_d)              u = w + b_d
+    P_d  = sum_c mu_c sum_t max(u_dct, 0)                          ("exact")
+    P_d  = sum_c mu_c (sum_t w_dct [w_dct > 0] + b_d n_dc)         ("single_pass", n_dc = #{w_dct > 0})
+    w''  = gain_d * ratio / P_d * u
+
+Edge cases (the paper leaves them open):
+- single_pass: when every weight of an output channel that meets a positive channel mean has one
+  sign, the one-pass estimate of P_d is zero (the sign assumption it rests on fails for every
+  weight); that channel uses the exact P_d instead, which stays positive.
+- An output channel with no positive mass to normalise, P_d <= eps * sum_c mu_c sum_t |w_dct|
+  (its weights are all equal, up to rounding, on the inputs with a positive mean, or all those
+  inputs are zero), gets a zero weight: its centred weight is zero or rounding noise, and scaling
+  noise up to unit mass would invent a kernel. The test is relative, so it does not depend on the
+  scale of the weight or of the input, and such a channel is never NaN/Inf.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _checks
+
+
+def _accumulation_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """fp32 for fp16/bf16/fp32 operands, fp64 as soon as one is fp64."""
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+def channel_mean_unchecked(x: torch.Tensor, stats_fraction: float) -> torch.Tensor:
+    rows = _checks.stats_rows(x.shape[0], stats_fraction)
+    sample = x if rows == x.shape[0] else x[:rows]
+    reduce_dims = [0, *range(2, x.dim())]
+    return sample.mean(dim=reduce_dims, dtype=_accumulation_dtype(x))
+
+
+def _one_signed_channels(weight: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """(D,) bool: output channels whose weights on positive-mean inputs are all > 0 or all <= 0."""
+    positive = weight > 0
+    seen = (mean > 0)[:, :, None]
+    return ~((positive & seen).any(dim=(1, 2)) & (~positive & seen).any(dim=(1, 2)))
+
+
+def equinorm_weight_unchecked(
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    ratio: float,
+    groups: int,
+    mode: str,
+    gain: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    acc = _accumulation_dtype(weight, mean, gain)
+    out_channels = weight.shape[0]
+    w = weight.to(acc).reshape(out_channels, weight.shape[1], -1)  # (D, C/groups, K)
+    taps = w.shape[-1]
+    # mu[d, c]: mean of the input channel that weight column c of output channel d reads.
+    mu = mean.to(acc).reshape(groups, -1).repeat_interleave(out_channels // groups, dim=0)
+
+    kernel_sums = w.sum(dim=-1)  # W_dc
+    mean_mass = mu.sum(dim=-1).clamp_min(torch.finfo(acc).tiny)  # M_d; 0 only when all mu_c are 0
+    shift = -(mu * kernel_sums).sum(dim=-1) / (taps * mean_mass)  # b_d
+    shifted = w + shift[:, None, None]  # u
+
+    exact_positive = (mu * shifted.clamp_min(0).sum(dim=-1)).sum(dim=-1)
+    if mode == "exact":
+        positive_mass = exact_positive
+    else:
+        positive = w > 0
+        one_pass = (mu * ((w * positive).sum(dim=-1) + shift[:, None] * positive.sum(dim=-1))).sum(dim=-1)
+        positive_mass = torch.where(_one_signed_channels(w, mu), exact_positive, one_pass)
+
+    with torch.no_grad():
+        total_mass = (mu * w.abs().sum(dim=-1)).sum(dim=-1)
+        degenerate = positive_mass <= eps * total_mass
+    # The inner where keeps the unused branch finite, so its gradient cannot turn into NaN.
+    safe_mass = torch.where(degenerate, torch.ones_like(positive_mass), positive_mass)
+    scale = torch.where(degenerate, torch.zeros_like(positive_mass), ratio / safe_mass)  # s_d
+    if gain is not None:
+        scale = scale * gain.to(acc)
+    result = (shifted * scale[:, None, None]).reshape(weight.shape).to(weight.dtype)
+    if weight.dim() in (4, 5) and not weight.is_contiguous():
+        layout = torch.channels_last if weight.dim() == 4 else torch.channels_last_3d
+        if weight.is_contiguous(memory_format=layout):
+            result = result.contiguous(memory_format=layout)
+    return result
+
+
+def channel_mean(x: torch.Tensor, *, stats_fraction: float = 1.0) -> torch.Tensor:
+    """Per-channel mean of ``x`` over every dim but dim 1.
+
+    Args:
+        x: (N, C, *spatial) or (N, C), float16/bfloat16/float32/float64, any memory format.
+        stats_fraction: only the first ceil(stats_fraction * N) samples are averaged (0 < f <= 1).
+
+    Returns:
+        (C,) float32 (float64 for float64 ``x``), accumulated in that dtype; differentiable in ``x``.
+    """
+    stats_fraction = _checks.check_channel_mean_args(x, stats_fraction)
+    return channel_mean_unchecked(x, stats_fraction)
+
+
+def equinorm_weight(
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    *,
+    ratio: float = 1.0,
+    groups: int = 1,
+    mode: str = "single_pass",
+    gain: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """The EquiNorm-rescaled weight w'' (times ``gain`` when given).
+
+    Args:
+        weight: (D, C/groups, *kernel) or (D, C) for Linear; any float dtype.
+        mean: (C,) non-negative channel means of the layer input (see :func:`channel_mean`).
+        ratio: rho = prod(spatial_out) * prod(stride) / prod(spatial_in); 1 for Linear.
+        groups: convolution groups (C and D divisible by it).
+        mode: "single_pass" (the paper's one-pass estimate of P_d) or "exact" (two passes).
+        gain: optional (D,) per-output-channel gain folded into the result.
+        eps: relative threshold below which an output channel counts as having no positive mass
+            (P_d <= eps * sum_c mu_c sum_t |w_dct|); such a channel gets a zero weight.
+
+    Returns:
+        Tensor of ``weight``'s shape, dtype and memory format, computed in float32 (float64 if any
+        operand is float64); differentiable in ``weight``, ``mean`` and ``gain``.
+    """
+    _checks.check_equinorm_weight_args(weight, mean, ratio, groups, mode, gain, eps)
+    return equinorm_weight_unchecked(weight, mean, float(ratio), groups, mode, gain, float(eps))

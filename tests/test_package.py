@@ -1,0 +1,104 @@
+"""Packaging: the extension build, graceful degradation without it, backend discovery."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import equinorm_kernels as ek
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_extension_is_built_against_the_running_torch():
+    info = ek.build_info()
+    assert info["compiled"], info["error"]
+    assert info["torch_version"] == torch.__version__
+    assert info["with_cuda"] == (torch.version.cuda is not None and info["cuda_arch_list"] != "")
+
+
+def test_import_without_extension_warns_and_keeps_reference_backend():
+    result = _run(
+        """
+        import importlib.abc, importlib.machinery, sys, warnings
+
+        class BrokenExtension(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+            # Stands for an extension built against another torch: found, but fails to load.
+            def find_spec(self, name, path=None, target=None):
+                if name == "equinorm_kernels._C":
+                    return importlib.machinery.ModuleSpec(name, self)
+                return None
+
+            def create_module(self, spec):
+                raise ImportError("undefined symbol: _ZN2at6Tensor")
+
+            def exec_module(self, module):
+                pass
+
+        sys.meta_path.insert(0, BrokenExtension())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import equinorm_kernels as ek
+        messages = [str(w.message) for w in caught]
+        assert any("only the 'reference' backend" in m and "undefined symbol" in m for m in messages), messages
+        assert ek.build_info()["compiled"] is False
+        assert ek.available_backends("cpu") == ["reference"]
+        import torch
+        layer = ek.EquiNormConv2d(3, 4, 3, padding=1)
+        assert torch.isfinite(layer(torch.rand(2, 3, 5, 5))).all()
+        print("ok")
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout
+
+
+@pytest.mark.parametrize("device", ["cpu", torch.device("cpu"), torch.zeros(1), "meta"])
+def test_available_backends_end_with_the_reference_fallback(device):
+    names = ek.available_backends(device)
+    assert names[-1] == "reference"
+    assert len(names) == len(set(names))
+
+
+def test_available_backends_rejects_a_bad_device():
+    with pytest.raises(ValueError, match="device"):
+        ek.available_backends("not-a-device")
+
+
+def test_setup_reports_skipped_cuda_build():
+    if torch.version.cuda is not None:
+        pytest.skip("torch is a CUDA build here")
+    result = subprocess.run(
+        [sys.executable, "setup.py", "--version"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "skipping compilation of CUDA extensions" in result.stdout
+    assert "not a CUDA build" in result.stdout
+
+
+def test_setup_refuses_forced_cuda_without_cuda_torch():
+    if torch.version.cuda is not None:
+        pytest.skip("torch is a CUDA build here")
+    result = subprocess.run(
+        [sys.executable, "setup.py", "--version"],
+        cwd=ROOT,
+        env={**os.environ, "EQUINORM_KERNELS_CUDA": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "EQUINORM_KERNELS_CUDA=1" in result.stderr
