@@ -9,7 +9,7 @@ torch:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_PIN)"
 
 install: torch
-	$(PYTHON) -m pip install --quiet "setuptools>=70.1" ninja "pytest>=8" numpy
+	$(PYTHON) -m pip install --quiet "setuptools>=70.1" ninja "pytest>=8" numpy scikit-learn matplotlib tqdm
 	$(PYTHON) -m pip install --quiet --no-build-isolation -e .
 
 demo: install

@@ -1,0 +1,6 @@
+"""``python -m equinorm_kernels.experiments``."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
