@@ -288,6 +288,30 @@ class ResidualNetwork(nn.Module):
     head_bias: nn.Module
     head: nn.Linear
 
+    def _configure(
+        self,
+        *,
+        conv: bool,
+        width: int,
+        width_name: str,
+        norm: object,
+        scheme: object,
+        group_norm_groups: object,
+        equinorm_options: object,
+    ) -> LayerFactory:
+        """Check and store the options both models share; the factory for the model's layers."""
+        check_options(norm, scheme, group_norm_groups)
+        check_risotto_width(scheme, width, width_name)
+        options = check_equinorm_options(norm, equinorm_options)
+        self.norm, self.scheme, self.group_norm_groups = norm, scheme, group_norm_groups
+        return LayerFactory(
+            conv=conv,
+            norm=norm,
+            bias=layers_have_bias(norm, scheme),
+            group_norm_groups=group_norm_groups,
+            equinorm_options=options,
+        )
+
     def fixup_scalars(self) -> list[nn.Parameter]:
         """Fixup's scalar biases and scales (Fixup trains them with a 10x smaller learning rate).
 

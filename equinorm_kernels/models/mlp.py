@@ -6,13 +6,8 @@ from torch import nn
 
 from .blocks import (
     BLOCKS,
-    LayerFactory,
     ResidualNetwork,
-    check_equinorm_options,
-    check_options,
     check_positive_int,
-    check_risotto_width,
-    layers_have_bias,
     make_head_bias,
     make_stem,
 )
@@ -58,15 +53,16 @@ class ResidualMLP(ResidualNetwork):
         sizes = {"in_features": in_features, "num_classes": num_classes, "hidden": hidden, "blocks": blocks}
         for name, value in sizes.items():
             check_positive_int(value, name)
-        check_options(norm, scheme, group_norm_groups)
-        check_risotto_width(scheme, hidden, "hidden")
-        self.in_features, self.num_classes, self.hidden, self.num_blocks = in_features, num_classes, hidden, blocks
-        self.norm, self.scheme, self.group_norm_groups = norm, scheme, group_norm_groups
-        bias = layers_have_bias(norm, scheme)
-        options = check_equinorm_options(norm, equinorm_options)
-        layers = LayerFactory(
-            conv=False, norm=norm, bias=bias, group_norm_groups=group_norm_groups, equinorm_options=options
+        layers = self._configure(
+            conv=False,
+            width=hidden,
+            width_name="hidden",
+            norm=norm,
+            scheme=scheme,
+            group_norm_groups=group_norm_groups,
+            equinorm_options=equinorm_options,
         )
+        self.in_features, self.num_classes, self.hidden, self.num_blocks = in_features, num_classes, hidden, blocks
         self.stem = make_stem(layers, in_features, hidden, scheme)
         block_class = BLOCKS[scheme]
         self.blocks = nn.Sequential(*(block_class(layers, hidden, hidden) for _ in range(blocks)))

@@ -8,11 +8,7 @@ from .blocks import (
     BLOCKS,
     LayerFactory,
     ResidualNetwork,
-    check_equinorm_options,
-    check_options,
     check_positive_int,
-    check_risotto_width,
-    layers_have_bias,
     make_head_bias,
     make_stem,
 )
@@ -69,15 +65,16 @@ class CifarResNet(ResidualNetwork):
         per_stage = blocks_per_stage(depth)
         for name, value in {"width": width, "num_classes": num_classes, "in_channels": in_channels}.items():
             check_positive_int(value, name)
-        check_options(norm, scheme, group_norm_groups)
-        check_risotto_width(scheme, width, "width")
-        self.depth, self.width, self.num_classes, self.in_channels = depth, width, num_classes, in_channels
-        self.norm, self.scheme, self.group_norm_groups = norm, scheme, group_norm_groups
-        bias = layers_have_bias(norm, scheme)
-        options = check_equinorm_options(norm, equinorm_options)
-        layers = LayerFactory(
-            conv=True, norm=norm, bias=bias, group_norm_groups=group_norm_groups, equinorm_options=options
+        layers = self._configure(
+            conv=True,
+            width=width,
+            width_name="width",
+            norm=norm,
+            scheme=scheme,
+            group_norm_groups=group_norm_groups,
+            equinorm_options=equinorm_options,
         )
+        self.depth, self.width, self.num_classes, self.in_channels = depth, width, num_classes, in_channels
         self.stem = make_stem(layers, in_channels, width, scheme)
         self.blocks = self._stages(layers, per_stage)
         self.pool = nn.AdaptiveAvgPool2d(1)
