@@ -94,14 +94,17 @@ def markdown_table(
     return "\n".join(lines)
 
 
-def accuracy_entry(cell: Cell) -> str:
-    text = "diverged" if cell.accuracy is None else cell.accuracy.format(scale=100.0)
+def _spread_entry(spread: Spread | None, cell: Cell, **style: float) -> str:
+    text = "diverged" if spread is None else spread.format(**style)
     return text + (f" ({cell.diverged}/{cell.runs} div.)" if cell.diverged else "")
+
+
+def accuracy_entry(cell: Cell) -> str:
+    return _spread_entry(cell.accuracy, cell, scale=100.0)
 
 
 def loss_entry(cell: Cell) -> str:
-    text = "diverged" if cell.loss is None else cell.loss.format(digits=3)
-    return text + (f" ({cell.diverged}/{cell.runs} div.)" if cell.diverged else "")
+    return _spread_entry(cell.loss, cell, digits=3)
 
 
 def diverged_entry(cell: Cell) -> str:
