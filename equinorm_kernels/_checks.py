@@ -86,6 +86,25 @@ def check_equinorm_weight_args(
     weight = check_tensor(weight, "weight", dims="(D, C/groups, *kernel) or (D, C)", min_dim=2)
     mean = check_tensor(mean, "mean", dims="(C,)", min_dim=1, max_dim=1)
     check_same_device(weight, mean, "weight", "mean")
+    check_weight_args(weight, mean.numel(), "mean must have", ratio, groups, mode, gain, eps)
+
+
+def check_equinorm_forward_args(
+    x: object, stats_fraction: object, weight: object, ratio: object, groups: object, mode: object, gain: object, eps: object
+) -> float:
+    """Checks of the fused forward (x -> channel means -> weight); returns stats_fraction as a float."""
+    stats_fraction = check_channel_mean_args(x, stats_fraction)
+    weight = check_tensor(weight, "weight", dims="(D, C/groups, *kernel) or (D, C)", min_dim=2)
+    check_same_device(weight, x, "weight", "x")
+    check_weight_args(weight, x.shape[1], "x must have", ratio, groups, mode, gain, eps)
+    return stats_fraction
+
+
+def check_weight_args(
+    weight: torch.Tensor, channels: int, channels_owner: str, ratio: object, groups: object, mode: object,
+    gain: object, eps: object,
+) -> None:
+    """Checks of the weight and options against ``channels`` input channels (from mean or x)."""
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     out_channels, group_channels = weight.shape[0], weight.shape[1]
@@ -93,10 +112,10 @@ def check_equinorm_weight_args(
         raise ValueError(f"weight must not be empty, got shape {tuple(weight.shape)}")
     if out_channels % groups:
         raise ValueError(f"weight.shape[0] = {out_channels} output channels is not divisible by groups = {groups}")
-    if mean.numel() != group_channels * groups:
+    if channels != group_channels * groups:
         raise ValueError(
-            f"mean must have C = weight.shape[1] * groups = {group_channels * groups} entries "
-            f"(one per input channel), got {mean.numel()}"
+            f"{channels_owner} C = weight.shape[1] * groups = {group_channels * groups} channels "
+            f"(one per input channel), got {channels}"
         )
     if weight[0].numel() < 2:
         raise ValueError(
@@ -112,6 +131,16 @@ def check_equinorm_weight_args(
         if gain.numel() != out_channels:
             raise ValueError(f"gain must have shape ({out_channels},) (one per output channel), got {tuple(gain.shape)}")
     check_number(eps, "eps", low=0.0)
+
+
+def check_backend_name(backend: object) -> str:
+    """Raise unless ``backend`` is "auto" or a registered backend name (usable or not on this machine)."""
+    from .backends import _REGISTRY, AUTO_PREFERENCE
+
+    known = sorted({"auto", *AUTO_PREFERENCE, *_REGISTRY})
+    if not isinstance(backend, str) or backend not in known:
+        raise ValueError(f"backend must be one of {known}, got {backend!r}")
+    return backend
 
 
 def _any_non_finite(tensor: torch.Tensor) -> torch.Tensor:
@@ -154,3 +183,15 @@ def check_equinorm_weight_values(weight: torch.Tensor, mean: torch.Tensor, gain:
     check_finite_values(weight, "weight", "the weight must be finite")
     if gain is not None:
         check_finite_values(gain, "gain", "the gain must be finite")
+
+
+def check_equinorm_forward_values(x: torch.Tensor, mean: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor | None) -> None:
+    """Data checks of the fused forward, one synchronisation when all is well: non-finite channel
+    means (from NaN/Inf in ``x``) name ``x``; the rest as :func:`check_equinorm_weight_values`."""
+    flags = [_any_bad_mean(mean), _any_non_finite(weight)]
+    if gain is not None:
+        flags.append(_any_non_finite(gain))
+    if not bool(torch.stack(flags).any()):
+        return
+    check_finite_values(mean, "x", "its channel means are not finite")
+    check_equinorm_weight_values(weight, mean, gain)

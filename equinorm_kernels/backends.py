@@ -1,9 +1,11 @@
 """Which implementation runs an op: a small registry of backends with one entry per implementation.
 
-Each backend provides ``channel_mean(x, stats_fraction)`` and ``equinorm_weight(weight, mean, ratio,
-groups, mode, gain, eps)`` with the semantics of :mod:`equinorm_kernels.reference`. Arguments reach
-a backend already validated. ``"auto"`` takes the first available backend in ``AUTO_PREFERENCE``
-that serves the tensor's device, so the fused kernels win wherever they exist.
+Each backend provides ``channel_mean(x, stats_fraction)``, ``equinorm_weight(weight, mean, ratio,
+groups, mode, gain, eps)`` and ``equinorm_forward(x, stats_fraction, weight, ratio, groups, mode,
+gain, eps) -> (weight'', mean)`` (both at once, fused where the backend can) with the semantics of
+:mod:`equinorm_kernels.reference`, and optionally the ENorm cycle. Arguments reach a backend
+already validated. ``"auto"`` takes the first available backend in ``AUTO_PREFERENCE`` that serves
+the tensor's device, so the fused kernels win wherever they exist.
 """
 from __future__ import annotations
 
@@ -27,10 +29,20 @@ class Backend:
     is_usable: Callable[[], bool]
     channel_mean: Callable[..., torch.Tensor]
     equinorm_weight: Callable[..., torch.Tensor]
+    equinorm_forward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    # One sequential ENorm cycle (equinorm_kernels.enorm.sequential's signature), None: the reference loop.
+    enorm_cycle: Callable[..., torch.Tensor | None] | None = None
+    # Device types "auto" may pick it for (None: all it serves); a backend can serve a device for
+    # testing only, as Triton's interpreter serves CPU tensors.
+    auto_device_types: frozenset[str] | None = None
 
     def serves(self, device: torch.device) -> bool:
         in_scope = self.device_types is None or device.type in self.device_types
         return in_scope and self.is_usable()
+
+    def auto_serves(self, device: torch.device) -> bool:
+        in_scope = self.auto_device_types is None or device.type in self.auto_device_types
+        return in_scope and self.serves(device)
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -63,7 +75,7 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
     if name == "auto":
-        return _REGISTRY[available_backends(device)[0]]
+        return next(_REGISTRY[n] for n in available_backends(device) if _REGISTRY[n].auto_serves(device))
     backend = _REGISTRY.get(name)
     if backend is None:
         known = ", ".join(repr(n) for n in ("auto", *_REGISTRY))
@@ -74,6 +86,11 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
     return backend
 
 
+def _reference_equinorm_forward(x, stats_fraction, weight, ratio, groups, mode, gain, eps):
+    mean = reference.equinorm.channel_mean_unchecked(x, stats_fraction)
+    return reference.equinorm.equinorm_weight_unchecked(weight, mean, ratio, groups, mode, gain, eps), mean
+
+
 register_backend(
     Backend(
         name="reference",
@@ -81,5 +98,6 @@ register_backend(
         is_usable=lambda: True,
         channel_mean=reference.equinorm.channel_mean_unchecked,
         equinorm_weight=reference.equinorm.equinorm_weight_unchecked,
+        equinorm_forward=_reference_equinorm_forward,
     )
 )

@@ -71,3 +71,41 @@ def equinorm_weight(
         _checks.check_equinorm_weight_values(weight, mean, gain)
     impl = resolve_backend(backend, weight.device)
     return impl.equinorm_weight(weight, mean, float(ratio), groups, mode, gain, float(eps))
+
+
+def equinorm_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    stats_fraction: float = 1.0,
+    ratio: float = 1.0,
+    groups: int = 1,
+    mode: str = "single_pass",
+    gain: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The channel means of ``x`` and the EquiNorm-rescaled weight built from them, in one call.
+
+    What the layers run in training: ``equinorm_weight(weight, channel_mean(x), ...)`` fused into
+    one read of ``x`` and one pass over ``weight`` on the compiled and Triton backends.
+
+    Args:
+        x: the layer input (N, C, *spatial) or (N, C); any float dtype, NCHW or channels_last.
+        weight, ratio, groups, mode, gain, eps, backend: as :func:`equinorm_weight`.
+        stats_fraction: only the first ceil(stats_fraction * N) samples feed the means.
+
+    Returns:
+        ``(w'', mean)``: w'' as :func:`equinorm_weight` returns it, differentiable in ``x``,
+        ``weight`` and ``gain``; mean (C,) float32 (float64 for float64 operands), not
+        differentiable (it is for running statistics).
+
+    Raises:
+        ValueError / TypeError: as :func:`channel_mean` and :func:`equinorm_weight`.
+    """
+    stats_fraction = _checks.check_equinorm_forward_args(x, stats_fraction, weight, ratio, groups, mode, gain, eps)
+    impl = resolve_backend(backend, weight.device)
+    out, mean = impl.equinorm_forward(x, stats_fraction, weight, float(ratio), groups, mode, gain, float(eps))
+    if _checks.value_checks_active():
+        _checks.check_equinorm_forward_values(x, mean, weight, gain)
+    return out, mean.detach()

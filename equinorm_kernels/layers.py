@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _checks
-from .backends import AUTO_PREFERENCE, _REGISTRY
-from .functional import channel_mean, equinorm_weight
+from .functional import equinorm_forward, equinorm_weight
 
 
 @torch.no_grad()
@@ -50,9 +49,7 @@ def _check_layer_options(mode: object, momentum: object, stats_fraction: object,
         _checks.check_number(momentum, "momentum", low=0.0, high=1.0, low_inclusive=True)
     _checks.check_number(stats_fraction, "stats_fraction", low=0.0, high=1.0)
     _checks.check_number(eps, "eps", low=0.0)
-    known = ("auto", *AUTO_PREFERENCE, *_REGISTRY)
-    if backend not in known:
-        raise ValueError(f"backend must be one of {sorted(set(known))}, got {backend!r}")
+    _checks.check_backend_name(backend)
 
 
 class EquiNormLayer(nn.Module):
@@ -123,14 +120,15 @@ class EquiNormLayer(nn.Module):
         return 1.0
 
     # --- statistics ---------------------------------------------------------------------------
-    def _batch_means(self, x: torch.Tensor, batched: bool) -> torch.Tensor:
+    def _statistics_input(self, x: torch.Tensor, batched: bool) -> tuple[torch.Tensor, float]:
+        """x as (N, C, *spatial) and the fraction of its dim 0 that feeds the channel means."""
         if not batched:
-            x = x.unsqueeze(0)
+            return x.unsqueeze(0), 1.0
         if self._spatial_dims == 0 and x.dim() > 2:
             # Linear on (N, ..., C): samples are along dim 0, every other leading dim is batch too.
             rows = _checks.stats_rows(x.shape[0], self.stats_fraction)
-            return channel_mean(x[:rows].reshape(-1, x.shape[-1]), backend=self.backend)
-        return channel_mean(x, stats_fraction=self.stats_fraction, backend=self.backend)
+            return x[:rows].reshape(-1, x.shape[-1]), 1.0
+        return x, self.stats_fraction
 
     @torch.no_grad()
     def _track(self, mean: torch.Tensor) -> None:
@@ -142,26 +140,23 @@ class EquiNormLayer(nn.Module):
         self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
 
     # --- forward and folding ------------------------------------------------------------------
+    def _options(self, ratio: float) -> dict:
+        groups = getattr(self, "groups", 1)
+        return dict(ratio=ratio, groups=groups, mode=self.mode, gain=self.gain, eps=self.eps, backend=self.backend)
+
     def normalized_weight(self, mean: torch.Tensor, ratio: float) -> torch.Tensor:
         """The weight the layer applies: gain_d * w''(weight, mean), same shape as ``weight``."""
-        return equinorm_weight(
-            self.weight,
-            mean,
-            ratio=ratio,
-            groups=getattr(self, "groups", 1),
-            mode=self.mode,
-            gain=self.gain,
-            eps=self.eps,
-            backend=self.backend,
-        )
+        return equinorm_weight(self.weight, mean, **self._options(ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batched = self._check_input(x)
         ratio = self._ratio(x.shape[x.dim() - self._spatial_dims :])
         if not self.training:
             return self._run_op(x, self.normalized_weight(self.running_mean, ratio))
-        mean = self._batch_means(x, batched)
-        weight = self.normalized_weight(mean, ratio)  # validates the means before they are tracked
+        statistics_input, fraction = self._statistics_input(x, batched)
+        # One fused call: the batch's channel means and the weight built from them (validated
+        # before the means are tracked).
+        weight, mean = equinorm_forward(statistics_input, self.weight, stats_fraction=fraction, **self._options(ratio))
         self._track(mean)
         return self._run_op(x, weight)
 

@@ -7,12 +7,13 @@ import torch
 from torch import nn
 
 from .. import _checks
+from ..backends import resolve_backend
 from ..reference.enorm import enorm_column_energy, enorm_row_energy
 from .graph import discover_groups
 from .optimizer_state import StateRescaler, check_optimizer
 from .plan import Layer, RescalingGroup
 from .release import discover_release_chain, release_cycle
-from .sequential import sequential_cycle
+from .sequential import sequential_cycle as reference_sequential_cycle
 
 SCHEDULES = ("sequential", "release")
 BATCHNORM_MODES = ("paper", "affine")
@@ -58,6 +59,9 @@ class ENorm:
         optimizer_state: "rescale": the optimizer state and, with the sequential schedule, the
             ``.grad`` of every rescaled parameter follow the weights (weight * momentum and
             weight * grad are unchanged); "ignore": only weights and biases change.
+        backend: "auto" or a name from :func:`equinorm_kernels.available_backends`: the sequential
+            cycle runs as one fused op call on the "cpp"/"cuda" backends and as a loop of PyTorch
+            ops on "reference". The release schedule always runs in PyTorch ops.
 
     Channels whose row or column energy is zero (dead units, unread channels) keep d = 1, so every
     weight stays finite.
@@ -74,6 +78,7 @@ class ENorm:
         include_bias: bool = True,
         batchnorm: str = "paper",
         optimizer_state: str = "rescale",
+        backend: str = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -86,6 +91,7 @@ class ENorm:
         self.batchnorm = _check_choice(batchnorm, "batchnorm", BATCHNORM_MODES)
         self.optimizer_state = _check_choice(optimizer_state, "optimizer_state", OPTIMIZER_STATE_MODES)
         check_optimizer(optimizer, self.optimizer_state)
+        self.backend = _checks.check_backend_name(backend)
         self.model = model
         self.optimizer = optimizer
         rescale = self.optimizer_state == "rescale"
@@ -169,12 +175,16 @@ class ENorm:
     def _cycle(self) -> torch.Tensor | None:
         if self._release is not None:
             return release_cycle(self._release, self.p, self.c, self._state)
-        return sequential_cycle(self._groups, self.p, self.c, self.include_bias, self._state)
+        cycle = reference_sequential_cycle
+        if self._groups:
+            fused = resolve_backend(self.backend, self._groups[0].producers[0].weight.device).enorm_cycle
+            cycle = fused or cycle
+        return cycle(self._groups, self.p, self.c, self.include_bias, self._state)
 
     def __repr__(self) -> str:
         settings = (
             f"c={self.c}, p={self.p}, schedule={self.schedule!r}, include_bias={self.include_bias}, "
-            f"batchnorm={self.batchnorm!r}"
+            f"batchnorm={self.batchnorm!r}, backend={self.backend!r}"
         )
         lines = [f"ENorm({settings}) with {len(self._groups)} groups:"]
         lines += [f"  {group}" for group in self.groups]

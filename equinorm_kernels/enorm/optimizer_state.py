@@ -13,8 +13,8 @@ import torch
 # Applies a per-channel factor in place along the weight's rows or columns.
 ScaleFn = Callable[[torch.Tensor, torch.Tensor], object]
 
-_FIRST_MOMENTS = ("momentum_buffer", "exp_avg")
-_SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")
+FIRST_MOMENTS = ("momentum_buffer", "exp_avg")
+SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")
 SUPPORTED_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
 
@@ -38,10 +38,10 @@ class StateRescaler:
         if not state:
             return
         inverse = 1.0 / factor if inverse is None else inverse
-        for key in _FIRST_MOMENTS:
+        for key in FIRST_MOMENTS:
             if isinstance(state.get(key), torch.Tensor):
                 scale(state[key], inverse)
-        for key in _SECOND_MOMENTS:
+        for key in SECOND_MOMENTS:
             if isinstance(state.get(key), torch.Tensor):
                 scale(state[key], inverse * inverse)
 

@@ -1,0 +1,92 @@
+// Channel statistics on the CPU: mu_c = mean of x[:rows] over every dim but 1.
+//
+// NCHW: each (sample, channel) plane is summed by one task, then the planes of a channel are
+// added in sample order. channels_last: positions are cut into chunks of a size fixed by the
+// shape, each chunk accumulates a C-vector (contiguous, vectorised over channels), and the chunk
+// sums are added in chunk order. Either way the result does not depend on the thread count.
+#include "cpu/channel_mean.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "cpu/reductions.h"
+#include "op_checks.h"
+
+namespace equinorm {
+namespace cpu {
+namespace {
+
+// Elements one parallel task should at least touch, to amortise scheduling.
+constexpr int64_t kTaskElements = 1 << 15;
+// Elements one channels_last chunk covers: small enough that its per-channel sums stay accurate.
+constexpr int64_t kChunkElements = 1 << 14;
+constexpr int64_t kMaxChunkPositions = 1024;
+
+template <typename scalar_t, typename acc_t>
+void planar_means(const scalar_t* x, const ChannelGeometry& g, acc_t* mean) {
+  const int64_t planes = g.rows * g.channels;
+  std::vector<acc_t> plane_sums(planes);
+  const int64_t grain = std::max<int64_t>(1, kTaskElements / g.spatial);
+  at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      plane_sums[plane] = contiguous_sum<acc_t>(x + plane * g.spatial, g.spatial);
+    }
+  });
+  const acc_t count = static_cast<acc_t>(g.rows) * static_cast<acc_t>(g.spatial);
+  for (int64_t c = 0; c < g.channels; ++c) {
+    acc_t sum = 0;
+    for (int64_t n = 0; n < g.rows; ++n) sum += plane_sums[n * g.channels + c];
+    mean[c] = sum / count;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void channels_last_means(const scalar_t* x, const ChannelGeometry& g, acc_t* mean) {
+  const int64_t positions = g.rows * g.spatial;
+  const int64_t chunk = std::clamp<int64_t>(kChunkElements / g.channels, 1, kMaxChunkPositions);
+  const int64_t chunks = (positions + chunk - 1) / chunk;
+  std::vector<acc_t> chunk_sums(chunks * g.channels, acc_t(0));
+  const int64_t grain = std::max<int64_t>(1, kTaskElements / (chunk * g.channels));
+  at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      acc_t* sums = chunk_sums.data() + k * g.channels;
+      const int64_t last = std::min(positions, (k + 1) * chunk);
+      for (int64_t position = k * chunk; position < last; ++position) {
+        add_row(sums, x + position * g.channels, g.channels);
+      }
+    }
+  });
+  std::vector<acc_t> total(g.channels, acc_t(0));
+  for (int64_t k = 0; k < chunks; ++k) add_row(total.data(), chunk_sums.data() + k * g.channels, g.channels);
+  const acc_t count = static_cast<acc_t>(positions);
+  for (int64_t c = 0; c < g.channels; ++c) mean[c] = total[c] / count;
+}
+
+}  // namespace
+
+at::Tensor channel_mean(const at::Tensor& x, int64_t rows) {
+  auto [readable, geometry] = channel_input(x, rows);
+  TORCH_CHECK(readable.device().is_cpu(), "x must be a CPU tensor for the CPU kernel");
+  auto mean = at::empty({geometry.channels}, x.options().dtype(accumulation_type(x.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_mean_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* data = readable.const_data_ptr<scalar_t>();
+    if (geometry.channels_last) {
+      channels_last_means(data, geometry, mean.mutable_data_ptr<acc_t>());
+    } else {
+      planar_means(data, geometry, mean.mutable_data_ptr<acc_t>());
+    }
+  });
+  return mean;
+}
+
+TORCH_LIBRARY_IMPL(equinorm_kernels, CPU, m) {
+  m.impl("channel_mean", &channel_mean);
+}
+
+}  // namespace cpu
+}  // namespace equinorm

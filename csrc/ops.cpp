@@ -1,0 +1,34 @@
+// The operator schemas of torch.ops.equinorm_kernels, declared once for every backend.
+//
+// Kernels register per device (csrc/cpu/*.cpp: CPU, csrc/cuda/*.cpp: CUDA); fake kernels, the
+// autograd wrappers and the Python-side argument checks live in equinorm_kernels/ops/. The
+// Triton backend registers the same signatures under the prefix "triton_".
+//
+// Conventions shared by every op:
+// - "acc" is the accumulation dtype: float64 when the weight (or x) is float64, else float32.
+//   mean, gain and stats are in it; out and grad_weight have the weight's dtype and layout.
+// - rows: only x[:rows] feeds the channel means (stats_fraction < 1 in the layers).
+// - stats (D, 5): per output channel [shift b_d, scale s_d, positive mass P_d, mean mass M_d,
+//   used exact P_d (0/1)], what the backward needs from the forward (csrc/shared/equinorm_math.h).
+// - mode: "single_pass" or "exact"; the backward reads which P_d was used from stats.
+// - enorm_group_ returns the coefficients d (C,), enorm_cycle_ the largest |d - 1| of each group,
+//   both float64.
+// - ENorm: `tensors` are rescaled in place; `entries` is a flat list of records of six ints
+//   (tensor index, axis 0 = rows / 1 = columns, power of d it is multiplied by, counts in the
+//   energy 0/1, conv groups, columns per channel), `group_sizes` the number of records per group.
+#include <torch/library.h>
+
+TORCH_LIBRARY(equinorm_kernels, m) {
+  m.def("channel_mean(Tensor x, int rows) -> Tensor");
+  m.def(
+      "equinorm_weight(Tensor weight, Tensor mean, Tensor gain, float ratio, int groups, str mode, float eps)"
+      " -> (Tensor out, Tensor stats)");
+  m.def(
+      "equinorm_forward(Tensor x, int rows, Tensor weight, Tensor gain, float ratio, int groups, str mode,"
+      " float eps) -> (Tensor out, Tensor mean, Tensor stats)");
+  m.def(
+      "equinorm_backward(Tensor grad_out, Tensor weight, Tensor mean, Tensor gain, Tensor stats, int groups)"
+      " -> (Tensor grad_weight, Tensor grad_mean, Tensor grad_gain)");
+  m.def("enorm_group_(Tensor(a!)[] tensors, int[] entries, float p, float c) -> Tensor");
+  m.def("enorm_cycle_(Tensor(a!)[] tensors, int[] entries, int[] group_sizes, float p, float c) -> Tensor");
+}

@@ -1,0 +1,112 @@
+// EquiNorm's per-output-channel formulas, shared by the CPU and CUDA kernels.
+//
+// The kernels own the loops (which thread reads which weights, in which order); every formula
+// that turns those sums into a shift, a scale or a gradient lives here, once. The notation is
+// the one of equinorm_kernels/reference/equinorm.py (the specification) for output channel d:
+//
+//   mu_c  channel mean of input channel c         W_dc = sum_t w_dct       M_d = sum_c mu_c
+//   b_d   = -sum_c mu_c W_dc / (K M_d)            u = w + b_d              (the shift)
+//   P_d   = sum_c mu_c q_dc,  q_dc = sum_t max(u_dct, 0)                   ("exact")
+//   P_d   = sum_c mu_c (p_dc + b_d n_dc),  p_dc = sum_t w [w > 0], n_dc = #{w > 0}   ("single_pass")
+//   s_d   = ratio / P_d, or 0 when P_d <= eps * sum_c mu_c sum_t |w_dct|   (no positive mass)
+//   out   = gain_d * s_d * u
+//
+// Backward, with G = dL/d(out) and Gs = sum_ct G u, Gsum = sum_ct G:
+//   dL/dgain_d = s_d Gs
+//   g_P = -gain_d Gs s_d / P_d                  (0 for a channel with s_d = 0)
+//   g_b = gain_d s_d Gsum + g_P sum_c mu_c m_dc  (m_dc = #{u > 0} exact, n_dc single_pass)
+//   dL/dw_dct = gain_d s_d G_dct + g_P mu_c [active_dct] - g_b mu_c / (K M_d)
+//   dL/dmu_c += g_P r_dc - g_b (W_dc + K b_d) / (K M_d)     (r_dc = q_dc exact, p_dc + b_d n_dc single_pass)
+#pragma once
+
+#include <cfloat>
+
+#include "host_device.h"
+
+namespace equinorm {
+namespace math {
+
+// Per-output-channel statistics the forward saves for the backward: one row of `stats` (D, 5).
+enum StatsColumn : int {
+  kShift = 0,         // b_d
+  kScale = 1,         // s_d (without the gain); 0 for a channel with no positive mass
+  kPositiveMass = 2,  // P_d as used (exact or one-pass)
+  kMeanMass = 3,      // M_d, clamped away from zero
+  kUsedExact = 4,     // 1 when P_d is the exact one (mode "exact", or the single_pass fallback)
+  kStatsColumns = 5,
+};
+
+template <typename acc_t>
+EQUINORM_HOST_DEVICE acc_t smallest_normal();
+template <>
+EQUINORM_HOST_DEVICE float smallest_normal<float>() { return FLT_MIN; }
+template <>
+EQUINORM_HOST_DEVICE double smallest_normal<double>() { return DBL_MIN; }
+
+// M_d; it is 0 only when every input channel of the group has mean 0 (then P_d = 0 too).
+template <typename acc_t>
+EQUINORM_HOST_DEVICE acc_t mean_mass(acc_t sum_of_means) {
+  return sum_of_means > smallest_normal<acc_t>() ? sum_of_means : smallest_normal<acc_t>();
+}
+
+// b_d from sum_c mu_c W_dc.
+template <typename acc_t>
+EQUINORM_HOST_DEVICE acc_t shift(acc_t mean_weighted_kernel_sum, int taps, acc_t mean_mass) {
+  return -mean_weighted_kernel_sum / (static_cast<acc_t>(taps) * mean_mass);
+}
+
+// One-pass P_d from sum_c mu_c p_dc and sum_c mu_c n_dc.
+template <typename acc_t>
+EQUINORM_HOST_DEVICE acc_t one_pass_positive_mass(acc_t mean_weighted_positive_sum, acc_t shift,
+                                                  acc_t mean_weighted_positive_count) {
+  return mean_weighted_positive_sum + shift * mean_weighted_positive_count;
+}
+
+// sum_c mu_c sum_t |w_dct| from the per-channel positive sums and kernel sums (|w| = 2 max(w, 0) - w).
+template <typename acc_t>
+EQUINORM_HOST_DEVICE acc_t absolute_mass(acc_t mean_weighted_positive_sum, acc_t mean_weighted_kernel_sum) {
+  return 2 * mean_weighted_positive_sum - mean_weighted_kernel_sum;
+}
+
+// The one-pass estimate assumes every channel's weights on seen inputs (mu_c > 0) take both
+// signs; a channel whose seen weights are all > 0 or all <= 0 uses the exact P_d instead.
+EQUINORM_HOST_DEVICE bool needs_exact_positive_mass(bool sees_positive_weight, bool sees_non_positive_weight) {
+  return !(sees_positive_weight && sees_non_positive_weight);
+}
+
+// s_d; 0 marks a channel with no positive mass to normalise (its weight becomes zero).
+template <typename acc_t>
+EQUINORM_HOST_DEVICE acc_t scale(acc_t positive_mass, acc_t absolute_mass, acc_t ratio, acc_t eps) {
+  return positive_mass <= eps * absolute_mass ? acc_t(0) : ratio / positive_mass;
+}
+
+// ---- backward ----
+
+template <typename acc_t>
+EQUINORM_HOST_DEVICE acc_t grad_positive_mass(acc_t grad_times_shifted, acc_t gain, acc_t scale, acc_t positive_mass) {
+  return scale == acc_t(0) ? acc_t(0) : -gain * grad_times_shifted * scale / positive_mass;
+}
+
+template <typename acc_t>
+EQUINORM_HOST_DEVICE acc_t grad_shift(acc_t grad_sum, acc_t gain, acc_t scale, acc_t grad_positive_mass,
+                                      acc_t mean_weighted_active_count) {
+  return gain * scale * grad_sum + grad_positive_mass * mean_weighted_active_count;
+}
+
+template <typename acc_t>
+EQUINORM_HOST_DEVICE acc_t grad_weight(acc_t grad, bool active, acc_t mean, acc_t gain, acc_t scale,
+                                       acc_t grad_positive_mass, acc_t grad_shift, int taps, acc_t mean_mass) {
+  const acc_t through_mass = active ? grad_positive_mass * mean : acc_t(0);
+  return gain * scale * grad + through_mass - grad_shift * mean / (static_cast<acc_t>(taps) * mean_mass);
+}
+
+// One output channel's contribution to dL/dmu_c; `positive_part` is q_dc (exact) or p_dc + b_d n_dc.
+template <typename acc_t>
+EQUINORM_HOST_DEVICE acc_t grad_mean_term(acc_t positive_part, acc_t kernel_sum, acc_t grad_positive_mass,
+                                          acc_t grad_shift, acc_t shift, int taps, acc_t mean_mass) {
+  const acc_t k = static_cast<acc_t>(taps);
+  return grad_positive_mass * positive_part - grad_shift * (kernel_sum + k * shift) / (k * mean_mass);
+}
+
+}  // namespace math
+}  // namespace equinorm

@@ -1,0 +1,42 @@
+"""The fused ops behind the ``"cpp"``, ``"cuda"`` (and ``"triton"``) backends.
+
+Compiled kernels come from ``equinorm_kernels._C`` (csrc/); when it is missing only the reference
+backend exists (see :mod:`equinorm_kernels._extension`).
+"""
+from __future__ import annotations
+
+import torch
+
+from .._extension import compiled
+from ..backends import Backend, register_backend
+from . import enorm, equinorm
+
+
+def _has_kernel(dispatch_key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("equinorm_kernels::equinorm_forward", dispatch_key)
+
+
+def _register_compiled_backends() -> None:
+    ops = torch.ops.equinorm_kernels
+    equinorm.register_fake_kernels()
+    enorm.register_fake_kernels()
+    equinorm.register_op_set(
+        "compiled",
+        equinorm.FusedOps(ops.channel_mean, ops.equinorm_weight, ops.equinorm_forward, ops.equinorm_backward),
+    )
+    for name, device_type, dispatch_key in (("cpp", "cpu", "CPU"), ("cuda", "cuda", "CUDA")):
+        register_backend(
+            Backend(
+                name=name,
+                device_types=frozenset({device_type}),
+                is_usable=lambda key=dispatch_key: _has_kernel(key),
+                channel_mean=equinorm.fused_channel_mean("compiled"),
+                equinorm_weight=equinorm.fused_equinorm_weight("compiled"),
+                equinorm_forward=equinorm.fused_equinorm_forward("compiled"),
+                enorm_cycle=enorm.fused_sequential_cycle(ops.enorm_cycle_),
+            )
+        )
+
+
+if compiled is not None:
+    _register_compiled_backends()

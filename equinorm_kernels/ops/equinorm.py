@@ -1,0 +1,186 @@
+"""EquiNorm's fused ops: fake kernels, the autograd wrappers, and the backends built on them.
+
+The compiled kernels (``torch.ops.equinorm_kernels.*``, schemas in csrc/ops.cpp) and the Triton
+kernels (the same signatures, prefixed ``triton_``) are plain, non-differentiable ops. Autograd
+comes from the ``torch.autograd.Function`` wrappers below, whose forward and backward call those
+ops, so eager mode, autograd and ``torch.compile`` all see the same registered ops:
+
+    _EquiNormForward   x, weight, gain -> w'' (and the channel means)   one fused forward op
+    _EquiNormWeight    weight, mean, gain -> w''                         the weight transform alone
+    _ChannelMean       x -> mean
+    backward of both weight wrappers: one ``equinorm_backward`` call; dL/dx is dL/dmu_c divided
+    by the element count, broadcast (never materialised) over the samples that fed the means.
+
+The specification is :mod:`equinorm_kernels.reference.equinorm`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .. import _checks
+from ..reference.equinorm import _accumulation_dtype
+
+STATS_COLUMNS = 5  # shift, scale, positive mass, mean mass, used exact (csrc/shared/equinorm_math.h)
+
+
+@dataclass(frozen=True)
+class FusedOps:
+    """The four EquiNorm ops of one implementation, with the signatures of csrc/ops.cpp."""
+
+    channel_mean: Callable[..., torch.Tensor]
+    equinorm_weight: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    equinorm_forward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    equinorm_backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+_OP_SETS: dict[str, FusedOps] = {}
+
+
+def register_op_set(name: str, ops: FusedOps) -> None:
+    """Make the ops of implementation ``name`` ("compiled", "triton") callable by the wrappers."""
+    _OP_SETS[name] = ops
+
+
+# ---- fake kernels: shapes, dtypes and layouts of the outputs, for torch.compile and meta tensors ----
+
+def fake_channel_mean(x: torch.Tensor, rows: int) -> torch.Tensor:
+    return x.new_empty((x.shape[1],), dtype=_accumulation_dtype(x))
+
+
+def _fake_like_weight(weight: torch.Tensor) -> torch.Tensor:
+    # The kernels keep a channels_last weight's layout and write every other weight contiguous.
+    if weight.dim() in (4, 5) and not weight.is_contiguous():
+        layout = torch.channels_last if weight.dim() == 4 else torch.channels_last_3d
+        if weight.is_contiguous(memory_format=layout):
+            return torch.empty_like(weight, memory_format=layout)
+    return weight.new_empty(weight.shape)
+
+
+def fake_equinorm_weight(weight, mean, gain, ratio, groups, mode, eps):
+    stats = weight.new_empty((weight.shape[0], STATS_COLUMNS), dtype=_accumulation_dtype(weight))
+    return _fake_like_weight(weight), stats
+
+
+def fake_equinorm_forward(x, rows, weight, gain, ratio, groups, mode, eps):
+    out, stats = fake_equinorm_weight(weight, None, gain, ratio, groups, mode, eps)
+    return out, fake_channel_mean(x, rows), stats
+
+
+def fake_equinorm_backward(grad_out, weight, mean, gain, stats, groups):
+    return _fake_like_weight(weight), torch.empty_like(mean), torch.empty_like(gain)
+
+
+def register_fake_kernels(prefix: str = "") -> None:
+    """Register the fake kernels of the ops ``equinorm_kernels::<prefix><name>``."""
+    for name, fake in (
+        ("channel_mean", fake_channel_mean),
+        ("equinorm_weight", fake_equinorm_weight),
+        ("equinorm_forward", fake_equinorm_forward),
+        ("equinorm_backward", fake_equinorm_backward),
+    ):
+        torch.library.register_fake(f"equinorm_kernels::{prefix}{name}", fake)
+
+
+# ---- autograd wrappers ----
+
+def _grad_input_from_mean(grad_mean: torch.Tensor, x_shape: torch.Size, x_dtype: torch.dtype, rows: int) -> torch.Tensor:
+    """dL/dx of mu = mean(x[:rows]): a per-channel constant, broadcast without a copy."""
+    per_element = grad_mean / (rows * math.prod(x_shape[2:]))
+    view = (1, x_shape[1]) + (1,) * (len(x_shape) - 2)
+    used = per_element.to(x_dtype).reshape(view).expand((rows,) + tuple(x_shape[1:]))
+    if rows == x_shape[0]:
+        return used
+    unused = used.new_zeros((x_shape[0] - rows,) + tuple(x_shape[1:]))
+    return torch.cat([used, unused])
+
+
+class _ChannelMean(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rows: int, implementation: str) -> torch.Tensor:
+        ctx.x_shape, ctx.x_dtype, ctx.rows = x.shape, x.dtype, rows
+        return _OP_SETS[implementation].channel_mean(x, rows)
+
+    @staticmethod
+    def backward(ctx, grad_mean: torch.Tensor):
+        return _grad_input_from_mean(grad_mean, ctx.x_shape, ctx.x_dtype, ctx.rows), None, None
+
+
+class _EquiNormWeight(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, mean, gain, ratio: float, groups: int, mode: str, eps: float, implementation: str):
+        out, stats = _OP_SETS[implementation].equinorm_weight(weight, mean, gain, ratio, groups, mode, eps)
+        ctx.save_for_backward(weight, mean, gain, stats)
+        ctx.groups, ctx.implementation = groups, implementation
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, mean, gain, stats = ctx.saved_tensors
+        ops = _OP_SETS[ctx.implementation]
+        grad_weight, grad_mean, grad_gain = ops.equinorm_backward(grad_out, weight, mean, gain, stats, ctx.groups)
+        return grad_weight, grad_mean, grad_gain, None, None, None, None, None
+
+
+class _EquiNormForward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, gain, rows: int, ratio: float, groups: int, mode: str, eps: float, implementation: str):
+        ops = _OP_SETS[implementation]
+        out, mean, stats = ops.equinorm_forward(x, rows, weight, gain, ratio, groups, mode, eps)
+        ctx.save_for_backward(weight, mean, gain, stats)
+        ctx.x_shape, ctx.x_dtype, ctx.rows = x.shape, x.dtype, rows
+        ctx.groups, ctx.implementation = groups, implementation
+        ctx.mark_non_differentiable(mean)
+        return out, mean
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean_unused):
+        weight, mean, gain, stats = ctx.saved_tensors
+        ops = _OP_SETS[ctx.implementation]
+        grad_weight, grad_mean, grad_gain = ops.equinorm_backward(grad_out, weight, mean, gain, stats, ctx.groups)
+        grad_x = _grad_input_from_mean(grad_mean, ctx.x_shape, ctx.x_dtype, ctx.rows) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_weight, grad_gain, None, None, None, None, None, None
+
+
+# ---- the backend functions (semantics of reference.equinorm's *_unchecked functions) ----
+
+def _kernel_operands(weight, gain, *others):
+    """The weight in a dtype the kernels take, and the gain (ones when absent) in its accumulation dtype."""
+    acc = _accumulation_dtype(weight, gain, *others)
+    kernel_weight = weight if _accumulation_dtype(weight) == acc else weight.to(acc)
+    kernel_gain = weight.new_ones(weight.shape[0], dtype=acc) if gain is None else gain.to(acc)
+    return kernel_weight, kernel_gain, acc
+
+
+def fused_channel_mean(implementation: str) -> Callable[[torch.Tensor, float], torch.Tensor]:
+    def channel_mean(x: torch.Tensor, stats_fraction: float) -> torch.Tensor:
+        return _ChannelMean.apply(x, _checks.stats_rows(x.shape[0], stats_fraction), implementation)
+
+    return channel_mean
+
+
+def fused_equinorm_weight(implementation: str) -> Callable[..., torch.Tensor]:
+    def equinorm_weight(weight, mean, ratio: float, groups: int, mode: str, gain, eps: float) -> torch.Tensor:
+        kernel_weight, kernel_gain, acc = _kernel_operands(weight, gain, mean)
+        out = _EquiNormWeight.apply(kernel_weight, mean.to(acc), kernel_gain, ratio, groups, mode, eps, implementation)
+        return out.to(weight.dtype)
+
+    return equinorm_weight
+
+
+def fused_equinorm_forward(implementation: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    unfused_mean, unfused_weight = fused_channel_mean(implementation), fused_equinorm_weight(implementation)
+
+    def equinorm_forward(x, stats_fraction: float, weight, ratio: float, groups: int, mode: str, gain, eps: float):
+        kernel_weight, kernel_gain, acc = _kernel_operands(weight, gain)
+        if _accumulation_dtype(x) != acc:  # the fused op wants one accumulation dtype for x and weight
+            mean = unfused_mean(x, stats_fraction)
+            return unfused_weight(weight, mean, ratio, groups, mode, gain, eps), mean
+        rows = _checks.stats_rows(x.shape[0], stats_fraction)
+        out, mean = _EquiNormForward.apply(x, kernel_weight, kernel_gain, rows, ratio, groups, mode, eps, implementation)
+        return out.to(weight.dtype), mean
+
+    return equinorm_forward
