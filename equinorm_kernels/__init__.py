@@ -2,6 +2,7 @@
 
 Public API:
     channel_mean, equinorm_weight            functional EquiNorm (backend="auto" picks the fastest)
+    equinorm_forward                         both fused: the layers' training path
     EquiNormConv1d/2d/3d, EquiNormLinear     drop-in layers
     convert                                  swap Conv/Linear -> BatchNorm pairs for EquiNorm layers
     ENorm                                    equi-normalization of a network between SGD steps
@@ -13,7 +14,7 @@ from ._checks import set_value_checks
 from .backends import available_backends
 from . import reference
 from . import ops  # registers the compiled backends when the extension is built
-from .functional import channel_mean, equinorm_weight
+from .functional import channel_mean, equinorm_forward, equinorm_weight
 from .layers import EquiNormConv1d, EquiNormConv2d, EquiNormConv3d, EquiNormLinear
 from .convert import convert
 from .enorm import ENorm
@@ -30,6 +31,7 @@ __all__ = [
     "build_info",
     "channel_mean",
     "convert",
+    "equinorm_forward",
     "equinorm_weight",
     "reference",
     "set_value_checks",

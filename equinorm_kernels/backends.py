@@ -5,12 +5,17 @@ groups, mode, gain, eps)`` and ``equinorm_forward(x, stats_fraction, weight, rat
 gain, eps) -> (weight'', mean)`` (both at once, fused where the backend can) with the semantics of
 :mod:`equinorm_kernels.reference`, and optionally the ENorm cycle. Arguments reach a backend
 already validated. ``"auto"`` takes the first available backend in ``AUTO_PREFERENCE`` that serves
-the tensor's device, so the fused kernels win wherever they exist.
+the tensor's device, so the fused kernels win wherever they exist; on a GPU where both the CUDA
+extension and Triton can run, it measures which is faster for each call signature
+(:class:`FastestBackend`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+import os
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -75,7 +80,8 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
     if name == "auto":
-        return next(_REGISTRY[n] for n in available_backends(device) if _REGISTRY[n].auto_serves(device))
+        candidates = [_REGISTRY[n] for n in available_backends(device) if _REGISTRY[n].auto_serves(device)]
+        return _auto_backend(candidates, device)
     backend = _REGISTRY.get(name)
     if backend is None:
         known = ", ".join(repr(n) for n in ("auto", *_REGISTRY))
@@ -84,6 +90,173 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
         usable = ", ".join(repr(n) for n in available_backends(device))
         raise ValueError(f"backend {name!r} is not available for tensors on {device}; available there: {usable}")
     return backend
+
+
+# ---- "auto" on a GPU: the faster of the CUDA extension and Triton, measured ----
+
+# Backends "auto" times against each other when more than one of them can run on a CUDA device.
+MEASURED_BACKENDS = ("cuda", "triton")
+# Set to a name in MEASURED_BACKENDS to make "auto" use that backend without measuring.
+FORCE_ENV = "EQUINORM_KERNELS_GPU_BACKEND"
+
+
+class CudaEventTimer:
+    """Times the work a block enqueues on the current CUDA stream; reading it synchronises."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.stream = torch.cuda.current_stream(device)
+        self.start = torch.cuda.Event(enable_timing=True)
+        self.end = torch.cuda.Event(enable_timing=True)
+
+    def __enter__(self) -> CudaEventTimer:
+        self.start.record(self.stream)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.end.record(self.stream)
+
+    def elapsed_ms(self) -> float:
+        self.end.synchronize()
+        return self.start.elapsed_time(self.end)
+
+
+def _signature(value: Any) -> Any:
+    """What identifies a call for timing purposes: shapes, dtypes and strides of tensors, plain
+    values as they are, and other objects (ENorm's channel groups) by identity."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, tuple(value.stride()))
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return tuple(_signature(v) for v in value)
+    return ("object", id(value))
+
+
+@dataclass
+class _Trials:
+    """The measurements of one call signature: timers per candidate, then the winner."""
+
+    calls: int = 0
+    timers: list[list[Any]] = field(default_factory=list)
+    winner: int | None = None
+
+
+class FastestBackend:
+    """Runs every call on one of several backends with identical semantics, the fastest measured.
+
+    Calls are told apart by op and signature (device, shapes, dtypes, strides, options). The first
+    ``len(candidates) * (warmup + trials)`` calls with a new signature go round-robin over the
+    candidates: each candidate's first ``warmup`` calls are not timed (they compile and autotune
+    kernels), the next ``trials`` are timed with ``timer_factory`` (CUDA events by default). After
+    the last of them the candidate with the smallest median time runs every later call with that
+    signature, for the life of the process. Each call runs exactly once, on one candidate, so
+    in-place ops (the ENorm cycle) and autograd behave as with a single backend; only the forward
+    call is timed (its backward runs on the same backend). Inside ``torch.compile`` nothing is
+    timed: a decided winner is used, else the first candidate.
+    """
+
+    def __init__(
+        self,
+        candidates: tuple[Backend, ...],
+        *,
+        warmup: int = 1,
+        trials: int = 3,
+        timer_factory: Callable[[torch.device], Any] = CudaEventTimer,
+    ) -> None:
+        if len(candidates) < 2:
+            raise ValueError("FastestBackend needs at least two candidates")
+        self.candidates = candidates
+        self.warmup, self.trials = warmup, trials
+        self.timer_factory = timer_factory
+        self._trials: dict[Any, _Trials] = {}
+
+    def winner(self, op: str, device: torch.device, *args: Any) -> str | None:
+        """The backend chosen for this call signature, or None while it is being measured."""
+        state = self._trials.get((op, device, _signature(args)))
+        return None if state is None or state.winner is None else self.candidates[state.winner].name
+
+    def run(self, op: str, device: torch.device, *args: Any) -> Any:
+        """``getattr(backend, op)(*args)`` on the backend this call signature is given."""
+        if torch.compiler.is_compiling():
+            state = self._trials.get((op, device, _signature(args)))
+            chosen = state.winner if state is not None and state.winner is not None else 0
+            return getattr(self.candidates[chosen], op)(*args)
+        state = self._trials.setdefault((op, device, _signature(args)), _Trials())
+        if state.winner is not None:
+            return getattr(self.candidates[state.winner], op)(*args)
+        if not state.timers:
+            state.timers = [[] for _ in self.candidates]
+        index, round_ = state.calls % len(self.candidates), state.calls // len(self.candidates)
+        state.calls += 1
+        function = getattr(self.candidates[index], op)
+        if round_ < self.warmup:
+            result = function(*args)
+        else:
+            timer = self.timer_factory(device)
+            with timer:
+                result = function(*args)
+            state.timers[index].append(timer)
+        if state.calls == len(self.candidates) * (self.warmup + self.trials):
+            medians = [statistics.median(t.elapsed_ms() for t in timers) for timers in state.timers]
+            state.winner = medians.index(min(medians))
+            state.timers = []
+        return result
+
+    def as_backend(self) -> Backend:
+        """A Backend whose functions dispatch through :meth:`run`."""
+        names = ",".join(b.name for b in self.candidates)
+        cycles = [b for b in self.candidates if b.enorm_cycle is not None]
+
+        def entry(op: str) -> Callable[..., Any]:
+            def call(*args: Any) -> Any:
+                return self.run(op, _device_of(args), *args)
+
+            return call
+
+        enorm_cycle = None
+        if len(cycles) == len(self.candidates):
+            enorm_cycle = entry("enorm_cycle")
+        elif cycles:
+            enorm_cycle = cycles[0].enorm_cycle
+        return Backend(
+            name=f"fastest({names})",
+            device_types=frozenset({"cuda"}),
+            is_usable=lambda: True,
+            channel_mean=entry("channel_mean"),
+            equinorm_weight=entry("equinorm_weight"),
+            equinorm_forward=entry("equinorm_forward"),
+            enorm_cycle=enorm_cycle,
+        )
+
+
+def _device_of(args: tuple[Any, ...]) -> torch.device | None:
+    """The device of the first tensor in ``args`` (ENorm's cycle: of its first producer weight)."""
+    for value in args:
+        if isinstance(value, torch.Tensor):
+            return value.device
+    groups = args[0] if args and isinstance(args[0], tuple) else ()
+    return groups[0].producers[0].weight.device if groups else None
+
+
+# One measuring backend per set of candidates (Backend objects: re-registering one starts afresh).
+_FASTEST: dict[tuple[Backend, ...], Backend] = {}
+
+
+def _auto_backend(candidates: list[Backend], device: torch.device) -> Backend:
+    """The first candidate, or on CUDA the measured choice between the MEASURED_BACKENDS present."""
+    measured = tuple(b for b in candidates if b.name in MEASURED_BACKENDS)
+    if device.type != "cuda" or len(measured) < 2:
+        return candidates[0]
+    forced = os.environ.get(FORCE_ENV, "").strip()
+    if forced:
+        for backend in measured:
+            if backend.name == forced:
+                return backend
+        names = ", ".join(repr(b.name) for b in measured)
+        raise ValueError(f"{FORCE_ENV}={forced!r} names no backend available on {device}; use one of {names}")
+    if measured not in _FASTEST:
+        _FASTEST[measured] = FastestBackend(measured).as_backend()
+    return _FASTEST[measured]
 
 
 def _reference_equinorm_forward(x, stats_fraction, weight, ratio, groups, mode, gain, eps):

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "enorm_plan.h"
 #include "shared/enorm_math.h"
@@ -23,72 +24,122 @@ namespace em = equinorm::math;
 
 constexpr int64_t kTaskValues = 1 << 14;
 
-// energy[j] += sum over the values of channel j of |v|^p, for channels [begin, end).
-template <typename scalar_t>
-void add_channel_energies(const scalar_t* data, const RescaleEntry& e, double p, int64_t begin, int64_t end,
-                          double* energy) {
+// |v|^p with the exponent's kind fixed at compile time, so the inner loops vectorise.
+enum class Exponent { kOne, kTwo, kOther };
+
+template <Exponent kind, typename acc_t>
+inline acc_t energy_of(acc_t v, acc_t p) {
+  if constexpr (kind == Exponent::kTwo) return v * v;
+  else if constexpr (kind == Exponent::kOne) return v < 0 ? -v : v;
+  else return em::energy_term(v, p);
+}
+
+template <typename Body>
+void with_exponent(double p, Body&& body) {
+  if (p == 2) body(std::integral_constant<Exponent, Exponent::kTwo>());
+  else if (p == 1) body(std::integral_constant<Exponent, Exponent::kOne>());
+  else body(std::integral_constant<Exponent, Exponent::kOther>());
+}
+
+// Calls visit(i, offset) for the values of channels [first, last) of one outer index, walking
+// memory in order: channels inner when they are adjacent (Linear, channels_last), taps inner
+// otherwise. Channel i is relative to `first`.
+template <typename Visit>
+inline void for_each_in_block(const RescaleEntry& e, int64_t first, int64_t last, Visit&& visit) {
+  if (e.channel_stride == 1) {
+    for (int64_t t = 0; t < e.inner; ++t)
+#pragma omp simd
+      for (int64_t j = first; j < last; ++j) visit(j - first, j + t * e.inner_stride);
+  } else {
+    for (int64_t j = first; j < last; ++j)
+#pragma omp simd
+      for (int64_t t = 0; t < e.inner; ++t) visit(j - first, j * e.channel_stride + t * e.inner_stride);
+  }
+}
+
+// energy[j] += sum over the values of channel j of |v|^p, for channels [begin, end) of a columns
+// entry; the order of the terms of each channel depends on the shape only.
+template <Exponent kind, typename scalar_t>
+void add_column_energies(const scalar_t* data, const RescaleEntry& e, double p, int64_t begin, int64_t end,
+                         double* energy) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t exponent = static_cast<acc_t>(p);
   std::vector<acc_t> sums(end - begin, acc_t(0));
   for (int64_t group = begin / e.channels_per_group; group * e.channels_per_group < end; ++group) {
-    const int64_t first = std::max(begin, group * e.channels_per_group);
-    const int64_t last = std::min(end, (group + 1) * e.channels_per_group);
+    const int64_t base = group * e.channels_per_group;
+    const int64_t first = std::max(begin, base) - base, last = std::min(end, base + e.channels_per_group) - base;
+    acc_t* group_sums = sums.data() + (base + first - begin);
     for (int64_t o = group * e.outer_per_group(); o < (group + 1) * e.outer_per_group(); ++o) {
-      for (int64_t j = first; j < last; ++j) {
-        const scalar_t* values = data + o * e.outer_stride + (j - group * e.channels_per_group) * e.channel_stride;
-        acc_t sum = 0;
-        for (int64_t t = 0; t < e.inner; ++t) sum += em::energy_term(static_cast<acc_t>(values[t * e.inner_stride]), exponent);
-        sums[j - begin] += sum;
-      }
+      const scalar_t* block = data + o * e.outer_stride;
+      for_each_in_block(e, first, last, [&](int64_t i, int64_t offset) {
+        group_sums[i] += energy_of<kind>(static_cast<acc_t>(block[offset]), exponent);
+      });
     }
   }
   for (int64_t j = begin; j < end; ++j) energy[j] += static_cast<double>(sums[j - begin]);
 }
 
+// energy[o] += sum of |v|^p over row o, for rows [begin, end) of a rows entry.
+template <Exponent kind, typename scalar_t>
+void add_row_energies(const scalar_t* data, const RescaleEntry& e, double p, int64_t begin, int64_t end,
+                      double* energy) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t exponent = static_cast<acc_t>(p);
+  for (int64_t o = begin; o < end; ++o) {
+    const scalar_t* row = data + o * e.outer_stride;
+    acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < e.inner; ++t) sum += energy_of<kind>(static_cast<acc_t>(row[t]), exponent);
+    energy[o] += static_cast<double>(sum);
+  }
+}
+
 void add_energies(const at::Tensor& t, const RescaleEntry& e, double p, double* energy) {
-  // A rows entry is one channel per outer index; columns read across the outer index.
   const int64_t values_per_channel = e.columns ? e.outer_per_group() * e.inner : e.inner;
   const int64_t grain = std::max<int64_t>(1, kTaskValues / values_per_channel);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "enorm_energy_cpu", [&] {
     const scalar_t* data = t.const_data_ptr<scalar_t>();
-    at::parallel_for(0, e.channels(), grain, [&](int64_t begin, int64_t end) {
-      if (e.columns) {
-        add_channel_energies(data, e, p, begin, end, energy);
-      } else {
-        RescaleEntry as_channels = e;  // rows: outer index o is channel o
-        as_channels.outer = 1;
-        as_channels.channels_per_group = e.outer;
-        as_channels.channel_stride = e.outer_stride;
-        add_channel_energies(data, as_channels, p, begin, end, energy);
-      }
+    with_exponent(p, [&](auto kind) {
+      at::parallel_for(0, e.channels(), grain, [&](int64_t begin, int64_t end) {
+        if (e.columns) {
+          add_column_energies<decltype(kind)::value>(data, e, p, begin, end, energy);
+        } else {
+          add_row_energies<decltype(kind)::value>(data, e, p, begin, end, energy);
+        }
+      });
     });
   });
 }
 
-// t[o, j, :] *= factor[j] (columns) or t[j, ...] *= factor[j] (rows).
+// t[o, j, :] *= factor[j] (columns) or t[o, ...] *= factor[o] (rows), for outer indices [begin, end).
+template <typename scalar_t, typename acc_t>
+void rescale_blocks(scalar_t* data, const RescaleEntry& e, const acc_t* factor, int64_t begin, int64_t end) {
+  for (int64_t o = begin; o < end; ++o) {
+    scalar_t* block = data + o * e.outer_stride;
+    if (!e.columns) {
+      const acc_t f = factor[o];
+#pragma omp simd
+      for (int64_t t = 0; t < e.inner; ++t) block[t] = static_cast<scalar_t>(static_cast<acc_t>(block[t]) * f);
+      continue;
+    }
+    const acc_t* channel_factor = factor + (o / e.outer_per_group()) * e.channels_per_group;
+    for_each_in_block(e, 0, e.channels_per_group, [&](int64_t j, int64_t offset) {
+      block[offset] = static_cast<scalar_t>(static_cast<acc_t>(block[offset]) * channel_factor[j]);
+    });
+  }
+}
+
+// Multiplies t along the entry's axis by d^power.
 void rescale(at::Tensor& t, const RescaleEntry& e, const std::vector<double>& d) {
+  const int64_t values_per_outer = e.columns ? e.channels_per_group * e.inner : e.inner;
+  const int64_t grain = std::max<int64_t>(1, kTaskValues / values_per_outer);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "enorm_rescale_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<acc_t> factor(d.size());
     for (size_t j = 0; j < d.size(); ++j) factor[j] = static_cast<acc_t>(em::coefficient_power(d[j], static_cast<int>(e.power)));
     scalar_t* data = t.mutable_data_ptr<scalar_t>();
-    const int64_t values_per_outer = e.columns ? e.channels_per_group * e.inner : e.inner;
-    at::parallel_for(0, e.outer, std::max<int64_t>(1, kTaskValues / values_per_outer), [&](int64_t begin, int64_t end) {
-      for (int64_t o = begin; o < end; ++o) {
-        scalar_t* block = data + o * e.outer_stride;
-        if (!e.columns) {
-          for (int64_t t = 0; t < e.inner; ++t) block[t] = static_cast<scalar_t>(static_cast<acc_t>(block[t]) * factor[o]);
-          continue;
-        }
-        const acc_t* channel_factor = factor.data() + (o / e.outer_per_group()) * e.channels_per_group;
-        for (int64_t i = 0; i < e.channels_per_group; ++i) {
-          scalar_t* values = block + i * e.channel_stride;
-          for (int64_t t = 0; t < e.inner; ++t) {
-            scalar_t& v = values[t * e.inner_stride];
-            v = static_cast<scalar_t>(static_cast<acc_t>(v) * channel_factor[i]);
-          }
-        }
-      }
+    at::parallel_for(0, e.outer, grain, [&](int64_t begin, int64_t end) {
+      rescale_blocks(data, e, factor.data(), begin, end);
     });
   });
 }

@@ -2,18 +2,21 @@
 //
 // One task owns whole output channels (rows of the weight), so every per-channel sum is
 // evaluated in one fixed order: results are bit-identical across runs and thread counts. A row
-// is read from memory once; the second and third passes over it hit the cache. The formulas are
-// in csrc/shared/equinorm_math.h.
+// is read from memory once; the second and third passes over it hit the cache. The row
+// reductions run flat over the row's values against the channel means laid out like the row, in
+// interleaved partial sums the compiler vectorises. The formulas are in csrc/shared/equinorm_math.h.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <tuple>
 #include <vector>
 
 #include "cpu/channel_mean.h"
+#include "cpu/reductions.h"
 #include "op_checks.h"
 #include "shared/equinorm_math.h"
 
@@ -28,16 +31,30 @@ constexpr int64_t kTaskValues = 1 << 14;
 
 int64_t row_grain(const WeightGeometry& g) { return std::max<int64_t>(1, kTaskValues / g.row_size()); }
 
-// Calls visit(c, t, offset) for every value of a row, in storage order.
+// Calls visit(c, i) for every value of a row in storage order: i is its offset in the row, c its
+// input channel.
 template <typename Visit>
 inline void for_each_in_row(const WeightGeometry& g, Visit&& visit) {
   if (g.channels_last) {
     for (int64_t t = 0; t < g.taps; ++t)
-      for (int64_t c = 0; c < g.group_channels; ++c) visit(c, t, t * g.group_channels + c);
+      for (int64_t c = 0; c < g.group_channels; ++c) visit(c, t * g.group_channels + c);
   } else {
     for (int64_t c = 0; c < g.group_channels; ++c)
-      for (int64_t t = 0; t < g.taps; ++t) visit(c, t, c * g.taps + t);
+      for (int64_t t = 0; t < g.taps; ++t) visit(c, c * g.taps + t);
   }
+}
+
+// The channel means laid out like a row of the weight, one row per group: every per-row loop
+// then runs flat over the row's values (and vectorises) whatever the layout.
+template <typename acc_t>
+std::vector<acc_t> means_per_value(const acc_t* mean, const WeightGeometry& g) {
+  std::vector<acc_t> expanded(g.groups * g.row_size());
+  for (int64_t group = 0; group < g.groups; ++group) {
+    acc_t* row = expanded.data() + group * g.row_size();
+    const acc_t* mu = mean + group * g.group_channels;
+    for_each_in_row(g, [&](int64_t c, int64_t i) { row[i] = mu[c]; });
+  }
+  return expanded;
 }
 
 // M_d of every group: the sum of its input channels' means, clamped away from zero.
@@ -52,22 +69,10 @@ std::vector<acc_t> group_mean_masses(const acc_t* mean, const WeightGeometry& g)
   return masses;
 }
 
-// Per-input-channel sums over the taps of one row.
-template <typename acc_t>
-struct RowSums {
-  std::vector<acc_t> kernel, positive, count;  // W_dc, p_dc (or q_dc), n_dc (or #{u > 0})
-  explicit RowSums(int64_t channels) : kernel(channels), positive(channels), count(channels) {}
-  void clear() {
-    std::fill(kernel.begin(), kernel.end(), acc_t(0));
-    std::fill(positive.begin(), positive.end(), acc_t(0));
-    std::fill(count.begin(), count.end(), acc_t(0));
-  }
-};
-
 template <typename scalar_t, typename acc_t>
 struct ForwardArgs {
   const scalar_t* weight;
-  const acc_t* mean;
+  const acc_t* mean_per_value;  // (groups, row size)
   const acc_t* gain;
   scalar_t* out;
   acc_t* stats;
@@ -75,49 +80,38 @@ struct ForwardArgs {
   bool exact;
 };
 
-// sum_c mu_c sum_t max(w + shift, 0): the exact positive mass of one row.
 template <typename scalar_t, typename acc_t>
-acc_t exact_positive_mass(const scalar_t* row, const acc_t* mu, acc_t shift, const WeightGeometry& g,
-                          std::vector<acc_t>& per_channel) {
-  std::fill(per_channel.begin(), per_channel.end(), acc_t(0));
-  for_each_in_row(g, [&](int64_t c, int64_t, int64_t i) {
-    per_channel[c] += std::max(static_cast<acc_t>(row[i]) + shift, acc_t(0));
-  });
-  acc_t mass = 0;
-  for (int64_t c = 0; c < g.group_channels; ++c) mass += mu[c] * per_channel[c];
-  return mass;
-}
-
-template <typename scalar_t, typename acc_t>
-void forward_row(const ForwardArgs<scalar_t, acc_t>& a, const WeightGeometry& g, acc_t mean_mass, int64_t d,
-                 RowSums<acc_t>& sums) {
-  const scalar_t* row = a.weight + d * g.row_size();
-  const acc_t* mu = a.mean + (d / g.outputs_per_group()) * g.group_channels;
-  sums.clear();
-  for_each_in_row(g, [&](int64_t c, int64_t, int64_t i) {
-    const acc_t v = static_cast<acc_t>(row[i]);
-    sums.kernel[c] += v;
-    sums.positive[c] += v > 0 ? v : acc_t(0);
-    sums.count[c] += v > 0 ? acc_t(1) : acc_t(0);
-  });
-  acc_t kernel_sum = 0, positive_sum = 0, positive_count = 0;
-  bool sees_positive = false, sees_non_positive = false;
-  for (int64_t c = 0; c < g.group_channels; ++c) {
-    kernel_sum += mu[c] * sums.kernel[c];
-    positive_sum += mu[c] * sums.positive[c];
-    positive_count += mu[c] * sums.count[c];
-    sees_positive |= mu[c] > 0 && sums.count[c] > 0;
-    sees_non_positive |= mu[c] > 0 && sums.count[c] < g.taps;
+void forward_row(const ForwardArgs<scalar_t, acc_t>& a, const WeightGeometry& g, acc_t mean_mass, int64_t d) {
+  const int64_t size = g.row_size();
+  const scalar_t* row = a.weight + d * size;
+  const acc_t* mu = a.mean_per_value + (d / g.outputs_per_group()) * size;
+  acc_t kernel_sum = 0, positive_sum = 0, positive_count = 0, seen_positive = 0, seen_non_positive = 0;
+#pragma omp simd reduction(+ : kernel_sum, positive_sum, positive_count, seen_positive, seen_non_positive)
+  for (int64_t i = 0; i < size; ++i) {
+    const acc_t w = static_cast<acc_t>(row[i]), m = mu[i];
+    const acc_t positive = w > 0 ? acc_t(1) : acc_t(0), seen = m > 0 ? acc_t(1) : acc_t(0);
+    kernel_sum += m * w;
+    positive_sum += m * (positive * w);
+    positive_count += m * positive;
+    seen_positive += seen * positive;
+    seen_non_positive += seen * (1 - positive);
   }
-  const int taps = static_cast<int>(g.taps);
-  const acc_t shift = em::shift(kernel_sum, taps, mean_mass);
-  const bool use_exact = a.exact || em::needs_exact_positive_mass(sees_positive, sees_non_positive);
-  const acc_t positive_mass = use_exact ? exact_positive_mass(row, mu, shift, g, sums.positive)
-                                        : em::one_pass_positive_mass(positive_sum, shift, positive_count);
+  const acc_t shift = em::shift(kernel_sum, static_cast<int>(g.taps), mean_mass);
+  const bool use_exact = a.exact || em::needs_exact_positive_mass(seen_positive > 0, seen_non_positive > 0);
+  acc_t positive_mass = em::one_pass_positive_mass(positive_sum, shift, positive_count);
+  if (use_exact) {
+    positive_mass = 0;
+#pragma omp simd reduction(+ : positive_mass)
+    for (int64_t i = 0; i < size; ++i) {
+      const acc_t u = static_cast<acc_t>(row[i]) + shift;
+      positive_mass += mu[i] * (u > 0 ? u : acc_t(0));
+    }
+  }
   const acc_t scale = em::scale(positive_mass, em::absolute_mass(positive_sum, kernel_sum), a.ratio, a.eps);
   const acc_t factor = a.gain[d] * scale;
-  scalar_t* out = a.out + d * g.row_size();
-  for (int64_t i = 0; i < g.row_size(); ++i) out[i] = static_cast<scalar_t>(factor * (static_cast<acc_t>(row[i]) + shift));
+  scalar_t* out = a.out + d * size;
+#pragma omp simd
+  for (int64_t i = 0; i < size; ++i) out[i] = static_cast<scalar_t>(factor * (static_cast<acc_t>(row[i]) + shift));
   acc_t* stats = a.stats + d * em::kStatsColumns;
   stats[em::kShift] = shift;
   stats[em::kScale] = scale;
@@ -127,11 +121,13 @@ void forward_row(const ForwardArgs<scalar_t, acc_t>& a, const WeightGeometry& g,
 }
 
 template <typename scalar_t, typename acc_t>
-void forward_rows(const ForwardArgs<scalar_t, acc_t>& a, const WeightGeometry& g) {
-  const std::vector<acc_t> masses = group_mean_masses(a.mean, g);
+void forward_rows(const scalar_t* weight, const acc_t* mean, const acc_t* gain, scalar_t* out, acc_t* stats,
+                  const WeightGeometry& g, acc_t ratio, acc_t eps, bool exact) {
+  const std::vector<acc_t> masses = group_mean_masses(mean, g);
+  const std::vector<acc_t> mean_per_value = means_per_value(mean, g);
+  const ForwardArgs<scalar_t, acc_t> args{weight, mean_per_value.data(), gain, out, stats, ratio, eps, exact};
   at::parallel_for(0, g.out_channels, row_grain(g), [&](int64_t begin, int64_t end) {
-    RowSums<acc_t> sums(g.group_channels);
-    for (int64_t d = begin; d < end; ++d) forward_row(a, g, masses[d / g.outputs_per_group()], d, sums);
+    for (int64_t d = begin; d < end; ++d) forward_row(args, g, masses[d / g.outputs_per_group()], d);
   });
 }
 
@@ -148,11 +144,9 @@ std::tuple<at::Tensor, at::Tensor> weight_transform(const at::Tensor& weight, co
   const at::Tensor mean_c = mean.contiguous(), gain_c = gain.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "equinorm_weight_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    ForwardArgs<scalar_t, acc_t> args{readable.const_data_ptr<scalar_t>(), mean_c.const_data_ptr<acc_t>(),
-                                      gain_c.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(),
-                                      stats.mutable_data_ptr<acc_t>(), static_cast<acc_t>(ratio),
-                                      static_cast<acc_t>(eps), exact};
-    forward_rows(args, geometry);
+    forward_rows(readable.const_data_ptr<scalar_t>(), mean_c.const_data_ptr<acc_t>(), gain_c.const_data_ptr<acc_t>(),
+                 out.mutable_data_ptr<scalar_t>(), stats.mutable_data_ptr<acc_t>(), geometry,
+                 static_cast<acc_t>(ratio), static_cast<acc_t>(eps), exact);
   });
   return {out, stats};
 }
@@ -182,7 +176,8 @@ template <typename scalar_t, typename acc_t>
 struct BackwardArgs {
   const scalar_t* grad;
   const scalar_t* weight;
-  const acc_t* mean;
+  const acc_t* mean;            // (C,)
+  const acc_t* mean_per_value;  // (groups, row size)
   const acc_t* gain;
   const acc_t* stats;
   scalar_t* grad_weight;
@@ -190,64 +185,106 @@ struct BackwardArgs {
   acc_t* mean_terms;  // (D, C/groups): each output channel's contribution to dL/dmu
 };
 
+// What the second pass over a row needs from the first.
+template <typename acc_t>
+struct RowGradient {
+  acc_t shift, gain_times_scale, grad_mass, shared_factor;
+  // A weight is active when w + active_shift > 0: u > 0 for the exact P_d (active_shift = b_d),
+  // w > 0 for the one-pass estimate (active_shift = 0); one branch-free test for both.
+  acc_t active_shift;
+  bool active(acc_t w) const { return w + active_shift > 0; }
+  acc_t factor(acc_t w) const { return em::mean_factor(active(w), grad_mass, shared_factor); }
+};
+
+// dL/dw of one row and its dL/dmu terms: sum over each channel's taps of u h.
 template <typename scalar_t, typename acc_t>
-void backward_row(const BackwardArgs<scalar_t, acc_t>& a, const WeightGeometry& g, int64_t d, RowSums<acc_t>& sums) {
+void write_row_gradients(const BackwardArgs<scalar_t, acc_t>& a, const WeightGeometry& g, int64_t d,
+                         const RowGradient<acc_t>& r, std::vector<acc_t>& active_sums, std::vector<acc_t>& sums) {
   const int64_t offset = d * g.row_size();
   const scalar_t* row = a.weight + offset;
   const scalar_t* grad = a.grad + offset;
-  const acc_t* mu = a.mean + (d / g.outputs_per_group()) * g.group_channels;
-  const acc_t* stats = a.stats + d * em::kStatsColumns;
-  const acc_t shift = stats[em::kShift], scale = stats[em::kScale], positive_mass = stats[em::kPositiveMass];
-  const acc_t mean_mass = stats[em::kMeanMass], gain = a.gain[d];
-  const bool exact = stats[em::kUsedExact] != acc_t(0);
-  // Which values count as positive: u > 0 for the exact P_d, w > 0 for the one-pass estimate.
-  auto active = [&](acc_t w) { return exact ? w + shift > 0 : w > 0; };
-
-  sums.clear();
-  acc_t grad_times_shifted = 0, grad_sum = 0;
-  for_each_in_row(g, [&](int64_t c, int64_t, int64_t i) {
-    const acc_t w = static_cast<acc_t>(row[i]), gr = static_cast<acc_t>(grad[i]);
-    grad_times_shifted += gr * (w + shift);
-    grad_sum += gr;
-    sums.kernel[c] += w;
-    const bool on = active(w);
-    sums.positive[c] += on ? (exact ? w + shift : w) : acc_t(0);
-    sums.count[c] += on ? acc_t(1) : acc_t(0);
-  });
-  acc_t active_count = 0;
-  for (int64_t c = 0; c < g.group_channels; ++c) active_count += mu[c] * sums.count[c];
-  const int taps = static_cast<int>(g.taps);
-  const acc_t grad_mass = em::grad_positive_mass(grad_times_shifted, gain, scale, positive_mass);
-  const acc_t grad_shift = em::grad_shift(grad_sum, gain, scale, grad_mass, active_count);
-  a.grad_gain[d] = scale * grad_times_shifted;
-
   scalar_t* grad_weight = a.grad_weight + offset;
-  for_each_in_row(g, [&](int64_t c, int64_t, int64_t i) {
-    const acc_t w = static_cast<acc_t>(row[i]);
-    grad_weight[i] = static_cast<scalar_t>(em::grad_weight(static_cast<acc_t>(grad[i]), active(w), mu[c], gain, scale,
-                                                           grad_mass, grad_shift, taps, mean_mass));
-  });
+  const acc_t* mu = a.mean + (d / g.outputs_per_group()) * g.group_channels;
   acc_t* terms = a.mean_terms + d * g.group_channels;
-  for (int64_t c = 0; c < g.group_channels; ++c) {
-    const acc_t positive_part = exact ? sums.positive[c] : sums.positive[c] + shift * sums.count[c];
-    terms[c] = em::grad_mean_term(positive_part, sums.kernel[c], grad_mass, grad_shift, shift, taps, mean_mass);
+  auto visit = [&](int64_t c, int64_t i, acc_t& active_sum, acc_t& sum) {
+    const acc_t w = static_cast<acc_t>(row[i]), u = w + r.shift;
+    grad_weight[i] = static_cast<scalar_t>(em::grad_weight(static_cast<acc_t>(grad[i]), r.gain_times_scale, mu[c], r.factor(w)));
+    active_sum += r.active(w) ? u : acc_t(0);
+    sum += u;
+  };
+  if (g.taps == 1) {  // one value per channel
+#pragma omp simd
+    for (int64_t c = 0; c < g.group_channels; ++c) {
+      const acc_t w = static_cast<acc_t>(row[c]), u = w + r.shift, h = r.factor(w);
+      grad_weight[c] = static_cast<scalar_t>(em::grad_weight(static_cast<acc_t>(grad[c]), r.gain_times_scale, mu[c], h));
+      terms[c] = u * h;
+    }
+    return;
+  }
+  if (g.channels_last) {  // (t, c) storage: per-channel sums along the row
+    std::fill(active_sums.begin(), active_sums.end(), acc_t(0));
+    std::fill(sums.begin(), sums.end(), acc_t(0));
+    for_each_in_row(g, [&](int64_t c, int64_t i) { visit(c, i, active_sums[c], sums[c]); });
+    for (int64_t c = 0; c < g.group_channels; ++c)
+      terms[c] = em::grad_mean_term(active_sums[c], sums[c], r.grad_mass, r.shared_factor);
+    return;
+  }
+  for (int64_t c = 0; c < g.group_channels; ++c) {  // (c, t) storage: a channel's taps are adjacent
+    acc_t active_sum = 0, sum = 0;
+    for (int64_t t = 0; t < g.taps; ++t) visit(c, c * g.taps + t, active_sum, sum);
+    terms[c] = em::grad_mean_term(active_sum, sum, r.grad_mass, r.shared_factor);
   }
 }
 
-// dL/dmu_c: the output channels of c's group added in channel order.
+template <typename scalar_t, typename acc_t>
+void backward_row(const BackwardArgs<scalar_t, acc_t>& a, const WeightGeometry& g, int64_t d,
+                  std::vector<acc_t>& active_sums, std::vector<acc_t>& sums) {
+  const int64_t size = g.row_size();
+  const acc_t* stats = a.stats + d * em::kStatsColumns;
+  RowGradient<acc_t> r;
+  r.shift = stats[em::kShift];
+  r.active_shift = stats[em::kUsedExact] != acc_t(0) ? r.shift : acc_t(0);
+  const acc_t scale = stats[em::kScale], gain = a.gain[d];
+  const scalar_t* row = a.weight + d * size;
+  const scalar_t* grad = a.grad + d * size;
+  const acc_t* mu = a.mean_per_value + (d / g.outputs_per_group()) * size;
+  const acc_t shift = r.shift, active_shift = r.active_shift;
+  acc_t grad_shifted = 0, grad_sum = 0, active_count = 0;
+#pragma omp simd reduction(+ : grad_shifted, grad_sum, active_count)
+  for (int64_t i = 0; i < size; ++i) {
+    const acc_t w = static_cast<acc_t>(row[i]), gr = static_cast<acc_t>(grad[i]), m = mu[i];
+    grad_shifted += gr * (w + shift);
+    grad_sum += gr;
+    active_count += w + active_shift > 0 ? m : acc_t(0);
+  }
+
+  r.gain_times_scale = gain * scale;
+  r.grad_mass = em::grad_positive_mass(grad_shifted, gain, scale, stats[em::kPositiveMass]);
+  const acc_t grad_shift = em::grad_shift(grad_sum, gain, scale, r.grad_mass, active_count);
+  r.shared_factor = em::shared_mean_factor(grad_shift, static_cast<int>(g.taps), stats[em::kMeanMass]);
+  a.grad_gain[d] = scale * grad_shifted;
+  write_row_gradients(a, g, d, r, active_sums, sums);
+}
+
+// dL/dmu_c: the output channels of c's group added in channel order; tasks own blocks of
+// channels and walk the (D, C/groups) terms row by row, so reads stay contiguous, and sum into a
+// local block (no cache line shared with another task while summing).
 template <typename acc_t>
 void reduce_mean_terms(const acc_t* terms, const WeightGeometry& g, acc_t* grad_mean) {
   const int64_t channels = g.group_channels * g.groups;
-  at::parallel_for(0, channels, std::max<int64_t>(1, kTaskValues / g.outputs_per_group()),
-                   [&](int64_t begin, int64_t end) {
-    for (int64_t channel = begin; channel < end; ++channel) {
-      const int64_t group = channel / g.group_channels, c = channel % g.group_channels;
-      acc_t sum = 0;
+  const int64_t grain = std::max<int64_t>(16, kTaskValues / g.outputs_per_group());
+  at::parallel_for(0, channels, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> block(end - begin, acc_t(0));
+    for (int64_t group = begin / g.group_channels; group * g.group_channels < end; ++group) {
+      const int64_t first = std::max(begin, group * g.group_channels), last = std::min(end, (group + 1) * g.group_channels);
+      acc_t* sums = block.data() + (first - begin);
       for (int64_t d = group * g.outputs_per_group(); d < (group + 1) * g.outputs_per_group(); ++d) {
-        sum += terms[d * g.group_channels + c];
+        const acc_t* row = terms + d * g.group_channels + (first - group * g.group_channels);
+#pragma omp simd
+        for (int64_t k = 0; k < last - first; ++k) sums[k] += row[k];
       }
-      grad_mean[channel] = sum;
     }
+    std::copy(block.begin(), block.end(), grad_mean + begin);
   });
 }
 
@@ -273,13 +310,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> equinorm_backward(const at::Tenso
   const at::Tensor mean_c = mean.contiguous(), gain_c = gain.contiguous(), stats_c = stats.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "equinorm_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    BackwardArgs<scalar_t, acc_t> args{grad.const_data_ptr<scalar_t>(),       readable.const_data_ptr<scalar_t>(),
-                                       mean_c.const_data_ptr<acc_t>(),        gain_c.const_data_ptr<acc_t>(),
-                                       stats_c.const_data_ptr<acc_t>(),       grad_weight.mutable_data_ptr<scalar_t>(),
-                                       grad_gain.mutable_data_ptr<acc_t>(),   mean_terms.mutable_data_ptr<acc_t>()};
+    const std::vector<acc_t> mean_per_value = means_per_value(mean_c.const_data_ptr<acc_t>(), geometry);
+    const BackwardArgs<scalar_t, acc_t> args{
+        grad.const_data_ptr<scalar_t>(),        readable.const_data_ptr<scalar_t>(), mean_c.const_data_ptr<acc_t>(),
+        mean_per_value.data(),                  gain_c.const_data_ptr<acc_t>(),      stats_c.const_data_ptr<acc_t>(),
+        grad_weight.mutable_data_ptr<scalar_t>(), grad_gain.mutable_data_ptr<acc_t>(), mean_terms.mutable_data_ptr<acc_t>()};
     at::parallel_for(0, geometry.out_channels, row_grain(geometry), [&](int64_t begin, int64_t end) {
-      RowSums<acc_t> sums(geometry.group_channels);
-      for (int64_t d = begin; d < end; ++d) backward_row(args, geometry, d, sums);
+      std::vector<acc_t> active_sums(geometry.group_channels), sums(geometry.group_channels);
+      for (int64_t d = begin; d < end; ++d) backward_row(args, geometry, d, active_sums, sums);
     });
     reduce_mean_terms(args.mean_terms, geometry, grad_mean.mutable_data_ptr<acc_t>());
   });

@@ -11,12 +11,14 @@
 //   s_d   = ratio / P_d, or 0 when P_d <= eps * sum_c mu_c sum_t |w_dct|   (no positive mass)
 //   out   = gain_d * s_d * u
 //
-// Backward, with G = dL/d(out) and Gs = sum_ct G u, Gsum = sum_ct G:
+// Backward, with G = dL/d(out), Gs = sum_ct G u, Gsum = sum_ct G, and active = [u > 0] (exact)
+// or [w > 0] (single_pass):
 //   dL/dgain_d = s_d Gs
 //   g_P = -gain_d Gs s_d / P_d                  (0 for a channel with s_d = 0)
-//   g_b = gain_d s_d Gsum + g_P sum_c mu_c m_dc  (m_dc = #{u > 0} exact, n_dc single_pass)
-//   dL/dw_dct = gain_d s_d G_dct + g_P mu_c [active_dct] - g_b mu_c / (K M_d)
-//   dL/dmu_c += g_P r_dc - g_b (W_dc + K b_d) / (K M_d)     (r_dc = q_dc exact, p_dc + b_d n_dc single_pass)
+//   g_b = gain_d s_d Gsum + g_P sum_ct mu_c [active_dct]
+//   h_dct = g_P [active_dct] - g_b / (K M_d)
+//   dL/dw_dct = gain_d s_d G_dct + mu_c h_dct
+//   dL/dmu_c += sum_t u_dct h_dct              (summed over the output channels d reading c)
 #pragma once
 
 #include <cfloat>
@@ -81,6 +83,8 @@ EQUINORM_HOST_DEVICE acc_t scale(acc_t positive_mass, acc_t absolute_mass, acc_t
 }
 
 // ---- backward ----
+// Both modes share one form: with active = (u > 0) for the exact P_d and (w > 0) for the
+// one-pass estimate, every weight contributes through h = g_P [active] - g_b / (K M_d).
 
 template <typename acc_t>
 EQUINORM_HOST_DEVICE acc_t grad_positive_mass(acc_t grad_times_shifted, acc_t gain, acc_t scale, acc_t positive_mass) {
@@ -93,19 +97,30 @@ EQUINORM_HOST_DEVICE acc_t grad_shift(acc_t grad_sum, acc_t gain, acc_t scale, a
   return gain * scale * grad_sum + grad_positive_mass * mean_weighted_active_count;
 }
 
+// g_b / (K M_d): the part of h every weight of the row shares.
 template <typename acc_t>
-EQUINORM_HOST_DEVICE acc_t grad_weight(acc_t grad, bool active, acc_t mean, acc_t gain, acc_t scale,
-                                       acc_t grad_positive_mass, acc_t grad_shift, int taps, acc_t mean_mass) {
-  const acc_t through_mass = active ? grad_positive_mass * mean : acc_t(0);
-  return gain * scale * grad + through_mass - grad_shift * mean / (static_cast<acc_t>(taps) * mean_mass);
+EQUINORM_HOST_DEVICE acc_t shared_mean_factor(acc_t grad_shift, int taps, acc_t mean_mass) {
+  return grad_shift / (static_cast<acc_t>(taps) * mean_mass);
 }
 
-// One output channel's contribution to dL/dmu_c; `positive_part` is q_dc (exact) or p_dc + b_d n_dc.
+// h for one weight.
 template <typename acc_t>
-EQUINORM_HOST_DEVICE acc_t grad_mean_term(acc_t positive_part, acc_t kernel_sum, acc_t grad_positive_mass,
-                                          acc_t grad_shift, acc_t shift, int taps, acc_t mean_mass) {
-  const acc_t k = static_cast<acc_t>(taps);
-  return grad_positive_mass * positive_part - grad_shift * (kernel_sum + k * shift) / (k * mean_mass);
+EQUINORM_HOST_DEVICE acc_t mean_factor(bool active, acc_t grad_positive_mass, acc_t shared_mean_factor) {
+  return (active ? grad_positive_mass : acc_t(0)) - shared_mean_factor;
+}
+
+// dL/dw = gain_d s_d G + mu_c h.
+template <typename acc_t>
+EQUINORM_HOST_DEVICE acc_t grad_weight(acc_t grad, acc_t gain_times_scale, acc_t mean, acc_t mean_factor) {
+  return gain_times_scale * grad + mean * mean_factor;
+}
+
+// One output channel's contribution to dL/dmu_c: sum over the taps of u h, i.e.
+// g_P sum_t [active] u - (g_b / (K M_d)) sum_t u.
+template <typename acc_t>
+EQUINORM_HOST_DEVICE acc_t grad_mean_term(acc_t active_shifted_sum, acc_t shifted_sum, acc_t grad_positive_mass,
+                                          acc_t shared_mean_factor) {
+  return grad_positive_mass * active_shifted_sum - shared_mean_factor * shifted_sum;
 }
 
 }  // namespace math

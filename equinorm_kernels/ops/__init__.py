@@ -25,11 +25,14 @@ def _register_compiled_backends() -> None:
         equinorm.FusedOps(ops.channel_mean, ops.equinorm_weight, ops.equinorm_forward, ops.equinorm_backward),
     )
     for name, device_type, dispatch_key in (("cpp", "cpu", "CPU"), ("cuda", "cuda", "CUDA")):
+        # Decided once: kernels register when the library loads, and torch.compile cannot trace
+        # the dispatcher query.
+        usable = _has_kernel(dispatch_key)
         register_backend(
             Backend(
                 name=name,
                 device_types=frozenset({device_type}),
-                is_usable=lambda key=dispatch_key: _has_kernel(key),
+                is_usable=lambda usable=usable: usable,
                 channel_mean=equinorm.fused_channel_mean("compiled"),
                 equinorm_weight=equinorm.fused_equinorm_weight("compiled"),
                 equinorm_forward=equinorm.fused_equinorm_forward("compiled"),
@@ -40,3 +43,16 @@ def _register_compiled_backends() -> None:
 
 if compiled is not None:
     _register_compiled_backends()
+
+
+# The Triton backend (equinorm_kernels/triton) registers itself where Triton can run; without
+# Triton it registers nothing, and it never stops the package from importing.
+def _register_triton_backend() -> None:
+    try:
+        from .. import triton as triton_backend
+    except ImportError:
+        return
+    triton_backend.register()
+
+
+_register_triton_backend()

@@ -1,0 +1,143 @@
+// The CUDA implementations of channel_mean, equinorm_weight, equinorm_forward and
+// equinorm_backward: argument checks (op_checks.h, shared with the CPU ops), output and workspace
+// allocation on the tensors' device, and the launchers of channel_mean.cu and equinorm_weight.cu
+// on the current stream. Results match the CPU kernels' to rounding; launch counts and the
+// determinism argument are at the top of the .cu files.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <climits>
+#include <tuple>
+
+#include "cuda/element_type.h"
+#include "cuda/launchers.h"
+#include "op_checks.h"
+#include "shared/equinorm_math.h"
+
+namespace equinorm {
+namespace cuda {
+namespace {
+
+namespace em = equinorm::math;
+
+void check_cuda(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor for the CUDA kernel, got one on ", t.device());
+}
+
+at::Tensor empty_workspace(size_t bytes, const at::Tensor& like) {
+  return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+}
+
+// Fills mean (C,) from x as channel_input returned it.
+void compute_channel_mean(const at::Tensor& readable, const ChannelGeometry& geometry, at::Tensor& mean) {
+  const ChannelMeanShape shape{geometry.rows, geometry.channels, geometry.spatial, geometry.channels_last};
+  const ElementType type = element_type(readable.scalar_type());
+  const void* x = readable.const_data_ptr();
+  const size_t bytes = channel_mean_workspace_bytes(shape, type, x);
+  at::Tensor workspace = empty_workspace(bytes, readable);
+  C10_CUDA_CHECK(launch_channel_mean(shape, type, x, mean.mutable_data_ptr(),
+                                     bytes > 0 ? workspace.mutable_data_ptr() : nullptr, bytes,
+                                     c10::cuda::getCurrentCUDAStream()));
+}
+
+at::Tensor channel_mean(const at::Tensor& x, int64_t rows) {
+  auto [readable, geometry] = channel_input(x, rows);
+  check_cuda(readable, "x");
+  const c10::cuda::CUDAGuard guard(readable.device());
+  at::Tensor mean = at::empty({geometry.channels}, x.options().dtype(accumulation_type(x.scalar_type())));
+  compute_channel_mean(readable, geometry, mean);
+  return mean;
+}
+
+WeightShape weight_shape(const WeightGeometry& g) {
+  TORCH_CHECK(g.taps <= INT_MAX, "the weight has too many kernel taps (", g.taps, ")");
+  return WeightShape{g.out_channels, g.group_channels, g.taps, g.groups, g.channels_last};
+}
+
+std::tuple<at::Tensor, at::Tensor> weight_transform(const at::Tensor& weight, const at::Tensor& mean,
+                                                    const at::Tensor& gain, double ratio, int64_t groups,
+                                                    bool exact, double eps) {
+  auto [readable, geometry] = weight_input(weight, groups);
+  check_mean_and_gain(weight, geometry, mean, gain);
+  check_ratio_and_eps(ratio, eps);
+  check_cuda(weight, "weight");
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const auto acc = accumulation_type(weight.scalar_type());
+  at::Tensor out = empty_like_weight(weight, geometry, weight.scalar_type());
+  at::Tensor stats = at::empty({geometry.out_channels, em::kStatsColumns}, weight.options().dtype(acc));
+  const at::Tensor mean_c = mean.contiguous(), gain_c = gain.contiguous();
+  C10_CUDA_CHECK(launch_equinorm_weight(weight_shape(geometry), element_type(weight.scalar_type()),
+                                        readable.const_data_ptr(), mean_c.const_data_ptr(), gain_c.const_data_ptr(),
+                                        ratio, eps, exact, out.mutable_data_ptr(), stats.mutable_data_ptr(),
+                                        c10::cuda::getCurrentCUDAStream()));
+  return {out, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> equinorm_weight(const at::Tensor& weight, const at::Tensor& mean,
+                                                   const at::Tensor& gain, double ratio, int64_t groups,
+                                                   c10::string_view mode, double eps) {
+  return weight_transform(weight, mean, gain, ratio, groups, parse_exact_mode(mode), eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> equinorm_forward(const at::Tensor& x, int64_t rows,
+                                                                const at::Tensor& weight, const at::Tensor& gain,
+                                                                double ratio, int64_t groups, c10::string_view mode,
+                                                                double eps) {
+  const bool exact = parse_exact_mode(mode);
+  TORCH_CHECK(accumulation_type(x.scalar_type()) == accumulation_type(weight.scalar_type()),
+              "x (", x.scalar_type(), ") and weight (", weight.scalar_type(),
+              ") must share an accumulation dtype: both float64 or neither");
+  check_same_device(weight, x, "weight", "x");
+  at::Tensor mean = channel_mean(x, rows);
+  auto [out, stats] = weight_transform(weight, mean, gain, ratio, groups, exact, eps);
+  return {out, mean, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> equinorm_backward(const at::Tensor& grad_out, const at::Tensor& weight,
+                                                                 const at::Tensor& mean, const at::Tensor& gain,
+                                                                 const at::Tensor& stats, int64_t groups) {
+  auto [readable, geometry] = weight_input(weight, groups);
+  check_mean_and_gain(weight, geometry, mean, gain);
+  check_stats(stats, weight, geometry, em::kStatsColumns);
+  TORCH_CHECK(grad_out.sizes() == weight.sizes() && grad_out.scalar_type() == weight.scalar_type(),
+              "grad_out must match weight (", weight.sizes(), ", ", weight.scalar_type(), "), got ", grad_out.sizes(),
+              ", ", grad_out.scalar_type());
+  check_cuda(weight, "weight");
+  check_same_device(weight, grad_out, "weight", "grad_out");
+  const c10::cuda::CUDAGuard guard(weight.device());
+  // grad_out is read in the weight's layout.
+  const auto format = !geometry.channels_last ? at::MemoryFormat::Contiguous
+                      : weight.dim() == 4     ? at::MemoryFormat::ChannelsLast
+                                              : at::MemoryFormat::ChannelsLast3d;
+  const at::Tensor grad = grad_out.contiguous(format);
+  const auto acc = accumulation_type(weight.scalar_type());
+  at::Tensor grad_weight = empty_like_weight(weight, geometry, weight.scalar_type());
+  at::Tensor grad_gain = at::empty({geometry.out_channels}, weight.options().dtype(acc));
+  at::Tensor grad_mean = at::empty({geometry.group_channels * geometry.groups}, weight.options().dtype(acc));
+  const at::Tensor mean_c = mean.contiguous(), gain_c = gain.contiguous(), stats_c = stats.contiguous();
+  const WeightShape shape = weight_shape(geometry);
+  const ElementType type = element_type(weight.scalar_type());
+  const size_t bytes = equinorm_backward_workspace_bytes(shape, type);
+  at::Tensor workspace = empty_workspace(bytes, weight);
+  C10_CUDA_CHECK(launch_equinorm_backward(shape, type, grad.const_data_ptr(), readable.const_data_ptr(),
+                                          mean_c.const_data_ptr(), gain_c.const_data_ptr(), stats_c.const_data_ptr(),
+                                          grad_weight.mutable_data_ptr(), grad_mean.mutable_data_ptr(),
+                                          grad_gain.mutable_data_ptr(), workspace.mutable_data_ptr(), bytes,
+                                          c10::cuda::getCurrentCUDAStream()));
+  return {grad_weight, grad_mean, grad_gain};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(equinorm_kernels, CUDA, m) {
+  m.impl("channel_mean", &channel_mean);
+  m.impl("equinorm_weight", &equinorm_weight);
+  m.impl("equinorm_forward", &equinorm_forward);
+  m.impl("equinorm_backward", &equinorm_backward);
+}
+
+}  // namespace cuda
+}  // namespace equinorm

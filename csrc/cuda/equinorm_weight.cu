@@ -1,0 +1,458 @@
+// EquiNorm's weight transform and its backward on the GPU (formulas: csrc/shared/equinorm_math.h).
+//
+// Launches per op:
+//   equinorm_weight     1 kernel.
+//   equinorm_forward    2 kernels: the channel means (channel_mean.cu; plus a memset of its
+//                       counters when a channel is split over several blocks), then this
+//                       transform. Every output channel needs every mean of its group, a
+//                       grid-wide dependency, so the transform starts at a kernel boundary.
+//   equinorm_backward   2 kernels: per output channel d, grad_weight, grad_gain and the row
+//                       (D, C/groups) of contributions to grad_mean; then grad_mean[c] adds its
+//                       group's rows in a fixed order.
+//
+// One team of threads owns one output channel (a row of C/groups x K values): a warp for short
+// rows (eight rows per block), the whole block otherwise. Within a team, a power-of-two group of
+// lanes shares one input channel and splits its taps, so the per-channel sums over taps (W_dc,
+// p_dc, n_dc, q_dc) come from a butterfly over those lanes and need no shared array of
+// C/groups entries: any number of input channels fits. Lanes read neighbouring taps ((c, t)
+// layout) or neighbouring channels ((t, c) channels_last layout), so loads coalesce in both.
+// The channel-weighted sums are then added over the team in a fixed tree. A row is read from
+// global memory once; its second and third passes hit the cache.
+//
+// Determinism: every sum runs in an order fixed by the shape (per-thread loops, butterflies,
+// warp totals added in warp order); no float atomics anywhere, so results are bit-identical
+// across runs. Accumulation is in float (double for double weights).
+#include <algorithm>
+
+#include "cuda/device_common.cuh"
+#include "shared/equinorm_math.h"
+
+namespace equinorm {
+namespace cuda {
+namespace {
+
+namespace em = equinorm::math;
+
+constexpr int kThreads = 256;
+// Rows of at most this many values go to a warp, longer rows to a whole block.
+constexpr int64_t kWarpTeamMaxRow = 256;
+// Values a team adds at once at most (the forward's first pass).
+constexpr int kMaxTeamSums = 6;
+
+// grad_mean reduction: a block adds kReduceColumns channels, each over kReduceSlices interleaved
+// slices of its output channels.
+constexpr int kReduceColumns = 32;
+constexpr int kReduceSlices = 16;
+constexpr int kReduceThreads = kReduceColumns * kReduceSlices;
+constexpr int kReduceUnroll = 4;
+
+// A weight row seen by the kernels: value (c, t) of row d at d * row_size + c * channel_stride + t * tap_stride.
+struct RowGeometry {
+  int64_t out_channels;
+  int64_t group_channels;
+  int64_t taps;
+  int64_t outputs_per_group;
+  int64_t channel_stride;
+  int64_t tap_stride;
+  int lanes_per_channel;  // a power of two <= 32
+};
+
+template <typename scalar_t>
+struct ForwardArgs {
+  using acc_t = acc_type<scalar_t>;
+  RowGeometry geometry;
+  const scalar_t* weight;
+  const acc_t* mean;
+  const acc_t* gain;
+  scalar_t* out;
+  acc_t* stats;
+  acc_t ratio;
+  acc_t eps;
+  bool exact;
+};
+
+template <typename scalar_t>
+struct BackwardArgs {
+  using acc_t = acc_type<scalar_t>;
+  RowGeometry geometry;
+  const scalar_t* grad;
+  const scalar_t* weight;
+  const acc_t* mean;
+  const acc_t* gain;
+  const acc_t* stats;
+  scalar_t* grad_weight;
+  acc_t* grad_gain;
+  acc_t* mean_terms;  // (D, C/groups)
+};
+
+// kTeam threads (a warp or the whole block) working on one row.
+template <int kTeam>
+struct Team {
+  static_assert(kTeam == kWarpSize || kTeam == kThreads, "a team is a warp or the block");
+  static constexpr int kRowsPerBlock = kThreads / kTeam;
+  static constexpr int kWarps = kTeam / kWarpSize;
+
+  __device__ static int lane() { return static_cast<int>(threadIdx.x) % kTeam; }
+  __device__ static int64_t row() {
+    return static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + static_cast<int>(threadIdx.x) / kTeam;
+  }
+
+  // Sums each value over the team; every thread of the team gets the same bits. Warp totals are
+  // added in warp order. scratch: N * kWarps shared values (unused by warp teams).
+  template <int N, typename acc_t>
+  __device__ static void sum(acc_t (&values)[N], acc_t* scratch) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) values[i] = group_sum(values[i], kWarpSize);
+    if constexpr (kWarps > 1) {
+      const int warp = threadIdx.x / kWarpSize;
+      __syncthreads();  // the previous call's readers are done with scratch
+      if (threadIdx.x % kWarpSize == 0) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) scratch[i * kWarps + warp] = values[i];
+      }
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        acc_t total = 0;
+        for (int w = 0; w < kWarps; ++w) total += scratch[i * kWarps + w];
+        values[i] = total;
+      }
+    }
+  }
+};
+
+// Calls visit(c, active, lane) for every input channel c of a row, lanes_per_channel lanes per
+// channel (lane: the thread's place among them). Every thread of the team makes the same number
+// of calls (active is false past the last channel), so visit may use group_sum.
+template <int kTeam, typename Visit>
+__device__ __forceinline__ void for_each_channel(const RowGeometry& g, Visit&& visit) {
+  const int lanes = g.lanes_per_channel;
+  const int team_lane = Team<kTeam>::lane();
+  const int groups = kTeam / lanes;
+  const int group = team_lane / lanes, lane = team_lane % lanes;
+  for (int64_t first = 0; first < g.group_channels; first += groups) {
+    const int64_t c = first + group;
+    visit(c, c < g.group_channels, lane);
+  }
+}
+
+template <typename scalar_t, int kTeam>
+__global__ void __launch_bounds__(kThreads) equinorm_weight_kernel(ForwardArgs<scalar_t> a) {
+  using acc_t = acc_type<scalar_t>;
+  __shared__ acc_t scratch[kMaxTeamSums * Team<kTeam>::kWarps];
+  const RowGeometry& g = a.geometry;
+  const int64_t d = Team<kTeam>::row();
+  if (d >= g.out_channels) return;  // only a warp team of the last block; warp teams use no block barrier
+  const int lanes = g.lanes_per_channel;
+  const int64_t row_size = g.group_channels * g.taps;
+  const scalar_t* row = a.weight + d * row_size;
+  const acc_t* mu = a.mean + (d / g.outputs_per_group) * g.group_channels;
+  const int taps = static_cast<int>(g.taps);
+
+  // sum_c mu_c, sum_c mu_c W_dc, sum_c mu_c p_dc, sum_c mu_c n_dc, and whether some seen channel
+  // (mu_c > 0) has a positive weight / a non-positive weight.
+  enum { kMass, kKernel, kPositive, kCount, kSeesPositive, kSeesNonPositive };
+  acc_t sums[kMaxTeamSums] = {};
+  for_each_channel<kTeam>(g, [&](int64_t c, bool active, int lane) {
+    acc_t kernel = 0, positive = 0, count = 0;
+    if (active) {
+      for (int64_t t = lane; t < g.taps; t += lanes) {
+        const acc_t w = load_acc(row + c * g.channel_stride + t * g.tap_stride);
+        kernel += w;
+        if (w > acc_t(0)) {
+          positive += w;
+          count += acc_t(1);
+        }
+      }
+    }
+    kernel = group_sum(kernel, lanes);
+    positive = group_sum(positive, lanes);
+    count = group_sum(count, lanes);
+    if (active && lane == 0) {
+      const acc_t m = mu[c];
+      sums[kMass] += m;
+      sums[kKernel] += m * kernel;
+      sums[kPositive] += m * positive;
+      sums[kCount] += m * count;
+      if (m > acc_t(0) && count > acc_t(0)) sums[kSeesPositive] = 1;
+      if (m > acc_t(0) && count < static_cast<acc_t>(taps)) sums[kSeesNonPositive] = 1;
+    }
+  });
+  Team<kTeam>::sum(sums, scratch);
+
+  const acc_t mean_mass = em::mean_mass(sums[kMass]);
+  const acc_t shift = em::shift(sums[kKernel], taps, mean_mass);
+  // The same bits in the whole team, so the branch is uniform.
+  const bool use_exact =
+      a.exact || em::needs_exact_positive_mass(sums[kSeesPositive] > acc_t(0), sums[kSeesNonPositive] > acc_t(0));
+  acc_t positive_mass;
+  if (use_exact) {
+    acc_t exact[1] = {};
+    for_each_channel<kTeam>(g, [&](int64_t c, bool active, int lane) {
+      acc_t positive = 0;
+      if (active) {
+        for (int64_t t = lane; t < g.taps; t += lanes) {
+          const acc_t u = load_acc(row + c * g.channel_stride + t * g.tap_stride) + shift;
+          positive += u > acc_t(0) ? u : acc_t(0);
+        }
+      }
+      positive = group_sum(positive, lanes);
+      if (active && lane == 0) exact[0] += mu[c] * positive;
+    });
+    Team<kTeam>::sum(exact, scratch);
+    positive_mass = exact[0];
+  } else {
+    positive_mass = em::one_pass_positive_mass(sums[kPositive], shift, sums[kCount]);
+  }
+  const acc_t scale = em::scale(positive_mass, em::absolute_mass(sums[kPositive], sums[kKernel]), a.ratio, a.eps);
+  const acc_t factor = a.gain[d] * scale;
+
+  scalar_t* out = a.out + d * row_size;
+  for (int64_t i = Team<kTeam>::lane(); i < row_size; i += kTeam) {
+    out[i] = from_acc<scalar_t>(factor * (load_acc(row + i) + shift));
+  }
+  if (Team<kTeam>::lane() == 0) {
+    acc_t* stats = a.stats + d * em::kStatsColumns;
+    stats[em::kShift] = shift;
+    stats[em::kScale] = scale;
+    stats[em::kPositiveMass] = positive_mass;
+    stats[em::kMeanMass] = mean_mass;
+    stats[em::kUsedExact] = use_exact ? acc_t(1) : acc_t(0);
+  }
+}
+
+template <typename scalar_t, int kTeam>
+__global__ void __launch_bounds__(kThreads) equinorm_backward_kernel(BackwardArgs<scalar_t> a) {
+  using acc_t = acc_type<scalar_t>;
+  __shared__ acc_t scratch[kMaxTeamSums * Team<kTeam>::kWarps];
+  const RowGeometry& g = a.geometry;
+  const int64_t d = Team<kTeam>::row();
+  if (d >= g.out_channels) return;  // only a warp team of the last block; warp teams use no block barrier
+  const int lanes = g.lanes_per_channel;
+  const int64_t row_size = g.group_channels * g.taps;
+  const scalar_t* row = a.weight + d * row_size;
+  const scalar_t* grad = a.grad + d * row_size;
+  scalar_t* grad_weight = a.grad_weight + d * row_size;
+  const acc_t* mu = a.mean + (d / g.outputs_per_group) * g.group_channels;
+  const int taps = static_cast<int>(g.taps);
+
+  const acc_t* stats = a.stats + d * em::kStatsColumns;
+  const acc_t shift = stats[em::kShift];
+  const acc_t scale = stats[em::kScale];
+  const acc_t positive_mass = stats[em::kPositiveMass];
+  const acc_t mean_mass = stats[em::kMeanMass];
+  const bool exact = stats[em::kUsedExact] != acc_t(0);
+  const acc_t gain = a.gain[d];
+  // Which values count as positive: u > 0 for the exact P_d, w > 0 for the one-pass estimate.
+  auto is_active = [&](acc_t w) { return exact ? w + shift > acc_t(0) : w > acc_t(0); };
+
+  // sum_ct G u, sum_ct G, sum_c mu_c #{active}.
+  enum { kGradTimesShifted, kGradSum, kActiveCount };
+  acc_t sums[3] = {};
+  for_each_channel<kTeam>(g, [&](int64_t c, bool active, int lane) {
+    acc_t count = 0;
+    if (active) {
+      for (int64_t t = lane; t < g.taps; t += lanes) {
+        const int64_t i = c * g.channel_stride + t * g.tap_stride;
+        const acc_t w = load_acc(row + i), gr = load_acc(grad + i);
+        sums[kGradTimesShifted] += gr * (w + shift);
+        sums[kGradSum] += gr;
+        count += is_active(w) ? acc_t(1) : acc_t(0);
+      }
+    }
+    count = group_sum(count, lanes);
+    if (active && lane == 0) sums[kActiveCount] += mu[c] * count;
+  });
+  Team<kTeam>::sum(sums, scratch);
+
+  const acc_t grad_mass = em::grad_positive_mass(sums[kGradTimesShifted], gain, scale, positive_mass);
+  const acc_t grad_shift = em::grad_shift(sums[kGradSum], gain, scale, grad_mass, sums[kActiveCount]);
+  const acc_t shared_factor = em::shared_mean_factor(grad_shift, taps, mean_mass);
+  const acc_t gain_times_scale = gain * scale;
+  if (Team<kTeam>::lane() == 0) a.grad_gain[d] = scale * sums[kGradTimesShifted];
+
+  acc_t* terms = a.mean_terms + d * g.group_channels;
+  for_each_channel<kTeam>(g, [&](int64_t c, bool active, int lane) {
+    acc_t shifted = 0, active_shifted = 0;  // sum_t u, sum_t [active] u
+    if (active) {
+      const acc_t m = mu[c];
+      for (int64_t t = lane; t < g.taps; t += lanes) {
+        const int64_t i = c * g.channel_stride + t * g.tap_stride;
+        const acc_t w = load_acc(row + i), gr = load_acc(grad + i);
+        const bool on = is_active(w);
+        const acc_t h = em::mean_factor(on, grad_mass, shared_factor);
+        grad_weight[i] = from_acc<scalar_t>(em::grad_weight(gr, gain_times_scale, m, h));
+        const acc_t u = w + shift;
+        shifted += u;
+        if (on) active_shifted += u;
+      }
+    }
+    shifted = group_sum(shifted, lanes);
+    active_shifted = group_sum(active_shifted, lanes);
+    if (active && lane == 0) terms[c] = em::grad_mean_term(active_shifted, shifted, grad_mass, shared_factor);
+  });
+}
+
+// grad_mean[c] = sum over the output channels d of c's group of mean_terms[d, c'] (c' = c's index
+// in the group). Slice s adds rows s, s + kReduceSlices, ... in order, into kReduceUnroll
+// interleaved accumulators; the slices are then added in slice order.
+template <typename acc_t>
+__global__ void __launch_bounds__(kReduceThreads)
+    sum_mean_terms_kernel(const acc_t* __restrict__ terms, int64_t group_channels, int64_t outputs_per_group,
+                          int64_t channels, acc_t* __restrict__ grad_mean) {
+  __shared__ acc_t slice_sums[kReduceSlices][kReduceColumns];
+  const int column = threadIdx.x % kReduceColumns, slice = threadIdx.x / kReduceColumns;
+  const int64_t channel = static_cast<int64_t>(blockIdx.x) * kReduceColumns + column;
+  acc_t sums[kReduceUnroll];
+#pragma unroll
+  for (int u = 0; u < kReduceUnroll; ++u) sums[u] = 0;
+  if (channel < channels) {
+    const int64_t group = channel / group_channels;
+    const acc_t* source = terms + group * outputs_per_group * group_channels + (channel - group * group_channels);
+    for (int64_t first = slice; first < outputs_per_group; first += kReduceUnroll * kReduceSlices) {
+      acc_t values[kReduceUnroll];
+#pragma unroll
+      for (int u = 0; u < kReduceUnroll; ++u) {
+        const int64_t r = first + u * kReduceSlices;
+        values[u] = r < outputs_per_group ? __ldg(source + r * group_channels) : acc_t(0);
+      }
+#pragma unroll
+      for (int u = 0; u < kReduceUnroll; ++u) sums[u] += values[u];
+    }
+  }
+  acc_t total = sums[0];
+#pragma unroll
+  for (int u = 1; u < kReduceUnroll; ++u) total += sums[u];
+  slice_sums[slice][column] = total;
+  __syncthreads();
+  if (slice == 0 && channel < channels) {
+    acc_t sum = 0;
+    for (int s = 0; s < kReduceSlices; ++s) sum += slice_sums[s][column];
+    grad_mean[channel] = sum;
+  }
+}
+
+// ---- host side ----
+
+bool valid_shape(const WeightShape& s) {
+  return s.out_channels >= 1 && s.group_channels >= 1 && s.taps >= 1 && s.taps <= INT_MAX && s.groups >= 1 &&
+         s.out_channels % s.groups == 0 && s.group_channels * s.taps >= 2;
+}
+
+int team_size(const WeightShape& s) { return s.group_channels * s.taps <= kWarpTeamMaxRow ? kWarpSize : kThreads; }
+
+RowGeometry row_geometry(const WeightShape& s, int team) {
+  RowGeometry g{};
+  g.out_channels = s.out_channels;
+  g.group_channels = s.group_channels;
+  g.taps = s.taps;
+  g.outputs_per_group = s.out_channels / s.groups;
+  g.channel_stride = s.channels_last ? 1 : s.taps;
+  g.tap_stride = s.channels_last ? s.group_channels : 1;
+  // (c, t): neighbouring lanes take neighbouring taps of a channel. (t, c): neighbouring lanes
+  // take neighbouring channels, and a channel gets several lanes only when the channels alone
+  // cannot keep the team busy.
+  int64_t lanes = std::min<int64_t>(kWarpSize, ceil_power_of_two(s.taps));
+  if (s.channels_last) lanes = std::min(lanes, floor_power_of_two(std::max<int64_t>(1, team / s.group_channels)));
+  g.lanes_per_channel = static_cast<int>(lanes);
+  return g;
+}
+
+int64_t team_blocks(const WeightShape& s, int team) { return ceil_div(s.out_channels, kThreads / team); }
+
+template <typename scalar_t>
+cudaError_t launch_forward_typed(const WeightShape& shape, const void* weight, const void* mean, const void* gain,
+                                 double ratio, double eps, bool exact, void* out, void* stats, cudaStream_t stream) {
+  using acc_t = acc_type<scalar_t>;
+  const int team = team_size(shape);
+  ForwardArgs<scalar_t> args{};
+  args.geometry = row_geometry(shape, team);
+  args.weight = static_cast<const scalar_t*>(weight);
+  args.mean = static_cast<const acc_t*>(mean);
+  args.gain = static_cast<const acc_t*>(gain);
+  args.out = static_cast<scalar_t*>(out);
+  args.stats = static_cast<acc_t*>(stats);
+  args.ratio = static_cast<acc_t>(ratio);
+  args.eps = static_cast<acc_t>(eps);
+  args.exact = exact;
+  const int64_t blocks = team_blocks(shape, team);
+  if (!fits_grid(blocks)) return cudaErrorInvalidConfiguration;
+  if (team == kWarpSize) {
+    equinorm_weight_kernel<scalar_t, kWarpSize><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(args);
+  } else {
+    equinorm_weight_kernel<scalar_t, kThreads><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(args);
+  }
+  return cudaGetLastError();
+}
+
+template <typename scalar_t>
+cudaError_t launch_backward_typed(const WeightShape& shape, const void* grad_out, const void* weight,
+                                  const void* mean, const void* gain, const void* stats, void* grad_weight,
+                                  void* grad_mean, void* grad_gain, void* workspace, cudaStream_t stream) {
+  using acc_t = acc_type<scalar_t>;
+  const int team = team_size(shape);
+  BackwardArgs<scalar_t> args{};
+  args.geometry = row_geometry(shape, team);
+  args.grad = static_cast<const scalar_t*>(grad_out);
+  args.weight = static_cast<const scalar_t*>(weight);
+  args.mean = static_cast<const acc_t*>(mean);
+  args.gain = static_cast<const acc_t*>(gain);
+  args.stats = static_cast<const acc_t*>(stats);
+  args.grad_weight = static_cast<scalar_t*>(grad_weight);
+  args.grad_gain = static_cast<acc_t*>(grad_gain);
+  args.mean_terms = static_cast<acc_t*>(workspace);
+  const int64_t blocks = team_blocks(shape, team);
+  const int64_t channels = shape.group_channels * shape.groups;
+  const int64_t reduce_blocks = ceil_div(channels, kReduceColumns);
+  if (!fits_grid(blocks) || !fits_grid(reduce_blocks)) return cudaErrorInvalidConfiguration;
+  if (team == kWarpSize) {
+    equinorm_backward_kernel<scalar_t, kWarpSize><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(args);
+  } else {
+    equinorm_backward_kernel<scalar_t, kThreads><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(args);
+  }
+  const cudaError_t status = cudaGetLastError();
+  if (status != cudaSuccess) return status;
+  sum_mean_terms_kernel<acc_t><<<static_cast<unsigned int>(reduce_blocks), kReduceThreads, 0, stream>>>(
+      args.mean_terms, shape.group_channels, shape.out_channels / shape.groups, channels,
+      static_cast<acc_t*>(grad_mean));
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_equinorm_weight(const WeightShape& shape, ElementType type, const void* weight, const void* mean,
+                                   const void* gain, double ratio, double eps, bool exact, void* out, void* stats,
+                                   cudaStream_t stream) {
+  if (!valid_shape(shape) || weight == nullptr || mean == nullptr || gain == nullptr || out == nullptr ||
+      stats == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  return visit_element_type(type, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    return launch_forward_typed<scalar_t>(shape, weight, mean, gain, ratio, eps, exact, out, stats, stream);
+  });
+}
+
+size_t equinorm_backward_workspace_bytes(const WeightShape& shape, ElementType type) {
+  if (!valid_shape(shape)) return 0;
+  return static_cast<size_t>(shape.out_channels * shape.group_channels) * accumulation_size(type);
+}
+
+cudaError_t launch_equinorm_backward(const WeightShape& shape, ElementType type, const void* grad_out,
+                                     const void* weight, const void* mean, const void* gain, const void* stats,
+                                     void* grad_weight, void* grad_mean, void* grad_gain, void* workspace,
+                                     size_t workspace_bytes, cudaStream_t stream) {
+  if (!valid_shape(shape) || grad_out == nullptr || weight == nullptr || mean == nullptr || gain == nullptr ||
+      stats == nullptr || grad_weight == nullptr || grad_mean == nullptr || grad_gain == nullptr ||
+      workspace == nullptr || workspace_bytes < equinorm_backward_workspace_bytes(shape, type)) {
+    return cudaErrorInvalidValue;
+  }
+  return visit_element_type(type, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    return launch_backward_typed<scalar_t>(shape, grad_out, weight, mean, gain, stats, grad_weight, grad_mean,
+                                           grad_gain, workspace, stream);
+  });
+}
+
+}  // namespace cuda
+}  // namespace equinorm

@@ -1,0 +1,654 @@
+"""The benchmark cases and the providers that run them.
+
+A :class:`Case` is one measurement setting (a family, such as the channel statistics, and one
+shape). ``case.build(context)`` allocates its tensors on the context's device and returns one
+factory per provider; a factory returns a :class:`Provider` whose ``run`` is the timed call.
+Providers of one case compute the same thing unless they are marked not comparable (the plain
+convolution and norm-layer baselines), so the runner checks them against the reference before
+timing them.
+
+Providers:
+    <backend>            every fused backend for the device (available_backends minus "reference")
+    reference            the pure-PyTorch reference, eager (backend="reference")
+    reference_compiled   torch.compile of the reference, compiled once per case (static shapes)
+    conv2d, conv2d_batchnorm, conv2d_groupnorm, stdconv2d    whole-layer baselines
+    torch_sum            the plain read that sets the bandwidth ceiling
+
+Bytes moved (for GB/s) are the least traffic the operation needs, defined per family in
+:data:`FAMILIES`; 4 bytes per fp32 element.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable, Collection, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .. import functional
+from ..enorm import ENorm
+from ..layers import EquiNormConv2d
+from ..reference import equinorm as reference_math
+from .networks import ImageNetResNet18, StdConv2d, parameter_count, residual_mlp
+
+REFERENCE = "reference"
+COMPILED_REFERENCE = "reference_compiled"
+READ = "torch_sum"
+BASELINES = ("conv2d", "conv2d_batchnorm", "conv2d_groupnorm", "stdconv2d")
+MAX_GROUP_NORM_GROUPS = 32
+FLOAT32_BYTES = 4
+MIB = 2**20
+
+FAMILIES: dict[str, str] = {
+    "read_ceiling": "plain read, torch.sum of a large fp32 tensor: the bandwidth ceiling (bytes: the tensor)",
+    "channel_mean": "channel statistics alone, channel_mean(x) (bytes: x read once)",
+    "weight_forward": "weight transform forward, equinorm_weight(w, mean, gain=g) (bytes: w read, w'' written)",
+    "weight_backward": "weight transform backward alone, grads of w, mean, gain (bytes: dL/dw'' and w read, dL/dw written)",
+    "weight_forward_backward": "weight transform forward + backward (bytes: both of the above)",
+    "stats_weight_forward_backward": "statistics + weight transform, equinorm_forward(x, w, gain=g), forward + "
+    "backward of sum(w'' * G) into x, w and gain (bytes: x read once + weight forward + backward)",
+    "layer_train": "whole-layer training step: y = layer(x), grads of sum(y * G) into x and every parameter",
+    "layer_eval": "whole-layer eval forward under no_grad (EquiNorm: weight from the running mean)",
+    "enorm_cycle": "one ENorm cycle (sequential schedule, p = 2) in place (bytes: parameters read and written once)",
+    "enorm_balance": "ENorm cycles until max |d - 1| <= tol, from the same initial weights every repetition",
+}
+
+# The op options every EquiNorm case uses: a stride-1 "same" conv (ratio 1), the default mode.
+RATIO = 1.0
+MODE = "single_pass"
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """A convolution of a ResNet: channels in and out, input size (square), kernel (square)."""
+
+    in_channels: int
+    out_channels: int
+    size: int
+    kernel: int
+
+    @property
+    def label(self) -> str:
+        channels = f"{self.in_channels}ch" if self.in_channels == self.out_channels else f"{self.in_channels}->{self.out_channels}"
+        return f"{channels} {self.size}x{self.size} {self.kernel}x{self.kernel}"
+
+    def weight_shape(self) -> tuple[int, int, int, int]:
+        return (self.out_channels, self.in_channels, self.kernel, self.kernel)
+
+    def input_shape(self, batch: int) -> tuple[int, int, int, int]:
+        return (batch, self.in_channels, self.size, self.size)
+
+    def weight_numel(self) -> int:
+        return math.prod(self.weight_shape())
+
+
+# ResNet-18/50 convolutions at 224x224 input.
+RESNET_LAYER_SHAPES = (
+    LayerShape(64, 64, 56, 3),
+    LayerShape(128, 128, 28, 3),
+    LayerShape(256, 256, 14, 3),
+    LayerShape(512, 2048, 7, 1),
+    LayerShape(512, 512, 7, 3),
+)
+BATCH_SIZES = (1, 8, 32, 128)
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """Where and how a case builds its providers."""
+
+    device: torch.device
+    fused_backends: tuple[str, ...]
+    compile_reference: bool = True
+    compile_backend: str = "inductor"
+    channels_last: bool = False
+    seed: int = 0
+
+
+@dataclass
+class Provider:
+    """One way to run a case.
+
+    Attributes:
+        run: the timed call; returns what ``outputs`` turns into the tensors compared across providers.
+        outputs: the tensors to compare with the reference's, from what ``run`` returned.
+        restore: puts the state ``run`` changes back to where it started (untimed).
+        restore_every_run: time every call right after a restore (else ``restore`` only serves the check).
+        comparable: computes the same thing as the reference.
+        details: facts about a run worth reporting (e.g. ENorm cycles), from what ``run`` returned.
+    """
+
+    run: Callable[[], object]
+    outputs: Callable[[object], tuple[torch.Tensor, ...]] = field(default=lambda value: _as_tensors(value))
+    restore: Callable[[], None] | None = None
+    restore_every_run: bool = False
+    comparable: bool = True
+    details: Callable[[object], dict[str, object]] | None = None
+
+
+ProviderFactory = Callable[[], Provider]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A performance goal stated for one case."""
+
+    description: str
+    min_speedup_over_reference: float | None = None
+    min_speedup_over_compiled: float | None = None
+    min_fraction_of_read_ceiling: float | None = None
+
+
+# Which providers a case has: see Case.provider_names.
+READ_PROVIDERS, EQUINORM_PROVIDERS, LAYER_PROVIDERS, ENORM_PROVIDERS = "read", "equinorm", "layer", "enorm"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark setting; ``build(context)`` returns the provider factories in display order."""
+
+    family: str
+    label: str
+    params: Mapping[str, object]
+    build: Callable[[BuildContext], dict[str, ProviderFactory]]
+    bytes_moved: int | None = None
+    target: Target | None = None
+    provider_set: str = EQUINORM_PROVIDERS
+
+    @property
+    def id(self) -> str:
+        return f"{self.family}/{self.label}"
+
+    def provider_names(self, context: BuildContext) -> tuple[str, ...]:
+        """The providers ``build(context)`` returns, known without allocating anything."""
+        if self.provider_set == READ_PROVIDERS:
+            return (READ,)
+        names = [*context.fused_backends, REFERENCE]
+        if self.provider_set != ENORM_PROVIDERS and context.compile_reference:
+            names.append(COMPILED_REFERENCE)
+        if self.provider_set == LAYER_PROVIDERS:
+            names += BASELINES
+        return tuple(names)
+
+
+def _as_tensors(value: object) -> tuple[torch.Tensor, ...]:
+    if isinstance(value, torch.Tensor):
+        return (value,)
+    if isinstance(value, (tuple, list)):
+        return tuple(item for item in value if isinstance(item, torch.Tensor))
+    return ()
+
+
+# ---- the reference functions torch.compile sees (plain functions of tensors, no argument checks) ----
+
+def reference_channel_mean(x: torch.Tensor) -> torch.Tensor:
+    return reference_math.channel_mean_unchecked(x, 1.0)
+
+
+def reference_weight(weight: torch.Tensor, mean: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+    return reference_math.equinorm_weight_unchecked(weight, mean, RATIO, 1, MODE, gain, 1e-5)
+
+
+def reference_statistics_and_weight(x: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = reference_channel_mean(x)
+    return reference_weight(weight, mean, gain), mean
+
+
+def compile_fresh(function: Callable, context: BuildContext) -> Callable:
+    """torch.compile of ``function`` for this case alone: static shapes, caches of earlier cases dropped
+    (so a case never runs a graph specialised for another, nor hits the recompile limit)."""
+    torch._dynamo.reset()
+    return torch.compile(function, backend=context.compile_backend, dynamic=False)
+
+
+# ---- tensors ----------------------------------------------------------------------------------
+
+def _seed(context: BuildContext) -> None:
+    """Every case draws its tensors from the same seed, so reruns time the same data."""
+    torch.manual_seed(context.seed)
+
+
+def _memory_format(tensor: torch.Tensor, context: BuildContext) -> torch.Tensor:
+    if context.channels_last and tensor.dim() == 4:
+        return tensor.contiguous(memory_format=torch.channels_last)
+    return tensor
+
+
+def activation(shape: Sequence[int], context: BuildContext, requires_grad: bool = False) -> torch.Tensor:
+    """Non-negative input, as a ReLU output: uniform in [0, 1)."""
+    x = _memory_format(torch.rand(*shape, device=context.device), context)
+    return x.requires_grad_(requires_grad)
+
+
+def conv_weight(shape: LayerShape, context: BuildContext, requires_grad: bool = False) -> torch.Tensor:
+    fan_in = shape.in_channels * shape.kernel**2
+    weight = torch.randn(*shape.weight_shape(), device=context.device) * math.sqrt(2.0 / fan_in)
+    return _memory_format(weight, context).requires_grad_(requires_grad)
+
+
+def channel_means(channels: int, context: BuildContext, requires_grad: bool = False) -> torch.Tensor:
+    return (torch.rand(channels, device=context.device) + 0.05).requires_grad_(requires_grad)
+
+
+def gains(channels: int, context: BuildContext, requires_grad: bool = False) -> torch.Tensor:
+    return (1.0 + 0.1 * torch.randn(channels, device=context.device)).requires_grad_(requires_grad)
+
+
+# ---- provider sets --------------------------------------------------------------------------------
+
+def equinorm_providers(
+    context: BuildContext,
+    public_run: Callable[[str], Provider],
+    compiled_run: Callable[[], Provider],
+) -> dict[str, ProviderFactory]:
+    """Every fused backend and the eager reference through the public API, then the compiled reference."""
+    factories: dict[str, ProviderFactory] = {name: partial(public_run, name) for name in context.fused_backends}
+    factories[REFERENCE] = partial(public_run, REFERENCE)
+    if context.compile_reference:
+        factories[COMPILED_REFERENCE] = compiled_run
+    return factories
+
+
+# ---- read ceiling -------------------------------------------------------------------------------
+
+def read_ceiling_case(mebibytes: int) -> Case:
+    numel = mebibytes * MIB // FLOAT32_BYTES
+    return Case(
+        family="read_ceiling",
+        label=f"{mebibytes} MiB",
+        params={"numel": numel, "dtype": "float32", "op": "torch.sum(x)"},
+        build=partial(_build_read_ceiling, numel),
+        bytes_moved=numel * FLOAT32_BYTES,
+        provider_set=READ_PROVIDERS,
+    )
+
+
+def _build_read_ceiling(numel: int, context: BuildContext) -> dict[str, ProviderFactory]:
+    x = torch.rand(numel, device=context.device)
+    return {READ: lambda: Provider(run=partial(torch.sum, x), comparable=False)}
+
+
+# ---- channel statistics -----------------------------------------------------------------------
+
+def channel_mean_case(shape: Sequence[int], target: Target | None = None) -> Case:
+    numel = math.prod(shape)
+    size = numel * FLOAT32_BYTES
+    batch, channels, height, width = shape
+    return Case(
+        family="channel_mean",
+        label=f"N{batch} {channels}ch {height}x{width} ({size / MIB:.1f} MiB)",
+        params={"input_shape": list(shape), "dtype": "float32", "mebibytes": size / MIB},
+        build=partial(_build_channel_mean, tuple(shape)),
+        bytes_moved=size,
+        target=target,
+    )
+
+
+def _build_channel_mean(shape: tuple[int, ...], context: BuildContext) -> dict[str, ProviderFactory]:
+    _seed(context)
+    x = activation(shape, context)
+
+    def public(backend: str) -> Provider:
+        return Provider(run=partial(functional.channel_mean, x, backend=backend))
+
+    def compiled() -> Provider:
+        return Provider(run=partial(compile_fresh(reference_channel_mean, context), x))
+
+    return equinorm_providers(context, public, compiled)
+
+
+# ---- weight transform ---------------------------------------------------------------------------
+
+WEIGHT_FAMILIES = ("weight_forward", "weight_backward", "weight_forward_backward")
+_WEIGHT_TRAFFIC = {"weight_forward": 2, "weight_backward": 3, "weight_forward_backward": 5}  # weight-sized passes
+
+
+def weight_case(family: str, shape: LayerShape) -> Case:
+    if family not in WEIGHT_FAMILIES:
+        raise ValueError(f"family must be one of {WEIGHT_FAMILIES}, got {family!r}")
+    weight_label = "x".join(map(str, shape.weight_shape()))
+    return Case(
+        family=family,
+        label=f"{shape.label} (w {weight_label})",
+        params={"weight_shape": list(shape.weight_shape()), "ratio": RATIO, "mode": MODE, "gain": True},
+        build=partial(_build_weight, family, shape),
+        bytes_moved=_WEIGHT_TRAFFIC[family] * shape.weight_numel() * FLOAT32_BYTES,
+    )
+
+
+def _build_weight(family: str, shape: LayerShape, context: BuildContext) -> dict[str, ProviderFactory]:
+    _seed(context)
+    needs_grad = family != "weight_forward"
+    weight = conv_weight(shape, context, needs_grad)
+    mean = channel_means(shape.in_channels, context, needs_grad)
+    gain = gains(shape.out_channels, context, needs_grad)
+    grad_out = torch.randn_like(weight)
+    inputs = (weight, mean, gain)
+
+    def public(backend: str) -> Provider:
+        return _weight_provider(family, partial(_public_weight, backend=backend), inputs, grad_out)
+
+    def compiled() -> Provider:
+        compiled_function = compile_fresh(reference_weight, context)
+        if family != "weight_backward":
+            return _weight_provider(family, compiled_function, inputs, grad_out)
+        # The backward-alone case reuses one graph (retain_graph), which compiled backwards with
+        # donated buffers refuse; the option is read when the first call compiles.
+        with torch._functorch.config.patch(donated_buffer=False):
+            return _weight_provider(family, compiled_function, inputs, grad_out)
+
+    return equinorm_providers(context, public, compiled)
+
+
+def _public_weight(weight: torch.Tensor, mean: torch.Tensor, gain: torch.Tensor, *, backend: str) -> torch.Tensor:
+    return functional.equinorm_weight(weight, mean, ratio=RATIO, mode=MODE, gain=gain, backend=backend)
+
+
+def _weight_provider(
+    family: str, function: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], grad_out: torch.Tensor
+) -> Provider:
+    if family == "weight_forward":
+        return Provider(run=partial(function, *inputs))
+    if family == "weight_backward":
+        out = function(*inputs)  # the forward is built once; only the backward is timed
+        return Provider(run=partial(torch.autograd.grad, out, inputs, grad_out, retain_graph=True))
+    return Provider(run=partial(_forward_backward, function, inputs, inputs, grad_out))
+
+
+def _forward_backward(
+    function: Callable[..., object],
+    arguments: tuple[torch.Tensor, ...],
+    differentiated: tuple[torch.Tensor, ...],
+    grad_out: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """Run ``function``, then backpropagate sum(out * grad_out) (out: its first result) into ``differentiated``."""
+    result = function(*arguments)
+    results = result if isinstance(result, tuple) else (result,)
+    grads = torch.autograd.grad(results[0], differentiated, grad_out)
+    return (*results, *grads)
+
+
+# ---- statistics + weight transform ------------------------------------------------------------------
+
+def stats_weight_case(shape: LayerShape, batch: int, target: Target | None = None) -> Case:
+    x_bytes = math.prod(shape.input_shape(batch)) * FLOAT32_BYTES
+    weight_bytes = shape.weight_numel() * FLOAT32_BYTES
+    return Case(
+        family="stats_weight_forward_backward",
+        label=f"N{batch} {shape.label}",
+        params={"input_shape": list(shape.input_shape(batch)), "weight_shape": list(shape.weight_shape()),
+                "ratio": RATIO, "mode": MODE, "gain": True},
+        build=partial(_build_stats_weight, shape, batch),
+        bytes_moved=x_bytes + _WEIGHT_TRAFFIC["weight_forward_backward"] * weight_bytes,
+        target=target,
+    )
+
+
+def _build_stats_weight(shape: LayerShape, batch: int, context: BuildContext) -> dict[str, ProviderFactory]:
+    _seed(context)
+    x = activation(shape.input_shape(batch), context, requires_grad=True)
+    weight = conv_weight(shape, context, requires_grad=True)
+    gain = gains(shape.out_channels, context, requires_grad=True)
+    grad_out = torch.randn_like(weight)
+    inputs = (x, weight, gain)
+
+    def public(backend: str) -> Provider:
+        function = partial(_public_stats_weight, backend=backend)
+        return Provider(run=partial(_forward_backward, function, inputs, inputs, grad_out))
+
+    def compiled() -> Provider:
+        function = compile_fresh(reference_statistics_and_weight, context)
+        return Provider(run=partial(_forward_backward, function, inputs, inputs, grad_out))
+
+    return equinorm_providers(context, public, compiled)
+
+
+def _public_stats_weight(x: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor, *, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return functional.equinorm_forward(x, weight, ratio=RATIO, mode=MODE, gain=gain, backend=backend)
+
+
+# ---- whole layers ---------------------------------------------------------------------------------
+
+def group_norm_groups(channels: int) -> int:
+    """The largest group count <= 32 that divides ``channels``."""
+    return next(g for g in range(min(MAX_GROUP_NORM_GROUPS, channels), 0, -1) if channels % g == 0)
+
+
+def layer_case(shape: LayerShape, batch: int, train: bool) -> Case:
+    return Case(
+        family="layer_train" if train else "layer_eval",
+        label=f"N{batch} {shape.label}",
+        params={"input_shape": list(shape.input_shape(batch)), "weight_shape": list(shape.weight_shape()),
+                "padding": shape.kernel // 2, "group_norm_groups": group_norm_groups(shape.out_channels)},
+        build=partial(_build_layer, shape, batch, train),
+        provider_set=LAYER_PROVIDERS,
+    )
+
+
+def _baseline_layers(shape: LayerShape) -> dict[str, Callable[[], nn.Module]]:
+    conv = partial(nn.Conv2d, shape.in_channels, shape.out_channels, shape.kernel, padding=shape.kernel // 2)
+    return {
+        "conv2d": conv,
+        "conv2d_batchnorm": lambda: nn.Sequential(conv(bias=False), nn.BatchNorm2d(shape.out_channels)),
+        "conv2d_groupnorm": lambda: nn.Sequential(
+            conv(bias=False), nn.GroupNorm(group_norm_groups(shape.out_channels), shape.out_channels)
+        ),
+        "stdconv2d": partial(StdConv2d, shape.in_channels, shape.out_channels, shape.kernel, padding=shape.kernel // 2),
+    }
+
+
+def _build_layer(shape: LayerShape, batch: int, train: bool, context: BuildContext) -> dict[str, ProviderFactory]:
+    _seed(context)
+    x = activation(shape.input_shape(batch), context, requires_grad=train)
+    output_shape = (batch, shape.out_channels, shape.size, shape.size)
+    grad_out = _memory_format(torch.randn(*output_shape, device=context.device), context) if train else None
+    layer = EquiNormConv2d(shape.in_channels, shape.out_channels, shape.kernel, padding=shape.kernel // 2,
+                           backend=REFERENCE, device=context.device)  # fmt: skip
+    with torch.no_grad():  # eval mode reads the running mean: make it the input's, as after training
+        layer.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+    prepare = partial(_prepared_module, context=context, train=train)
+    run = partial(_layer_run, x=x, grad_out=grad_out)
+
+    def equinorm(backend: str) -> Provider:
+        module = copy.deepcopy(layer)
+        module.backend = backend
+        return Provider(run=run(prepare(module)))
+
+    def compiled() -> Provider:
+        return Provider(run=run(compile_fresh(prepare(copy.deepcopy(layer)), context)))
+
+    factories = equinorm_providers(context, equinorm, compiled)
+    for name, make in _baseline_layers(shape).items():
+        factories[name] = partial(_baseline_provider, make, prepare, run)
+    return factories
+
+
+def _baseline_provider(
+    make: Callable[[], nn.Module], prepare: Callable[[nn.Module], nn.Module], run: Callable[[nn.Module], Callable]
+) -> Provider:
+    return Provider(run=run(prepare(make())), comparable=False)
+
+
+def _prepared_module(module: nn.Module, *, context: BuildContext, train: bool) -> nn.Module:
+    module = module.to(context.device).train(train)
+    return module.to(memory_format=torch.channels_last) if context.channels_last else module
+
+
+def _layer_run(module: Callable[[torch.Tensor], torch.Tensor], *, x: torch.Tensor, grad_out: torch.Tensor | None) -> Callable[[], tuple]:
+    """The timed call: forward under no_grad (eval), or forward and grads into x and every parameter (train)."""
+    if grad_out is None:
+        return partial(_eval_forward, module, x)
+    parameters = tuple(module.parameters())
+    return partial(_forward_backward, module, (x,), (x, *parameters), grad_out)
+
+
+@torch.no_grad()
+def _eval_forward(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return module(x)
+
+
+# ---- ENorm ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Network:
+    """A network ENorm rescales: a name for the tables and how to build it."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    description: str
+
+
+def mlp_network(in_features: int = 784, hidden: int = 512, blocks: int = 4) -> Network:
+    return Network(f"mlp {hidden}x{blocks}", partial(residual_mlp, in_features, hidden, blocks),
+                   f"residual MLP, {in_features} inputs, {blocks} blocks of two {hidden}-wide Linears, no norm")  # fmt: skip
+
+
+def resnet18_network(width: int = 64) -> Network:
+    name = "resnet18" if width == 64 else f"resnet18 width {width}"
+    return Network(name, partial(ImageNetResNet18, width), f"ImageNet ResNet-18 layout, base width {width}, no norm layers")
+
+
+def enorm_case(network: Network, *, balance: bool, tol: float = 1e-3, max_cycles: int = 1000,
+               target: Target | None = None) -> Case:  # fmt: skip
+    with torch.device("meta"):  # only the parameter count is needed here: no memory, no initialisation
+        parameters = parameter_count(network.build())
+    params = {"network": network.description, "parameters": parameters, "p": 2.0, "c": 1.0,
+              "schedule": "sequential", "optimizer": None}  # fmt: skip
+    if balance:
+        params.update(tol=tol, max_cycles=max_cycles)
+    bytes_moved = None if balance else 2 * parameters * FLOAT32_BYTES
+    return Case(
+        family="enorm_balance" if balance else "enorm_cycle",
+        label=network.name,
+        params=params,
+        build=partial(_build_enorm, network, balance, tol, max_cycles),
+        bytes_moved=bytes_moved,
+        target=target,
+        provider_set=ENORM_PROVIDERS,
+    )
+
+
+def _build_enorm(network: Network, balance: bool, tol: float, max_cycles: int, context: BuildContext) -> dict[str, ProviderFactory]:
+    _seed(context)
+    model = network.build().to(context.device)
+    initial = [parameter.detach().clone() for parameter in model.parameters()]
+
+    def provider(backend: str) -> Provider:
+        copied = copy.deepcopy(model)
+        normalizer = ENorm(copied, backend=backend)
+        parameters = list(copied.parameters())
+        run = partial(_balance, normalizer, tol, max_cycles) if balance else normalizer.step
+        return Provider(
+            run=run,
+            outputs=lambda _: tuple(parameter.detach() for parameter in parameters),
+            restore=partial(_copy_into, parameters, initial),
+            restore_every_run=balance,
+            details=(lambda cycles: {"cycles": cycles, "converged": cycles < max_cycles}) if balance else None,
+        )
+
+    factories: dict[str, ProviderFactory] = {name: partial(provider, name) for name in context.fused_backends}
+    factories[REFERENCE] = partial(provider, REFERENCE)
+    return factories
+
+
+def _balance(normalizer: ENorm, tol: float, max_cycles: int) -> int:
+    with warnings.catch_warnings():  # not converging is reported through the cycle count
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return normalizer.balance(tol, max_cycles)
+
+
+@torch.no_grad()
+def _copy_into(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
+    for target, source in zip(targets, sources):
+        target.copy_(source)
+
+
+# ---- the case lists ---------------------------------------------------------------------------------
+
+STATS_WEIGHT_TARGET = Target("fused >= 5x the reference eager and >= 2x torch.compile of the reference",
+                             min_speedup_over_reference=5.0, min_speedup_over_compiled=2.0)  # fmt: skip
+BANDWIDTH_TARGET = Target("fused >= 80% of the read-bandwidth ceiling", min_fraction_of_read_ceiling=0.8)
+ENORM_CYCLE_TARGET = Target("fused >= 20x the reference loop", min_speedup_over_reference=20.0)
+# The statistics + weight transform settings the CPU targets are stated for.
+STATS_WEIGHT_TARGETS = (
+    (RESNET_LAYER_SHAPES[1], 8),
+    (RESNET_LAYER_SHAPES[2], 8),
+    (RESNET_LAYER_SHAPES[3], 8),
+    (RESNET_LAYER_SHAPES[0], 32),
+)
+BANDWIDTH_TARGET_MIN_BYTES = 64 * MIB
+LARGE_STATISTICS_INPUTS = ((32, 128, 64, 64), (128, 128, 64, 64))  # 64 MiB, 256 MiB
+READ_CEILING_MIB = 256
+PRESETS = ("tiny", "quick", "full")
+
+
+def _channel_mean_with_target(shape: Sequence[int], min_bytes: int = BANDWIDTH_TARGET_MIN_BYTES) -> Case:
+    big_enough = math.prod(shape) * FLOAT32_BYTES >= min_bytes
+    return channel_mean_case(shape, BANDWIDTH_TARGET if big_enough else None)
+
+
+def _stats_weight_with_target(shape: LayerShape, batch: int) -> Case:
+    return stats_weight_case(shape, batch, STATS_WEIGHT_TARGET if (shape, batch) in STATS_WEIGHT_TARGETS else None)
+
+
+def full_cases() -> list[Case]:
+    """Every family at the ResNet layer shapes and batch sizes 1, 8, 32, 128."""
+    shapes, batches = RESNET_LAYER_SHAPES, BATCH_SIZES
+    cases = [read_ceiling_case(READ_CEILING_MIB)]
+    cases += [_channel_mean_with_target(s.input_shape(b)) for s in shapes for b in batches]
+    cases += [_channel_mean_with_target(shape) for shape in LARGE_STATISTICS_INPUTS]
+    cases += [weight_case(family, shape) for family in WEIGHT_FAMILIES for shape in shapes]
+    cases += [_stats_weight_with_target(s, b) for s in shapes for b in batches]
+    cases += [layer_case(s, b, train) for train in (True, False) for s in shapes for b in batches]
+    networks = (mlp_network(), resnet18_network())
+    cases += [enorm_case(n, balance=False, target=_enorm_target(n)) for n in networks]
+    cases += [enorm_case(n, balance=True, tol=1e-3) for n in networks]
+    return cases
+
+
+def quick_cases() -> list[Case]:
+    """Every target case, and every family at a few sizes (batch 8, two layer shapes)."""
+    layer_shapes = (RESNET_LAYER_SHAPES[1], RESNET_LAYER_SHAPES[3])
+    cases = [read_ceiling_case(READ_CEILING_MIB)]
+    cases += [_channel_mean_with_target(RESNET_LAYER_SHAPES[0].input_shape(32))]
+    cases += [_channel_mean_with_target(shape) for shape in LARGE_STATISTICS_INPUTS]
+    cases += [weight_case(family, RESNET_LAYER_SHAPES[2]) for family in WEIGHT_FAMILIES]
+    cases += [stats_weight_case(shape, batch, STATS_WEIGHT_TARGET) for shape, batch in STATS_WEIGHT_TARGETS]
+    cases += [layer_case(s, 8, train) for train in (True, False) for s in layer_shapes]
+    cases += [enorm_case(n, balance=False, target=_enorm_target(n)) for n in (mlp_network(), resnet18_network())]
+    cases += [enorm_case(mlp_network(hidden=256, blocks=2), balance=True, tol=1e-2)]
+    return cases
+
+
+def tiny_cases() -> list[Case]:
+    """Every family at sizes that run in milliseconds (smoke tests); targets kept to exercise the report."""
+    shapes = (LayerShape(4, 6, 5, 3), LayerShape(8, 16, 3, 1))
+    cases = [read_ceiling_case(1)]
+    cases += [_channel_mean_with_target((2, 4, 5, 5), min_bytes=0)]
+    cases += [weight_case(family, shape) for family in WEIGHT_FAMILIES for shape in shapes]
+    cases += [stats_weight_case(shape, 2, STATS_WEIGHT_TARGET) for shape in shapes]
+    cases += [layer_case(LayerShape(8, 8, 6, 3), 2, train) for train in (True, False)]
+    networks = (mlp_network(in_features=12, hidden=8, blocks=1), resnet18_network(width=2))
+    cases += [enorm_case(n, balance=False, target=ENORM_CYCLE_TARGET) for n in networks]
+    cases += [enorm_case(n, balance=True, tol=1e-3, max_cycles=50) for n in networks]
+    return cases
+
+
+def _enorm_target(network: Network) -> Target | None:
+    return ENORM_CYCLE_TARGET if network.name == "resnet18" else None
+
+
+def cases_for(preset: str, families: Collection[str] | None = None) -> list[Case]:
+    """The cases of ``preset`` ("tiny", "quick" or "full"), only those of ``families`` when given."""
+    builders = {"tiny": tiny_cases, "quick": quick_cases, "full": full_cases}
+    if preset not in builders:
+        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+    unknown = set(families or ()) - set(FAMILIES)
+    if unknown:
+        raise ValueError(f"unknown families {sorted(unknown)}; known: {list(FAMILIES)}")
+    cases = builders[preset]()
+    return [case for case in cases if families is None or case.family in families]

@@ -1,0 +1,616 @@
+"""EquiNorm in Triton: channel statistics, the weight transform and its backward.
+
+The ops have the signatures of csrc/ops.cpp under the prefix ``triton_`` and the semantics of the
+CPU kernels (csrc/cpu/channel_mean.cpp, csrc/cpu/equinorm.cpp; formulas in
+csrc/shared/equinorm_math.h, specification in :mod:`equinorm_kernels.reference.equinorm`):
+
+    triton_channel_mean(x, rows) -> mean
+    triton_equinorm_weight(weight, mean, gain, ratio, groups, mode, eps) -> (out, stats)
+    triton_equinorm_forward(x, rows, weight, gain, ratio, groups, mode, eps) -> (out, mean, stats)
+    triton_equinorm_backward(grad_out, weight, mean, gain, stats, groups) -> (grad_weight, grad_mean, grad_gain)
+
+They are plain, non-differentiable ops; autograd comes from the wrappers in
+:mod:`equinorm_kernels.ops.equinorm`. Shapes and dtypes: x (N, C, *spatial) any float dtype, NCHW or
+channels_last (other strides are copied); weight (D, C/groups, *kernel) contiguous or channels_last
+(stored (t, c) per output channel); mean (C,), gain (D,) and stats (D, 5) in the accumulation dtype
+(float64 for float64 operands, else float32), which every sum uses.
+
+Launches per call:
+    channel_mean      1 (2 when x is large enough to split each channel's sum over several programs)
+    equinorm_weight   1
+    equinorm_forward  2 (3 for a large x): channel sums, [their fixed-order total], weight transform
+    equinorm_backward 2: one program per output channel, then the fixed-order sum over output
+                      channels of each input channel's gradient
+
+No result depends on float atomics or on the launch order of programs: every cross-program sum
+goes through a workspace and is added in a fixed order, so a launch configuration always gives
+bit-identical results (see _runtime.AUTOTUNE_ENV for reproducibility across processes).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._runtime import (
+    accumulation_dtype,
+    autotune,
+    cast_rounded,
+    check,
+    check_device,
+    define_op,
+    on_device,
+    wrap_triton,
+)
+
+STATS_COLUMNS = 5  # shift, scale, positive mass, mean mass, used exact (csrc/shared/equinorm_math.h)
+
+# Channel sums: a program reads at least this many elements of its channel (NCHW) or positions
+# of its channel block (channels_last) before the sum is split over more programs.
+_ELEMENTS_PER_SPLIT = 1 << 14
+_POSITIONS_PER_SPLIT = 1 << 8
+_MAX_SPLITS = 128
+# Largest (channels x taps) tile a weight-row program holds at once.
+_ROW_TILE = 2048
+_MAX_TAP_BLOCK = 64
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry and argument checks (csrc/op_checks.h)
+# ---------------------------------------------------------------------------------------------
+
+def _check_floating(t: torch.Tensor, name: str) -> None:
+    check(
+        t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+        f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}",
+    )
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    return layout is not None and t.is_contiguous(memory_format=layout)
+
+
+def _channel_input(x: torch.Tensor, rows: int) -> tuple[torch.Tensor, bool]:
+    """x in a layout the channel-sum kernels read, and whether that layout is channels_last."""
+    _check_floating(x, "x")
+    check_device(x, "x")
+    check(x.dim() >= 2, f"x must have shape (N, C, *spatial), got {tuple(x.shape)}")
+    check(x.numel() > 0, f"x must not be empty, got shape {tuple(x.shape)}")
+    check(1 <= rows <= x.shape[0], f"rows must be in [1, N = {x.shape[0]}], got {rows}")
+    spatial = x.numel() // (x.shape[0] * x.shape[1])
+    if x.is_contiguous() and spatial > 1:
+        return x, False
+    if _is_channels_last(x) or x.is_contiguous():  # a (N, C) input is channels_last with one position
+        return x, True
+    return x.contiguous(), spatial == 1
+
+
+@dataclass(frozen=True)
+class _WeightGeometry:
+    """A weight (D, C/groups, *kernel) as D rows of C/groups x K values, stored (c, t) or (t, c)."""
+
+    out_channels: int
+    group_channels: int
+    taps: int
+    groups: int
+    channels_last: bool
+    kernel_dims: int  # weight.dim() - 2: picks channels_last or channels_last_3d
+
+    @property
+    def channel_stride(self) -> int:
+        return 1 if self.channels_last else self.taps
+
+    @property
+    def tap_stride(self) -> int:
+        return self.group_channels if self.channels_last else 1
+
+    @property
+    def outputs_per_group(self) -> int:
+        return self.out_channels // self.groups
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        if not self.channels_last:
+            return torch.contiguous_format
+        return torch.channels_last if self.kernel_dims == 2 else torch.channels_last_3d
+
+
+def _weight_input(weight: torch.Tensor, groups: int) -> tuple[torch.Tensor, _WeightGeometry]:
+    _check_floating(weight, "weight")
+    check_device(weight, "weight")
+    check(weight.dim() >= 2, f"weight must have shape (D, C/groups, *kernel), got {tuple(weight.shape)}")
+    check(weight.numel() > 0, "weight must not be empty")
+    check(
+        groups >= 1 and weight.shape[0] % groups == 0,
+        f"groups must be a positive divisor of D = {weight.shape[0]}, got {groups}",
+    )
+    taps = weight.numel() // (weight.shape[0] * weight.shape[1])
+    check(
+        weight.shape[1] * taps >= 2,
+        f"weight needs at least 2 values per output channel, got shape {tuple(weight.shape)}",
+    )
+    channels_last = not weight.is_contiguous() and _is_channels_last(weight)
+    readable = weight if weight.is_contiguous() or channels_last else weight.contiguous()
+    geometry = _WeightGeometry(
+        out_channels=weight.shape[0],
+        group_channels=weight.shape[1],
+        taps=taps,
+        groups=groups,
+        channels_last=channels_last,
+        kernel_dims=weight.dim() - 2,
+    )
+    return readable, geometry
+
+
+def _empty_like_weight(weight: torch.Tensor, geometry: _WeightGeometry, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(weight.shape, dtype=dtype, device=weight.device, memory_format=geometry.memory_format)
+
+
+def _check_per_channel(t: torch.Tensor, name: str, size: int, dtype: torch.dtype, weight: torch.Tensor) -> None:
+    check(t.dim() == 1 and t.shape[0] == size, f"{name} must have shape ({size},), got {tuple(t.shape)}")
+    check(
+        t.dtype == dtype,
+        f"{name} must be {dtype} (the accumulation dtype of weight {weight.dtype}), got {t.dtype}",
+    )
+    check(t.device == weight.device, f"{name} is on {t.device} but weight is on {weight.device}")
+
+
+def _check_mean_and_gain(weight: torch.Tensor, g: _WeightGeometry, mean: torch.Tensor, gain: torch.Tensor) -> None:
+    acc = accumulation_dtype(weight.dtype)
+    _check_per_channel(mean, "mean", g.group_channels * g.groups, acc, weight)
+    _check_per_channel(gain, "gain", g.out_channels, acc, weight)
+
+
+def _check_ratio_and_eps(ratio: float, eps: float) -> None:
+    check(ratio > 0 and math.isfinite(ratio), f"ratio must be a positive finite number, got {ratio}")
+    check(eps > 0 and math.isfinite(eps), f"eps must be a positive finite number, got {eps}")
+
+
+def _parse_exact_mode(mode: str) -> bool:
+    check(mode in ("single_pass", "exact"), f'mode must be "single_pass" or "exact", got "{mode}"')
+    return mode == "exact"
+
+
+def _row_tile(g: _WeightGeometry) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_T): the channels x taps tile a weight-row program loads at once."""
+    block_t = min(triton.next_power_of_2(g.taps), _MAX_TAP_BLOCK)
+    block_c = min(triton.next_power_of_2(g.group_channels), max(1, _ROW_TILE // block_t))
+    return block_c, block_t
+
+
+# Launch configurations, the default first: elements loaded per step (TILE) and warps.
+_CHANNEL_SUM_CONFIGS = [
+    triton.Config({"TILE": tile}, num_warps=warps) for tile, warps in ((2048, 4), (1024, 4), (4096, 8), (2048, 8))
+]
+_ROW_CONFIGS = [triton.Config({}, num_warps=warps) for warps in (4, 2, 8)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Channel means: mu_c = mean of x[:rows] over every dim but 1
+# ---------------------------------------------------------------------------------------------
+
+@autotune(_CHANNEL_SUM_CONFIGS, key=["channels", "spatial", "rows_per_split"])
+@triton.jit
+def _planar_channel_sums_kernel(
+    x_ptr, sums_ptr, rows, channels, spatial, rows_per_split, count: tl.float64,
+    FINAL: tl.constexpr, BLOCK_S: tl.constexpr, TILE: tl.constexpr,
+):
+    """NCHW x: program (c, k) sums channel c over samples [k * rows_per_split, ...) into
+    sums[k, c]; with FINAL (one split) it writes the mean itself."""
+    BLOCK_N: tl.constexpr = TILE // BLOCK_S
+    channel = tl.program_id(0)
+    split = tl.program_id(1)
+    acc_t = sums_ptr.dtype.element_ty
+    first = split * rows_per_split
+    last = tl.minimum(first + rows_per_split, rows)
+    plane = x_ptr + channel.to(tl.int64) * spatial
+    sample_stride = channels.to(tl.int64) * spatial
+    samples = tl.arange(0, BLOCK_N)
+    positions = tl.arange(0, BLOCK_S)
+    acc = tl.full([BLOCK_N, BLOCK_S], 0, acc_t)
+    for n0 in range(first, last, BLOCK_N):
+        n = n0 + samples
+        for s0 in range(0, spatial, BLOCK_S):
+            s = s0 + positions
+            mask = (n < last)[:, None] & (s < spatial)[None, :]
+            values = tl.load(plane + n.to(tl.int64)[:, None] * sample_stride + s[None, :], mask=mask, other=0)
+            acc += values.to(acc_t)
+    total = tl.sum(acc)
+    if FINAL:
+        total = total / tl.full([], count, acc_t)
+    tl.store(sums_ptr + split * channels + channel, total)
+
+
+@autotune(_CHANNEL_SUM_CONFIGS, key=["channels", "positions", "positions_per_split"])
+@triton.jit
+def _channels_last_channel_sums_kernel(
+    x_ptr, sums_ptr, channels, positions, positions_per_split, count: tl.float64,
+    FINAL: tl.constexpr, BLOCK_C: tl.constexpr, TILE: tl.constexpr,
+):
+    """channels_last x, one C-vector per (sample, position): program (b, k) sums channel block b
+    over positions [k * positions_per_split, ...) into sums[k, block]."""
+    BLOCK_P: tl.constexpr = TILE // BLOCK_C
+    split = tl.program_id(1)
+    acc_t = sums_ptr.dtype.element_ty
+    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_mask = cs < channels
+    first = split * positions_per_split
+    last = tl.minimum(first + positions_per_split, positions)
+    offsets = tl.arange(0, BLOCK_P)
+    acc = tl.full([BLOCK_P, BLOCK_C], 0, acc_t)
+    for p0 in range(first, last, BLOCK_P):
+        p = p0 + offsets
+        mask = (p < last)[:, None] & channel_mask[None, :]
+        values = tl.load(x_ptr + p.to(tl.int64)[:, None] * channels + cs[None, :], mask=mask, other=0)
+        acc += values.to(acc_t)
+    total = tl.sum(acc, axis=0)
+    if FINAL:
+        total = total / tl.full([], count, acc_t)
+    tl.store(sums_ptr + split * channels + cs, total, mask=channel_mask)
+
+
+@triton.jit
+def _finish_channel_means_kernel(sums_ptr, mean_ptr, channels, splits, count: tl.float64, BLOCK: tl.constexpr):
+    """mean[c] = (sums[0, c] + sums[1, c] + ...) / count, added in split order."""
+    acc_t = mean_ptr.dtype.element_ty
+    cs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = cs < channels
+    total = tl.full([BLOCK], 0, acc_t)
+    for k in range(splits):
+        total += tl.load(sums_ptr + k * channels + cs, mask=mask, other=0)
+    tl.store(mean_ptr + cs, total / tl.full([], count, acc_t), mask=mask)
+
+
+def _launch_channel_means(
+    x: torch.Tensor, channels_last: bool, rows: int, mean: torch.Tensor, splits: int | None = None
+) -> None:
+    """Writes mean (C,) of x[:rows]; ``splits`` (programs per channel) is for tests only."""
+    channels = x.shape[1]
+    spatial = x.numel() // (x.shape[0] * channels)
+    count = float(rows * spatial)
+    if channels_last:
+        positions = rows * spatial
+        if splits is None:
+            splits = min(_MAX_SPLITS, triton.cdiv(positions, _POSITIONS_PER_SPLIT))
+        per_split = triton.cdiv(positions, splits)
+        splits = triton.cdiv(positions, per_split)
+    else:
+        if splits is None:
+            splits = min(_MAX_SPLITS, rows, triton.cdiv(rows * spatial, _ELEMENTS_PER_SPLIT))
+        per_split = triton.cdiv(rows, min(splits, rows))
+        splits = triton.cdiv(rows, per_split)
+    final = splits == 1
+    sums = mean if final else torch.empty((splits, channels), dtype=mean.dtype, device=mean.device)
+    if channels_last:
+        block_c = min(triton.next_power_of_2(channels), 128)
+        wrap_triton(_channels_last_channel_sums_kernel)[(triton.cdiv(channels, block_c), splits)](
+            x, sums, channels, positions, per_split, count, FINAL=final, BLOCK_C=block_c,
+        )
+    else:
+        block_s = min(triton.next_power_of_2(spatial), 1024)
+        wrap_triton(_planar_channel_sums_kernel)[(channels, splits)](
+            x, sums, rows, channels, spatial, per_split, count, FINAL=final, BLOCK_S=block_s,
+        )
+    if not final:
+        block = min(triton.next_power_of_2(channels), 1024)
+        wrap_triton(_finish_channel_means_kernel)[(triton.cdiv(channels, block),)](
+            sums, mean, channels, splits, count, BLOCK=block,
+        )
+
+
+def _channel_mean(x: torch.Tensor, rows: int) -> torch.Tensor:
+    readable, channels_last = _channel_input(x, rows)
+    mean = torch.empty((x.shape[1],), dtype=accumulation_dtype(x.dtype), device=x.device)
+    _launch_channel_means(readable, channels_last, rows, mean)
+    return mean
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight transform (forward) and its backward: one program per output channel d
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _row_block(c0, t0, group_channels, taps, channel_stride, tap_stride, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Offsets, validity and channel indices of the (BLOCK_C, BLOCK_T) tile at (c0, t0) of a row."""
+    cs = c0 + tl.arange(0, BLOCK_C)
+    ts = t0 + tl.arange(0, BLOCK_T)
+    channel_valid = cs < group_channels
+    valid = channel_valid[:, None] & (ts < taps)[None, :]
+    offsets = cs[:, None] * channel_stride + ts[None, :] * tap_stride
+    return offsets, valid, cs, channel_valid
+
+
+@triton.jit
+def _group_mean_mass(mean, group_channels, tiny, BLOCK_C: tl.constexpr):
+    """M_d: the sum of the group's channel means, clamped away from zero."""
+    acc_t = mean.dtype.element_ty
+    acc = tl.full([BLOCK_C], 0, acc_t)
+    for c0 in range(0, group_channels, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        acc += tl.load(mean + cs, mask=cs < group_channels, other=0)
+    total = tl.sum(acc, axis=0)
+    return tl.where(total > tiny, total, tiny)
+
+
+@triton.jit
+def _exact_positive_mass(row, mean, shift, group_channels, taps, channel_stride, tap_stride,
+                         BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
+    """sum_c mu_c sum_t max(w_dct + shift, 0)."""
+    acc_t = mean.dtype.element_ty
+    acc = tl.full([BLOCK_C, BLOCK_T], 0, acc_t)
+    for c0 in range(0, group_channels, BLOCK_C):
+        for t0 in range(0, taps, BLOCK_T):
+            offsets, valid, cs, channel_valid = _row_block(
+                c0, t0, group_channels, taps, channel_stride, tap_stride, BLOCK_C, BLOCK_T)
+            mu = tl.load(mean + cs, mask=channel_valid, other=0)[:, None]
+            shifted = tl.load(row + offsets, mask=valid, other=0).to(acc_t) + shift
+            acc += tl.where(valid & (shifted > 0), mu * shifted, 0)
+    return tl.sum(acc)
+
+
+@autotune(_ROW_CONFIGS, key=["group_channels", "taps"])
+@triton.jit
+def _equinorm_weight_kernel(
+    weight_ptr, mean_ptr, gain_ptr, out_ptr, stats_ptr,
+    group_channels, taps, outputs_per_group, channel_stride, tap_stride, exact,
+    ratio: tl.float64, eps: tl.float64, tiny: tl.float64,
+    BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """out[d] = gain_d * s_d * (w_d + b_d) and stats[d] = (b_d, s_d, P_d, M_d, used exact).
+
+    Reads the row once for the sums of b_d and the one-pass P_d, once more for the exact P_d
+    when the mode or a one-signed row asks for it, and once to write: all from L1/L2 after the
+    first read."""
+    d = tl.program_id(0).to(tl.int64)
+    acc_t = mean_ptr.dtype.element_ty
+    row_size = group_channels * taps
+    row = weight_ptr + d * row_size
+    mean = mean_ptr + (d // outputs_per_group) * group_channels
+    mean_mass = _group_mean_mass(mean, group_channels, tl.full([], tiny, acc_t), BLOCK_C)
+
+    kernel_acc = tl.full([BLOCK_C, BLOCK_T], 0, acc_t)      # mu_c w       -> sum_c mu_c W_dc
+    positive_acc = tl.full([BLOCK_C, BLOCK_T], 0, acc_t)    # mu_c w [w>0] -> sum_c mu_c p_dc
+    count_acc = tl.full([BLOCK_C, BLOCK_T], 0, acc_t)       # mu_c [w>0]   -> sum_c mu_c n_dc
+    seen_positive = tl.full([BLOCK_C, BLOCK_T], 0, tl.int32)      # [mu_c > 0, w > 0]
+    seen_non_positive = tl.full([BLOCK_C, BLOCK_T], 0, tl.int32)  # [mu_c > 0, w <= 0]
+    for c0 in range(0, group_channels, BLOCK_C):
+        for t0 in range(0, taps, BLOCK_T):
+            offsets, valid, cs, channel_valid = _row_block(
+                c0, t0, group_channels, taps, channel_stride, tap_stride, BLOCK_C, BLOCK_T)
+            mu = tl.load(mean + cs, mask=channel_valid, other=0)[:, None]
+            w = tl.load(row + offsets, mask=valid, other=0).to(acc_t)
+            positive = valid & (w > 0)
+            kernel_acc += mu * w
+            positive_acc += tl.where(positive, mu * w, 0)
+            count_acc += tl.where(positive, mu, 0)
+            seen = valid & (mu > 0)
+            seen_positive += (seen & (w > 0)).to(tl.int32)
+            seen_non_positive += (seen & (w <= 0)).to(tl.int32)
+    kernel_sum = tl.sum(kernel_acc)
+    positive_sum = tl.sum(positive_acc)
+    positive_count = tl.sum(count_acc)
+    shift = -kernel_sum / (taps * mean_mass)
+
+    # The one-pass estimate needs weights of both signs on the inputs it sees; otherwise the exact P_d.
+    one_signed = (tl.sum(seen_positive) == 0) | (tl.sum(seen_non_positive) == 0)
+    use_exact = (exact != 0) | one_signed
+    positive_mass = positive_sum + shift * positive_count
+    if use_exact:
+        positive_mass = _exact_positive_mass(
+            row, mean, shift, group_channels, taps, channel_stride, tap_stride, BLOCK_C, BLOCK_T)
+
+    # A row with no positive mass (|w| = 2 max(w, 0) - w gives the absolute mass) gets scale 0.
+    absolute_mass = 2 * positive_sum - kernel_sum
+    degenerate = positive_mass <= tl.full([], eps, acc_t) * absolute_mass
+    safe_mass = tl.where(degenerate, 1, positive_mass)
+    scale = tl.where(degenerate, 0, tl.full([], ratio, acc_t) / safe_mass)
+
+    factor = tl.load(gain_ptr + d) * scale
+    out = out_ptr + d * row_size
+    out_t = out_ptr.dtype.element_ty
+    for c0 in range(0, group_channels, BLOCK_C):
+        for t0 in range(0, taps, BLOCK_T):
+            offsets, valid, cs, channel_valid = _row_block(
+                c0, t0, group_channels, taps, channel_stride, tap_stride, BLOCK_C, BLOCK_T)
+            w = tl.load(row + offsets, mask=valid, other=0).to(acc_t)
+            tl.store(out + offsets, cast_rounded(factor * (w + shift), out_t), mask=valid)
+
+    stats = stats_ptr + d * 5
+    tl.store(stats + 0, shift)
+    tl.store(stats + 1, scale)
+    tl.store(stats + 2, positive_mass)
+    tl.store(stats + 3, mean_mass)
+    tl.store(stats + 4, tl.where(use_exact, 1, 0).to(acc_t))
+
+
+@autotune(_ROW_CONFIGS, key=["group_channels", "taps"])
+@triton.jit
+def _equinorm_backward_kernel(
+    grad_ptr, weight_ptr, mean_ptr, gain_ptr, stats_ptr, grad_weight_ptr, grad_gain_ptr, mean_terms_ptr,
+    group_channels, taps, outputs_per_group, channel_stride, tap_stride,
+    BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """For output channel d, with G = grad_out[d] and u = w + b_d:
+    grad_weight[d], grad_gain[d] = s_d sum G u, and mean_terms[d, c], its contribution to dL/dmu_c:
+    g_P sum_t [active] u - g_b sum_t u / (K M_d), active = u > 0 (exact P_d) or w > 0 (one-pass)."""
+    d = tl.program_id(0).to(tl.int64)
+    acc_t = mean_ptr.dtype.element_ty
+    row_size = group_channels * taps
+    row = weight_ptr + d * row_size
+    grad = grad_ptr + d * row_size
+    mean = mean_ptr + (d // outputs_per_group) * group_channels
+    stats = stats_ptr + d * 5
+    shift = tl.load(stats + 0)
+    scale = tl.load(stats + 1)
+    positive_mass = tl.load(stats + 2)
+    mean_mass = tl.load(stats + 3)
+    exact = tl.load(stats + 4) != 0
+    gain = tl.load(gain_ptr + d)
+    # Which values count as positive, as a threshold on w: u > 0 (exact) or w > 0 (one-pass).
+    threshold = tl.where(exact, -shift, 0)
+
+    shifted_acc = tl.full([BLOCK_C, BLOCK_T], 0, acc_t)  # G u
+    grad_acc = tl.full([BLOCK_C, BLOCK_T], 0, acc_t)     # G
+    active_acc = tl.full([BLOCK_C, BLOCK_T], 0, acc_t)   # mu_c [active]
+    for c0 in range(0, group_channels, BLOCK_C):
+        for t0 in range(0, taps, BLOCK_T):
+            offsets, valid, cs, channel_valid = _row_block(
+                c0, t0, group_channels, taps, channel_stride, tap_stride, BLOCK_C, BLOCK_T)
+            mu = tl.load(mean + cs, mask=channel_valid, other=0)[:, None]
+            w = tl.load(row + offsets, mask=valid, other=0).to(acc_t)
+            g = tl.load(grad + offsets, mask=valid, other=0).to(acc_t)
+            shifted_acc += g * (w + shift)
+            grad_acc += g
+            active_acc += tl.where(valid & (w > threshold), mu, 0)
+    grad_times_shifted = tl.sum(shifted_acc)
+    grad_sum = tl.sum(grad_acc)
+    active_count = tl.sum(active_acc)
+
+    safe_mass = tl.where(scale == 0, 1, positive_mass)
+    grad_mass = tl.where(scale == 0, 0, -gain * grad_times_shifted * scale / safe_mass)
+    grad_shift = gain * scale * grad_sum + grad_mass * active_count
+    tl.store(grad_gain_ptr + d, scale * grad_times_shifted)
+
+    through_shift = grad_shift / (taps * mean_mass)  # dL/dw gets -through_shift * mu_c
+    out_t = grad_weight_ptr.dtype.element_ty
+    grad_weight = grad_weight_ptr + d * row_size
+    terms = mean_terms_ptr + d * group_channels
+    for c0 in range(0, group_channels, BLOCK_C):
+        term = tl.full([BLOCK_C], 0, acc_t)
+        for t0 in range(0, taps, BLOCK_T):
+            offsets, valid, cs, channel_valid = _row_block(
+                c0, t0, group_channels, taps, channel_stride, tap_stride, BLOCK_C, BLOCK_T)
+            mu = tl.load(mean + cs, mask=channel_valid, other=0)[:, None]
+            w = tl.load(row + offsets, mask=valid, other=0).to(acc_t)
+            g = tl.load(grad + offsets, mask=valid, other=0).to(acc_t)
+            active = valid & (w > threshold)
+            value = gain * scale * g + tl.where(active, grad_mass * mu, 0) - through_shift * mu
+            tl.store(grad_weight + offsets, cast_rounded(value, out_t), mask=valid)
+            u = w + shift
+            contribution = tl.where(active, grad_mass * u, 0) - tl.where(valid, u, 0) * through_shift
+            term += tl.sum(contribution, axis=1)
+        cs = c0 + tl.arange(0, BLOCK_C)
+        tl.store(terms + cs, term, mask=cs < group_channels)
+
+
+@triton.jit
+def _sum_mean_terms_kernel(mean_terms_ptr, grad_mean_ptr, channels, group_channels, outputs_per_group,
+                           BLOCK: tl.constexpr):
+    """grad_mean[j] = sum over the output channels d of j's group, in order, of mean_terms[d, c]."""
+    acc_t = grad_mean_ptr.dtype.element_ty
+    js = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = js < channels
+    group = js // group_channels
+    first = (group * outputs_per_group).to(tl.int64) * group_channels + js % group_channels
+    total = tl.full([BLOCK], 0, acc_t)
+    for k in range(outputs_per_group):
+        total += tl.load(mean_terms_ptr + first + k * group_channels, mask=mask, other=0)
+    tl.store(grad_mean_ptr + js, total, mask=mask)
+
+
+def _launch_weight_transform(weight, g: _WeightGeometry, mean, gain, out, stats, ratio, exact, eps) -> None:
+    block_c, block_t = _row_tile(g)
+    wrap_triton(_equinorm_weight_kernel)[(g.out_channels,)](
+        weight, mean, gain, out, stats,
+        g.group_channels, g.taps, g.outputs_per_group, g.channel_stride, g.tap_stride, int(exact),
+        ratio, eps, torch.finfo(mean.dtype).tiny,
+        BLOCK_C=block_c, BLOCK_T=block_t,
+    )
+
+
+def _weight_transform(weight, mean, gain, ratio, groups, exact, eps):
+    """Checks, allocates and launches the weight transform: (out, stats)."""
+    readable, g = _weight_input(weight, groups)
+    _check_mean_and_gain(weight, g, mean, gain)
+    _check_ratio_and_eps(ratio, eps)
+    out = _empty_like_weight(weight, g, weight.dtype)
+    stats = torch.empty((g.out_channels, STATS_COLUMNS), dtype=mean.dtype, device=weight.device)
+    _launch_weight_transform(readable, g, mean.contiguous(), gain.contiguous(), out, stats, ratio, exact, eps)
+    return out, stats
+
+
+def _weight_backward(grad_out, weight, mean, gain, stats, groups):
+    """Checks, allocates and launches the backward: the row kernel, then the sum over output channels."""
+    readable, g = _weight_input(weight, groups)
+    _check_mean_and_gain(weight, g, mean, gain)
+    acc = accumulation_dtype(weight.dtype)
+    check(
+        stats.dim() == 2 and stats.shape[0] == g.out_channels and stats.shape[1] == STATS_COLUMNS,
+        f"stats must have shape ({g.out_channels}, {STATS_COLUMNS}), got {tuple(stats.shape)}",
+    )
+    check(stats.dtype == acc, f"stats must be {acc}, got {stats.dtype}")
+    check(stats.device == weight.device, f"stats is on {stats.device} but weight is on {weight.device}")
+    check(
+        grad_out.shape == weight.shape and grad_out.dtype == weight.dtype,
+        f"grad_out must match weight ({tuple(weight.shape)}, {weight.dtype}), got "
+        f"{tuple(grad_out.shape)}, {grad_out.dtype}",
+    )
+    check_device(grad_out, "grad_out")
+    grad = grad_out.contiguous(memory_format=g.memory_format)
+    grad_weight = _empty_like_weight(weight, g, weight.dtype)
+    grad_gain = torch.empty((g.out_channels,), dtype=acc, device=weight.device)
+    channels = g.group_channels * g.groups
+    grad_mean = torch.empty((channels,), dtype=acc, device=weight.device)
+    mean_terms = torch.empty((g.out_channels, g.group_channels), dtype=acc, device=weight.device)
+    block_c, block_t = _row_tile(g)
+    wrap_triton(_equinorm_backward_kernel)[(g.out_channels,)](
+        grad, readable, mean.contiguous(), gain.contiguous(), stats.contiguous(), grad_weight, grad_gain, mean_terms,
+        g.group_channels, g.taps, g.outputs_per_group, g.channel_stride, g.tap_stride,
+        BLOCK_C=block_c, BLOCK_T=block_t,
+    )
+    block = min(triton.next_power_of_2(channels), 1024)
+    wrap_triton(_sum_mean_terms_kernel)[(triton.cdiv(channels, block),)](
+        mean_terms, grad_mean, channels, g.group_channels, g.outputs_per_group, BLOCK=block,
+    )
+    return grad_weight, grad_mean, grad_gain
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops
+# ---------------------------------------------------------------------------------------------
+
+@define_op("triton_channel_mean")
+def triton_channel_mean(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """(C,) means of x[:rows] over every dim but 1, in the accumulation dtype."""
+    with on_device(x):
+        return _channel_mean(x, rows)
+
+
+@define_op("triton_equinorm_weight")
+def triton_equinorm_weight(
+    weight: torch.Tensor, mean: torch.Tensor, gain: torch.Tensor, ratio: float, groups: int, mode: str, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """w'' = gain_d * s_d * (w + b_d) in weight's dtype and layout, and stats (D, 5)."""
+    with on_device(weight):
+        return _weight_transform(weight, mean, gain, ratio, groups, _parse_exact_mode(mode), eps)
+
+
+@define_op("triton_equinorm_forward")
+def triton_equinorm_forward(
+    x: torch.Tensor, rows: int, weight: torch.Tensor, gain: torch.Tensor, ratio: float, groups: int, mode: str,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """channel_mean(x, rows) and the weight transform with it: (w'', mean, stats)."""
+    exact = _parse_exact_mode(mode)
+    check(
+        accumulation_dtype(x.dtype) == accumulation_dtype(weight.dtype),
+        f"x ({x.dtype}) and weight ({weight.dtype}) must share an accumulation dtype: both float64 or neither",
+    )
+    with on_device(weight):
+        mean = _channel_mean(x, rows)
+        out, stats = _weight_transform(weight, mean, gain, ratio, groups, exact, eps)
+    return out, mean, stats
+
+
+@define_op("triton_equinorm_backward")
+def triton_equinorm_backward(
+    grad_out: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, gain: torch.Tensor, stats: torch.Tensor,
+    groups: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_weight in weight's dtype and layout, grad_mean (C,), grad_gain (D,)) from dL/dw''."""
+    with on_device(weight):
+        return _weight_backward(grad_out, weight, mean, gain, stats, groups)
