@@ -250,13 +250,16 @@ def test_gradcheck(backend, device, mode):
     def fused(x, weight, gain):
         return equinorm_kernels.equinorm_forward(x, weight, groups=groups, mode=mode, gain=gain, ratio=0.6, backend=backend)[0]
 
-    assert torch.autograd.gradcheck(fused, (x, weight, gain))
+    # Triton's CPU interpreter costs about half a millisecond per kernel call: there the random
+    # projection of fast_mode keeps the check to a few calls.
+    fast_mode = backend == "triton" and device == "cpu"
+    assert torch.autograd.gradcheck(fused, (x, weight, gain), fast_mode=fast_mode)
     mean = reference.channel_mean(x.detach()).requires_grad_()
 
     def weight_only(weight, mean, gain):
         return equinorm_kernels.equinorm_weight(weight, mean, groups=groups, mode=mode, gain=gain, backend=backend)
 
-    assert torch.autograd.gradcheck(weight_only, (weight, mean, gain))
+    assert torch.autograd.gradcheck(weight_only, (weight, mean, gain), fast_mode=fast_mode)
 
 
 def test_input_gradient_is_a_broadcast_not_a_copy(backend, device):

@@ -176,13 +176,11 @@ template <typename scalar_t, typename acc_t>
 struct BackwardArgs {
   const scalar_t* grad;
   const scalar_t* weight;
-  const acc_t* mean;            // (C,)
   const acc_t* mean_per_value;  // (groups, row size)
   const acc_t* gain;
   const acc_t* stats;
   scalar_t* grad_weight;
   acc_t* grad_gain;
-  acc_t* mean_terms;  // (D, C/groups): each output channel's contribution to dL/dmu
 };
 
 // What the second pass over a row needs from the first.
@@ -192,53 +190,48 @@ struct RowGradient {
   // A weight is active when w + active_shift > 0: u > 0 for the exact P_d (active_shift = b_d),
   // w > 0 for the one-pass estimate (active_shift = 0); one branch-free test for both.
   acc_t active_shift;
-  bool active(acc_t w) const { return w + active_shift > 0; }
-  acc_t factor(acc_t w) const { return em::mean_factor(active(w), grad_mass, shared_factor); }
 };
 
-// dL/dw of one row and its dL/dmu terms: sum over each channel's taps of u h.
+// dL/dw of one row, and its dL/dmu terms (sum over each channel's taps of u h) added to
+// `mean_grad` (C/groups,). The per-value work runs flat (vectorised); `scratch` (one row) holds
+// each value's term until its channel's taps are added.
 template <typename scalar_t, typename acc_t>
 void write_row_gradients(const BackwardArgs<scalar_t, acc_t>& a, const WeightGeometry& g, int64_t d,
-                         const RowGradient<acc_t>& r, std::vector<acc_t>& active_sums, std::vector<acc_t>& sums) {
-  const int64_t offset = d * g.row_size();
+                         const RowGradient<acc_t>& r, std::vector<acc_t>& scratch, acc_t* mean_grad) {
+  const int64_t size = g.row_size(), offset = d * size;
   const scalar_t* row = a.weight + offset;
   const scalar_t* grad = a.grad + offset;
   scalar_t* grad_weight = a.grad_weight + offset;
-  const acc_t* mu = a.mean + (d / g.outputs_per_group()) * g.group_channels;
-  acc_t* terms = a.mean_terms + d * g.group_channels;
-  auto visit = [&](int64_t c, int64_t i, acc_t& active_sum, acc_t& sum) {
-    const acc_t w = static_cast<acc_t>(row[i]), u = w + r.shift;
-    grad_weight[i] = static_cast<scalar_t>(em::grad_weight(static_cast<acc_t>(grad[i]), r.gain_times_scale, mu[c], r.factor(w)));
-    active_sum += r.active(w) ? u : acc_t(0);
-    sum += u;
-  };
-  if (g.taps == 1) {  // one value per channel
+  const acc_t* mu = a.mean_per_value + (d / g.outputs_per_group()) * size;
+  acc_t* value_terms = scratch.data();
+  const acc_t shift = r.shift, active_shift = r.active_shift, gain_times_scale = r.gain_times_scale;
+  const acc_t grad_mass = r.grad_mass, shared_factor = r.shared_factor;
 #pragma omp simd
-    for (int64_t c = 0; c < g.group_channels; ++c) {
-      const acc_t w = static_cast<acc_t>(row[c]), u = w + r.shift, h = r.factor(w);
-      grad_weight[c] = static_cast<scalar_t>(em::grad_weight(static_cast<acc_t>(grad[c]), r.gain_times_scale, mu[c], h));
-      terms[c] = u * h;
+  for (int64_t i = 0; i < size; ++i) {
+    const acc_t w = static_cast<acc_t>(row[i]), u = w + shift, m = mu[i];
+    const bool active = w + active_shift > 0;
+    const acc_t h = em::mean_factor(active, grad_mass, shared_factor);
+    grad_weight[i] = static_cast<scalar_t>(em::grad_weight(static_cast<acc_t>(grad[i]), gain_times_scale, m, h));
+    value_terms[i] = em::grad_mean_term(active ? u : acc_t(0), u, grad_mass, shared_factor);
+  }
+  if (g.channels_last || g.taps == 1) {  // (t, c) storage
+    for (int64_t t = 0; t < g.taps; ++t) {
+      const acc_t* tap = value_terms + t * g.group_channels;
+#pragma omp simd
+      for (int64_t c = 0; c < g.group_channels; ++c) mean_grad[c] += tap[c];
     }
     return;
   }
-  if (g.channels_last) {  // (t, c) storage: per-channel sums along the row
-    std::fill(active_sums.begin(), active_sums.end(), acc_t(0));
-    std::fill(sums.begin(), sums.end(), acc_t(0));
-    for_each_in_row(g, [&](int64_t c, int64_t i) { visit(c, i, active_sums[c], sums[c]); });
-    for (int64_t c = 0; c < g.group_channels; ++c)
-      terms[c] = em::grad_mean_term(active_sums[c], sums[c], r.grad_mass, r.shared_factor);
-    return;
-  }
   for (int64_t c = 0; c < g.group_channels; ++c) {  // (c, t) storage: a channel's taps are adjacent
-    acc_t active_sum = 0, sum = 0;
-    for (int64_t t = 0; t < g.taps; ++t) visit(c, c * g.taps + t, active_sum, sum);
-    terms[c] = em::grad_mean_term(active_sum, sum, r.grad_mass, r.shared_factor);
+    acc_t sum = 0;
+    for (int64_t t = 0; t < g.taps; ++t) sum += value_terms[c * g.taps + t];
+    mean_grad[c] += sum;
   }
 }
 
 template <typename scalar_t, typename acc_t>
 void backward_row(const BackwardArgs<scalar_t, acc_t>& a, const WeightGeometry& g, int64_t d,
-                  std::vector<acc_t>& active_sums, std::vector<acc_t>& sums) {
+                  std::vector<acc_t>& scratch, acc_t* mean_grad) {
   const int64_t size = g.row_size();
   const acc_t* stats = a.stats + d * em::kStatsColumns;
   RowGradient<acc_t> r;
@@ -263,29 +256,32 @@ void backward_row(const BackwardArgs<scalar_t, acc_t>& a, const WeightGeometry& 
   const acc_t grad_shift = em::grad_shift(grad_sum, gain, scale, r.grad_mass, active_count);
   r.shared_factor = em::shared_mean_factor(grad_shift, static_cast<int>(g.taps), stats[em::kMeanMass]);
   a.grad_gain[d] = scale * grad_shifted;
-  write_row_gradients(a, g, d, r, active_sums, sums);
+  write_row_gradients(a, g, d, r, scratch, mean_grad);
 }
 
-// dL/dmu_c: the output channels of c's group added in channel order; tasks own blocks of
-// channels and walk the (D, C/groups) terms row by row, so reads stay contiguous, and sum into a
-// local block (no cache line shared with another task while summing).
-template <typename acc_t>
-void reduce_mean_terms(const acc_t* terms, const WeightGeometry& g, acc_t* grad_mean) {
-  const int64_t channels = g.group_channels * g.groups;
-  const int64_t grain = std::max<int64_t>(16, kTaskValues / g.outputs_per_group());
-  at::parallel_for(0, channels, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> block(end - begin, acc_t(0));
-    for (int64_t group = begin / g.group_channels; group * g.group_channels < end; ++group) {
-      const int64_t first = std::max(begin, group * g.group_channels), last = std::min(end, (group + 1) * g.group_channels);
-      acc_t* sums = block.data() + (first - begin);
-      for (int64_t d = group * g.outputs_per_group(); d < (group + 1) * g.outputs_per_group(); ++d) {
-        const acc_t* row = terms + d * g.group_channels + (first - group * g.group_channels);
-#pragma omp simd
-        for (int64_t k = 0; k < last - first; ++k) sums[k] += row[k];
+// dL/dw, dL/dgain and dL/dmu. Rows are cut into chunks of a size fixed by the shape; each chunk
+// adds its rows' dL/dmu terms, in row order, into its own (C,) partial sum, and the partial sums
+// are added in chunk order: the result does not depend on the thread count.
+template <typename scalar_t, typename acc_t>
+void backward_rows(const BackwardArgs<scalar_t, acc_t>& a, const WeightGeometry& g, acc_t* grad_mean) {
+  const int64_t channels = g.group_channels * g.groups, chunk_rows = row_grain(g);
+  const int64_t chunks = (g.out_channels + chunk_rows - 1) / chunk_rows;
+  std::vector<acc_t> partial(chunks * channels, acc_t(0));
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(g.row_size());
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      acc_t* sums = partial.data() + chunk * channels;
+      for (int64_t d = chunk * chunk_rows; d < std::min(g.out_channels, (chunk + 1) * chunk_rows); ++d) {
+        backward_row(a, g, d, scratch, sums + (d / g.outputs_per_group()) * g.group_channels);
       }
     }
-    std::copy(block.begin(), block.end(), grad_mean + begin);
   });
+  std::fill(grad_mean, grad_mean + channels, acc_t(0));
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const acc_t* sums = partial.data() + chunk * channels;
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) grad_mean[c] += sums[c];
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> equinorm_backward(const at::Tensor& grad_out, const at::Tensor& weight,
@@ -306,20 +302,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> equinorm_backward(const at::Tenso
   at::Tensor grad_weight = empty_like_weight(weight, geometry, weight.scalar_type());
   at::Tensor grad_gain = at::empty({geometry.out_channels}, weight.options().dtype(acc));
   at::Tensor grad_mean = at::empty({geometry.group_channels * geometry.groups}, weight.options().dtype(acc));
-  at::Tensor mean_terms = at::empty({geometry.out_channels, geometry.group_channels}, weight.options().dtype(acc));
   const at::Tensor mean_c = mean.contiguous(), gain_c = gain.contiguous(), stats_c = stats.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "equinorm_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const std::vector<acc_t> mean_per_value = means_per_value(mean_c.const_data_ptr<acc_t>(), geometry);
     const BackwardArgs<scalar_t, acc_t> args{
-        grad.const_data_ptr<scalar_t>(),        readable.const_data_ptr<scalar_t>(), mean_c.const_data_ptr<acc_t>(),
+        grad.const_data_ptr<scalar_t>(),        readable.const_data_ptr<scalar_t>(),
         mean_per_value.data(),                  gain_c.const_data_ptr<acc_t>(),      stats_c.const_data_ptr<acc_t>(),
-        grad_weight.mutable_data_ptr<scalar_t>(), grad_gain.mutable_data_ptr<acc_t>(), mean_terms.mutable_data_ptr<acc_t>()};
-    at::parallel_for(0, geometry.out_channels, row_grain(geometry), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> active_sums(geometry.group_channels), sums(geometry.group_channels);
-      for (int64_t d = begin; d < end; ++d) backward_row(args, geometry, d, active_sums, sums);
-    });
-    reduce_mean_terms(args.mean_terms, geometry, grad_mean.mutable_data_ptr<acc_t>());
+        grad_weight.mutable_data_ptr<scalar_t>(), grad_gain.mutable_data_ptr<acc_t>()};
+    backward_rows(args, geometry, grad_mean.mutable_data_ptr<acc_t>());
   });
   return {grad_weight, grad_mean, grad_gain};
 }
