@@ -140,6 +140,19 @@ inline void check_stats(const at::Tensor& stats, const at::Tensor& weight, const
   check_same_device(weight, stats, "weight", "stats");
 }
 
+// grad_out checked against the weight and laid out like the weight the kernels read.
+inline at::Tensor grad_in_weight_layout(const at::Tensor& grad_out, const at::Tensor& weight,
+                                        const WeightGeometry& geometry) {
+  TORCH_CHECK(grad_out.sizes() == weight.sizes() && grad_out.scalar_type() == weight.scalar_type(),
+              "grad_out must match weight (", weight.sizes(), ", ", weight.scalar_type(), "), got ", grad_out.sizes(),
+              ", ", grad_out.scalar_type());
+  check_same_device(weight, grad_out, "weight", "grad_out");
+  const auto format = !geometry.channels_last ? at::MemoryFormat::Contiguous
+                      : weight.dim() == 4     ? at::MemoryFormat::ChannelsLast
+                                              : at::MemoryFormat::ChannelsLast3d;
+  return grad_out.contiguous(format);
+}
+
 inline void check_ratio_and_eps(double ratio, double eps) {
   TORCH_CHECK(ratio > 0 && std::isfinite(ratio), "ratio must be a positive finite number, got ", ratio);
   TORCH_CHECK(eps > 0 && std::isfinite(eps), "eps must be a positive finite number, got ", eps);

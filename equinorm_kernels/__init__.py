@@ -13,7 +13,7 @@ from ._extension import build_info
 from ._checks import set_value_checks
 from .backends import available_backends
 from . import reference
-from . import ops  # registers the compiled backends when the extension is built
+from . import ops  # noqa: F401  (registers the compiled and Triton backends)
 from .functional import channel_mean, equinorm_forward, equinorm_weight
 from .layers import EquiNormConv1d, EquiNormConv2d, EquiNormConv3d, EquiNormLinear
 from .convert import convert

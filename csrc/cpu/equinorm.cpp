@@ -18,6 +18,7 @@
 #include "cpu/channel_mean.h"
 #include "cpu/reductions.h"
 #include "op_checks.h"
+#include "op_entry_points.h"
 #include "shared/equinorm_math.h"
 
 namespace equinorm {
@@ -112,12 +113,7 @@ void forward_row(const ForwardArgs<scalar_t, acc_t>& a, const WeightGeometry& g,
   scalar_t* out = a.out + d * size;
 #pragma omp simd
   for (int64_t i = 0; i < size; ++i) out[i] = static_cast<scalar_t>(factor * (static_cast<acc_t>(row[i]) + shift));
-  acc_t* stats = a.stats + d * em::kStatsColumns;
-  stats[em::kShift] = shift;
-  stats[em::kScale] = scale;
-  stats[em::kPositiveMass] = positive_mass;
-  stats[em::kMeanMass] = mean_mass;
-  stats[em::kUsedExact] = use_exact ? acc_t(1) : acc_t(0);
+  em::write_stats(a.stats + d * em::kStatsColumns, shift, scale, positive_mass, mean_mass, use_exact);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -149,25 +145,6 @@ std::tuple<at::Tensor, at::Tensor> weight_transform(const at::Tensor& weight, co
                  static_cast<acc_t>(ratio), static_cast<acc_t>(eps), exact);
   });
   return {out, stats};
-}
-
-std::tuple<at::Tensor, at::Tensor> equinorm_weight(const at::Tensor& weight, const at::Tensor& mean,
-                                                   const at::Tensor& gain, double ratio, int64_t groups,
-                                                   c10::string_view mode, double eps) {
-  return weight_transform(weight, mean, gain, ratio, groups, parse_exact_mode(mode), eps);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> equinorm_forward(const at::Tensor& x, int64_t rows,
-                                                                const at::Tensor& weight, const at::Tensor& gain,
-                                                                double ratio, int64_t groups, c10::string_view mode,
-                                                                double eps) {
-  const bool exact = parse_exact_mode(mode);
-  TORCH_CHECK(accumulation_type(x.scalar_type()) == accumulation_type(weight.scalar_type()),
-              "x (", x.scalar_type(), ") and weight (", weight.scalar_type(),
-              ") must share an accumulation dtype: both float64 or neither");
-  at::Tensor mean = channel_mean(x, rows);
-  auto [out, stats] = weight_transform(weight, mean, gain, ratio, groups, exact, eps);
-  return {out, mean, stats};
 }
 
 // ---- backward ----
@@ -290,14 +267,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> equinorm_backward(const at::Tenso
   auto [readable, geometry] = weight_input(weight, groups);
   check_mean_and_gain(weight, geometry, mean, gain);
   check_stats(stats, weight, geometry, em::kStatsColumns);
-  TORCH_CHECK(grad_out.sizes() == weight.sizes() && grad_out.scalar_type() == weight.scalar_type(),
-              "grad_out must match weight (", weight.sizes(), ", ", weight.scalar_type(), "), got ", grad_out.sizes(),
-              ", ", grad_out.scalar_type());
   TORCH_CHECK(weight.device().is_cpu() && grad_out.device().is_cpu(), "the CPU kernel needs CPU tensors");
-  const auto format = !geometry.channels_last ? at::MemoryFormat::Contiguous
-                      : weight.dim() == 4     ? at::MemoryFormat::ChannelsLast
-                                              : at::MemoryFormat::ChannelsLast3d;
-  const at::Tensor grad = grad_out.contiguous(format);
+  const at::Tensor grad = grad_in_weight_layout(grad_out, weight, geometry);
   const auto acc = accumulation_type(weight.scalar_type());
   at::Tensor grad_weight = empty_like_weight(weight, geometry, weight.scalar_type());
   at::Tensor grad_gain = at::empty({geometry.out_channels}, weight.options().dtype(acc));
@@ -318,8 +289,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> equinorm_backward(const at::Tenso
 }  // namespace
 
 TORCH_LIBRARY_IMPL(equinorm_kernels, CPU, m) {
-  m.impl("equinorm_weight", &equinorm_weight);
-  m.impl("equinorm_forward", &equinorm_forward);
+  using EntryPoints = EquiNormEntryPoints<&channel_mean, &weight_transform>;
+  m.impl("equinorm_weight", &EntryPoints::equinorm_weight);
+  m.impl("equinorm_forward", &EntryPoints::equinorm_forward);
   m.impl("equinorm_backward", &equinorm_backward);
 }
 

@@ -15,6 +15,7 @@
 #include "cuda/element_type.h"
 #include "cuda/launchers.h"
 #include "op_checks.h"
+#include "op_entry_points.h"
 #include "shared/equinorm_math.h"
 
 namespace equinorm {
@@ -76,43 +77,15 @@ std::tuple<at::Tensor, at::Tensor> weight_transform(const at::Tensor& weight, co
   return {out, stats};
 }
 
-std::tuple<at::Tensor, at::Tensor> equinorm_weight(const at::Tensor& weight, const at::Tensor& mean,
-                                                   const at::Tensor& gain, double ratio, int64_t groups,
-                                                   c10::string_view mode, double eps) {
-  return weight_transform(weight, mean, gain, ratio, groups, parse_exact_mode(mode), eps);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> equinorm_forward(const at::Tensor& x, int64_t rows,
-                                                                const at::Tensor& weight, const at::Tensor& gain,
-                                                                double ratio, int64_t groups, c10::string_view mode,
-                                                                double eps) {
-  const bool exact = parse_exact_mode(mode);
-  TORCH_CHECK(accumulation_type(x.scalar_type()) == accumulation_type(weight.scalar_type()),
-              "x (", x.scalar_type(), ") and weight (", weight.scalar_type(),
-              ") must share an accumulation dtype: both float64 or neither");
-  check_same_device(weight, x, "weight", "x");
-  at::Tensor mean = channel_mean(x, rows);
-  auto [out, stats] = weight_transform(weight, mean, gain, ratio, groups, exact, eps);
-  return {out, mean, stats};
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> equinorm_backward(const at::Tensor& grad_out, const at::Tensor& weight,
                                                                  const at::Tensor& mean, const at::Tensor& gain,
                                                                  const at::Tensor& stats, int64_t groups) {
   auto [readable, geometry] = weight_input(weight, groups);
   check_mean_and_gain(weight, geometry, mean, gain);
   check_stats(stats, weight, geometry, em::kStatsColumns);
-  TORCH_CHECK(grad_out.sizes() == weight.sizes() && grad_out.scalar_type() == weight.scalar_type(),
-              "grad_out must match weight (", weight.sizes(), ", ", weight.scalar_type(), "), got ", grad_out.sizes(),
-              ", ", grad_out.scalar_type());
   check_cuda(weight, "weight");
-  check_same_device(weight, grad_out, "weight", "grad_out");
   const c10::cuda::CUDAGuard guard(weight.device());
-  // grad_out is read in the weight's layout.
-  const auto format = !geometry.channels_last ? at::MemoryFormat::Contiguous
-                      : weight.dim() == 4     ? at::MemoryFormat::ChannelsLast
-                                              : at::MemoryFormat::ChannelsLast3d;
-  const at::Tensor grad = grad_out.contiguous(format);
+  const at::Tensor grad = grad_in_weight_layout(grad_out, weight, geometry);
   const auto acc = accumulation_type(weight.scalar_type());
   at::Tensor grad_weight = empty_like_weight(weight, geometry, weight.scalar_type());
   at::Tensor grad_gain = at::empty({geometry.out_channels}, weight.options().dtype(acc));
@@ -134,8 +107,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> equinorm_backward(const at::Tenso
 
 TORCH_LIBRARY_IMPL(equinorm_kernels, CUDA, m) {
   m.impl("channel_mean", &channel_mean);
-  m.impl("equinorm_weight", &equinorm_weight);
-  m.impl("equinorm_forward", &equinorm_forward);
+  using EntryPoints = EquiNormEntryPoints<&channel_mean, &weight_transform>;
+  m.impl("equinorm_weight", &EntryPoints::equinorm_weight);
+  m.impl("equinorm_forward", &EntryPoints::equinorm_forward);
   m.impl("equinorm_backward", &equinorm_backward);
 }
 

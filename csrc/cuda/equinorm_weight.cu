@@ -212,12 +212,7 @@ __global__ void __launch_bounds__(kThreads) equinorm_weight_kernel(ForwardArgs<s
     out[i] = from_acc<scalar_t>(factor * (load_acc(row + i) + shift));
   }
   if (Team<kTeam>::lane() == 0) {
-    acc_t* stats = a.stats + d * em::kStatsColumns;
-    stats[em::kShift] = shift;
-    stats[em::kScale] = scale;
-    stats[em::kPositiveMass] = positive_mass;
-    stats[em::kMeanMass] = mean_mass;
-    stats[em::kUsedExact] = use_exact ? acc_t(1) : acc_t(0);
+    em::write_stats(a.stats + d * em::kStatsColumns, shift, scale, positive_mass, mean_mass, use_exact);
   }
 }
 

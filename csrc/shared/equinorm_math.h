@@ -38,6 +38,17 @@ enum StatsColumn : int {
   kStatsColumns = 5,
 };
 
+// One row of stats, what the backward reads back.
+template <typename acc_t>
+EQUINORM_HOST_DEVICE void write_stats(acc_t* stats, acc_t shift, acc_t scale, acc_t positive_mass, acc_t mean_mass,
+                                      bool used_exact) {
+  stats[kShift] = shift;
+  stats[kScale] = scale;
+  stats[kPositiveMass] = positive_mass;
+  stats[kMeanMass] = mean_mass;
+  stats[kUsedExact] = used_exact ? acc_t(1) : acc_t(0);
+}
+
 template <typename acc_t>
 EQUINORM_HOST_DEVICE acc_t smallest_normal();
 template <>

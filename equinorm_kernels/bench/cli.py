@@ -16,14 +16,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
 from .. import __version__, _checks, available_backends, build_info, set_value_checks
+from .._cli import positive_float, positive_int
 from ..backends import resolve_backend
 from .cases import FAMILIES, REFERENCE, BuildContext, Case, cases_for
-from .report import json_record, markdown_report, read_ceiling_gbps, text_report, write_json, write_plots
+from .report import (
+    json_record,
+    markdown_report,
+    read_ceiling_gbps,
+    text_report,
+    write_json,
+    write_plots,
+)
 from .runner import AGREEMENT_TOLERANCE, CaseResult, run_case
 from .timing import TimingSettings, triton_do_bench
 
@@ -33,8 +41,6 @@ TIMING_PRESETS = {
     "quick": TimingSettings(min_run_time=0.1, min_samples=5, max_run_time=0.5, warmup_calls=0),
     "full": TimingSettings(min_run_time=0.5, min_samples=7, max_run_time=5.0, warmup_calls=2),
 }
-
-T = TypeVar("T")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--quick", action="store_true", help="the target cases and a few sizes (about a minute on 2 CPU cores)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N [cuda when available, else cpu]")
-    parser.add_argument("--threads", type=_positive_int, metavar="N", help=f"torch CPU threads [{torch.get_num_threads()}]")
+    parser.add_argument("--threads", type=positive_int, metavar="N", help=f"torch CPU threads [{torch.get_num_threads()}]")
     parser.add_argument("--families", nargs="+", choices=list(FAMILIES), metavar="FAMILY",
                         help=f"only these case families, from: {', '.join(FAMILIES)}")  # fmt: skip
     parser.add_argument("--backends", nargs="+", metavar="NAME",
@@ -93,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--value-checks", action="store_true",
                         help="keep the data checks (NaN/Inf, negative means) of the public functions on; "
                         "off by default, as torch.compile of the reference has none")  # fmt: skip
-    parser.add_argument("--min-run-time", type=_positive_float, metavar="S",
+    parser.add_argument("--min-run-time", type=positive_float, metavar="S",
                         help="seconds of measurement per provider at least [0.1 with --quick, else 0.5]")  # fmt: skip
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the JSON record here")
     parser.add_argument("--markdown", type=Path, metavar="PATH", help="write a markdown report here")
@@ -307,21 +313,3 @@ def write_outputs(
     written = [str(path) for path in (args.json, args.markdown) if path is not None] + [str(p) for p in plots]
     if written:
         print(f"\nwrote {', '.join(written)}")
-
-
-def _positive_int(text: str) -> int:
-    return _parsed(int, text, "a positive integer", lambda value: value >= 1)
-
-
-def _positive_float(text: str) -> float:
-    return _parsed(float, text, "a positive number", lambda value: value > 0)
-
-
-def _parsed(kind: Callable[[str], T], text: str, what: str, valid: Callable[[T], bool]) -> T:
-    try:
-        value = kind(text)
-    except ValueError:
-        value = None
-    if value is None or not valid(value):
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-    return value

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .._cli import finite_or_null
 from .cases import COMPILED_REFERENCE, FAMILIES, READ, REFERENCE, Case, Target
 from .runner import CaseResult, ProviderResult
 
@@ -277,7 +278,7 @@ def case_record(result: CaseResult, ceiling: float | None) -> dict[str, object]:
 def json_record(results: Sequence[CaseResult], ceiling: float | None, environment: dict[str, object],
                 settings: dict[str, object], wall_seconds: float) -> dict[str, object]:  # fmt: skip
     """Everything a run produced: environment, settings, the ceiling, targets and every case."""
-    return _finite_or_null({
+    return finite_or_null({
         "environment": environment,
         "settings": settings,
         "families": {family: FAMILIES[family] for family in families_in(results)},
@@ -291,17 +292,6 @@ def json_record(results: Sequence[CaseResult], ceiling: float | None, environmen
 def write_json(path: Path, record: dict[str, object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + "\n")
-
-
-def _finite_or_null(value: object) -> object:
-    """JSON has no NaN or infinity: such floats become null."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _finite_or_null(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_null(item) for item in value]
-    return value
 
 
 # ---- plots ----------------------------------------------------------------------------------------

@@ -13,7 +13,14 @@ from typing import Sequence
 
 import torch
 
-from .cases import COMPILED_REFERENCE, REFERENCE, BuildContext, Case, Provider, ProviderFactory
+from .cases import (
+    COMPILED_REFERENCE,
+    REFERENCE,
+    BuildContext,
+    Case,
+    Provider,
+    ProviderFactory,
+)
 from .timing import Timing, TimingSettings, measure, synchronize
 
 # Largest relative difference max|a - b| / max|b| (per output tensor) that still counts as agreeing:

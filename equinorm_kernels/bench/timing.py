@@ -16,7 +16,9 @@ from typing import Callable, Sequence
 
 import torch
 from torch.utils.benchmark import Timer
-from torch.utils.benchmark.utils.timer import timer as synchronized_clock  # waits for the GPU, if any
+from torch.utils.benchmark.utils.timer import (
+    timer as synchronized_clock,  # waits for the GPU, if any
+)
 
 # A provider slower than max_run_time still gets this many samples, for p20/p80.
 MIN_SLOW_SAMPLES = 3

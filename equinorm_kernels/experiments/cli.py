@@ -8,22 +8,34 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import Sequence
 
 import torch
 from tqdm import tqdm
 
 from .. import __version__
-from .data import SPLIT_SEED, Dataset, DatasetError, load_cifar10, load_digits_dataset, take_train_subset
+from .._cli import finite_or_null, parsed, positive_float, positive_int
+from .data import (
+    SPLIT_SEED,
+    Dataset,
+    DatasetError,
+    load_cifar10,
+    load_digits_dataset,
+    take_train_subset,
+)
 from .methods import METHOD_NAMES, Method, method_by_name
-from .report import plot_curves, plot_energy_cycles, plot_energy_training, results_tables
+from .report import (
+    plot_curves,
+    plot_energy_cycles,
+    plot_energy_training,
+    results_tables,
+)
 from .training import (
     FIXUP_SCALAR_LR_FACTOR,
     REFERENCE_BATCH_SIZE,
@@ -38,8 +50,6 @@ DEFAULTS = {"methods": METHOD_NAMES, "seeds": 3, "batch_sizes": (2, 16, 128), "e
 QUICK = {"methods": ("batchnorm", "equinorm", "none", "enorm"), "seeds": 1, "batch_sizes": (16,), "epochs": 1}
 DEFAULT_BASE_LR = 0.01
 ENERGY_SEED = 0
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -114,25 +124,25 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     data.add_argument("--data", metavar="PATH", help="CIFAR-10 python-format directory (or its parent); default: "
                       "scikit-learn's digits, a fixed stratified 80/20 split")  # fmt: skip
-    data.add_argument("--train-subset", type=_positive_int, metavar="N", help="use at most N training samples")
+    data.add_argument("--train-subset", type=positive_int, metavar="N", help="use at most N training samples")
     runs = parser.add_argument_group("runs (defaults in brackets; --quick changes the unset ones)")
     runs.add_argument("--arch", choices=("mlp", "resnet"), help=f"model [{DEFAULTS['arch']}]")
     runs.add_argument("--methods", nargs="+", choices=METHOD_NAMES, metavar="NAME",
                       help=f"methods to compare, from: {', '.join(METHOD_NAMES)} [all]")  # fmt: skip
-    runs.add_argument("--seeds", type=_positive_int, help=f"seeds 0..N-1 per setting [{DEFAULTS['seeds']}]")
+    runs.add_argument("--seeds", type=positive_int, help=f"seeds 0..N-1 per setting [{DEFAULTS['seeds']}]")
     runs.add_argument("--batch-sizes", nargs="+", type=_batch_size, metavar="B",
                       help=f"batch sizes [{' '.join(map(str, DEFAULTS['batch_sizes']))}]")  # fmt: skip
-    runs.add_argument("--epochs", type=_positive_int, help=f"epochs per run [{DEFAULTS['epochs']}]")
-    runs.add_argument("--lr", type=_positive_float, default=DEFAULT_BASE_LR, metavar="LR",
+    runs.add_argument("--epochs", type=positive_int, help=f"epochs per run [{DEFAULTS['epochs']}]")
+    runs.add_argument("--lr", type=positive_float, default=DEFAULT_BASE_LR, metavar="LR",
                       help=f"SGD learning rate at batch size {REFERENCE_BATCH_SIZE}, scaled linearly with the "
                       f"batch size (momentum 0.9, weight decay 5e-4) [{DEFAULT_BASE_LR}]")  # fmt: skip
-    runs.add_argument("--enorm-c", type=_positive_float, default=1.0, metavar="C",
+    runs.add_argument("--enorm-c", type=positive_float, default=1.0, metavar="C",
                       help="ENorm's asymmetric scaling c [1.0]")  # fmt: skip
-    runs.add_argument("--energy-cycles", type=_positive_int, default=10, metavar="K",
+    runs.add_argument("--energy-cycles", type=positive_int, default=10, metavar="K",
                       help="ENorm cycles in the energy plot of an untrained model [10]")  # fmt: skip
     runs.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 1 epoch, batch 16, 4 methods")
     system = parser.add_argument_group("output and system")
-    system.add_argument("--threads", type=_positive_int, help=f"torch CPU threads [{torch.get_num_threads()}]")
+    system.add_argument("--threads", type=positive_int, help=f"torch CPU threads [{torch.get_num_threads()}]")
     system.add_argument("--out", type=Path, metavar="DIR", help="output directory [experiments/results/<dataset>]")
     return parser
 
@@ -249,7 +259,7 @@ def write_json(experiment: Experiment, wall_seconds: float) -> None:
         "enorm_energy_cycles": {"layers": experiment.energy_layers, "energy_per_cycle": experiment.cycle_energies},
         "runs": [run.to_dict() for run in experiment.runs],
     }
-    text = json.dumps(_finite_or_null(record), indent=1)
+    text = json.dumps(finite_or_null(record), indent=1)
     (experiment.config.out / "results.json").write_text(text + "\n")
 
 
@@ -299,34 +309,5 @@ def _markdown_value(value: object) -> str:
     return str(value)
 
 
-def _finite_or_null(value: object) -> object:
-    """``value`` with every non-finite float replaced by None: JSON has no NaN."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _finite_or_null(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_null(item) for item in value]
-    return value
-
-
-def _positive_int(text: str) -> int:
-    return _parsed(int, text, "a positive integer", lambda value: value >= 1)
-
-
 def _batch_size(text: str) -> int:
-    return _parsed(int, text, "a batch size of at least 2 (BatchNorm cannot train on one sample)", lambda v: v >= 2)
-
-
-def _positive_float(text: str) -> float:
-    return _parsed(float, text, "a positive finite number", lambda value: math.isfinite(value) and value > 0)
-
-
-def _parsed(kind: Callable[[str], T], text: str, what: str, valid: Callable[[T], bool]) -> T:
-    try:
-        value = kind(text)
-    except ValueError:
-        value = None
-    if value is None or not valid(value):
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-    return value
+    return parsed(int, text, "a batch size of at least 2 (BatchNorm cannot train on one sample)", lambda v: v >= 2)
