@@ -8,7 +8,7 @@ namespace equinorm {
 namespace cpu {
 
 // Independent partial sums the compiler keeps in vector registers.
-constexpr int kLanes = 16;
+constexpr int kLanes = 32;
 
 template <typename acc_t>
 inline acc_t combine_lanes(acc_t (&lanes)[kLanes]) {
