@@ -27,38 +27,34 @@ constexpr int64_t kTaskElements = 1 << 15;
 constexpr int64_t kChunkElements = 1 << 14;
 constexpr int64_t kMaxChunkPositions = 1024;
 
-// The float planes, the common case, also compiled for AVX2 and picked at load time where the CPU
-// has it; both versions add in the same order (the lanes are explicit), so results are identical.
-#if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target_clones("avx2", "default")))
-#endif
-float float_plane_sum(const float* values, int64_t count) {
-  return contiguous_sum<float>(values, count);
+// sums[p] = sum of plane p of `spatial` values, for planes [begin, end).
+template <typename acc_t, typename scalar_t>
+C10_ALWAYS_INLINE void plane_sums(const scalar_t* x, int64_t spatial, int64_t begin, int64_t end, acc_t* sums) {
+  for (int64_t plane = begin; plane < end; ++plane) sums[plane] = contiguous_sum<acc_t>(x + plane * spatial, spatial);
 }
 
-template <typename acc_t, typename scalar_t>
-acc_t plane_sum(const scalar_t* values, int64_t count) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return float_plane_sum(values, count);
-  } else {
-    return contiguous_sum<acc_t>(values, count);
-  }
+// Float planes, the common case, also for AVX2; the lanes are explicit, so both versions add in
+// the same order and give identical results.
+EQUINORM_AVX2_CLONES void float_plane_sums(const float* x, int64_t spatial, int64_t begin, int64_t end, float* sums) {
+  plane_sums(x, spatial, begin, end, sums);
 }
 
 template <typename scalar_t, typename acc_t>
 void planar_means(const scalar_t* x, const ChannelGeometry& g, acc_t* mean) {
   const int64_t planes = g.rows * g.channels;
-  std::vector<acc_t> plane_sums(planes);
+  std::vector<acc_t> sums(planes);
   const int64_t grain = std::max<int64_t>(1, kTaskElements / g.spatial);
   at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t plane = begin; plane < end; ++plane) {
-      plane_sums[plane] = plane_sum<acc_t>(x + plane * g.spatial, g.spatial);
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      float_plane_sums(x, g.spatial, begin, end, sums.data());
+    } else {
+      plane_sums(x, g.spatial, begin, end, sums.data());
     }
   });
   const acc_t count = static_cast<acc_t>(g.rows) * static_cast<acc_t>(g.spatial);
   for (int64_t c = 0; c < g.channels; ++c) {
     acc_t sum = 0;
-    for (int64_t n = 0; n < g.rows; ++n) sum += plane_sums[n * g.channels + c];
+    for (int64_t n = 0; n < g.rows; ++n) sum += sums[n * g.channels + c];
     mean[c] = sum / count;
   }
 }

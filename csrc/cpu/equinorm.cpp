@@ -3,8 +3,9 @@
 // One task owns whole output channels (rows of the weight), so every per-channel sum is
 // evaluated in one fixed order: results are bit-identical across runs and thread counts. A row
 // is read from memory once; the second and third passes over it hit the cache. The row
-// reductions run flat over the row's values against the channel means laid out like the row, in
-// interleaved partial sums the compiler vectorises. The formulas are in csrc/shared/equinorm_math.h.
+// reductions run flat over the row's values against the channel means laid out like the row, as
+// `omp simd` loops the compiler vectorises (float rows also for AVX2, picked at load time). The
+// formulas are in csrc/shared/equinorm_math.h.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -13,6 +14,7 @@
 #include <algorithm>
 #include <array>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/channel_mean.h"
@@ -82,7 +84,7 @@ struct ForwardArgs {
 };
 
 template <typename scalar_t, typename acc_t>
-void forward_row(const ForwardArgs<scalar_t, acc_t>& a, const WeightGeometry& g, acc_t mean_mass, int64_t d) {
+C10_ALWAYS_INLINE void forward_row(const ForwardArgs<scalar_t, acc_t>& a, const WeightGeometry& g, acc_t mean_mass, int64_t d) {
   const int64_t size = g.row_size();
   const scalar_t* row = a.weight + d * size;
   const acc_t* mu = a.mean_per_value + (d / g.outputs_per_group()) * size;
@@ -117,13 +119,28 @@ void forward_row(const ForwardArgs<scalar_t, acc_t>& a, const WeightGeometry& g,
 }
 
 template <typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE void forward_row_range(const ForwardArgs<scalar_t, acc_t>& a, const WeightGeometry& g,
+                                         const acc_t* masses, int64_t begin, int64_t end) {
+  for (int64_t d = begin; d < end; ++d) forward_row(a, g, masses[d / g.outputs_per_group()], d);
+}
+
+EQUINORM_AVX2_CLONES void float_forward_row_range(const ForwardArgs<float, float>& a, const WeightGeometry& g,
+                                                  const float* masses, int64_t begin, int64_t end) {
+  forward_row_range(a, g, masses, begin, end);
+}
+
+template <typename scalar_t, typename acc_t>
 void forward_rows(const scalar_t* weight, const acc_t* mean, const acc_t* gain, scalar_t* out, acc_t* stats,
                   const WeightGeometry& g, acc_t ratio, acc_t eps, bool exact) {
   const std::vector<acc_t> masses = group_mean_masses(mean, g);
   const std::vector<acc_t> mean_per_value = means_per_value(mean, g);
   const ForwardArgs<scalar_t, acc_t> args{weight, mean_per_value.data(), gain, out, stats, ratio, eps, exact};
   at::parallel_for(0, g.out_channels, row_grain(g), [&](int64_t begin, int64_t end) {
-    for (int64_t d = begin; d < end; ++d) forward_row(args, g, masses[d / g.outputs_per_group()], d);
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      float_forward_row_range(args, g, masses.data(), begin, end);
+    } else {
+      forward_row_range(args, g, masses.data(), begin, end);
+    }
   });
 }
 
@@ -173,7 +190,7 @@ struct RowGradient {
 // `mean_grad` (C/groups,). The per-value work runs flat (vectorised); `scratch` (one row) holds
 // each value's term until its channel's taps are added.
 template <typename scalar_t, typename acc_t>
-void write_row_gradients(const BackwardArgs<scalar_t, acc_t>& a, const WeightGeometry& g, int64_t d,
+C10_ALWAYS_INLINE void write_row_gradients(const BackwardArgs<scalar_t, acc_t>& a, const WeightGeometry& g, int64_t d,
                          const RowGradient<acc_t>& r, std::vector<acc_t>& scratch, acc_t* mean_grad) {
   const int64_t size = g.row_size(), offset = d * size;
   const scalar_t* row = a.weight + offset;
@@ -207,7 +224,7 @@ void write_row_gradients(const BackwardArgs<scalar_t, acc_t>& a, const WeightGeo
 }
 
 template <typename scalar_t, typename acc_t>
-void backward_row(const BackwardArgs<scalar_t, acc_t>& a, const WeightGeometry& g, int64_t d,
+C10_ALWAYS_INLINE void backward_row(const BackwardArgs<scalar_t, acc_t>& a, const WeightGeometry& g, int64_t d,
                   std::vector<acc_t>& scratch, acc_t* mean_grad) {
   const int64_t size = g.row_size();
   const acc_t* stats = a.stats + d * em::kStatsColumns;
@@ -240,6 +257,17 @@ void backward_row(const BackwardArgs<scalar_t, acc_t>& a, const WeightGeometry& 
 // adds its rows' dL/dmu terms, in row order, into its own (C,) partial sum, and the partial sums
 // are added in chunk order: the result does not depend on the thread count.
 template <typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE void backward_chunk(const BackwardArgs<scalar_t, acc_t>& a, const WeightGeometry& g, int64_t first,
+                                      int64_t last, std::vector<acc_t>& scratch, acc_t* sums) {
+  for (int64_t d = first; d < last; ++d) backward_row(a, g, d, scratch, sums + (d / g.outputs_per_group()) * g.group_channels);
+}
+
+EQUINORM_AVX2_CLONES void float_backward_chunk(const BackwardArgs<float, float>& a, const WeightGeometry& g,
+                                               int64_t first, int64_t last, std::vector<float>& scratch, float* sums) {
+  backward_chunk(a, g, first, last, scratch, sums);
+}
+
+template <typename scalar_t, typename acc_t>
 void backward_rows(const BackwardArgs<scalar_t, acc_t>& a, const WeightGeometry& g, acc_t* grad_mean) {
   const int64_t channels = g.group_channels * g.groups, chunk_rows = row_grain(g);
   const int64_t chunks = (g.out_channels + chunk_rows - 1) / chunk_rows;
@@ -248,8 +276,11 @@ void backward_rows(const BackwardArgs<scalar_t, acc_t>& a, const WeightGeometry&
     std::vector<acc_t> scratch(g.row_size());
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       acc_t* sums = partial.data() + chunk * channels;
-      for (int64_t d = chunk * chunk_rows; d < std::min(g.out_channels, (chunk + 1) * chunk_rows); ++d) {
-        backward_row(a, g, d, scratch, sums + (d / g.outputs_per_group()) * g.group_channels);
+      const int64_t first = chunk * chunk_rows, last = std::min(g.out_channels, (chunk + 1) * chunk_rows);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        float_backward_chunk(a, g, first, last, scratch, sums);
+      } else {
+        backward_chunk(a, g, first, last, scratch, sums);
       }
     }
   });

@@ -4,6 +4,14 @@
 
 #include <cstdint>
 
+// A function also compiled for AVX2 and picked at load time on CPUs that have it (the package is
+// built for the baseline x86-64 ISA). Kernels inline their row loops into such a function.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define EQUINORM_AVX2_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define EQUINORM_AVX2_CLONES
+#endif
+
 namespace equinorm {
 namespace cpu {
 
