@@ -147,6 +147,18 @@ def test_weight_op_alone_and_channel_mean_alone_match_reference(backend, device,
     torch.testing.assert_close(out.cpu(), expected, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize(
+    "shape", [(3, 300, 4, 4), (5, 3, 20, 20), (4, 6, 3, 3), (2, 5000)], ids=["wide-rows", "large-planes", "small-planes", "linear"]
+)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_channel_mean_on_every_reduction_path(backend, device, shape, layout):
+    x = _layout(torch.rand(shape, generator=_generator(2), dtype=torch.float64), layout)
+    for rows in (shape[0], 1):
+        expected = x[:rows].mean(dim=[0, *range(2, x.dim())])
+        torch.testing.assert_close(op(backend, "channel_mean")(x.float().to(device), rows).cpu(), expected.float(), rtol=2e-6, atol=0)
+        torch.testing.assert_close(op(backend, "channel_mean")(x.to(device), rows).cpu(), expected, rtol=1e-13, atol=0)
+
+
 def test_degenerate_channels_get_zero_weight_not_nan(backend, device):
     weight = _weight((4, 3, 3, 3)).to(device)
     weight[2] = -0.5  # constant: no positive mass in either mode

@@ -15,27 +15,27 @@
 namespace equinorm {
 namespace cpu {
 
-// Independent partial sums the compiler keeps in vector registers.
+// Independent partial sums the compiler keeps in vector registers (several loads in flight).
 constexpr int kLanes = 32;
 
-template <typename acc_t>
-inline acc_t combine_lanes(acc_t (&lanes)[kLanes]) {
-  for (int width = kLanes / 2; width > 0; width /= 2) {
+template <int kWidth, typename acc_t>
+inline acc_t combine_lanes(acc_t (&lanes)[kWidth]) {
+  for (int width = kWidth / 2; width > 0; width /= 2) {
     for (int j = 0; j < width; ++j) lanes[j] += lanes[j + width];
   }
   return lanes[0];
 }
 
-// sum of values[0 .. count), accumulated in acc_t.
-template <typename acc_t, typename scalar_t>
+// sum of values[0 .. count), accumulated in acc_t in kWidth interleaved partial sums.
+template <typename acc_t, int kWidth = kLanes, typename scalar_t>
 inline acc_t contiguous_sum(const scalar_t* values, int64_t count) {
-  acc_t lanes[kLanes] = {};
+  acc_t lanes[kWidth] = {};
   int64_t i = 0;
-  for (; i + kLanes <= count; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) lanes[j] += static_cast<acc_t>(values[i + j]);
+  for (; i + kWidth <= count; i += kWidth) {
+    for (int j = 0; j < kWidth; ++j) lanes[j] += static_cast<acc_t>(values[i + j]);
   }
   for (int j = 0; i < count; ++i, ++j) lanes[j] += static_cast<acc_t>(values[i]);
-  return combine_lanes(lanes);
+  return combine_lanes<kWidth>(lanes);
 }
 
 // sums[j] += values[j] for j in [0, count): one row of a (rows, count) block added to a running sum.
