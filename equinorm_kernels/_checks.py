@@ -172,26 +172,22 @@ def check_channel_means(mean: torch.Tensor, name: str = "mean") -> None:
     )
 
 
-def check_equinorm_weight_values(weight: torch.Tensor, mean: torch.Tensor, gain: torch.Tensor | None) -> None:
-    """Data checks of equinorm_weight's inputs with a single synchronisation when all is well."""
+def check_equinorm_weight_values(
+    weight: torch.Tensor, mean: torch.Tensor, gain: torch.Tensor | None, *, means_of: str | None = None
+) -> None:
+    """Data checks of equinorm_weight's inputs with a single synchronisation when all is well.
+
+    ``means_of``: the name of the input ``mean`` was just computed from (the fused forward's
+    ``x``); non-finite means are then reported as that input's fault.
+    """
     flags = [_any_bad_mean(mean), _any_non_finite(weight)]
     if gain is not None:
         flags.append(_any_non_finite(gain))
     if not bool(torch.stack(flags).any()):
         return
+    if means_of is not None:
+        check_finite_values(mean, means_of, "its channel means are not finite")
     check_channel_means(mean)
     check_finite_values(weight, "weight", "the weight must be finite")
     if gain is not None:
         check_finite_values(gain, "gain", "the gain must be finite")
-
-
-def check_equinorm_forward_values(x: torch.Tensor, mean: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor | None) -> None:
-    """Data checks of the fused forward, one synchronisation when all is well: non-finite channel
-    means (from NaN/Inf in ``x``) name ``x``; the rest as :func:`check_equinorm_weight_values`."""
-    flags = [_any_bad_mean(mean), _any_non_finite(weight)]
-    if gain is not None:
-        flags.append(_any_non_finite(gain))
-    if not bool(torch.stack(flags).any()):
-        return
-    check_finite_values(mean, "x", "its channel means are not finite")
-    check_equinorm_weight_values(weight, mean, gain)

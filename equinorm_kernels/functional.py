@@ -107,5 +107,5 @@ def equinorm_forward(
     impl = resolve_backend(backend, weight.device)
     out, mean = impl.equinorm_forward(x, stats_fraction, weight, float(ratio), groups, mode, gain, float(eps))
     if _checks.value_checks_active():
-        _checks.check_equinorm_forward_values(x, mean, weight, gain)
+        _checks.check_equinorm_weight_values(weight, mean, gain, means_of="x")
     return out, mean.detach()

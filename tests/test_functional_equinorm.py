@@ -143,6 +143,18 @@ def test_non_finite_input_is_rejected_by_channel_mean(bad, dtype):
         equinorm_kernels.channel_mean(x)
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_input_is_rejected_by_the_fused_forward_naming_x(bad):
+    x = _x()
+    x[2, 1, 3, 0] = bad
+    with pytest.raises(ValueError, match=r"^x contains NaN or Inf \(its channel means are not finite"):
+        equinorm_kernels.equinorm_forward(x, _weight())
+    w = _weight()
+    w[0, 0, 0, 0] = bad
+    with pytest.raises(ValueError, match=r"^weight contains NaN or Inf"):
+        equinorm_kernels.equinorm_forward(_x(), w)
+
+
 def test_non_finite_input_outside_the_statistics_samples_is_harmless():
     # Only the first ceil(f * N) samples feed the means.
     x = _x((4, 3, 2, 2))
