@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import equinorm_kernels
-from equinorm_kernels import reference
+from equinorm_kernels import _checks, reference
 
 import equinorm_oracle as oracle
 
@@ -125,6 +125,26 @@ def test_non_finite_weight_is_rejected(bad):
     w[1, 2, 0, 1] = bad
     with pytest.raises(ValueError, match="weight"):
         equinorm_kernels.equinorm_weight(w, _means())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_non_finite_weight_error_names_the_first_bad_index(dtype):
+    w = _weight(dtype=dtype)
+    w[2, 0, 1, 1] = math.inf
+    w[1, 2, 0, 1] = math.nan
+    with pytest.raises(ValueError, match=r"^weight contains NaN or Inf .*first at index \(1, 2, 0, 1\)"):
+        equinorm_kernels.equinorm_weight(w, _means())
+
+
+def test_finite_weights_whose_sum_overflows_pass_the_value_checks():
+    # The checks screen a tensor by its sum; an overflowing sum of finite values is not an error.
+    huge = torch.full((4, 3, 2, 2), 3e38)
+    huge[:, :, 0, 0] = -3e38
+    _checks.check_equinorm_weight_values(huge, _means(), None)
+    half = torch.full((8, 64, 3, 3), 60000.0, dtype=torch.float16)  # sums past float16's 65504
+    half[:, :, 0, 0] = -1.0
+    out = equinorm_kernels.equinorm_weight(half, torch.rand(64))
+    assert torch.isfinite(out).all()
 
 
 def test_non_finite_gain_is_rejected():
