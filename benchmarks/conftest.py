@@ -9,6 +9,8 @@ brackets):
     --bench-device cpu|cuda|cuda:N   [EQUINORM_BENCH_DEVICE, default cuda when available]
     --bench-threads N                torch CPU threads [torch's default]
     --bench-no-compile               leave out torch.compile of the reference
+    --bench-allocator reuse|default  host memory freed between calls kept in the process (see
+                                     equinorm_kernels.bench.allocator) or the C library's default [reuse]
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+from equinorm_kernels.bench.allocator import keep_freed_memory
 from equinorm_kernels.bench.cases import REFERENCE, BuildContext, Case, ProviderFactory, cases_for
 from equinorm_kernels.bench.cli import benchmarked_backends
 from equinorm_kernels.bench.runner import AGREEMENT_TOLERANCE, first_outputs, relative_error
@@ -34,6 +37,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--bench-device", default=os.environ.get("EQUINORM_BENCH_DEVICE"), help="device [cuda if available]")
     group.addoption("--bench-threads", type=int, default=None, help="torch CPU threads")
     group.addoption("--bench-no-compile", action="store_true", help="leave out torch.compile of the reference")
+    group.addoption("--bench-allocator", choices=("reuse", "default"), default="reuse",
+                    help="keep freed host memory in the process between calls, or the C library's default [reuse]")  # fmt: skip
 
 
 def bench_context(config: pytest.Config) -> BuildContext:
@@ -46,6 +51,8 @@ def pytest_configure(config: pytest.Config) -> None:
     threads = config.getoption("--bench-threads", default=None)
     if threads:
         torch.set_num_threads(threads)
+    if config.getoption("--bench-allocator", default="default") == "reuse":
+        keep_freed_memory()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -3,19 +3,23 @@ same thing agree (so a broken kernel cannot report a fast time), and the command
 JSON record, markdown and plots. Speed is never asserted here."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import math
+import platform
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from equinorm_kernels import _checks
-from equinorm_kernels.bench import cases, cli, report, runner, timing
+from equinorm_kernels.bench import allocator, cases, cli, report, runner, timing
 from equinorm_kernels.bench.cases import REFERENCE, Case, Provider
 from equinorm_kernels.bench.networks import ImageNetResNet18, StdConv2d, parameter_count
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 CPU = torch.device("cpu")
 # torch.compile with the "eager" backend: the compiled provider's code path (Dynamo capture, graph
 # breaks, the backward through the captured graph) without Inductor's code generation time.
@@ -131,6 +135,9 @@ def test_command_writes_the_table_json_markdown_and_plots(tmp_path, capsys):
     for key in ("device", "device_name", "torch", "triton", "git_commit", "threads", "timestamp", "fused_backends"):
         assert key in environment
     assert environment["threads"] == torch.get_num_threads() and environment["git_commit"]
+    assert environment["fresh_page_us"] > 0
+    if GLIBC:
+        assert record["settings"]["host_allocator"].startswith("glibc malloc keeps freed memory")
     assert record["read_ceiling_gbps"] > 0 and record["targets"]
     assert {case["family"] for case in record["cases"]} == set(families)
     statistics = next(case for case in record["cases"] if case["family"] == "channel_mean")
@@ -148,6 +155,33 @@ def test_command_writes_the_table_json_markdown_and_plots(tmp_path, capsys):
     plots = sorted((tmp_path / "plots").glob("*.png"))
     assert {p.name for p in plots} >= {"channel_mean.png", "channel_mean_bandwidth.png", "enorm_cycle.png"}
     assert all(p.read_bytes().startswith(PNG_SIGNATURE) for p in plots)
+
+
+class _MallocInfo(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]  # fmt: skip
+
+
+def _free_bytes_held_by_malloc() -> int:
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("glibc without mallinfo2 (before 2.33)")
+    libc.mallinfo2.restype = _MallocInfo
+    return libc.mallinfo2().fordblks
+
+
+@pytest.mark.skipif(not GLIBC, reason="the allocator setting is for glibc")
+def test_kept_memory_stays_in_the_process_after_it_is_freed():
+    # 80 MiB in 8 MiB blocks, freed together: more than glibc's largest automatic trim threshold
+    # (64 MiB), so by default the heap top goes back to the OS and the next use faults it in again.
+    assert allocator.keep_freed_memory().startswith("glibc malloc keeps freed memory")
+    held = [torch.ones(2 * 2**20) for _ in range(10)]
+    del held
+    assert _free_bytes_held_by_malloc() >= 80 * 2**20
+
+
+def test_fresh_page_cost_is_measured():
+    assert 0 < allocator.fresh_page_microseconds(repeats=3) < 1e4
 
 
 def test_command_lists_cases_without_running_them(capsys):

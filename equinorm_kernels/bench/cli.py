@@ -21,6 +21,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from .. import __version__, _checks, available_backends, build_info, set_value_checks
+from . import allocator
 from .._cli import positive_float, positive_int
 from ..backends import resolve_backend
 from .cases import FAMILIES, REFERENCE, BuildContext, Case, cases_for
@@ -56,16 +57,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = resolve_device(parser, args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    allocator_setting = allocator.keep_freed_memory() if args.allocator == "reuse" else None
     context = build_context(parser, device, args)
     settings = timing_settings(preset, args.min_run_time)
     with value_checks(args.value_checks):
         environment = environment_record(device, context)
-        header = header_lines(environment, preset, settings)
+        header = header_lines(environment, preset, settings, allocator_setting)
         print("\n".join(header), file=sys.stderr, flush=True)
         start = time.perf_counter()
         results = run_all(cases, context, settings)
         wall_seconds = time.perf_counter() - start
-        record_settings = run_settings(preset, settings, context, arguments)
+        record_settings = run_settings(preset, settings, context, arguments, allocator_setting)
     write_outputs(args, results, environment, record_settings, header, wall_seconds)
     return 0
 
@@ -99,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--value-checks", action="store_true",
                         help="keep the data checks (NaN/Inf, negative means) of the public functions on; "
                         "off by default, as torch.compile of the reference has none")  # fmt: skip
+    parser.add_argument("--allocator", choices=("reuse", "default"), default="reuse",
+                        help="reuse: keep host memory freed between repetitions in the process (glibc), so "
+                        "output buffers do not page-fault anew every call; default: the C library's own "
+                        "behaviour [reuse]")  # fmt: skip
     parser.add_argument("--min-run-time", type=positive_float, metavar="S",
                         help="seconds of measurement per provider at least [0.1 with --quick, else 0.5]")  # fmt: skip
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the JSON record here")
@@ -242,6 +248,7 @@ def environment_record(device: torch.device, context: BuildContext) -> dict[str,
         "device_name": device_name(device),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
+        "fresh_page_us": round(allocator.fresh_page_microseconds(), 3),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": triton_version(),
@@ -257,7 +264,9 @@ def environment_record(device: torch.device, context: BuildContext) -> dict[str,
     }
 
 
-def run_settings(preset: str, settings: TimingSettings, context: BuildContext, arguments: Sequence[str]) -> dict[str, object]:
+def run_settings(
+    preset: str, settings: TimingSettings, context: BuildContext, arguments: Sequence[str], allocator_setting: str | None
+) -> dict[str, object]:
     return {
         "command": shlex.join([PROGRAM, *arguments]),
         "preset": preset,
@@ -266,6 +275,7 @@ def run_settings(preset: str, settings: TimingSettings, context: BuildContext, a
         "compiled_reference": f"torch.compile(backend={context.compile_backend!r}, dynamic=False), compiled once per case"
         if context.compile_reference else None,
         "value_checks": _checks.value_checks_active(),
+        "host_allocator": allocator_setting or "the C library's default",
         "timing": {"min_run_time_s": settings.min_run_time, "min_samples": settings.min_samples,
                    "max_run_time_s": settings.max_run_time, "warmup_calls": settings.warmup_calls},
         "agreement_tolerance": AGREEMENT_TOLERANCE,
@@ -273,7 +283,9 @@ def run_settings(preset: str, settings: TimingSettings, context: BuildContext, a
     }  # fmt: skip
 
 
-def header_lines(environment: dict[str, object], preset: str, settings: TimingSettings) -> list[str]:
+def header_lines(
+    environment: dict[str, object], preset: str, settings: TimingSettings, allocator_setting: str | None
+) -> list[str]:
     fused = ", ".join(environment["fused_backends"]) or "none"
     device = f"{environment['device']} ({environment['device_name']}), {environment['threads']} torch threads"
     versions = f"torch {environment['torch']}, triton {environment['triton'] or 'not installed'}"
@@ -282,6 +294,8 @@ def header_lines(environment: dict[str, object], preset: str, settings: TimingSe
         f"{PROGRAM} ({preset}): {device}, fused backends: {fused}",
         f"{versions}, commit {environment['git_commit']}, {environment['timestamp']}",
         f"timing: median [p20 - p80] per call, {timing}; speedups are ratios of medians",
+        f"host memory: {allocator_setting or 'the C library default'}; first touch of a fresh page "
+        f"{environment['fresh_page_us']:.2f} us",
     ]
 
 
