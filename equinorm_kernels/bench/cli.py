@@ -21,9 +21,9 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from .. import __version__, _checks, available_backends, build_info, set_value_checks
-from . import allocator
 from .._cli import positive_float, positive_int
 from ..backends import resolve_backend
+from . import allocator
 from .cases import FAMILIES, REFERENCE, BuildContext, Case, cases_for
 from .report import (
     json_record,
@@ -294,8 +294,8 @@ def header_lines(
         f"{PROGRAM} ({preset}): {device}, fused backends: {fused}",
         f"{versions}, commit {environment['git_commit']}, {environment['timestamp']}",
         f"timing: median [p20 - p80] per call, {timing}; speedups are ratios of medians",
-        f"host memory: {allocator_setting or 'the C library default'}; first touch of a fresh page "
-        f"{environment['fresh_page_us']:.2f} us",
+        (f"host memory: {allocator_setting or 'the C library default'}; first touch of a fresh page "
+         f"{environment['fresh_page_us']:.2f} us"),
     ]
 
 
