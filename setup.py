@@ -56,10 +56,9 @@ def _extensions() -> tuple[list, dict]:
     with_cuda, why_not = _cuda_decision(torch, CUDA_HOME)
     debug = bool(_flag("EQUINORM_KERNELS_DEBUG"))
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
-    # -fopenmp-simd: the kernels' `omp simd` reductions vectorise (no OpenMP runtime involved);
     # -fno-trapping-math: lets the compiler turn the kernels' sign tests into branch-free selects
     # (results are unchanged; only floating-point exception flags, which nothing reads, could differ).
-    cxx_flags += ["-std=c++17", "-fopenmp-simd", "-fno-trapping-math"]
+    cxx_flags += ["-std=c++17", _openmp_flag(torch), "-fno-trapping-math"]
     macros = [("EQUINORM_TORCH_VERSION", f'"{torch.__version__}"')]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc")]
@@ -90,6 +89,19 @@ def _extensions() -> tuple[list, dict]:
             extra_compile_args={"cxx": cxx_flags},
         )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+def _openmp_flag(torch) -> str:
+    """-fopenmp where torch runs at::parallel_for on OpenMP, else -fopenmp-simd.
+
+    ATen's OpenMP parallel_for is a header template compiled into the extension: without -fopenmp
+    its `omp parallel` is ignored and every kernel runs on one thread. Only the compile step gets
+    the flag: the OpenMP calls then bind to the runtime torch already loads, never to a second one.
+    -fopenmp-simd alone still vectorises the kernels' `omp simd` loops.
+    """
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        return "-fopenmp"
+    return "-fopenmp-simd"
 
 
 ext_modules, cmdclass = _extensions()
