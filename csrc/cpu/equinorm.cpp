@@ -83,24 +83,49 @@ struct ForwardArgs {
   bool exact;
 };
 
+// Lanes of the row reductions: two AVX2 registers per running sum, four sums in flight, so the
+// adds do not wait on each other.
+template <typename acc_t>
+constexpr int kRowLanes = 64 / static_cast<int>(sizeof(acc_t));
+
+// The first pass over a row: sums over its values of mu w, mu [w > 0] w, mu [w > 0], mu [w <= 0].
+template <typename acc_t>
+struct RowMoments {
+  acc_t kernel_sum, positive_sum, positive_count, non_positive_count;
+};
+
+template <typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE RowMoments<acc_t> row_moments(const scalar_t* row, const acc_t* mu, int64_t size) {
+  constexpr int kWidth = kRowLanes<acc_t>;
+  acc_t kernel[kWidth] = {}, positive[kWidth] = {}, count[kWidth] = {}, non_positive[kWidth] = {};
+  const auto add = [&](int j, acc_t w, acc_t m) {
+    const acc_t positive_m = w > 0 ? m : acc_t(0);
+    kernel[j] += m * w;
+    positive[j] += positive_m * w;
+    count[j] += positive_m;
+    non_positive[j] += m - positive_m;
+  };
+  int64_t i = 0;
+  for (; i + kWidth <= size; i += kWidth) {
+#pragma omp simd
+    for (int j = 0; j < kWidth; ++j) add(j, static_cast<acc_t>(row[i + j]), mu[i + j]);
+  }
+  for (int j = 0; i < size; ++i, ++j) add(j, static_cast<acc_t>(row[i]), mu[i]);
+  return {combine_lanes<kWidth>(kernel), combine_lanes<kWidth>(positive), combine_lanes<kWidth>(count),
+          combine_lanes<kWidth>(non_positive)};
+}
+
 template <typename scalar_t, typename acc_t>
 C10_ALWAYS_INLINE void forward_row(const ForwardArgs<scalar_t, acc_t>& a, const WeightGeometry& g, acc_t mean_mass, int64_t d) {
   const int64_t size = g.row_size();
   const scalar_t* row = a.weight + d * size;
   const acc_t* mu = a.mean_per_value + (d / g.outputs_per_group()) * size;
-  acc_t kernel_sum = 0, positive_sum = 0, positive_count = 0, seen_positive = 0, seen_non_positive = 0;
-#pragma omp simd reduction(+ : kernel_sum, positive_sum, positive_count, seen_positive, seen_non_positive)
-  for (int64_t i = 0; i < size; ++i) {
-    const acc_t w = static_cast<acc_t>(row[i]), m = mu[i];
-    const acc_t positive = w > 0 ? acc_t(1) : acc_t(0), seen = m > 0 ? acc_t(1) : acc_t(0);
-    kernel_sum += m * w;
-    positive_sum += m * (positive * w);
-    positive_count += m * positive;
-    seen_positive += seen * positive;
-    seen_non_positive += seen * (1 - positive);
-  }
+  const auto [kernel_sum, positive_sum, positive_count, non_positive_count] = row_moments(row, mu, size);
+  // The means are >= 0, so a mean-weighted count is > 0 exactly when some weight on a seen input
+  // (mu > 0) falls in it: these are the "takes both signs" tests of the one-pass estimate.
+  const bool sees_positive = positive_count > 0, sees_non_positive = non_positive_count > 0;
   const acc_t shift = em::shift(kernel_sum, static_cast<int>(g.taps), mean_mass);
-  const bool use_exact = a.exact || em::needs_exact_positive_mass(seen_positive > 0, seen_non_positive > 0);
+  const bool use_exact = a.exact || em::needs_exact_positive_mass(sees_positive, sees_non_positive);
   acc_t positive_mass = em::one_pass_positive_mass(positive_sum, shift, positive_count);
   if (use_exact) {
     positive_mass = 0;
