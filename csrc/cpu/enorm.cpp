@@ -12,7 +12,9 @@
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
+#include <vector>
 
+#include "cpu/reductions.h"
 #include "enorm_plan.h"
 #include "shared/enorm_math.h"
 
@@ -41,106 +43,194 @@ void with_exponent(double p, Body&& body) {
   else body(std::integral_constant<Exponent, Exponent::kOther>());
 }
 
-// Calls visit(i, offset) for the values of channels [first, last) of one outer index, walking
-// memory in order: channels inner when they are adjacent (Linear, channels_last), taps inner
-// otherwise. Channel i is relative to `first`.
-template <typename Visit>
-inline void for_each_in_block(const RescaleEntry& e, int64_t first, int64_t last, Visit&& visit) {
-  if (e.channel_stride == 1) {
-    for (int64_t t = 0; t < e.inner; ++t)
+// Every entry's view is a run of contiguous blocks, one per outer index o, of block_size(e)
+// values in the same channel pattern: the kernels stream over blocks and look up each value's
+// channel (columns) in a table built once per call, so every inner loop is contiguous.
+int64_t block_size(const RescaleEntry& e) { return e.columns ? e.channels_per_group * e.inner : e.inner; }
+
+// The channel (within its group) of every value of a columns block.
+std::vector<int64_t> channel_of_value(const RescaleEntry& e) {
+  std::vector<int64_t> channel(block_size(e));
+  for (int64_t i = 0; i < e.channels_per_group; ++i)
+    for (int64_t t = 0; t < e.inner; ++t) channel[i * e.channel_stride + t * e.inner_stride] = i;
+  return channel;
+}
+
+// Lanes of a row's energy sum: independent partial sums in vector registers.
+template <typename acc_t>
+constexpr int kEnergyLanes = 64 / static_cast<int>(sizeof(acc_t));
+
+// sum of |v|^p over one contiguous row, in kEnergyLanes interleaved partial sums.
+template <Exponent kind, typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE acc_t row_energy(const scalar_t* row, int64_t size, acc_t exponent) {
+  constexpr int kWidth = kEnergyLanes<acc_t>;
+  acc_t lanes[kWidth] = {};
+  int64_t t = 0;
+  for (; t + kWidth <= size; t += kWidth) {
 #pragma omp simd
-      for (int64_t j = first; j < last; ++j) visit(j - first, j + t * e.inner_stride);
-  } else {
-    for (int64_t j = first; j < last; ++j)
+    for (int j = 0; j < kWidth; ++j) lanes[j] += energy_of<kind>(static_cast<acc_t>(row[t + j]), exponent);
+  }
+  for (int j = 0; t < size; ++t, ++j) lanes[j] += energy_of<kind>(static_cast<acc_t>(row[t]), exponent);
+  return combine_lanes<kWidth>(lanes);
+}
+
+// partial[k] = sum over blocks [first, last) of |block[k]|^p.
+template <Exponent kind, typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE void block_energies(const scalar_t* data, int64_t size, int64_t first, int64_t last, acc_t exponent,
+                                      acc_t* partial) {
+  std::fill(partial, partial + size, acc_t(0));
+  for (int64_t o = first; o < last; ++o) {
+    const scalar_t* block = data + o * size;
 #pragma omp simd
-      for (int64_t t = 0; t < e.inner; ++t) visit(j - first, j * e.channel_stride + t * e.inner_stride);
+    for (int64_t k = 0; k < size; ++k) partial[k] += energy_of<kind>(static_cast<acc_t>(block[k]), exponent);
   }
 }
 
-// energy[j] += sum over the values of channel j of |v|^p, for channels [begin, end) of a columns
-// entry; the order of the terms of each channel depends on the shape only.
-template <Exponent kind, typename scalar_t>
-void add_column_energies(const scalar_t* data, const RescaleEntry& e, double p, int64_t begin, int64_t end,
-                         double* energy) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const acc_t exponent = static_cast<acc_t>(p);
-  std::vector<acc_t> sums(end - begin, acc_t(0));
-  for (int64_t group = begin / e.channels_per_group; group * e.channels_per_group < end; ++group) {
-    const int64_t base = group * e.channels_per_group;
-    const int64_t first = std::max(begin, base) - base, last = std::min(end, base + e.channels_per_group) - base;
-    acc_t* group_sums = sums.data() + (base + first - begin);
-    for (int64_t o = group * e.outer_per_group(); o < (group + 1) * e.outer_per_group(); ++o) {
-      const scalar_t* block = data + o * e.outer_stride;
-      for_each_in_block(e, first, last, [&](int64_t i, int64_t offset) {
-        group_sums[i] += energy_of<kind>(static_cast<acc_t>(block[offset]), exponent);
-      });
+template <Exponent kind, typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE void row_energies(const scalar_t* data, int64_t size, int64_t first, int64_t last, acc_t exponent,
+                                    double* energy) {
+  for (int64_t o = first; o < last; ++o) energy[o] += static_cast<double>(row_energy<kind>(data + o * size, size, exponent));
+}
+
+// Float rows also compiled for AVX2 (picked at load time); other dtypes take the templates.
+template <Exponent kind>
+EQUINORM_AVX2_CLONES void float_block_energies(const float* data, int64_t size, int64_t first, int64_t last,
+                                               float exponent, float* partial) {
+  block_energies<kind>(data, size, first, last, exponent, partial);
+}
+
+template <Exponent kind>
+EQUINORM_AVX2_CLONES void float_row_energies(const float* data, int64_t size, int64_t first, int64_t last,
+                                             float exponent, double* energy) {
+  row_energies<kind>(data, size, first, last, exponent, energy);
+}
+
+template <Exponent kind, typename scalar_t, typename acc_t>
+void add_row_energies(const scalar_t* data, const RescaleEntry& e, acc_t exponent, double* energy) {
+  const int64_t size = block_size(e), grain = std::max<int64_t>(1, kTaskValues / size);
+  at::parallel_for(0, e.outer, grain, [&](int64_t first, int64_t last) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      float_row_energies<kind>(data, size, first, last, exponent, energy);
+    } else {
+      row_energies<kind>(data, size, first, last, exponent, energy);
     }
-  }
-  for (int64_t j = begin; j < end; ++j) energy[j] += static_cast<double>(sums[j - begin]);
+  });
 }
 
-// energy[o] += sum of |v|^p over row o, for rows [begin, end) of a rows entry.
-template <Exponent kind, typename scalar_t>
-void add_row_energies(const scalar_t* data, const RescaleEntry& e, double p, int64_t begin, int64_t end,
-                      double* energy) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const acc_t exponent = static_cast<acc_t>(p);
-  for (int64_t o = begin; o < end; ++o) {
-    const scalar_t* row = data + o * e.outer_stride;
-    acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t t = 0; t < e.inner; ++t) sum += energy_of<kind>(static_cast<acc_t>(row[t]), exponent);
-    energy[o] += static_cast<double>(sum);
+// Column energies: the blocks of each group are cut into chunks of a size fixed by the shape;
+// each chunk sums its blocks value by value into its own partial block, then the partials are
+// added in chunk order and folded onto the channels: independent of the thread count.
+template <Exponent kind, typename scalar_t, typename acc_t>
+void add_column_energies(const scalar_t* data, const RescaleEntry& e, acc_t exponent, double* energy) {
+  const int64_t size = block_size(e), per_group = e.outer_per_group();
+  const int64_t chunk_blocks = std::min(per_group, std::max<int64_t>(1, kTaskValues / size));
+  const int64_t chunks_per_group = (per_group + chunk_blocks - 1) / chunk_blocks;
+  std::vector<acc_t> partial(e.groups * chunks_per_group * size);
+  at::parallel_for(0, e.groups * chunks_per_group, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t group = chunk / chunks_per_group, first = group * per_group + (chunk % chunks_per_group) * chunk_blocks;
+      const int64_t last = std::min(first + chunk_blocks, (group + 1) * per_group);
+      acc_t* sums = partial.data() + chunk * size;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        float_block_energies<kind>(data, size, first, last, exponent, sums);
+      } else {
+        block_energies<kind>(data, size, first, last, exponent, sums);
+      }
+    }
+  });
+  const std::vector<int64_t> channel = channel_of_value(e);
+  for (int64_t group = 0; group < e.groups; ++group) {
+    acc_t* total = partial.data() + group * chunks_per_group * size;
+    for (int64_t chunk = 1; chunk < chunks_per_group; ++chunk) add_row(total, total + chunk * size, size);
+    double* group_energy = energy + group * e.channels_per_group;
+    for (int64_t k = 0; k < size; ++k) group_energy[channel[k]] += static_cast<double>(total[k]);
   }
 }
 
 void add_energies(const at::Tensor& t, const RescaleEntry& e, double p, double* energy) {
-  const int64_t values_per_channel = e.columns ? e.outer_per_group() * e.inner : e.inner;
-  const int64_t grain = std::max<int64_t>(1, kTaskValues / values_per_channel);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "enorm_energy_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* data = t.const_data_ptr<scalar_t>();
     with_exponent(p, [&](auto kind) {
-      at::parallel_for(0, e.channels(), grain, [&](int64_t begin, int64_t end) {
-        if (e.columns) {
-          add_column_energies<decltype(kind)::value>(data, e, p, begin, end, energy);
-        } else {
-          add_row_energies<decltype(kind)::value>(data, e, p, begin, end, energy);
-        }
-      });
+      constexpr Exponent kKind = decltype(kind)::value;
+      if (e.columns) {
+        add_column_energies<kKind>(data, e, static_cast<acc_t>(p), energy);
+      } else {
+        add_row_energies<kKind>(data, e, static_cast<acc_t>(p), energy);
+      }
     });
   });
 }
 
-// t[o, j, :] *= factor[j] (columns) or t[o, ...] *= factor[o] (rows), for outer indices [begin, end).
+// block[k] *= factor[k] for blocks [first, last); factor holds one block's factors per group.
 template <typename scalar_t, typename acc_t>
-void rescale_blocks(scalar_t* data, const RescaleEntry& e, const acc_t* factor, int64_t begin, int64_t end) {
-  for (int64_t o = begin; o < end; ++o) {
-    scalar_t* block = data + o * e.outer_stride;
-    if (!e.columns) {
-      const acc_t f = factor[o];
+C10_ALWAYS_INLINE void scale_blocks(scalar_t* data, int64_t size, int64_t per_group, const acc_t* factor, int64_t first,
+                                    int64_t last) {
+  for (int64_t o = first; o < last; ++o) {
+    scalar_t* block = data + o * size;
+    const acc_t* f = factor + (o / per_group) * size;
 #pragma omp simd
-      for (int64_t t = 0; t < e.inner; ++t) block[t] = static_cast<scalar_t>(static_cast<acc_t>(block[t]) * f);
-      continue;
-    }
-    const acc_t* channel_factor = factor + (o / e.outer_per_group()) * e.channels_per_group;
-    for_each_in_block(e, 0, e.channels_per_group, [&](int64_t j, int64_t offset) {
-      block[offset] = static_cast<scalar_t>(static_cast<acc_t>(block[offset]) * channel_factor[j]);
-    });
+    for (int64_t k = 0; k < size; ++k) block[k] = static_cast<scalar_t>(static_cast<acc_t>(block[k]) * f[k]);
   }
+}
+
+// block *= factor[o] for blocks [first, last).
+template <typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE void scale_rows(scalar_t* data, int64_t size, const acc_t* factor, int64_t first, int64_t last) {
+  for (int64_t o = first; o < last; ++o) {
+    scalar_t* row = data + o * size;
+    const acc_t f = factor[o];
+#pragma omp simd
+    for (int64_t t = 0; t < size; ++t) row[t] = static_cast<scalar_t>(static_cast<acc_t>(row[t]) * f);
+  }
+}
+
+EQUINORM_AVX2_CLONES void float_scale_blocks(float* data, int64_t size, int64_t per_group, const float* factor,
+                                             int64_t first, int64_t last) {
+  scale_blocks(data, size, per_group, factor, first, last);
+}
+
+EQUINORM_AVX2_CLONES void float_scale_rows(float* data, int64_t size, const float* factor, int64_t first, int64_t last) {
+  scale_rows(data, size, factor, first, last);
+}
+
+// The factor of every value of a block, per group (columns), or of every row (rows): d^power.
+template <typename acc_t>
+std::vector<acc_t> value_factors(const RescaleEntry& e, const std::vector<double>& d) {
+  const auto power = [&](int64_t j) { return static_cast<acc_t>(em::coefficient_power(d[j], static_cast<int>(e.power))); };
+  if (!e.columns) {
+    std::vector<acc_t> factor(e.outer);
+    for (int64_t o = 0; o < e.outer; ++o) factor[o] = power(o);
+    return factor;
+  }
+  const int64_t size = block_size(e);
+  const std::vector<int64_t> channel = channel_of_value(e);
+  std::vector<acc_t> factor(e.groups * size);
+  for (int64_t group = 0; group < e.groups; ++group)
+    for (int64_t k = 0; k < size; ++k) factor[group * size + k] = power(group * e.channels_per_group + channel[k]);
+  return factor;
+}
+
+template <typename scalar_t>
+void rescale_values(scalar_t* data, const RescaleEntry& e, const std::vector<double>& d) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t size = block_size(e), grain = std::max<int64_t>(1, kTaskValues / size);
+  const std::vector<acc_t> factor = value_factors<acc_t>(e, d);
+  at::parallel_for(0, e.outer, grain, [&](int64_t first, int64_t last) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (e.columns) float_scale_blocks(data, size, e.outer_per_group(), factor.data(), first, last);
+      else float_scale_rows(data, size, factor.data(), first, last);
+    } else {
+      if (e.columns) scale_blocks(data, size, e.outer_per_group(), factor.data(), first, last);
+      else scale_rows(data, size, factor.data(), first, last);
+    }
+  });
 }
 
 // Multiplies t along the entry's axis by d^power.
 void rescale(at::Tensor& t, const RescaleEntry& e, const std::vector<double>& d) {
-  const int64_t values_per_outer = e.columns ? e.channels_per_group * e.inner : e.inner;
-  const int64_t grain = std::max<int64_t>(1, kTaskValues / values_per_outer);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "enorm_rescale_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    std::vector<acc_t> factor(d.size());
-    for (size_t j = 0; j < d.size(); ++j) factor[j] = static_cast<acc_t>(em::coefficient_power(d[j], static_cast<int>(e.power)));
-    scalar_t* data = t.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, e.outer, grain, [&](int64_t begin, int64_t end) {
-      rescale_blocks(data, e, factor.data(), begin, end);
-    });
+    rescale_values(t.mutable_data_ptr<scalar_t>(), e, d);
   });
 }
 
