@@ -13,6 +13,8 @@ Providers:
     reference_compiled   torch.compile of the reference, compiled once per case (static shapes)
     conv2d, conv2d_batchnorm, conv2d_groupnorm, stdconv2d    whole-layer baselines
     torch_sum            the plain read that sets the bandwidth ceiling
+    foreach_mul          every parameter multiplied in place (torch._foreach_mul_): one read and one
+                         write of each, the least traffic any ENorm cycle can make (a floor, not comparable)
 
 Bytes moved (for GB/s) are the least traffic the operation needs, defined per family in
 :data:`FAMILIES`; 4 bytes per fp32 element.
@@ -38,6 +40,7 @@ from .networks import ImageNetResNet18, StdConv2d, parameter_count, residual_mlp
 REFERENCE = "reference"
 COMPILED_REFERENCE = "reference_compiled"
 READ = "torch_sum"
+PARAMETER_PASS = "foreach_mul"
 BASELINES = ("conv2d", "conv2d_batchnorm", "conv2d_groupnorm", "stdconv2d")
 MAX_GROUP_NORM_GROUPS = 32
 FLOAT32_BYTES = 4
@@ -172,6 +175,8 @@ class Case:
             names.append(COMPILED_REFERENCE)
         if self.provider_set == LAYER_PROVIDERS:
             names += BASELINES
+        if self.family == "enorm_cycle":
+            names.append(PARAMETER_PASS)
         return tuple(names)
 
 
@@ -552,7 +557,14 @@ def _build_enorm(network: Network, balance: bool, tol: float, max_cycles: int, c
 
     factories: dict[str, ProviderFactory] = {name: partial(provider, name) for name in context.fused_backends}
     factories[REFERENCE] = partial(provider, REFERENCE)
+    if not balance:
+        factories[PARAMETER_PASS] = partial(_parameter_pass, model)
     return factories
+
+
+def _parameter_pass(model: nn.Module) -> Provider:
+    values = [parameter.detach() for parameter in copy.deepcopy(model).parameters()]
+    return Provider(run=partial(torch._foreach_mul_, values, 1.0), outputs=lambda _: tuple(values), comparable=False)
 
 
 def _balance(normalizer: ENorm, tol: float, max_cycles: int) -> int:
