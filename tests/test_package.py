@@ -30,6 +30,21 @@ def test_extension_is_built_against_the_running_torch():
     assert info["with_cuda"] == (torch.version.cuda is not None and info["cuda_arch_list"] != "")
 
 
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and torch.backends.openmp.is_available()),
+                    reason="torch's parallel_for is OpenMP on Linux builds only")
+def test_cpu_kernels_are_built_to_run_on_torchs_openmp_threads():
+    # at::parallel_for is a header template: compiled without -fopenmp it runs on one thread, and
+    # the extension then never calls into the OpenMP runtime. Nor must it bring a runtime of its own.
+    from equinorm_kernels import _C
+
+    symbols = subprocess.run(["nm", "-D", "--undefined-only", _C.__file__], capture_output=True, text=True)
+    if symbols.returncode != 0:
+        pytest.skip(f"nm could not read the extension: {symbols.stderr.strip()}")
+    assert "GOMP_parallel" in symbols.stdout
+    needed = subprocess.run(["readelf", "-d", _C.__file__], capture_output=True, text=True).stdout
+    assert "gomp" not in needed and "libomp" not in needed, needed
+
+
 def test_import_without_extension_warns_and_keeps_reference_backend():
     result = _run(
         """
