@@ -85,6 +85,26 @@ def test_timing_summarises_blocks_into_median_and_percentiles():
     assert measured.samples >= 3 and len(restored) == measured.samples
 
 
+def test_cpu_providers_are_timed_in_interleaved_rounds():
+    calls = []
+    x = torch.rand(100)
+
+    def build(context: cases.BuildContext) -> dict:
+        return {
+            REFERENCE: lambda: Provider(run=lambda: calls.append(REFERENCE) or x.sum()),
+            "other": lambda: Provider(run=lambda: calls.append("other") or x.sum()),
+        }
+
+    case = Case("channel_mean", "synthetic", {}, build, bytes_moved=400)
+    settings = timing.TimingSettings(min_run_time=0.003, min_samples=6, max_run_time=1.0, warmup_calls=0, rounds=3)
+    result = runner.run_case(case, TINY_CONTEXT, settings)
+    runs = [name for i, name in enumerate(calls) if i == 0 or calls[i - 1] != name]  # consecutive calls merged
+    assert runs[:2] == [REFERENCE, "other"]  # the checks, then three rounds of both
+    assert runs[2:] == [REFERENCE, "other"] * 3
+    for name in (REFERENCE, "other"):
+        assert result.providers[name].timing.samples >= 6 and "3 interleaved rounds" in result.providers[name].timing.method
+
+
 def test_std_conv_standardises_each_output_channel():
     torch.manual_seed(0)
     conv = StdConv2d(3, 5, 3, padding=1)

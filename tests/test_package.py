@@ -37,11 +37,11 @@ def test_cpu_kernels_are_built_to_run_on_torchs_openmp_threads():
     # the extension then never calls into the OpenMP runtime. Nor must it bring a runtime of its own.
     from equinorm_kernels import _C
 
-    symbols = subprocess.run(["nm", "-D", "--undefined-only", _C.__file__], capture_output=True, text=True)
+    symbols = subprocess.run(["nm", "-D", "--undefined-only", _C.__file__], capture_output=True, text=True, check=False)
     if symbols.returncode != 0:
         pytest.skip(f"nm could not read the extension: {symbols.stderr.strip()}")
     assert "GOMP_parallel" in symbols.stdout
-    needed = subprocess.run(["readelf", "-d", _C.__file__], capture_output=True, text=True).stdout
+    needed = subprocess.run(["readelf", "-d", _C.__file__], capture_output=True, text=True, check=False).stdout
     assert "gomp" not in needed and "libomp" not in needed, needed
 
 

@@ -39,8 +39,8 @@ from .timing import TimingSettings, triton_do_bench
 PROGRAM = "equinorm-bench"
 TIMING_PRESETS = {
     "tiny": TimingSettings(min_run_time=0.0, min_samples=1, max_run_time=1.0, warmup_calls=0),
-    "quick": TimingSettings(min_run_time=0.1, min_samples=5, max_run_time=0.5, warmup_calls=0),
-    "full": TimingSettings(min_run_time=0.5, min_samples=7, max_run_time=5.0, warmup_calls=2),
+    "quick": TimingSettings(min_run_time=0.1, min_samples=5, max_run_time=0.5, warmup_calls=0, rounds=2),
+    "full": TimingSettings(min_run_time=0.5, min_samples=7, max_run_time=5.0, warmup_calls=2, rounds=3),
 }
 
 
@@ -161,7 +161,8 @@ def timing_settings(preset: str, min_run_time: float | None) -> TimingSettings:
     settings = TIMING_PRESETS[preset]
     if min_run_time is None:
         return settings
-    return TimingSettings(min_run_time, settings.min_samples, max(settings.max_run_time, 4 * min_run_time), settings.warmup_calls)
+    return TimingSettings(min_run_time, settings.min_samples, max(settings.max_run_time, 4 * min_run_time),
+                          settings.warmup_calls, settings.rounds)  # fmt: skip
 
 
 def run_all(cases: Sequence[Case], context: BuildContext, settings: TimingSettings) -> list[CaseResult]:
@@ -277,7 +278,8 @@ def run_settings(
         "value_checks": _checks.value_checks_active(),
         "host_allocator": allocator_setting or "the C library's default",
         "timing": {"min_run_time_s": settings.min_run_time, "min_samples": settings.min_samples,
-                   "max_run_time_s": settings.max_run_time, "warmup_calls": settings.warmup_calls},
+                   "max_run_time_s": settings.max_run_time, "warmup_calls": settings.warmup_calls,
+                   "interleaved_rounds_cpu": settings.rounds},
         "agreement_tolerance": AGREEMENT_TOLERANCE,
         "speedup": "baseline median / provider median",
     }  # fmt: skip
@@ -290,6 +292,8 @@ def header_lines(
     device = f"{environment['device']} ({environment['device_name']}), {environment['threads']} torch threads"
     versions = f"torch {environment['torch']}, triton {environment['triton'] or 'not installed'}"
     timing = f">= {settings.min_samples} samples and >= {settings.min_run_time} s per provider"
+    if settings.rounds > 1 and environment["device"] == "cpu":
+        timing += f", in {settings.rounds} interleaved rounds"
     return [
         f"{PROGRAM} ({preset}): {device}, fused backends: {fused}",
         f"{versions}, commit {environment['git_commit']}, {environment['timestamp']}",

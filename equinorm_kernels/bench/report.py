@@ -2,7 +2,8 @@
 
 Speedups are ratios of medians: the baseline's median time over the provider's (above 1: faster
 than the baseline). GB/s is the case's bytes moved over the median time; % of ceiling divides it
-by the read ceiling measured in the same run (the "read_ceiling" case).
+by the read ceiling: torch.sum of the case's own input, timed within the case, where the case has
+it (channel_mean), else the run's "read_ceiling" case.
 """
 from __future__ import annotations
 
@@ -29,11 +30,19 @@ def read_ceiling_gbps(results: Iterable[CaseResult]) -> float | None:
     return max(ceilings) if ceilings else None
 
 
+def case_ceiling(result: CaseResult, ceiling: float | None) -> float | None:
+    """The read bandwidth a case is measured against: its own plain read of the same input when
+    it has one (timed minutes closer than the run's ceiling: drift of a shared machine's bandwidth
+    cancels), else the run's ceiling."""
+    own = result.gbps(READ) if result.case.family != "read_ceiling" else None
+    return own or ceiling
+
+
 def fraction_of_ceiling(result: CaseResult, provider: str, ceiling: float | None) -> float | None:
-    gbps = result.gbps(provider)
-    if gbps is None or not ceiling:
+    gbps, reference = result.gbps(provider), case_ceiling(result, ceiling)
+    if gbps is None or not reference:
         return None
-    return gbps / ceiling
+    return gbps / reference
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,14 @@ from .cases import (
     Provider,
     ProviderFactory,
 )
-from .timing import Timing, TimingSettings, measure, synchronize
+from .timing import (
+    Timing,
+    TimingSettings,
+    measure,
+    measure_samples,
+    summarise,
+    synchronize,
+)
 
 # Largest relative difference max|a - b| / max|b| (per output tensor) that still counts as agreeing:
 # fp32 kernels and the reference sum in different orders.
@@ -98,17 +105,22 @@ def describe_error(error: BaseException) -> str:
 
 
 def run_case(case: Case, context: BuildContext, settings: TimingSettings | None) -> CaseResult:
-    """Build, check and (unless ``settings`` is None) time every provider of ``case``."""
+    """Build and check every provider of ``case``, then (unless ``settings`` is None) time them."""
     factories = case.build(context)
     # The reference runs first so the others can be compared with it.
     order = sorted(factories, key=lambda name: name != REFERENCE)
     results: dict[str, ProviderResult] = {}
+    checked: dict[str, Provider] = {}
     expected: tuple[torch.Tensor, ...] | None = None
     for name in order:
-        result, outputs = _run_provider(name, factories[name], expected, context, settings)
+        result, provider, outputs = _check_provider(name, factories[name], expected, context)
         if name == REFERENCE and outputs is not None:
             expected = outputs
         results[name] = result
+        if provider is not None:
+            checked[name] = provider
+    if settings is not None:
+        _time_providers(checked, results, context.device, settings)
     return CaseResult(case, {name: results[name] for name in factories_order(order, results)})
 
 
@@ -120,16 +132,12 @@ def factories_order(order: Sequence[str], results: dict[str, ProviderResult]) ->
     return sorted(order, key=rank)
 
 
-def _run_provider(
-    name: str,
-    factory: ProviderFactory,
-    expected: tuple[torch.Tensor, ...] | None,
-    context: BuildContext,
-    settings: TimingSettings | None,
-) -> tuple[ProviderResult, tuple[torch.Tensor, ...] | None]:
-    """Check, then time one provider; returns its result and (for the reference) its outputs, cloned."""
+def _check_provider(
+    name: str, factory: ProviderFactory, expected: tuple[torch.Tensor, ...] | None, context: BuildContext
+) -> tuple[ProviderResult, Provider | None, tuple[torch.Tensor, ...] | None]:
+    """Build and call one provider once: its result so far, the provider (None if it failed) and
+    (for the reference) its outputs, cloned."""
     result = ProviderResult(name)
-    outputs = None
     try:
         provider: Provider = factory()
         result.comparable = provider.comparable
@@ -138,12 +146,36 @@ def _run_provider(
             result.details = provider.details(value)
         if name != REFERENCE and provider.comparable and expected is not None:
             result.max_relative_error = relative_error(outputs, expected)
-        if settings is not None:
-            restore = provider.restore if provider.restore_every_run else None
-            result.timing = measure(provider.run, context.device, settings, restore=restore)
     except Exception as error:  # one broken provider must not end the run: record it
         result.error = describe_error(error)
-    return result, outputs if name == REFERENCE else None
+        return result, None, None
+    return result, provider, outputs if name == REFERENCE else None
+
+
+def _time_providers(
+    providers: dict[str, Provider], results: dict[str, ProviderResult], device: torch.device, settings: TimingSettings
+) -> None:
+    """Time every checked provider. On CPU in ``settings.rounds`` interleaved rounds whose samples
+    are pooled, so a slow stretch of a shared machine does not land on one provider only."""
+    rounds = settings.rounds if device.type == "cpu" else 1
+    samples: dict[str, list[float]] = {name: [] for name in providers}
+    methods: dict[str, str] = {}
+    for _ in range(rounds):
+        for name, provider in providers.items():
+            if results[name].error is not None:
+                continue
+            restore = provider.restore if provider.restore_every_run else None
+            try:
+                if rounds == 1:
+                    results[name].timing = measure(provider.run, device, settings, restore=restore)
+                    continue
+                seconds, methods[name] = measure_samples(provider.run, device, settings.per_round(), restore=restore)
+                samples[name] += seconds
+            except Exception as error:  # recorded like a failed check; the others go on
+                results[name].error = describe_error(error)
+    for name, seconds in samples.items():
+        if seconds and results[name].error is None:
+            results[name].timing = summarise(seconds, f"{methods[name]}, {rounds} interleaved rounds")
 
 
 def first_outputs(provider: Provider, device: torch.device) -> tuple[tuple[torch.Tensor, ...], object]:

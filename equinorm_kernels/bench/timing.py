@@ -33,12 +33,20 @@ class TimingSettings:
         min_samples: samples (blocks) to collect at least, so p20/p80 mean something.
         max_run_time: seconds after which a slow provider stops collecting samples.
         warmup_calls: untimed calls before measuring (the first call of a compiled function compiles).
+        rounds: CPU: the providers of a case are timed in this many interleaved rounds, so a drift of
+            the machine's speed during the case reaches every provider alike.
     """
 
     min_run_time: float = 0.5
     min_samples: int = 7
     max_run_time: float = 20.0
     warmup_calls: int = 2
+    rounds: int = 1
+
+    def per_round(self) -> TimingSettings:
+        """The budget of one of ``rounds`` interleaved rounds (the samples of all rounds are pooled)."""
+        return TimingSettings(self.min_run_time / self.rounds, math.ceil(self.min_samples / self.rounds),
+                              self.max_run_time / self.rounds, self.warmup_calls, 1)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -110,21 +118,35 @@ def measure(
     ``run`` must already have been called once (the correctness check does that), so compilation
     and lazy initialisation are not timed.
     """
-    if restore is not None:
-        return _measure_single_calls(run, restore, settings)
-    # A first timed call, not kept: a warm-up that also tells slow calls from fast ones.
-    single_call = timeit.Timer(run, timer=synchronized_clock).timeit(1)
-    if single_call * settings.min_samples >= settings.min_run_time:
-        # One call per sample already fills the time budget; two calls were warm-up enough.
-        return _measure_single_calls(run, None, settings)
-    warm_up(run, device, settings.warmup_calls)
-    do_bench = triton_do_bench() if device.type == "cuda" else None
-    if do_bench is not None:
+    do_bench = triton_do_bench() if device.type == "cuda" and restore is None else None
+    if do_bench is not None and not _is_slow(run, settings):
+        warm_up(run, device, settings.warmup_calls)
         return _measure_with_do_bench(do_bench, run, settings)
+    return summarise(*measure_samples(run, device, settings, restore=restore))
+
+
+def measure_samples(
+    run: Callable[[], object],
+    device: torch.device,
+    settings: TimingSettings,
+    *,
+    restore: Callable[[], None] | None = None,
+) -> tuple[list[float], str]:
+    """Seconds per call of ``run`` (host clock, device synchronised), and how they were taken."""
+    if restore is not None or _is_slow(run, settings):
+        # One call per sample already fills the time budget; the calls so far were warm-up enough.
+        return _measure_single_calls(run, restore, settings)
+    warm_up(run, device, settings.warmup_calls)
     return _measure_blocked(run, torch.get_num_threads(), settings)
 
 
-def _measure_blocked(run: Callable[[], object], threads: int, settings: TimingSettings) -> Timing:
+def _is_slow(run: Callable[[], object], settings: TimingSettings) -> bool:
+    """Times one call, not kept: a warm-up that also tells slow calls from fast ones."""
+    single_call = timeit.Timer(run, timer=synchronized_clock).timeit(1)
+    return single_call * settings.min_samples >= settings.min_run_time
+
+
+def _measure_blocked(run: Callable[[], object], threads: int, settings: TimingSettings) -> tuple[list[float], str]:
     """blocked_autorange until ``min_samples`` blocks and ``min_run_time`` seconds are in."""
     timer = Timer(stmt="run()", globals={"run": run}, num_threads=threads)
     seconds_per_call: list[float] = []
@@ -135,10 +157,12 @@ def _measure_blocked(run: Callable[[], object], threads: int, settings: TimingSe
         spent += sum(measurement.raw_times)
         if spent > settings.max_run_time:
             break
-    return summarise(seconds_per_call, "torch.utils.benchmark.Timer.blocked_autorange")
+    return seconds_per_call, "torch.utils.benchmark.Timer.blocked_autorange"
 
 
-def _measure_single_calls(run: Callable[[], object], restore: Callable[[], None] | None, settings: TimingSettings) -> Timing:
+def _measure_single_calls(
+    run: Callable[[], object], restore: Callable[[], None] | None, settings: TimingSettings
+) -> tuple[list[float], str]:
     """One call per sample, the restore (if any) untimed before it.
 
     Python's timeit with torch's synchronising clock: Timer.timeit would add two warm-up calls to
@@ -150,7 +174,7 @@ def _measure_single_calls(run: Callable[[], object], restore: Callable[[], None]
         seconds_per_call.append(timer.timeit(1))
         if sum(seconds_per_call) > settings.max_run_time and len(seconds_per_call) >= MIN_SLOW_SAMPLES:
             break
-    return summarise(seconds_per_call, "one call per sample (timeit, device synchronised)")
+    return seconds_per_call, "one call per sample (timeit, device synchronised)"
 
 
 def _measure_with_do_bench(do_bench: Callable[..., object], run: Callable[[], object], settings: TimingSettings) -> Timing:
