@@ -26,21 +26,16 @@ namespace em = equinorm::math;
 
 constexpr int64_t kTaskValues = 1 << 14;
 
-// |v|^p with the exponent's kind fixed at compile time, so the inner loops vectorise.
-enum class Exponent { kOne, kTwo, kOther };
+using em::Exponent;
 
-template <Exponent kind, typename acc_t>
-inline acc_t energy_of(acc_t v, acc_t p) {
-  if constexpr (kind == Exponent::kTwo) return v * v;
-  else if constexpr (kind == Exponent::kOne) return v < 0 ? -v : v;
-  else return em::energy_term(v, p);
-}
-
+// Runs body with the exponent's kind as a compile-time constant, so the inner loops vectorise.
 template <typename Body>
 void with_exponent(double p, Body&& body) {
-  if (p == 2) body(std::integral_constant<Exponent, Exponent::kTwo>());
-  else if (p == 1) body(std::integral_constant<Exponent, Exponent::kOne>());
-  else body(std::integral_constant<Exponent, Exponent::kOther>());
+  switch (em::exponent_kind(p)) {
+    case Exponent::kTwo: return body(std::integral_constant<Exponent, Exponent::kTwo>());
+    case Exponent::kOne: return body(std::integral_constant<Exponent, Exponent::kOne>());
+    default: return body(std::integral_constant<Exponent, Exponent::kOther>());
+  }
 }
 
 // Every entry's view is a run of contiguous blocks, one per outer index o, of block_size(e)
@@ -68,9 +63,9 @@ C10_ALWAYS_INLINE acc_t row_energy(const scalar_t* row, int64_t size, acc_t expo
   int64_t t = 0;
   for (; t + kWidth <= size; t += kWidth) {
 #pragma omp simd
-    for (int j = 0; j < kWidth; ++j) lanes[j] += energy_of<kind>(static_cast<acc_t>(row[t + j]), exponent);
+    for (int j = 0; j < kWidth; ++j) lanes[j] += em::energy_term_of<kind>(static_cast<acc_t>(row[t + j]), exponent);
   }
-  for (int j = 0; t < size; ++t, ++j) lanes[j] += energy_of<kind>(static_cast<acc_t>(row[t]), exponent);
+  for (int j = 0; t < size; ++t, ++j) lanes[j] += em::energy_term_of<kind>(static_cast<acc_t>(row[t]), exponent);
   return combine_lanes<kWidth>(lanes);
 }
 
@@ -82,7 +77,7 @@ C10_ALWAYS_INLINE void block_energies(const scalar_t* data, int64_t size, int64_
   for (int64_t o = first; o < last; ++o) {
     const scalar_t* block = data + o * size;
 #pragma omp simd
-    for (int64_t k = 0; k < size; ++k) partial[k] += energy_of<kind>(static_cast<acc_t>(block[k]), exponent);
+    for (int64_t k = 0; k < size; ++k) partial[k] += em::energy_term_of<kind>(static_cast<acc_t>(block[k]), exponent);
   }
 }
 

@@ -15,13 +15,31 @@
 namespace equinorm {
 namespace math {
 
-// |w|^p with the common exponents computed exactly and cheaply.
+// The exponent's kind: p = 1 and p = 2 are computed exactly and cheaply. Kernels that fix the
+// kind at compile time (energy_term_of) keep their inner loops free of the tests.
+enum class Exponent { kOne, kTwo, kOther };
+
+EQUINORM_HOST_DEVICE Exponent exponent_kind(double p) {
+  return p == 2 ? Exponent::kTwo : p == 1 ? Exponent::kOne : Exponent::kOther;
+}
+
+// |w|^p for an exponent of the given kind.
+template <Exponent kind, typename acc_t>
+EQUINORM_HOST_DEVICE acc_t energy_term_of(acc_t value, acc_t p) {
+  const acc_t magnitude = value < acc_t(0) ? -value : value;
+  if constexpr (kind == Exponent::kTwo) return magnitude * magnitude;
+  else if constexpr (kind == Exponent::kOne) return magnitude;
+  else return magnitude == acc_t(0) ? acc_t(0) : static_cast<acc_t>(pow(magnitude, p));
+}
+
+// |w|^p, the kind read from p.
 template <typename acc_t>
 EQUINORM_HOST_DEVICE acc_t energy_term(acc_t value, acc_t p) {
-  const acc_t magnitude = value < acc_t(0) ? -value : value;
-  if (p == acc_t(2)) return magnitude * magnitude;
-  if (p == acc_t(1)) return magnitude;
-  return magnitude == acc_t(0) ? acc_t(0) : static_cast<acc_t>(pow(magnitude, p));
+  switch (exponent_kind(static_cast<double>(p))) {
+    case Exponent::kTwo: return energy_term_of<Exponent::kTwo>(value, p);
+    case Exponent::kOne: return energy_term_of<Exponent::kOne>(value, p);
+    default: return energy_term_of<Exponent::kOther>(value, p);
+  }
 }
 
 template <typename acc_t>
