@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from equinorm_kernels import ENorm, reference
-from equinorm_kernels.ops.enorm import ENTRY_FIELDS
+from equinorm_kernels.ops.enorm import ENTRY_FIELDS, RescalingProgram
 
 from kernel_backends import fused_backend_params, op
 from nets import GroupedConvNet, SmallCNN, SmallResNet, mlp
@@ -189,6 +189,29 @@ def test_bit_identical_across_thread_counts(backend, device):
             assert all(torch.equal(a, b) for a, b in zip(first, again))
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("net", list(NETS))
+@pytest.mark.parametrize("dtype,p", [(torch.float32, 2.0), (torch.float16, 2.0), (torch.float32, 3.0), (torch.float64, 1.0)])
+def test_cycle_op_equals_its_groups_one_call_each(backend, device, net, dtype, p):
+    # A cycle may carry work from one group to the next (the CPU kernel sums a weight's new row
+    # energies while it scales the weight's columns); the result must be exactly that of the
+    # groups run one op call each.
+    model, _ = _unbalanced(net, dtype)
+    model = model.to(device)
+    enorm = ENorm(model, backend=backend, include_bias=True)
+    program = RescalingProgram(enorm._state)
+    for group in enorm._groups:
+        program.add_group(group, include_bias=True)
+    by_groups = [t.clone() for t in program.tensors]
+    op(backend, "enorm_cycle_")(program.tensors, program.entries, program.group_sizes, p, 1.1)
+    first = 0
+    for size in program.group_sizes:
+        entries = program.entries[first * ENTRY_FIELDS:(first + size) * ENTRY_FIELDS]
+        op(backend, "enorm_group_")(by_groups, entries, p, 1.1)
+        first += size
+    for index, (got, want) in enumerate(zip(program.tensors, by_groups)):
+        assert torch.equal(got, want), f"tensor {index} differs"
 
 
 def test_opcheck_enorm_ops(backend, device):

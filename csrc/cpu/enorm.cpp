@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 #include "cpu/reductions.h"
@@ -189,6 +190,45 @@ EQUINORM_AVX2_CLONES void float_scale_rows(float* data, int64_t size, const floa
   scale_rows(data, size, factor, first, last);
 }
 
+// Scales one block (block[k] *= f[k]) and returns sum |new value|^p, the lanes as row_energy's,
+// so the sum is the one row_energy would compute from the stored values.
+template <Exponent kind, typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE acc_t scale_block_summing_energy(scalar_t* block, const acc_t* f, int64_t size, acc_t exponent) {
+  constexpr int kWidth = kEnergyLanes<acc_t>;
+  acc_t lanes[kWidth] = {};
+  int64_t k = 0;
+  for (; k + kWidth <= size; k += kWidth) {
+#pragma omp simd
+    for (int j = 0; j < kWidth; ++j) {
+      const scalar_t value = static_cast<scalar_t>(static_cast<acc_t>(block[k + j]) * f[k + j]);
+      block[k + j] = value;
+      lanes[j] += em::energy_term_of<kind>(static_cast<acc_t>(value), exponent);
+    }
+  }
+  for (int j = 0; k < size; ++k, ++j) {
+    const scalar_t value = static_cast<scalar_t>(static_cast<acc_t>(block[k]) * f[k]);
+    block[k] = value;
+    lanes[j] += em::energy_term_of<kind>(static_cast<acc_t>(value), exponent);
+  }
+  return combine_lanes<kWidth>(lanes);
+}
+
+template <Exponent kind, typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE void scale_blocks_summing_energies(scalar_t* data, int64_t size, int64_t per_group, const acc_t* factor,
+                                                     int64_t first, int64_t last, acc_t exponent, double* energy) {
+  for (int64_t o = first; o < last; ++o) {
+    const acc_t sum = scale_block_summing_energy<kind>(data + o * size, factor + (o / per_group) * size, size, exponent);
+    energy[o] += static_cast<double>(sum);
+  }
+}
+
+template <Exponent kind>
+EQUINORM_AVX2_CLONES void float_scale_blocks_summing_energies(float* data, int64_t size, int64_t per_group,
+                                                              const float* factor, int64_t first, int64_t last,
+                                                              float exponent, double* energy) {
+  scale_blocks_summing_energies<kind>(data, size, per_group, factor, first, last, exponent, energy);
+}
+
 // The factor of every value of a block, per group (columns), or of every row (rows): d^power.
 template <typename acc_t>
 std::vector<acc_t> value_factors(const RescaleEntry& e, const std::vector<double>& d) {
@@ -206,41 +246,88 @@ std::vector<acc_t> value_factors(const RescaleEntry& e, const std::vector<double
   return factor;
 }
 
+// Scales the values; with row_energy (columns entries only), also adds each row's sum of
+// |new value|^p to it, in the same pass.
 template <typename scalar_t>
-void rescale_values(scalar_t* data, const RescaleEntry& e, const std::vector<double>& d) {
+void rescale_values(scalar_t* data, const RescaleEntry& e, const std::vector<double>& d, double p, double* row_energy) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t size = block_size(e), grain = std::max<int64_t>(1, kTaskValues / size);
+  const int64_t size = block_size(e), grain = std::max<int64_t>(1, kTaskValues / size), per_group = e.outer_per_group();
   const std::vector<acc_t> factor = value_factors<acc_t>(e, d);
+  const acc_t* f = factor.data();
+  if (row_energy != nullptr) {
+    with_exponent(p, [&](auto kind) {
+      constexpr Exponent kKind = decltype(kind)::value;
+      const acc_t exponent = static_cast<acc_t>(p);
+      at::parallel_for(0, e.outer, grain, [&](int64_t first, int64_t last) {
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          float_scale_blocks_summing_energies<kKind>(data, size, per_group, f, first, last, exponent, row_energy);
+        } else {
+          scale_blocks_summing_energies<kKind>(data, size, per_group, f, first, last, exponent, row_energy);
+        }
+      });
+    });
+    return;
+  }
   at::parallel_for(0, e.outer, grain, [&](int64_t first, int64_t last) {
     if constexpr (std::is_same_v<scalar_t, float>) {
-      if (e.columns) float_scale_blocks(data, size, e.outer_per_group(), factor.data(), first, last);
-      else float_scale_rows(data, size, factor.data(), first, last);
+      if (e.columns) float_scale_blocks(data, size, per_group, f, first, last);
+      else float_scale_rows(data, size, f, first, last);
     } else {
-      if (e.columns) scale_blocks(data, size, e.outer_per_group(), factor.data(), first, last);
-      else scale_rows(data, size, factor.data(), first, last);
+      if (e.columns) scale_blocks(data, size, per_group, f, first, last);
+      else scale_rows(data, size, f, first, last);
     }
   });
 }
 
-// Multiplies t along the entry's axis by d^power.
-void rescale(at::Tensor& t, const RescaleEntry& e, const std::vector<double>& d) {
+// Multiplies t along the entry's axis by d^power (and sums its new row energies, see above).
+void rescale(at::Tensor& t, const RescaleEntry& e, const std::vector<double>& d, double p, double* row_energy) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "enorm_rescale_cpu", [&] {
-    rescale_values(t.mutable_data_ptr<scalar_t>(), e, d);
+    rescale_values(t.mutable_data_ptr<scalar_t>(), e, d, p, row_energy);
   });
 }
 
-// Balances one group in place; returns its coefficients d.
-std::vector<double> balance_group(at::TensorList tensors, const std::vector<RescaleEntry>& group, double p, double c) {
+// Row energies one group's rescale already summed for the next group, by tensor index. A weight
+// is a consumer of one group and a producer of the next: the pass that scales its columns also
+// sums its new rows, and the next group reads the weight once less.
+using KnownRowEnergies = std::unordered_map<int64_t, std::vector<double>>;
+
+int64_t entries_of_tensor(const std::vector<RescaleEntry>& group, int64_t tensor) {
+  return std::count_if(group.begin(), group.end(), [&](const RescaleEntry& e) { return e.tensor == tensor; });
+}
+
+// Whether rescaling e (of `group`) should sum the row energies `next` counts: e scales columns,
+// and its tensor is touched by no other entry of this group and only as counted rows by the next.
+bool feeds_next_rows(const RescaleEntry& e, const std::vector<RescaleEntry>& group, const std::vector<RescaleEntry>* next) {
+  if (!e.columns || next == nullptr || entries_of_tensor(group, e.tensor) != 1 || entries_of_tensor(*next, e.tensor) != 1)
+    return false;
+  return std::any_of(next->begin(), next->end(),
+                     [&](const RescaleEntry& r) { return r.tensor == e.tensor && !r.columns && r.counted; });
+}
+
+// Balances one group in place; returns its coefficients d. `known` holds row energies summed by
+// the previous group's rescale (taken, then cleared); `next` (if any) is the group after this one,
+// whose row energies this group's rescale then sums into `known`.
+std::vector<double> balance_group(at::TensorList tensors, const std::vector<RescaleEntry>& group, double p, double c,
+                                  KnownRowEnergies& known, const std::vector<RescaleEntry>* next) {
   const int64_t channels = group.front().channels();
   std::vector<double> row_energy(channels, 0.0), column_energy(channels, 0.0);
   for (const auto& e : group) {
-    if (e.counted) add_energies(tensors[e.tensor], e, p, (e.columns ? column_energy : row_energy).data());
+    if (!e.counted) continue;
+    const auto summed = e.columns ? known.end() : known.find(e.tensor);
+    if (summed == known.end()) {
+      add_energies(tensors[e.tensor], e, p, (e.columns ? column_energy : row_energy).data());
+    } else {
+      for (int64_t o = 0; o < channels; ++o) row_energy[o] += summed->second[o];
+    }
   }
+  known.clear();
   std::vector<double> d(channels);
   for (int64_t j = 0; j < channels; ++j) d[j] = em::enorm_coefficient(row_energy[j], column_energy[j], p, c);
   for (const auto& e : group) {
     at::Tensor t = tensors[e.tensor];
-    rescale(t, e, d);
+    double* sums = nullptr;
+    if (feeds_next_rows(e, group, next)) sums = known.try_emplace(e.tensor, e.outer, 0.0).first->second.data();
+    rescale(t, e, d, p, sums);
   }
   return d;
 }
@@ -255,7 +342,8 @@ at::Tensor enorm_group(at::TensorList tensors, c10::IntArrayRef entries, double 
   TORCH_CHECK(!tensors.empty(), "tensors must not be empty");
   const int64_t records = static_cast<int64_t>(entries.size()) / kEntryFields;
   const auto plan = decode_plan(tensors, entries, {records});
-  const std::vector<double> d = balance_group(tensors, plan.front(), p, c);
+  KnownRowEnergies none;
+  const std::vector<double> d = balance_group(tensors, plan.front(), p, c, none, nullptr);
   return at::tensor(d, at::TensorOptions().dtype(at::kDouble));
 }
 
@@ -265,9 +353,11 @@ at::Tensor enorm_cycle(at::TensorList tensors, c10::IntArrayRef entries, c10::In
   TORCH_CHECK(!tensors.empty(), "tensors must not be empty");
   const auto plan = decode_plan(tensors, entries, group_sizes);
   std::vector<double> deviations;
-  for (const auto& group : plan) {
+  KnownRowEnergies known;
+  for (size_t k = 0; k < plan.size(); ++k) {
+    const auto* next = k + 1 < plan.size() ? &plan[k + 1] : nullptr;
     double deviation = 0;
-    for (const double d : balance_group(tensors, group, p, c)) deviation = std::max(deviation, std::abs(d - 1));
+    for (const double d : balance_group(tensors, plan[k], p, c, known, next)) deviation = std::max(deviation, std::abs(d - 1));
     deviations.push_back(deviation);
   }
   return at::tensor(deviations, at::TensorOptions().dtype(at::kDouble));
