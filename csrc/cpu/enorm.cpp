@@ -1,9 +1,11 @@
 // ENorm's fused rescaling on the CPU: for each group, the row and column energies of every
 // counted tensor, the coefficients d, then every tensor of the group rescaled in place.
 //
-// Energies are summed per channel by one task in a fixed order (outer index, then inner), so
-// coefficients are bit-identical across runs and thread counts. The formulas are in
-// csrc/shared/enorm_math.h; the program format in csrc/enorm_plan.h.
+// Every split of the work (rows per task, chunks of column sums) depends on the shape only and
+// partial sums are added in a fixed order, so coefficients are bit-identical across runs and
+// thread counts. In a cycle, the pass that scales a weight's columns also sums its new row
+// energies for the next group. The formulas are in csrc/shared/enorm_math.h; the program format
+// in csrc/enorm_plan.h.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
