@@ -28,6 +28,9 @@ namespace {
 namespace em = equinorm::math;
 
 constexpr int64_t kTaskValues = 1 << 14;
+// Column energies are summed in at most this many chunks per conv group: their partial sums are
+// added serially, so more chunks than threads can use only add work.
+constexpr int64_t kMaxColumnChunks = 16;
 
 using em::Exponent;
 
@@ -121,7 +124,8 @@ void add_row_energies(const scalar_t* data, const RescaleEntry& e, acc_t exponen
 template <Exponent kind, typename scalar_t, typename acc_t>
 void add_column_energies(const scalar_t* data, const RescaleEntry& e, acc_t exponent, double* energy) {
   const int64_t size = block_size(e), per_group = e.outer_per_group();
-  const int64_t chunk_blocks = std::min(per_group, std::max<int64_t>(1, kTaskValues / size));
+  const int64_t at_least = std::max<int64_t>((per_group + kMaxColumnChunks - 1) / kMaxColumnChunks, kTaskValues / size);
+  const int64_t chunk_blocks = std::clamp<int64_t>(at_least, 1, per_group);
   const int64_t chunks_per_group = (per_group + chunk_blocks - 1) / chunk_blocks;
   std::vector<acc_t> partial(e.groups * chunks_per_group * size);
   at::parallel_for(0, e.groups * chunks_per_group, 1, [&](int64_t begin, int64_t end) {
