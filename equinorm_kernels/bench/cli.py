@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Microbenchmarks of the EquiNorm and ENorm kernels: every fused backend next to the "
         "pure-PyTorch reference, torch.compile of the reference and the usual conv + norm layers.",
     )
-    parser.add_argument("--quick", action="store_true", help="the target cases and a few sizes (about a minute on 2 CPU cores)")
+    parser.add_argument("--quick", action="store_true", help="the target cases and a few sizes (about 20 s on 2 CPU cores)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N [cuda when available, else cpu]")
     parser.add_argument("--threads", type=positive_int, metavar="N", help=f"torch CPU threads [{torch.get_num_threads()}]")
     parser.add_argument("--families", nargs="+", choices=list(FAMILIES), metavar="FAMILY",
