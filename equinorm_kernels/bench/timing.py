@@ -119,10 +119,12 @@ def measure(
     and lazy initialisation are not timed.
     """
     do_bench = triton_do_bench() if device.type == "cuda" and restore is None else None
-    if do_bench is not None and not _is_slow(run, settings):
-        warm_up(run, device, settings.warmup_calls)
-        return _measure_with_do_bench(do_bench, run, settings)
-    return summarise(*measure_samples(run, device, settings, restore=restore))
+    if do_bench is None:
+        return summarise(*measure_samples(run, device, settings, restore=restore))
+    if _is_slow(run, settings):  # the probe call was the warm-up: no second probe
+        return summarise(*_measure_single_calls(run, None, settings))
+    warm_up(run, device, settings.warmup_calls)
+    return _measure_with_do_bench(do_bench, run, settings)
 
 
 def measure_samples(
