@@ -1,8 +1,9 @@
-"""The CUDA sources build without a GPU: every csrc/cuda/*.cu compiles with nvcc for sm_80 and sm_90,
-includes no torch header, and the torch glue (csrc/cuda/*.cpp) parses against torch's headers.
+"""The CUDA sources build without a GPU: every csrc/cuda/*.cu compiles with nvcc for sm_80 and sm_90
+in C++17 and C++20, includes no torch header, and the torch glue (csrc/cuda/*.cpp) parses against
+torch's headers in the standard they require.
 
-Runs on CPU-only machines; skipped only where nvcc (or, for the glue, a C++ compiler or the CUDA headers
-c10/cuda needs) is missing. All compilers run at once in a module fixture, so the module costs about as long
+Runs on CPU-only machines; skipped only where no CUDA toolkit is found (as the build finds it:
+build_tools/cuda_toolkit.py) or, for the glue, no C++ compiler. All compilers run at once in a module fixture, so the module costs about as long
 as its slowest compile (about 30 s on 2 cores).
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,11 +20,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from build_tools.cuda_toolkit import Toolkit, ToolkitError, find_toolkit  # noqa: E402
 CSRC = ROOT / "csrc"
 CUDA_DIR = CSRC / "cuda"
 KERNEL_SOURCES = sorted(CUDA_DIR.glob("*.cu"))
 GLUE_SOURCES = sorted(CUDA_DIR.glob("*.cpp"))
 ARCHITECTURES = ("80", "90")
+# torch chooses the standard (C++17 up to 2.13, C++20 from 2.14); the pure-CUDA sources must build in both.
+CXX_STANDARDS = ("c++17", "c++20")
 # What torch.utils.cpp_extension passes to nvcc for every extension (COMMON_NVCC_FLAGS), so that
 # the kernels compile here as they do in the real build: no implicit half/bfloat16 conversions.
 TORCH_NVCC_FLAGS = (
@@ -37,30 +43,29 @@ TORCH_HEADER = re.compile(r'^\s*#\s*include\s*[<"](?:torch|ATen|c10|caffe2)/[^>"
 LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.MULTILINE)
 
 
-def _environment_roots() -> list[Path]:
-    return [Path(os.environ[name]) for name in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(name)]
+def _toolkit() -> tuple[Toolkit | None, str]:
+    """The toolkit the build would use (build_tools.cuda_toolkit), or None and why not."""
+    try:
+        toolkit = find_toolkit()
+    except ToolkitError as error:
+        return None, str(error)
+    return toolkit, "" if toolkit is not None else "no CUDA toolkit found (CUDA_HOME, CUDA_PATH, nvcc on PATH, /usr/local/cuda)"
 
 
-def _find_nvcc() -> str | None:
-    for root in _environment_roots():
-        if (root / "bin" / "nvcc").is_file():
-            return str(root / "bin" / "nvcc")
-    on_path = shutil.which("nvcc")
-    if on_path:
-        return on_path
-    default = Path("/usr/local/cuda/bin/nvcc")
-    return str(default) if default.is_file() else None
+def _cuda_include_dirs(toolkit: Toolkit) -> list[Path]:
+    home = Path(toolkit.home)
+    return [d for d in [home / "include", *sorted(home.glob("targets/*/include"))] if (d / "cuda_runtime_api.h").is_file()]
 
 
-def _cuda_include_dir(nvcc: str | None) -> Path | None:
-    roots = _environment_roots()
-    if nvcc:
-        roots.append(Path(nvcc).resolve().parent.parent)
-    roots.append(Path("/usr/local/cuda"))
-    for root in roots:
-        if (root / "include" / "cuda_runtime_api.h").is_file():
-            return root / "include"
-    return None
+def torch_cxx_standard() -> str:
+    """The C++ standard torch's headers require, which torch.utils.cpp_extension also passes."""
+    from torch.utils.cpp_extension import include_paths
+
+    for include in include_paths():
+        aten = Path(include) / "ATen" / "ATen.h"
+        if aten.is_file():
+            return "c++20" if "C++20 or later" in aten.read_text() else "c++17"
+    return "c++17"
 
 
 def _run(command: list[str]) -> subprocess.CompletedProcess:
@@ -70,12 +75,16 @@ def _run(command: list[str]) -> subprocess.CompletedProcess:
         return subprocess.CompletedProcess(command, -1, error.stdout or "", f"timed out after {COMPILE_TIMEOUT_S} s")
 
 
-def _nvcc_command(nvcc: str, source: Path, output: Path) -> list[str]:
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHITECTURES]
-    return [nvcc, "-c", "-o", str(output), "-std=c++17", "-I", str(CSRC), *TORCH_NVCC_FLAGS, *gencode, str(source)]
+def _nvcc_command(nvcc: str, source: Path, output: Path, standard: str) -> list[str]:
+    """Machine code for every architecture in torch's standard; PTX alone (no ptxas) in the other."""
+    if standard == torch_cxx_standard():
+        targets = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHITECTURES] + ["-c"]
+    else:
+        targets = [f"-arch=compute_{ARCHITECTURES[-1]}", "-ptx"]
+    return [nvcc, *targets, "-o", str(output), f"-std={standard}", "-I", str(CSRC), *TORCH_NVCC_FLAGS, str(source)]
 
 
-def _glue_setup(nvcc: str | None) -> tuple[list[str] | None, str]:
+def _glue_setup(toolkit: Toolkit | None, why_no_toolkit: str) -> tuple[list[str] | None, str]:
     """The g++ command prefix that parses the glue, or None and why it cannot run here."""
     compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     if compiler is None:
@@ -87,15 +96,14 @@ def _glue_setup(nvcc: str | None) -> tuple[list[str] | None, str]:
     torch_includes = [Path(p) for p in include_paths()]
     if not any((p / "c10" / "cuda" / "CUDAGuard.h").is_file() for p in torch_includes):
         return None, "this torch ships no c10/cuda headers"
-    cuda_include = _cuda_include_dir(nvcc)
-    if cuda_include is None:
-        return None, "no CUDA toolkit headers (cuda_runtime_api.h) found; set CUDA_HOME"
-    command = [compiler, "-fsyntax-only", "-std=c++17", "-I", str(CSRC)]
+    if toolkit is None:
+        return None, why_no_toolkit
+    command = [compiler, "-fsyntax-only", f"-std={torch_cxx_standard()}", "-I", str(CSRC)]
     # CPU builds of torch lack the generated c10/cuda/impl/cuda_cmake_macros.h; this macro makes
     # c10/cuda/CUDAMacros.h skip it (it only selects Windows DLL export attributes).
     if not any((p / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").is_file() for p in torch_includes):
         command.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")
-    for include in [*torch_includes, cuda_include]:
+    for include in [*torch_includes, *_cuda_include_dirs(toolkit)]:
         command += ["-isystem", str(include)]
     return command, ""
 
@@ -103,30 +111,33 @@ def _glue_setup(nvcc: str | None) -> tuple[list[str] | None, str]:
 @pytest.fixture(scope="module")
 def compile_results():
     """Compiles every CUDA source and parses every glue file concurrently; results keyed by file name."""
-    nvcc = _find_nvcc()
-    glue_command, glue_skip = _glue_setup(nvcc)
+    toolkit, why_no_toolkit = _toolkit()
+    glue_command, glue_skip = _glue_setup(toolkit, why_no_toolkit)
     jobs = {}
     with tempfile.TemporaryDirectory() as scratch, ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        if nvcc is not None:
+        if toolkit is not None:
+            nvcc = str(Path(toolkit.home) / "bin" / "nvcc")
             for source in KERNEL_SOURCES:
-                command = _nvcc_command(nvcc, source, Path(scratch) / f"{source.stem}.o")
-                jobs[source.name] = pool.submit(_run, command)
+                for standard in CXX_STANDARDS:
+                    command = _nvcc_command(nvcc, source, Path(scratch) / f"{source.stem}.{standard}.o", standard)
+                    jobs[source.name, standard] = pool.submit(_run, command)
         if glue_command is not None:
             for source in GLUE_SOURCES:
                 jobs[source.name] = pool.submit(_run, [*glue_command, str(source)])
         results = {name: job.result() for name, job in jobs.items()}
-    return {"nvcc": nvcc, "glue_skip": glue_skip, "results": results}
+    return {"toolkit_skip": why_no_toolkit, "glue_skip": glue_skip, "results": results}
 
 
 def _report(result: subprocess.CompletedProcess) -> str:
     return f"$ {' '.join(result.args)}\nexit code {result.returncode}\n{result.stderr}{result.stdout}"
 
 
+@pytest.mark.parametrize("standard", CXX_STANDARDS)
 @pytest.mark.parametrize("source", KERNEL_SOURCES, ids=lambda p: p.name)
-def test_cuda_source_compiles_for_sm80_and_sm90(source, compile_results):
-    if compile_results["nvcc"] is None:
-        pytest.skip("nvcc not found on PATH, in $CUDA_HOME/bin, $CUDA_PATH/bin or /usr/local/cuda/bin")
-    result = compile_results["results"][source.name]
+def test_cuda_source_compiles_for_sm80_and_sm90(source, standard, compile_results):
+    if compile_results["toolkit_skip"]:
+        pytest.skip(compile_results["toolkit_skip"])
+    result = compile_results["results"][source.name, standard]
     assert result.returncode == 0, _report(result)
 
 

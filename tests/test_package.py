@@ -30,6 +30,28 @@ def test_extension_is_built_against_the_running_torch():
     assert info["with_cuda"] == (torch.version.cuda is not None and info["cuda_arch_list"] != "")
 
 
+def _schema_op_names() -> list[str]:
+    """The ops csrc/ops.cpp declares (read from the source, not from the dispatcher)."""
+    import re
+
+    with open(os.path.join(ROOT, "csrc", "ops.cpp")) as source:
+        names = re.findall(r'm\.def\(\s*"(\w+)\(', source.read())
+    assert names, "no op schema found in csrc/ops.cpp"
+    return names
+
+
+@pytest.mark.parametrize("dispatch_key", ["CPU", "CUDA"])
+def test_every_op_of_the_schema_has_a_kernel_for_each_backend_built(dispatch_key):
+    info = ek.build_info()
+    if dispatch_key == "CUDA" and not info["with_cuda"]:
+        pytest.skip("built without CUDA")
+    missing = [
+        name for name in _schema_op_names()
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"equinorm_kernels::{name}", dispatch_key)
+    ]
+    assert not missing, f"no {dispatch_key} kernel registered for {missing}"
+
+
 @pytest.mark.skipif(not (sys.platform.startswith("linux") and torch.backends.openmp.is_available()),
                     reason="torch's parallel_for is OpenMP on Linux builds only")
 def test_cpu_kernels_are_built_to_run_on_torchs_openmp_threads():
