@@ -7,10 +7,12 @@ Public API:
     convert                                  swap Conv/Linear -> BatchNorm pairs for EquiNorm layers
     ENorm                                    equi-normalization of a network between SGD steps
     reference                                the pure-PyTorch specification
-    available_backends, build_info, set_value_checks
+    available_backends, build_info
+    set_value_checks, check_values           data checks: at the call, or on the device (CUDA) and reported later
 """
 from ._extension import build_info
 from ._checks import set_value_checks
+from ._value_checks import check_values
 from .backends import available_backends
 from . import reference
 from . import ops  # noqa: F401  (registers the compiled and Triton backends)
@@ -30,6 +32,7 @@ __all__ = [
     "available_backends",
     "build_info",
     "channel_mean",
+    "check_values",
     "convert",
     "equinorm_forward",
     "equinorm_weight",

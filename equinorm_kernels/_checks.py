@@ -9,23 +9,39 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MODES = ("single_pass", "exact")
 
-_value_checks = True
+VALUE_CHECK_MODES = ("auto", "sync", "off")
+_value_check_mode = "auto"
 
 
-def set_value_checks(enabled: bool) -> None:
-    """Turn the data-dependent checks (NaN/Inf inputs, negative channel means) on or off.
+def set_value_checks(mode: bool | str = "auto") -> None:
+    """How the data-dependent checks (NaN/Inf inputs, weights and gains; negative channel means) run.
 
-    They are on by default and cost one host-device synchronisation per call on GPU. They never
-    run inside ``torch.compile``/``torch.fx`` graphs, where data-dependent Python branches are not
-    allowed; there (and when turned off) bad values are not reported but stay finite where the
+    Args:
+        mode: ``"auto"`` (the default; ``True`` means the same): CPU tensors are checked at the
+            call, which raises; CUDA tensors are checked on the device without synchronising the
+            host, and a later call (once its copy of the results has reached the host), or
+            :func:`equinorm_kernels.check_values`, raises. ``"sync"``: every device checked at the
+            call (one host-device synchronisation per call on a GPU). ``"off"`` (or ``False``): none.
+
+    The checks never run inside ``torch.compile``/``torch.fx`` graphs, where data-dependent Python
+    is not allowed; there (and when off) bad values are not reported but stay finite where the
     documented clamps apply.
     """
-    global _value_checks
-    _value_checks = bool(enabled)
+    global _value_check_mode
+    if mode is True or mode is False:
+        mode = "auto" if mode else "off"
+    if mode not in VALUE_CHECK_MODES:
+        raise ValueError(f"mode must be one of {VALUE_CHECK_MODES} or a bool, got {mode!r}")
+    _value_check_mode = mode
+
+
+def value_check_mode() -> str:
+    """The mode set by :func:`set_value_checks`: "auto", "sync" or "off"."""
+    return _value_check_mode
 
 
 def value_checks_active() -> bool:
-    if not _value_checks:
+    if _value_check_mode == "off":
         return False
     return not (torch.compiler.is_compiling() or torch.jit.is_scripting() or is_fx_tracing())
 

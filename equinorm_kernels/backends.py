@@ -5,9 +5,11 @@ groups, mode, gain, eps)`` and ``equinorm_forward(x, stats_fraction, weight, rat
 gain, eps) -> (weight'', mean)`` (both at once, fused where the backend can) with the semantics of
 :mod:`equinorm_kernels.reference`, and optionally the ENorm cycle. Arguments reach a backend
 already validated. ``"auto"`` takes the first available backend in ``AUTO_PREFERENCE`` that serves
-the tensor's device, so the fused kernels win wherever they exist; on a GPU where both the CUDA
-extension and Triton can run, it measures which is faster for each call signature
-(:class:`FastestBackend`).
+the tensor's device, so the fused kernels win wherever they exist: on a GPU the CUDA extension,
+else Triton. The choice never depends on timings unless asked for: with
+``EQUINORM_KERNELS_GPU_BACKEND=fastest``, "auto" measures which of the two is faster for each call
+signature (:class:`FastestBackend`), which makes the kernel that runs, and so its summation order,
+depend on the run.
 """
 from __future__ import annotations
 
@@ -94,10 +96,11 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
 
 # ---- "auto" on a GPU: the faster of the CUDA extension and Triton, measured ----
 
-# Backends "auto" times against each other when more than one of them can run on a CUDA device.
+# Backends "auto" chooses between on a CUDA device (the first present, or the fastest measured).
 MEASURED_BACKENDS = ("cuda", "triton")
-# Set to a name in MEASURED_BACKENDS to make "auto" use that backend without measuring.
+# Set to a name in MEASURED_BACKENDS to make "auto" use that backend, or to MEASURE_CHOICE to time them.
 FORCE_ENV = "EQUINORM_KERNELS_GPU_BACKEND"
+MEASURE_CHOICE = "fastest"
 
 
 class CudaEventTimer:
@@ -151,8 +154,9 @@ class FastestBackend:
     the last of them the candidate with the smallest median time runs every later call with that
     signature, for the life of the process. Each call runs exactly once, on one candidate, so
     in-place ops (the ENorm cycle) and autograd behave as with a single backend; only the forward
-    call is timed (its backward runs on the same backend). Inside ``torch.compile`` nothing is
-    timed: a decided winner is used, else the first candidate.
+    call is timed (its backward runs on the same backend). Inside ``torch.compile`` and while the
+    current CUDA stream is being captured into a graph nothing is timed: a decided winner is
+    used, else the first candidate.
     """
 
     def __init__(
@@ -177,7 +181,7 @@ class FastestBackend:
 
     def run(self, op: str, device: torch.device, *args: Any) -> Any:
         """``getattr(backend, op)(*args)`` on the backend this call signature is given."""
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or _capturing(device):
             state = self._trials.get((op, device, _signature(args)))
             chosen = state.winner if state is not None and state.winner is not None else 0
             return getattr(self.candidates[chosen], op)(*args)
@@ -229,6 +233,14 @@ class FastestBackend:
         )
 
 
+def _capturing(device: torch.device | None) -> bool:
+    """Whether the current stream of ``device`` is being captured into a CUDA graph (no timing then)."""
+    if device is None or device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
 def _device_of(args: tuple[Any, ...]) -> torch.device | None:
     """The device of the first tensor in ``args`` (ENorm's cycle: of its first producer weight)."""
     for value in args:
@@ -243,16 +255,17 @@ _FASTEST: dict[tuple[Backend, ...], Backend] = {}
 
 
 def _auto_backend(candidates: list[Backend], device: torch.device) -> Backend:
-    """The first candidate, or on CUDA the measured choice between the MEASURED_BACKENDS present."""
+    """The first candidate; on CUDA the MEASURED_BACKEND named by FORCE_ENV, or with
+    FORCE_ENV=fastest the measured choice between those present."""
     measured = tuple(b for b in candidates if b.name in MEASURED_BACKENDS)
-    if device.type != "cuda" or len(measured) < 2:
-        return candidates[0]
     forced = os.environ.get(FORCE_ENV, "").strip()
-    if forced:
+    if device.type != "cuda" or len(measured) < 2 or not forced:
+        return candidates[0]
+    if forced != MEASURE_CHOICE:
         for backend in measured:
             if backend.name == forced:
                 return backend
-        names = ", ".join(repr(b.name) for b in measured)
+        names = ", ".join(repr(name) for name in (*(b.name for b in measured), MEASURE_CHOICE))
         raise ValueError(f"{FORCE_ENV}={forced!r} names no backend available on {device}; use one of {names}")
     if measured not in _FASTEST:
         _FASTEST[measured] = FastestBackend(measured).as_backend()

@@ -2,13 +2,14 @@
 
 Same semantics as :mod:`equinorm_kernels.reference`, plus a ``backend`` argument ("auto" picks the
 fastest backend available for the tensor's device) and the data checks of
-:func:`equinorm_kernels.set_value_checks`.
+:func:`equinorm_kernels.set_value_checks` (on CUDA they run on the device and report later:
+see :mod:`equinorm_kernels._value_checks`).
 """
 from __future__ import annotations
 
 import torch
 
-from . import _checks
+from . import _checks, _value_checks
 from .backends import resolve_backend
 
 
@@ -25,12 +26,13 @@ def channel_mean(x: torch.Tensor, *, stats_fraction: float = 1.0, backend: str =
         differentiable in ``x``.
 
     Raises:
-        ValueError: bad shapes or arguments, or (value checks on) NaN/Inf in ``x``.
+        ValueError: bad shapes or arguments, or (value checks on) NaN/Inf in ``x`` (for CUDA
+            tensors reported by a later call or :func:`equinorm_kernels.check_values`).
     """
     stats_fraction = _checks.check_channel_mean_args(x, stats_fraction)
     mean = resolve_backend(backend, x.device).channel_mean(x, stats_fraction)
     if _checks.value_checks_active():
-        _checks.check_finite_values(mean, "x", "its channel means are not finite")
+        _value_checks.check_channel_mean(mean)
     return mean
 
 
@@ -64,11 +66,12 @@ def equinorm_weight(
 
     Raises:
         ValueError / TypeError: bad shapes, dtypes, devices or arguments; (value checks on) NaN/Inf
-        in any operand or a negative channel mean.
+        in any operand or a negative channel mean (for CUDA tensors reported by a later call or
+        :func:`equinorm_kernels.check_values`).
     """
     _checks.check_equinorm_weight_args(weight, mean, ratio, groups, mode, gain, eps)
     if _checks.value_checks_active():
-        _checks.check_equinorm_weight_values(weight, mean, gain)
+        _value_checks.check_weight_operands(weight, mean, gain)
     impl = resolve_backend(backend, weight.device)
     return impl.equinorm_weight(weight, mean, float(ratio), groups, mode, gain, float(eps))
 
@@ -107,5 +110,5 @@ def equinorm_forward(
     impl = resolve_backend(backend, weight.device)
     out, mean = impl.equinorm_forward(x, stats_fraction, weight, float(ratio), groups, mode, gain, float(eps))
     if _checks.value_checks_active():
-        _checks.check_equinorm_weight_values(weight, mean, gain, means_of="x")
+        _value_checks.check_weight_operands(weight, mean, gain, means_of="x")
     return out, mean.detach()

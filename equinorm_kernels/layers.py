@@ -134,7 +134,8 @@ class EquiNormLayer(nn.Module):
     def _track(self, mean: torch.Tensor) -> None:
         self.num_batches_tracked.add_(1)
         if self.momentum is None:  # cumulative moving average, as BatchNorm's momentum=None
-            factor = 1.0 / self.num_batches_tracked.item()
+            # A tensor factor: reading the count on the host would synchronise with the GPU.
+            factor = self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()
         else:
             factor = self.momentum
         self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)

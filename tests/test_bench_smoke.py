@@ -141,12 +141,12 @@ def test_quick_and_full_runs_hold_every_target_case():
 
 
 def test_command_writes_the_table_json_markdown_and_plots(tmp_path, capsys):
-    checks_before = _checks.value_checks_active()
+    checks_before = _checks.value_check_mode()
     families = ["read_ceiling", "channel_mean", "stats_weight_forward_backward", "enorm_cycle"]
     status = cli.main(["--smoke", "--no-compile", "--families", *families, "--json", str(tmp_path / "r.json"),
                        "--markdown", str(tmp_path / "r.md"), "--plot", str(tmp_path / "plots")])  # fmt: skip
     assert status == 0
-    assert _checks.value_checks_active() == checks_before
+    assert _checks.value_check_mode() == checks_before
     printed = capsys.readouterr().out
     assert "== targets" in printed and "== channel_mean" in printed and "read ceiling:" in printed
 

@@ -74,8 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 @contextlib.contextmanager
 def value_checks(enabled: bool) -> Iterator[None]:
-    """The public functions' data checks on or off for the run, as they were afterwards."""
-    before = _checks.value_checks_active()
+    """The public functions' data checks on (their default policy) or off for the run, as they were afterwards."""
+    before = _checks.value_check_mode()
     set_value_checks(enabled)
     try:
         yield
