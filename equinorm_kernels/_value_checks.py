@@ -82,7 +82,8 @@ class _DeviceFlags:
         self.flags = torch.zeros(len(_SLOTS), dtype=torch.float32, device=device)
         self.slots = {name: self.flags[i] for i, name in enumerate(_SLOTS)}
         self.host = torch.zeros(len(_SLOTS), dtype=torch.float32, pin_memory=device.type == "cuda")
-        self.copy_landed: torch.cuda.Event | None = None
+        # Marks the copy's arrival on the host (CPU copies land at once: no event).
+        self.copy_landed = torch.cuda.Event() if device.type == "cuda" else None
         self.copy_in_flight = False
 
     def record(self, screened: dict[str, torch.Tensor]) -> None:
@@ -106,8 +107,7 @@ class _DeviceFlags:
         if self.copy_in_flight:
             return
         self.host.copy_(self.flags, non_blocking=True)
-        if self.device.type == "cuda":
-            self.copy_landed = torch.cuda.Event()
+        if self.copy_landed is not None:
             self.copy_landed.record(torch.cuda.current_stream(self.device))
         self.copy_in_flight = True
 
