@@ -392,14 +392,15 @@ cudaError_t launch_typed(const ChannelPlan& plan, const ChannelMeanShape& shape,
   const scalar_t* data = static_cast<const scalar_t*>(x);
   return visit_vector_width<scalar_t>(plan.vec, [&](auto width) {
     constexpr int kVec = decltype(width)::value;
+    const unsigned int blocks = static_cast<unsigned int>(plan.blocks);
     if (plan.column_mode) {
       ColumnArgs<acc_t> args{plan.rows,         plan.columns,       plan.spatial,
                              shape.channels,    plan.tile_columns,  plan.rows_per_slot,
                              static_cast<int>(plan.tile_rows), out};
-      column_mean_kernel<scalar_t, kVec><<<static_cast<unsigned int>(plan.blocks), kThreads, 0, stream>>>(data, args);
+      EQUINORM_LAUNCH(blocks, kThreads, 0, stream, column_mean_kernel<scalar_t, kVec>)(data, args);
     } else {
       SegmentArgs<acc_t> args{shape.channels, plan.spatial, plan.rows * plan.spatial, plan.piece_elements, out};
-      segment_mean_kernel<scalar_t, kVec><<<static_cast<unsigned int>(plan.blocks), kThreads, 0, stream>>>(data, args);
+      EQUINORM_LAUNCH(blocks, kThreads, 0, stream, segment_mean_kernel<scalar_t, kVec>)(data, args);
     }
     return cudaGetLastError();
   });

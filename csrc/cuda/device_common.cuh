@@ -16,6 +16,14 @@
 
 #include "cuda/launchers.h"
 
+// Every kernel launch: EQUINORM_LAUNCH(grid, block, shared_bytes, stream, kernel)(arguments).
+// Under nvcc this is the <<<...>>> launch. A host-only build that runs the kernels on the CPU
+// (tests/cuda_emulation) defines the macro before this header, so the launch sites need no other
+// change. The kernel comes last so that the commas of its template arguments need no parentheses.
+#ifndef EQUINORM_LAUNCH
+#define EQUINORM_LAUNCH(grid, block, shared_bytes, stream, ...) __VA_ARGS__<<<grid, block, shared_bytes, stream>>>
+#endif
+
 namespace equinorm {
 namespace cuda {
 

@@ -387,7 +387,7 @@ cudaError_t launch_energy(const EnergyPlan& plan, EnergyLaunch args, cudaStream_
     }
     const int64_t blocks = end_block - block_offset;
     if (!fits_grid(blocks)) return cudaErrorInvalidConfiguration;
-    enorm_energy_kernel<<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(args);
+    EQUINORM_LAUNCH(static_cast<unsigned int>(blocks), kThreads, 0, stream, enorm_energy_kernel)(args);
     const cudaError_t status = cudaGetLastError();
     if (status != cudaSuccess) return status;
   }
@@ -403,7 +403,7 @@ cudaError_t launch_rescale(const EnormEntry* group, int64_t size, int64_t channe
   auto flush = [&]() -> cudaError_t {
     if (args.count == 0) return cudaSuccess;
     if (!fits_grid(blocks)) return cudaErrorInvalidConfiguration;
-    enorm_rescale_kernel<<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(args);
+    EQUINORM_LAUNCH(static_cast<unsigned int>(blocks), kThreads, 0, stream, enorm_rescale_kernel)(args);
     args.count = 0;
     blocks = 0;
     return cudaGetLastError();

@@ -372,10 +372,11 @@ cudaError_t launch_forward_typed(const WeightShape& shape, const void* weight, c
   args.exact = exact;
   const int64_t blocks = team_blocks(shape, team);
   if (!fits_grid(blocks)) return cudaErrorInvalidConfiguration;
+  const unsigned int grid = static_cast<unsigned int>(blocks);
   if (team == kWarpSize) {
-    equinorm_weight_kernel<scalar_t, kWarpSize><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(args);
+    EQUINORM_LAUNCH(grid, kThreads, 0, stream, equinorm_weight_kernel<scalar_t, kWarpSize>)(args);
   } else {
-    equinorm_weight_kernel<scalar_t, kThreads><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(args);
+    EQUINORM_LAUNCH(grid, kThreads, 0, stream, equinorm_weight_kernel<scalar_t, kThreads>)(args);
   }
   return cudaGetLastError();
 }
@@ -400,14 +401,15 @@ cudaError_t launch_backward_typed(const WeightShape& shape, const void* grad_out
   const int64_t channels = shape.group_channels * shape.groups;
   const int64_t reduce_blocks = ceil_div(channels, kReduceColumns);
   if (!fits_grid(blocks) || !fits_grid(reduce_blocks)) return cudaErrorInvalidConfiguration;
+  const unsigned int grid = static_cast<unsigned int>(blocks);
   if (team == kWarpSize) {
-    equinorm_backward_kernel<scalar_t, kWarpSize><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(args);
+    EQUINORM_LAUNCH(grid, kThreads, 0, stream, equinorm_backward_kernel<scalar_t, kWarpSize>)(args);
   } else {
-    equinorm_backward_kernel<scalar_t, kThreads><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(args);
+    EQUINORM_LAUNCH(grid, kThreads, 0, stream, equinorm_backward_kernel<scalar_t, kThreads>)(args);
   }
   const cudaError_t status = cudaGetLastError();
   if (status != cudaSuccess) return status;
-  sum_mean_terms_kernel<acc_t><<<static_cast<unsigned int>(reduce_blocks), kReduceThreads, 0, stream>>>(
+  EQUINORM_LAUNCH(static_cast<unsigned int>(reduce_blocks), kReduceThreads, 0, stream, sum_mean_terms_kernel<acc_t>)(
       args.mean_terms, shape.group_channels, shape.out_channels / shape.groups, channels,
       static_cast<acc_t*>(grad_mean));
   return cudaGetLastError();

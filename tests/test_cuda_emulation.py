@@ -1,0 +1,631 @@
+"""Every CUDA kernel (csrc/cuda/*.cu) executed on the CPU, in three builds, against the float64 reference.
+
+tests/cuda_emulation/cuda_emulation.h is an execution layer under which g++ compiles each .cu as C++:
+the blocks of a launch run one after another, the threads of a block are fibers that meet at
+__syncthreads and at warp shuffles. tests/cuda_emulation/kernel_runner.cpp calls every launcher of
+csrc/cuda/launchers.h on the cases below, twice each, the second time with blocks and threads in
+reverse order (the outputs must agree bit for bit, whichever block finishes last), and this module
+compares what it wrote with equinorm_kernels.reference in float64 (autograd through it for the
+backward). The cases are those of the CPU kernel tests: odd shapes, NCHW and channels_last, every
+dtype, base pointers misaligned by one element, multi-block reductions, warp and block teams,
+groups, depthwise, ENorm groups with many entries and several launches per group.
+
+Builds: plain (-O2); ASan + UBSan, which report reads and writes out of bounds of global and
+__shared__ memory (what compute-sanitizer's memcheck does on a GPU); TSan, which reports
+__shared__ accesses of different threads that no __syncthreads orders (racecheck's job). Copies of
+the kernels with planted bugs show that those reports fire.
+
+About 75 s on 2 idle cores from a cold cache (build/cuda_emulation, keyed by content hash), 40 s warm.
+Skipped where g++ or the CUDA headers are missing.
+"""
+from __future__ import annotations
+
+import math
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+from cuda_emulation.build import FLAVOURS, BuildError, Variant, build, find_toolchain, planted, run_runner
+from equinorm_kernels import reference
+
+RUN_TIMEOUT_S = 600
+DTYPES = {"half": torch.float16, "bfloat16": torch.bfloat16, "float": torch.float32, "double": torch.float64}
+
+
+def _accumulation(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ---- raw buffers ----
+
+
+def _memory_order(t: torch.Tensor) -> torch.Tensor:
+    """The view of `t` whose logical order is the order of its elements in memory."""
+    dims = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    view = t.permute(dims)
+    assert view.is_contiguous(), "a dense layout was expected"
+    return view
+
+
+def _to_bytes(t: torch.Tensor) -> bytes:
+    return _memory_order(t).contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def _from_bytes(data: bytes, like: torch.Tensor) -> torch.Tensor:
+    """A tensor shaped and laid out like `like`, its memory filled with `data`."""
+    out = torch.empty_like(like)
+    _memory_order(out).view(-1).copy_(torch.frombuffer(bytearray(data), dtype=like.dtype))
+    return out
+
+
+def _layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    if channels_last and t.dim() in (4, 5):
+        return t.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
+    return t.contiguous()
+
+
+# ---- comparisons ----
+
+
+def _error(value: torch.Tensor, truth: torch.Tensor) -> float:
+    return (value.double() - truth.double()).abs().max().item()
+
+
+def _scale(truth: torch.Tensor) -> float:
+    return max(truth.double().abs().max().item(), 1e-30)
+
+
+def _compare(what: str, value: torch.Tensor, truth: torch.Tensor, tolerance: float) -> list[str]:
+    error = _error(value, truth)
+    return [] if error <= tolerance else [f"{what}: max error {error:.3g} > {tolerance:.3g}"]  # NaN fails too
+
+
+def _compare_relative(what: str, value: torch.Tensor, truth: torch.Tensor, rtol: float) -> list[str]:
+    """|value - truth| <= rtol * |truth| elementwise, with a floor for elements near zero."""
+    bound = rtol * (truth.double().abs() + 1e-3 * _scale(truth))
+    excess = ((value.double() - truth.double()).abs() - bound).nan_to_num(nan=math.inf)
+    return [] if excess.max().item() <= 0 else [f"{what}: {int((excess > 0).sum())} elements beyond rtol {rtol:g}"]
+
+
+def _compare_with_same_precision(what, value, same_precision, truth, dtype, float64_tolerance) -> list[str]:
+    """float64: within float64_tolerance * scale of the truth; lower precisions: at most twice the error of
+    the reference run in the same precision on the same inputs (the CPU tests' rule), plus a floor. The
+    absolute floor serves truths that are zero up to rounding (a row of two weights has zero gradient)."""
+    if dtype == torch.float64:
+        return _compare(what, value, truth, float64_tolerance * _scale(truth) + 1e-12)
+    return _compare(what, value, truth, 2 * _error(same_precision, truth) + 2e-6 * _scale(truth))
+
+
+# ---- cases ----
+
+
+@dataclass
+class KernelCase:
+    op: str
+    name: str
+    fields: dict[str, object]
+    inputs: dict[str, torch.Tensor]  # manifest key -> tensor, written in its memory order
+    check: Callable[[Callable[[str, torch.Tensor], torch.Tensor]], list[str]] = field(repr=False)
+    # check(output) -> problems, where output(key, like) reads an output laid out like `like`
+
+    def manifest_line(self, directory: Path) -> str:
+        fields = dict(self.fields)
+        for key, tensor in self.inputs.items():
+            file = f"{self.name}.{key}.in"
+            (directory / file).write_bytes(_to_bytes(tensor))
+            fields.setdefault(key, file)
+        return " ".join([self.op, self.name, *(f"{k}={v}" for k, v in fields.items())])
+
+
+# channel_mean: every reduction path. Planes >= 128 values are read in segments (one block per piece
+# of a channel; several pieces when a channel holds more than 32 KiB), shorter ones as columns (tiles
+# of whole channels, several row slots when a tile's strip holds more than 32 KiB).
+CHANNEL_MEAN_SHAPES = {
+    "wide-rows": (3, 300, 4, 4),
+    "large-planes": (5, 3, 20, 20),
+    "odd-planes": (3, 2, 10, 13),  # 130 values: two-element loads
+    "segment-pieces": (6, 2, 40, 40),
+    "small-planes": (4, 6, 3, 3),
+    "column-slots": (16, 12, 8, 8),
+    "odd": (3, 5, 7, 9),
+    "linear": (2, 5000),
+}
+
+
+def _channel_mean_case(shape_name: str, dtype_name: str, channels_last: bool, offset: int, all_rows: bool):
+    shape = CHANNEL_MEAN_SHAPES[shape_name]
+    dtype = DTYPES[dtype_name]
+    values = torch.rand(shape, generator=_generator(len(shape) + shape[1]), dtype=torch.float64)
+    x = _layout(values.to(dtype), channels_last)
+    rows = shape[0] if all_rows else 1
+    spatial = x.numel() // (shape[0] * shape[1])
+    truth = x[:rows].double().mean(dim=[0, *range(2, x.dim())])
+
+    def check(output):
+        rtol = 1e-13 if dtype == torch.float64 else 1e-5
+        return _compare_relative("mean", output("mean", truth.to(_accumulation(dtype))), truth, rtol)
+
+    layout = "cl" if channels_last else "nchw"
+    return KernelCase(
+        "channel_mean",
+        f"mean-{shape_name}-{layout}-{dtype_name}-rows{rows}-offset{offset}",
+        dict(dtype=dtype_name, rows=rows, channels=shape[1], spatial=spatial,
+             channels_last=int(channels_last or spatial == 1), offset=offset),
+        {"x": x},
+        check,
+    )
+
+
+def channel_mean_cases() -> list[KernelCase]:
+    cases = []
+    for shape_name, shape in CHANNEL_MEAN_SHAPES.items():
+        for channels_last in ([False, True] if len(shape) == 4 else [False]):
+            for dtype_name in DTYPES:
+                cases.append(_channel_mean_case(shape_name, dtype_name, channels_last, 0, True))
+            cases.append(_channel_mean_case(shape_name, "half", channels_last, 1, True))
+            cases.append(_channel_mean_case(shape_name, "float", channels_last, 1, False))
+    return cases
+
+
+# equinorm weight transform + backward. Rows of at most 256 values go to warp teams (eight per block),
+# longer ones to whole blocks; a power-of-two group of lanes shares each input channel.
+WEIGHT_CASES = {
+    "3x3": ((4, 3, 3, 3), 1),
+    "C1": ((5, 1, 3, 3), 1),
+    "1x1": ((6, 4, 1, 1), 1),
+    "5x5": ((3, 2, 5, 5), 1),
+    "7x7": ((4, 3, 7, 7), 1),
+    "depthwise": ((6, 1, 3, 3), 6),
+    "grouped": ((8, 2, 3, 3), 2),
+    "linear": ((7, 5), 1),
+    "two-values": ((3, 2), 1),
+    "conv1d": ((4, 3, 3), 1),
+    "conv3d": ((4, 2, 3, 3, 3), 1),
+    "block-team": ((5, 40, 3, 3), 1),
+    "block-team-linear": ((3, 300), 1),
+    # 13 blocks of warp teams, the last one partial; grad_mean adds 100 rows over two blocks of columns
+    "many-outputs": ((100, 40), 1),
+}
+
+
+def _weight(shape, seed: int) -> torch.Tensor:
+    """Row 0 one-signed (the single_pass fallback to the exact mass) and, where a row has 4 or more
+    values, row 1 constant (no positive mass: a zero output channel)."""
+    w = torch.randn(shape, generator=_generator(seed), dtype=torch.float64)
+    w[0] = w[0].abs() + 0.1
+    if w[1].numel() >= 4 and shape[0] > 2:
+        w[1] = 0.3
+    return w
+
+
+def _mean(channels: int, seed: int) -> torch.Tensor:
+    mean = torch.rand(channels, generator=_generator(seed), dtype=torch.float64) + 0.05
+    if channels >= 3:
+        mean[-1] = 0  # an input channel nobody sees: it must not count for the one-signed test
+    return mean
+
+
+def _equinorm_forward_and_grads(weight, mean, gain, upstream, ratio, groups, mode, eps):
+    weight, mean, gain = (t.detach().clone().requires_grad_() for t in (weight, mean, gain))
+    out = reference.equinorm_weight(weight, mean, ratio=ratio, groups=groups, mode=mode, gain=gain, eps=eps)
+    grads = torch.autograd.grad(out, [weight, mean, gain], upstream)
+    return out.detach(), grads
+
+
+def _equinorm_case(case_name: str, dtype_name: str, channels_last: bool, exact: bool, offset: int) -> KernelCase:
+    shape, groups = WEIGHT_CASES[case_name]
+    dtype, acc = DTYPES[dtype_name], _accumulation(DTYPES[dtype_name])
+    ratio, eps, mode = 0.7, 1e-5, "exact" if exact else "single_pass"
+    weight = _layout(_weight(shape, seed=shape[0] * 7 + shape[1]).to(dtype), channels_last)
+    mean = _mean(shape[1] * groups, seed=shape[1]).to(acc)
+    gain = torch.linspace(-1.0, 2.0, shape[0], dtype=torch.float64).to(acc)  # negative gains are allowed
+    upstream = _layout(torch.randn(shape, generator=_generator(5), dtype=torch.float64).to(dtype), channels_last)
+    truth = _equinorm_forward_and_grads(
+        *(t.double() for t in (weight, mean, gain, upstream)), ratio, groups, mode, eps
+    )
+    same_precision = _equinorm_forward_and_grads(weight, mean, gain, upstream, ratio, groups, mode, eps)
+
+    def check(output):
+        problems = _compare_with_same_precision(
+            "out", output("out", weight), same_precision[0], truth[0], dtype, 1e-12
+        )
+        for key, like, same, true in zip(("grad_weight", "grad_mean", "grad_gain"), (weight, mean, gain),
+                                         same_precision[1], truth[1]):
+            problems += _compare_with_same_precision(key, output(key, like), same, true, dtype, 1e-10)
+        stats = output("stats", torch.empty(shape[0], 5, dtype=acc))
+        used_exact = stats[:, 4]
+        if not torch.isfinite(stats).all() or not ((used_exact == 0) | (used_exact == 1)).all():
+            problems.append(f"stats not finite or used_exact not 0/1: {stats.tolist()}")
+        if exact and not (used_exact == 1).all():
+            problems.append("mode exact but stats say the one-pass mass was used")
+        return problems
+
+    layout = "cl" if channels_last else "contiguous"
+    return KernelCase(
+        "equinorm",
+        f"equinorm-{case_name}-{layout}-{dtype_name}-{mode}-offset{offset}",
+        dict(dtype=dtype_name, out_channels=shape[0], group_channels=shape[1],
+             taps=weight.numel() // (shape[0] * shape[1]), groups=groups,
+             channels_last=int(channels_last and weight.dim() >= 4),
+             exact=int(exact), ratio=ratio, eps=eps, offset=offset),
+        {"weight": weight, "mean": mean, "gain": gain, "grad": upstream},
+        check,
+    )
+
+
+def equinorm_cases() -> list[KernelCase]:
+    cases = []
+    for case_name, (shape, _) in WEIGHT_CASES.items():
+        for channels_last in ([False, True] if len(shape) in (4, 5) else [False]):
+            for dtype_name in DTYPES:
+                cases.append(_equinorm_case(case_name, dtype_name, channels_last, False, 0))
+            cases.append(_equinorm_case(case_name, "float", channels_last, True, 0))
+            cases.append(_equinorm_case(case_name, "bfloat16", channels_last, True, 1))
+            cases.append(_equinorm_case(case_name, "double", channels_last, False, 1))
+    return cases
+
+
+# ENorm: programs in the format of csrc/enorm_plan.h, decoded into launcher entries as the glue does.
+
+
+@dataclass(frozen=True)
+class Role:
+    tensor: int
+    columns: bool
+    power: int
+    counted: bool
+    groups: int = 1
+    columns_per_channel: int = 1
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return not t.is_contiguous() and t.dim() in (4, 5)
+
+
+def _launcher_entry(t: torch.Tensor, role: Role) -> list[int]:
+    """The 11 fields of an EnormEntry for `role` (csrc/enorm_plan.h, decode_entry)."""
+    head = [role.tensor, int(role.columns), role.power, int(role.counted), role.groups]
+    if not role.columns:
+        inner = t.numel() // t.shape[0]
+        return head + [t.shape[0], 1, inner, inner, 0, 1]
+    taps = t.numel() // (t.shape[0] * t.shape[1])
+    inner = role.columns_per_channel * taps
+    outer_stride = t.shape[1] * taps
+    if _is_channels_last(t):
+        return head + [t.shape[0], t.shape[1] // role.columns_per_channel, inner, outer_stride, 1, t.shape[1]]
+    return head + [t.shape[0], t.shape[1] // role.columns_per_channel, inner, outer_stride, inner, 1]
+
+
+def _enorm_reference(tensors: list[torch.Tensor], dtypes: list[torch.dtype], program: list[list[Role]], p, c):
+    """float64 run of the program: each group's d from the tensors as the previous groups left them,
+    stored in their dtypes. Returns the tensors, the last group's d and each group's max |d - 1|."""
+    tensors = [t.to(torch.float64, copy=True) for t in tensors]  # rescaled in place below
+    deviations = []
+    for group in program:
+        rows = sum(reference.enorm_row_energy(tensors[r.tensor], p) for r in group if r.counted and not r.columns)
+        columns = sum(
+            reference.enorm_column_energy(
+                tensors[r.tensor], p, groups=r.groups, columns_per_channel=r.columns_per_channel
+            )
+            for r in group if r.counted and r.columns
+        )
+        d = reference.enorm_coefficients(rows, columns, p, c)
+        for r in group:
+            if r.power == 0:
+                continue
+            if r.columns:
+                reference.enorm_scale_columns_(tensors[r.tensor], d ** r.power, groups=r.groups,
+                                               columns_per_channel=r.columns_per_channel)
+            else:
+                reference.enorm_scale_rows_(tensors[r.tensor], d ** r.power)
+        tensors = [t.to(dtype).double() for t, dtype in zip(tensors, dtypes)]
+        deviations.append((d - 1).abs().max())
+    return tensors, d, torch.stack(deviations)
+
+
+ENORM_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def rows(tensor: int, power: int = 1, counted: bool = True) -> Role:
+    return Role(tensor, False, power, counted)
+
+
+def columns(tensor: int, power: int = -1, counted: bool = True, groups: int = 1, columns_per_channel: int = 1) -> Role:
+    return Role(tensor, True, power, counted, groups, columns_per_channel)
+
+
+@dataclass(frozen=True)
+class EnormProgram:
+    shapes: list[tuple[int, ...]]
+    groups: list[list[Role]]
+    channels_last: tuple[int, ...] = ()  # tensors stored channels_last
+    zeroed: tuple[tuple[int, tuple], ...] = ()  # (tensor, index) set to zero: channels with no energy
+
+    @property
+    def is_cycle(self) -> bool:
+        return len(self.groups) > 1
+
+
+def _many_entries() -> EnormProgram:
+    """19 counted entries (two energy launches of at most 16) and 23 to rescale (two rescale launches)."""
+    producers = [(5, k) for k in range(1, 9)] + [(5, 3, 3), (5, 2, 2, 2)]
+    consumers = [(m, 5) for m in range(2, 10)] + [(4, 5, 3)]
+    shapes = producers + consumers + [(5, 4), (5, 4), (3, 5), (3, 5)]
+    first_consumer, first_state = len(producers), len(producers) + len(consumers)
+    group = [rows(k) for k in range(first_consumer)] + [columns(k) for k in range(first_consumer, first_state)]
+    group += [rows(first_state, -1, False), rows(first_state + 1, -2, False)]
+    group += [columns(first_state + 2, 1, False), columns(first_state + 3, 2, False)]
+    return EnormProgram(shapes, [group])
+
+
+ENORM_PROGRAMS = {
+    "conv-pair": EnormProgram([(6, 3, 3, 3), (4, 6, 3, 3)], [[rows(0), columns(1)]]),
+    "linear-bias": EnormProgram([(6, 5), (6,), (4, 6)], [[rows(0), rows(1), columns(2)]]),
+    "grouped": EnormProgram([(8, 2, 3, 3), (8, 2, 1, 1)], [[rows(0), columns(1, groups=4)]]),
+    "flatten": EnormProgram([(3, 4), (5, 12)], [[rows(0), columns(1, columns_per_channel=4)]]),
+    "channels-last": EnormProgram(
+        [(6, 3, 3, 3), (4, 6, 3, 3), (6, 2, 3, 3)],
+        [[rows(0), columns(1), columns(2, groups=3)]],
+        channels_last=(0, 1, 2),
+    ),
+    # a weight, its bias, their gradients and optimizer moments, and the consumer's
+    "optimizer-state": EnormProgram(
+        [(6, 4), (6,), (6, 4), (6,), (6, 4), (5, 6), (5, 6), (5, 6), (5, 6)],
+        [[rows(0), rows(1), rows(2, -1, False), rows(3, -1, False), rows(4, -2, False), columns(5),
+          columns(6, 1, False), columns(7, 2, False), columns(8, 0, False)]],
+    ),
+    "many-entries": _many_entries(),
+    # one tensor both a producer and a consumer: its two rescales go to separate launches
+    "repeated-tensor": EnormProgram([(6, 6), (6, 3), (2, 6)], [[rows(0), rows(1), columns(0), columns(2)]]),
+    # long channels: energies in several slices, rescales over several blocks
+    "slices": EnormProgram([(4, 4, 32, 32), (8, 4, 32, 32)], [[rows(0), columns(1)]]),
+    "cycle": EnormProgram(
+        [(8, 5), (8,), (6, 8), (6,), (7, 6), (7,), (3, 7)],
+        [[rows(0), rows(1), columns(2)], [rows(2), rows(3), columns(4)], [rows(4), rows(5), columns(6)]],
+    ),
+    "cnn-cycle": EnormProgram(
+        [(8, 3, 3, 3), (8, 4, 3, 3), (6, 8, 1, 1)],
+        [[rows(0), columns(1, groups=2)], [rows(1), columns(2)]],
+        channels_last=(0, 1),
+    ),
+    "zero-energy": EnormProgram([(4, 3), (2, 4)], [[rows(0), columns(1)]], zeroed=((0, (1,)), (1, (slice(None), 2)))),
+}
+
+
+def _enorm_case(program_name: str, dtypes: list[torch.dtype], *, p: float = 2.0, c: float = 1.1, offset: int = 0):
+    program = ENORM_PROGRAMS[program_name]
+    tensors = []
+    for k, (shape, dtype) in enumerate(zip(program.shapes, dtypes)):
+        values = torch.randn(shape, generator=_generator(11 + k), dtype=torch.float64) * (0.25 + k % 4)
+        for tensor, index in program.zeroed:
+            if tensor == k:
+                values[index] = 0
+        tensors.append(_layout(values.to(dtype), k in program.channels_last))
+    expected, d, deviations = _enorm_reference(tensors, dtypes, program.groups, p, c)
+    entries = [_launcher_entry(tensors[r.tensor], r) for group in program.groups for r in group]
+    # enorm_cycle_ asks for the deviations, enorm_group_ for the coefficients; the float64 cycles ask for both.
+    wants_coefficients = not program.is_cycle or dtypes[0] == torch.float64
+    coefficient_rtol = 1e-12 if all(dtype == torch.float64 for dtype in dtypes) else 1e-5
+
+    def check(output):
+        problems = []
+        for k, (tensor, want) in enumerate(zip(tensors, expected)):
+            # a tensor is rescaled by d, which is only as exact as the least exact energy of its group
+            rtol = max(ENORM_RTOL[tensor.dtype], coefficient_rtol)
+            problems += _compare_relative(f"tensor {k}", output(f"tensor{k}", tensor), want, rtol)
+        if wants_coefficients:
+            problems += _compare_relative("coefficients", output("coefficients", d), d, coefficient_rtol)
+        if program.is_cycle:
+            problems += _compare("deviations", output("deviations", deviations), deviations, coefficient_rtol)
+        return problems
+
+    dtype_names = "-".join(dict.fromkeys(DTYPE_NAMES[dtype] for dtype in dtypes))
+    return KernelCase(
+        "enorm",
+        f"enorm-{program_name}-{dtype_names}-p{p:g}-offset{offset}",
+        dict(p=p, c=c, offset=offset, dtypes=",".join(DTYPE_NAMES[dtype] for dtype in dtypes),
+             group_sizes=",".join(str(len(group)) for group in program.groups),
+             entries=";".join(",".join(str(v) for v in entry) for entry in entries),
+             coefficients=int(wants_coefficients), deviations=int(program.is_cycle)),
+        {f"tensor{k}": t for k, t in enumerate(tensors)},
+        check,
+    )
+
+
+def enorm_cases() -> list[KernelCase]:
+    cases = []
+    for name, program in ENORM_PROGRAMS.items():
+        count = len(program.shapes)
+        for dtype in DTYPES.values():
+            cases.append(_enorm_case(name, [dtype] * count))
+        cases.append(_enorm_case(name, [torch.float16] * count, offset=1))
+        cases.append(_enorm_case(name, [torch.float32] * count, offset=1))
+    mixed = list(DTYPES.values())
+    for name in ("many-entries", "cycle"):
+        cases.append(_enorm_case(name, [mixed[k % 4] for k in range(len(ENORM_PROGRAMS[name].shapes))]))
+    for p in (1.0, 3.0):
+        for name in ("conv-pair", "cycle"):
+            cases.append(_enorm_case(name, [torch.float64] * len(ENORM_PROGRAMS[name].shapes), p=p, c=1.2))
+            cases.append(_enorm_case(name, [torch.float32] * len(ENORM_PROGRAMS[name].shapes), p=p, c=1.2))
+    return cases
+
+
+FAMILIES = {"channel_mean": channel_mean_cases, "equinorm": equinorm_cases, "enorm": enorm_cases}
+
+
+# ---- planted bugs: copies of a kernel source with one line changed ----
+
+
+@dataclass(frozen=True)
+class PlantedBug:
+    flavour: str
+    source: str
+    original: str
+    replacement: str
+    case: str  # a case that runs the planted line
+    reports: tuple[str, ...]  # the run must print one of these
+    place: str  # where, as the report names it
+
+
+_BLOCK_SUM_STORE = "  if (threadIdx.x % kWarpSize == 0) warp_sums[threadIdx.x / kWarpSize] = value;\n"
+_SEGMENT_TOTAL = "  const acc_t total = block_sum(thread_sum);\n"
+PLANTED_BUGS = {
+    # racecheck's job: block_sum's thread 0 adds the warp totals before the other warps have stored theirs
+    "syncthreads-removed": PlantedBug(
+        "tsan", "channel_mean.cu", _BLOCK_SUM_STORE + "  __syncthreads();\n", _BLOCK_SUM_STORE,
+        "mean-large-planes-nchw-float-rows5-offset0", ("WARNING: ThreadSanitizer: data race",), "block_sum",
+    ),
+    # memcheck's job, in shared memory: one element past the end of a __shared__ array, through a
+    # pointer. UBSan's object-size check sees it before ASan does (an ASan-only build reports the
+    # global-buffer-overflow on 'scratch').
+    "shared-read-past-end": PlantedBug(
+        "asan", "equinorm_weight.cu",
+        "for (int w = 0; w < kWarps; ++w) total += scratch[i * kWarps + w];",
+        "for (int w = 0; w <= kWarps; ++w) total += scratch[i * kWarps + w];",
+        "equinorm-block-team-contiguous-float-single_pass-offset0",
+        ("ERROR: AddressSanitizer: global-buffer-overflow", "with insufficient space for an object of type 'float'"),
+        "equinorm_weight_kernel<float, 256>",
+    ),
+    # memcheck's job, in global memory: the last channel's energy reads one element past the tensor
+    "global-read-past-end": PlantedBug(
+        "asan", "enorm.cu",
+        "for (; k < last; k += lanes) sums[0] +=",
+        "for (; k <= last; k += lanes) sums[0] +=",
+        "enorm-conv-pair-float-p2-offset0", ("ERROR: AddressSanitizer: heap-buffer-overflow",), "channel_energy",
+    ),
+    # the layer's own checks, in the plain build
+    "shuffle-in-divergent-branch": PlantedBug(
+        "plain", "channel_mean.cu", _SEGMENT_TOTAL,
+        "  thread_sum += threadIdx.x % 2 ? __shfl_xor_sync(kFullWarpMask, thread_sum, 1)\n"
+        "                                : __shfl_down_sync(kFullWarpMask, thread_sum, 1);\n" + _SEGMENT_TOTAL,
+        "mean-large-planes-nchw-float-rows5-offset0",
+        ("reach shuffles at different call sites",), "segment_mean_kernel",
+    ),
+    # the GPU's misaligned-address trap: a plan that ignores x's alignment issues 16-byte loads at x + 2 bytes
+    "load-ignores-alignment": PlantedBug(
+        "plain", "channel_mean.cu",
+        "if (is_aligned(x, vec * element_bytes) && plan.spatial % vec == 0) {",
+        "if (plan.spatial % vec == 0) {",
+        "mean-large-planes-nchw-half-rows5-offset1", ("at misaligned address",), "__ldg of 16-byte alignment",
+    ),
+    # half of each warp skips a shuffle the other half waits at, and waits at the barrier after it
+    "shuffle-skipped-by-half-a-warp": PlantedBug(
+        "plain", "channel_mean.cu", "  value = group_sum(value, kWarpSize);\n",
+        "  if (threadIdx.x % 2 == 0) value = group_sum(value, kWarpSize);\n",
+        "mean-large-planes-nchw-float-rows5-offset0",
+        ("no thread can go on",), "warp  0: SBSBSBSBSBSBSBSBSBSBSBSBSBSBSBSB",
+    ),
+    "shuffle-names-exited-lane": PlantedBug(
+        "plain", "channel_mean.cu", _SEGMENT_TOTAL, "  if (threadIdx.x == 5) return;\n" + _SEGMENT_TOTAL,
+        "mean-large-planes-nchw-float-rows5-offset0", ("a shuffle names an exited lane",), "thread (5,0,0)",
+    ),
+}
+
+
+# ---- fixtures ----
+
+
+@pytest.fixture(scope="module")
+def toolchain():
+    found, why_not = find_toolchain()
+    if found is None:
+        pytest.skip(f"the CUDA emulation needs g++ and the CUDA headers: {why_not}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def runners(toolchain) -> dict[str, Path]:
+    """kernel_runner per flavour and per planted bug, all built at once (in parallel, from the cache)."""
+    variants = {flavour: Variant(flavour) for flavour in FLAVOURS}
+    try:
+        for name, bug in PLANTED_BUGS.items():
+            variants[name] = Variant(bug.flavour, (planted(bug.source, bug.original, bug.replacement),))
+        built = build(toolchain, list(variants.values()))
+    except BuildError as error:
+        pytest.fail(str(error), pytrace=False)
+    return {name: built[variant] for name, variant in variants.items()}
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory) -> tuple[Path, dict[str, KernelCase]]:
+    """Every case's inputs written to a directory, with the manifest listing them all."""
+    directory = tmp_path_factory.mktemp("cuda_emulation")
+    every_case = {case.name: case for make in FAMILIES.values() for case in make()}
+    lines = [case.manifest_line(directory) for case in every_case.values()]
+    (directory / "all.manifest").write_text("\n".join(lines) + "\n")
+    return directory, every_case
+
+
+@pytest.fixture(scope="module")
+def runs(runners, cases) -> dict[str, subprocess.CompletedProcess]:
+    """Every case run by each flavour, the flavours side by side."""
+    directory, _ = cases
+    with ThreadPoolExecutor(max_workers=len(FLAVOURS)) as pool:
+        jobs = {
+            flavour: pool.submit(
+                run_runner, runners[flavour], directory / "all.manifest", directory / flavour, RUN_TIMEOUT_S
+            )
+            for flavour in FLAVOURS
+        }
+        return {flavour: job.result() for flavour, job in jobs.items()}
+
+
+def _report(result, lines: int = 60) -> str:
+    tail = "\n".join((result.stderr or "").splitlines()[-lines:])
+    return f"exit code {result.returncode}\n{result.stdout}{tail}"
+
+
+# ---- tests ----
+
+
+@pytest.mark.parametrize("flavour", list(FLAVOURS))
+def test_every_case_runs_clean_and_twice_alike(flavour, runs):
+    """No launcher error, no sanitizer report, and each case's outputs bit-identical across two runs."""
+    result = runs[flavour]
+    assert result.returncode == 0, _report(result)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("flavour", list(FLAVOURS))
+def test_outputs_match_the_float64_reference(flavour, family, runs, cases):
+    """Every output of every case of the family, as its flavour's run wrote it (fixture `runs`)."""
+    directory, every_case = cases
+    problems = []
+    for case in every_case.values():
+        if case.op != family:
+            continue
+
+        def output(key: str, like: torch.Tensor, case=case) -> torch.Tensor:
+            return _from_bytes((directory / flavour / f"{case.name}.{key}.bin").read_bytes(), like)
+
+        try:
+            problems += [f"{case.name}: {problem}" for problem in case.check(output)]
+        except (OSError, RuntimeError) as error:  # no output (the run failed) or one of the wrong size
+            problems.append(f"{case.name}: {error}")
+    assert not problems, f"{len(problems)} problems:\n" + "\n".join(problems[:40])
+
+
+@pytest.mark.parametrize("bug", list(PLANTED_BUGS))
+def test_a_planted_bug_is_reported(bug, runners, cases):
+    """The unmodified kernels run these cases clean (above); with the bug planted, the run must fail with
+    the sanitizer's (or the layer's) report naming the planted place."""
+    directory, every_case = cases
+    planted_bug = PLANTED_BUGS[bug]
+    manifest = directory / f"{bug}.manifest"
+    manifest.write_text(every_case[planted_bug.case].manifest_line(directory) + "\n")
+    result = run_runner(runners[bug], manifest, directory / bug, RUN_TIMEOUT_S)
+    assert result.returncode != 0, _report(result)
+    reported = any(report in result.stderr for report in planted_bug.reports)
+    assert reported and planted_bug.place in result.stderr, _report(result)
