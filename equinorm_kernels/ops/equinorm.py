@@ -10,6 +10,8 @@ ops, so eager mode, autograd and ``torch.compile`` all see the same registered o
     _ChannelMean       x -> mean
     backward of both weight wrappers: one ``equinorm_backward`` call; dL/dx is dL/dmu_c divided
     by the element count, broadcast (never materialised) over the samples that fed the means.
+    With ``create_graph=True`` the backward is the reference's autograd instead, so that
+    second-order gradients are exact (the fused backward op is not differentiable).
 
 The specification is :mod:`equinorm_kernels.reference.equinorm`.
 """
@@ -109,17 +111,47 @@ class _ChannelMean(torch.autograd.Function):
         return _grad_input_from_mean(grad_mean, ctx.x_shape, ctx.x_dtype, ctx.rows), None, None
 
 
+def _save_options(ctx, ratio: float, groups: int, mode: str, eps: float, implementation: str) -> None:
+    ctx.ratio, ctx.groups, ctx.mode, ctx.eps, ctx.implementation = ratio, groups, mode, eps, implementation
+
+
+def _differentiable_gradients(ctx, grad_out, out_of, operands) -> list[torch.Tensor | None]:
+    """The gradients a backward returns, as a graph that autograd can differentiate again.
+
+    For ``create_graph=True`` (gradient penalties, meta-learning): the fused backward op is not
+    differentiable, so the weight transform is recomputed from ``operands`` with the reference's
+    differentiable ops and its vector-Jacobian product taken by autograd; second-order gradients
+    are then exact. ``out_of(*operands)`` is w''; operands whose gradient is not needed give None.
+    """
+    needed = [t for t, need in zip(operands, ctx.needs_input_grad) if need]
+    out = out_of(*operands)
+    grads = iter(torch.autograd.grad(out, needed, grad_out, create_graph=True, allow_unused=True))
+    return [next(grads) if need else None for need in ctx.needs_input_grad[: len(operands)]]
+
+
+def _reference_weight(ctx) -> Callable[..., torch.Tensor]:
+    from ..reference.equinorm import equinorm_weight_unchecked
+
+    def weight_of(weight, mean, gain):
+        return equinorm_weight_unchecked(weight, mean, ctx.ratio, ctx.groups, ctx.mode, gain, ctx.eps)
+
+    return weight_of
+
+
 class _EquiNormWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, mean, gain, ratio: float, groups: int, mode: str, eps: float, implementation: str):
         out, stats = _OP_SETS[implementation].equinorm_weight(weight, mean, gain, ratio, groups, mode, eps)
         ctx.save_for_backward(weight, mean, gain, stats)
-        ctx.groups, ctx.implementation = groups, implementation
+        _save_options(ctx, ratio, groups, mode, eps, implementation)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         weight, mean, gain, stats = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
+            grads = _differentiable_gradients(ctx, grad_out, _reference_weight(ctx), (weight, mean, gain))
+            return (*grads, None, None, None, None, None)
         ops = _OP_SETS[ctx.implementation]
         grad_weight, grad_mean, grad_gain = ops.equinorm_backward(grad_out, weight, mean, gain, stats, ctx.groups)
         return grad_weight, grad_mean, grad_gain, None, None, None, None, None
@@ -130,15 +162,26 @@ class _EquiNormForward(torch.autograd.Function):
     def forward(ctx, x, weight, gain, rows: int, ratio: float, groups: int, mode: str, eps: float, implementation: str):
         ops = _OP_SETS[implementation]
         out, mean, stats = ops.equinorm_forward(x, rows, weight, gain, ratio, groups, mode, eps)
-        ctx.save_for_backward(weight, mean, gain, stats)
+        # x only for a differentiable backward (create_graph=True), and only when it needs a gradient.
+        ctx.save_for_backward(weight, mean, gain, stats, x if x.requires_grad else None)
         ctx.x_shape, ctx.x_dtype, ctx.rows = x.shape, x.dtype, rows
-        ctx.groups, ctx.implementation = groups, implementation
+        _save_options(ctx, ratio, groups, mode, eps, implementation)
         ctx.mark_non_differentiable(mean)
         return out, mean
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean_unused):
-        weight, mean, gain, stats = ctx.saved_tensors
+        weight, mean, gain, stats, x = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
+            weight_of = _reference_weight(ctx)
+
+            def out_of(x, weight, gain):
+                if x is None:  # x needs no gradient: the means are constants
+                    return weight_of(weight, mean, gain)
+                sample = x if ctx.rows == x.shape[0] else x[: ctx.rows]
+                return weight_of(weight, sample.mean(dim=[0, *range(2, x.dim())], dtype=mean.dtype), gain)
+
+            return (*_differentiable_gradients(ctx, grad_out, out_of, (x, weight, gain)), *([None] * 6))
         ops = _OP_SETS[ctx.implementation]
         grad_weight, grad_mean, grad_gain = ops.equinorm_backward(grad_out, weight, mean, gain, stats, ctx.groups)
         grad_x = _grad_input_from_mean(grad_mean, ctx.x_shape, ctx.x_dtype, ctx.rows) if ctx.needs_input_grad[0] else None
