@@ -418,10 +418,10 @@ def test_every_autotuning_configuration_computes_the_same_means(device):
         tile = config.kwargs["TILE"]
         mean = torch.empty(5, dtype=torch.float64, device=device)
         triton_equinorm._planar_channel_sums_kernel.fn[(5, 1)](
-            x, mean, 3, 5, 42, 3, 126.0, FINAL=True, BLOCK_S=64, TILE=tile, num_warps=config.num_warps)
+            x, mean, 3, 5, 42, 3, 126, FINAL=True, BLOCK_S=64, TILE=tile, num_warps=config.num_warps)
         assert_matches_reference(mean.cpu(), expected, expected, torch.float64)
         triton_equinorm._channels_last_channel_sums_kernel.fn[(1, 1)](
-            channels_last_x, mean, 5, 126, 126, 126.0, FINAL=True, BLOCK_C=8, TILE=tile, num_warps=config.num_warps)
+            channels_last_x, mean, 5, 126, 126, 126, FINAL=True, BLOCK_C=8, TILE=tile, num_warps=config.num_warps)
         assert_matches_reference(mean.cpu(), expected, expected, torch.float64)
 
 
@@ -668,6 +668,21 @@ def test_auto_inside_torch_compile_uses_the_decided_backend_without_timing(monke
     assert chooser.run("channel_mean", device, x, 1.0) == "channel_mean by triton"
 
 
+def test_auto_never_times_while_a_cuda_graph_is_being_captured(monkeypatch):
+    def no_timer(device):
+        raise AssertionError("a timer was created while capturing")
+
+    log: list[str] = []
+    candidates = (_fake_backend("cuda", log), _fake_backend("triton", log))
+    chooser = backends.FastestBackend(candidates, timer_factory=no_timer)
+    device, x = torch.device("cuda"), torch.zeros(3)
+    monkeypatch.setattr(backends, "_capturing", lambda device: True)
+    for _ in range(8):
+        assert chooser.run("channel_mean", device, x, 1.0) == "channel_mean by cuda"  # undecided: the first
+    assert log == ["cuda"] * 8
+    assert chooser.winner("channel_mean", device, x, 1.0) is None
+
+
 def test_auto_traces_into_the_chosen_backend_under_torch_compile():
     def scaling(name: str, factor: float) -> backends.Backend:
         def scale(x, stats_fraction):
@@ -695,7 +710,14 @@ def fake_gpu_backends(monkeypatch):
     return log
 
 
-def test_resolve_auto_on_a_gpu_measures_cuda_against_triton(fake_gpu_backends):
+def test_resolve_auto_on_a_gpu_takes_the_cuda_extension_without_measuring(fake_gpu_backends):
+    # Deterministic by default: the same backend (and so the same summation order) in every run.
+    assert backends.resolve_backend("auto", torch.device("cuda")).name == "cuda"
+    assert backends.resolve_backend("auto", torch.device("cpu")).name in ("cpp", "reference")
+
+
+def test_resolve_auto_measures_cuda_against_triton_when_asked(fake_gpu_backends, monkeypatch):
+    monkeypatch.setenv(backends.FORCE_ENV, backends.MEASURE_CHOICE)
     chosen = backends.resolve_backend("auto", torch.device("cuda"))
     assert isinstance(chosen, backends.Backend) and chosen.name == "fastest(cuda,triton)"
     assert backends.resolve_backend("auto", torch.device("cuda")) is chosen  # one measuring state per process

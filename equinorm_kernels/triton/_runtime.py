@@ -7,9 +7,15 @@ Triton's interpreter (NumPy on the host, CPU tensors accepted) when ``TRITON_INT
 before ``equinorm_kernels`` was first imported.
 
 Conventions of the kernels:
-- Float arguments are declared ``tl.float64`` so that float64 kernels see them at full precision
-  (Triton passes Python floats as float32 otherwise); kernels convert them with
-  ``tl.full([], value, dtype)``, which also takes the Python floats the interpreter passes.
+- No kernel takes a float argument. How a Python float reaches a kernel depends on the launch path
+  (Triton's launcher honours a ``tl.float64`` annotation, Inductor's code for a traced
+  ``triton_op`` passes float32 whatever the annotation, the interpreter passes the Python float),
+  so a float is passed as the int64 holding its float64 bits (:func:`float64_bits`) and decoded in
+  the kernel (:func:`float64_from_bits`), and a count as an int.
+- An int argument may arrive as a compile-time constant (Triton's launcher, and Inductor, make an
+  int equal to 1 one; the interpreter never does): kernels widen ints with ``tl.cast(n, tl.int64)``,
+  which takes constants too, not with ``n.to(tl.int64)``. Products of an index and a stride into a
+  tensor that may hold 2**31 or more elements are computed in int64.
 - Builtins (``tl.full``) rather than library functions (``tl.zeros``), and one ``tl.sum`` over a
   whole tile rather than one per axis: under the interpreter every call of a ``@triton.jit``
   function costs about half a millisecond, which the test suites pay thousands of times.
@@ -18,7 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterable
+import struct
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import triton
@@ -28,11 +35,12 @@ from triton import knobs
 # True when every kernel below is an interpreted function instead of a compiled one.
 INTERPRETED: bool = bool(knobs.runtime.interpret)
 
-# EQUINORM_KERNELS_TRITON_AUTOTUNE=0 launches every kernel with its default configuration instead
-# of autotuning. The configuration decides the summation order, so this also makes results
-# reproducible across processes (autotuning may pick different configurations in different runs).
+# Every kernel launches with its default (first) configuration unless EQUINORM_KERNELS_TRITON_AUTOTUNE=1
+# is set before the first import. The configuration decides the summation order, and autotuning
+# picks by timing, so it may pick differently from one process to the next: results are
+# bit-identical across runs only without it.
 AUTOTUNE_ENV = "EQUINORM_KERNELS_TRITON_AUTOTUNE"
-AUTOTUNE: bool = not INTERPRETED and os.environ.get(AUTOTUNE_ENV, "1").strip() != "0"
+AUTOTUNE: bool = not INTERPRETED and os.environ.get(AUTOTUNE_ENV, "0").strip() == "1"
 
 OP_NAMESPACE = "equinorm_kernels"
 
@@ -67,13 +75,24 @@ def define_op(name: str, *, mutates_args: Iterable[str] = ()) -> Callable[[Calla
     return register
 
 
+# Every configuration each autotuned kernel may launch with (when AUTOTUNE is set), by kernel
+# function name: compile_check compiles them all, whatever this process's setting.
+TUNING_CONFIGS: dict[str, list[triton.Config]] = {}
+
+
 def autotune(configs: list[triton.Config], *, key: list[str]) -> Callable:
-    """``triton.autotune`` over ``configs``, or over ``configs[0]`` alone (no benchmarking) under
-    the interpreter or with EQUINORM_KERNELS_TRITON_AUTOTUNE=0.
+    """``triton.autotune`` over ``configs`` with EQUINORM_KERNELS_TRITON_AUTOTUNE=1, else over
+    ``configs[0]`` alone (no benchmarking; always under the interpreter).
 
     Only for kernels that overwrite their outputs: tuning runs a kernel several times.
     """
-    return triton.autotune(configs=configs if AUTOTUNE else configs[:1], key=key)
+    tune = triton.autotune(configs=configs if AUTOTUNE else configs[:1], key=key)
+
+    def decorate(kernel):
+        TUNING_CONFIGS[kernel.fn.__name__] = list(configs)
+        return tune(kernel)
+
+    return decorate
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -87,9 +106,24 @@ def check(condition: bool, message: str) -> None:
         raise RuntimeError(message)
 
 
+_host_tensors_stand_in = False
+
+
+@contextlib.contextmanager
+def host_tensors_standing_in_for_cuda() -> Iterator[None]:
+    """Lets the launchers take CPU tensors with compiled kernels, for a caller that intercepts
+    every kernel launch and only looks at its arguments (compile_check): nothing may run."""
+    global _host_tensors_stand_in
+    previous, _host_tensors_stand_in = _host_tensors_stand_in, True
+    try:
+        yield
+    finally:
+        _host_tensors_stand_in = previous
+
+
 def check_device(tensor: torch.Tensor, name: str) -> None:
     """The compiled kernels need CUDA tensors; the interpreter also takes CPU tensors."""
-    if tensor.device.type == "cuda" or (INTERPRETED and tensor.device.type == "cpu"):
+    if tensor.device.type == "cuda" or (tensor.device.type == "cpu" and (INTERPRETED or _host_tensors_stand_in)):
         return
     hint = "" if INTERPRETED else " (CPU tensors run only under TRITON_INTERPRET=1, set before the first import)"
     raise RuntimeError(f"{name} is on {tensor.device}, but the Triton kernels need CUDA tensors{hint}")
@@ -116,3 +150,18 @@ def cast_rounded(value, dtype: tl.constexpr):
     else:
         result = value.to(dtype)
     return result
+
+
+def float64_bits(value: float) -> int:
+    """The bits of ``value`` as a float64, as a signed int64: how launchers pass a float."""
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+
+
+@triton.jit
+def float64_from_bits(bits, dtype: tl.constexpr):
+    """The float :func:`float64_bits` encoded, rounded to ``dtype``.
+
+    ``bits`` arrives as an int64, as an int32 or a constant (small non-negative values, compiled),
+    or as a uint32 (values in [2**31, 2**32), interpreted): widening to uint64 keeps the bits of each."""
+    return tl.cast(bits, tl.uint64).to(tl.float64, bitcast=True).to(dtype)
+

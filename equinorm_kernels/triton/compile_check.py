@@ -1,119 +1,511 @@
-"""Compile every Triton kernel of the package for a CUDA architecture, without a GPU.
+"""Compile every Triton kernel of the package for CUDA architectures as a GPU run would, without one.
 
-    python -m equinorm_kernels.triton.compile_check [--arch 80 90] [--quick] [--only TEXT]
+    python -m equinorm_kernels.triton.compile_check [--arch 80 90] [--quick] [--only TEXT] [--jobs N] [--all]
 
-Triton compiles down to a cubin on any machine (it ships ptxas), so a CPU-only machine can catch
-type errors, unsupported operations and register-allocation failures in the compiled (non-
-interpreter) path. Each kernel is compiled for the argument types the launchers pass it: every
-input dtype, both weight layouts' constexprs and each ENorm exponent and power. Needs Triton's
-compiled mode: run it without TRITON_INTERPRET.
+Compiled, Triton specialises a kernel on its arguments: an int equal to 1 becomes a compile-time
+constant, ints and pointers that are multiples of 16 get a divisibility attribute, an int's type
+follows its size and a pointer's its tensor's dtype. So a kernel can compile for some arguments and
+fail for others, while the interpreter the test suite runs accepts them all. This check runs the
+launchers (the ops) on CPU tensors of the shapes the test suite uses, in every dtype, with each
+kernel launch intercepted; specialises each launch with Triton's own launcher code; and compiles
+each distinct specialisation, with every autotuning configuration, for each architecture (Triton
+ships ptxas, so no GPU is needed). Each compiled kernel is also checked for stride arguments
+multiplied in 32 bits, which would wrap offsets past 2**31.
+
+Needs Triton's compiled mode: run it without TRITON_INTERPRET.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import concurrent.futures
+import contextlib
+import copy
+import math
+import multiprocessing
+import os
+import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from unittest import mock
 
+import torch
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from torch import nn
+from triton.backends.compiler import BaseBackend, GPUTarget
+from triton.compiler import ASTSource, CompiledKernel, make_backend
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from . import _runtime, enorm, equinorm
+from . import _runtime, enorm, equinorm  # importing the kernel modules defines the ops
 
-# Pointer element types per tensor dtype, and the accumulation type each implies.
-_FLOAT_TYPES = {"fp16": "fp32", "bf16": "fp32", "fp32": "fp32", "fp64": "fp64"}
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+QUICK_DTYPES = (torch.bfloat16, torch.float64)
 
-
-def _jit_function(kernel):
-    """The JITFunction under an autotuner."""
-    return getattr(kernel, "fn", kernel) if not isinstance(kernel, triton.runtime.JITFunction) else kernel
-
-
-def _specialisations(quick: bool) -> Iterator[tuple[str, object, dict, dict]]:
-    """(label, kernel, signature, constexprs) for every variant the launchers can request."""
-    types = ("bf16", "fp64") if quick else tuple(_FLOAT_TYPES)
-    for dtype in types:
-        acc = _FLOAT_TYPES[dtype]
-        yield (f"planar channel sums {dtype}", equinorm._planar_channel_sums_kernel,
-               {"x_ptr": f"*{dtype}", "sums_ptr": f"*{acc}", "rows": "i32", "channels": "i32", "spatial": "i32",
-                "rows_per_split": "i32", "count": "fp64", "FINAL": "constexpr", "BLOCK_S": "constexpr",
-                "TILE": "constexpr"},
-               {"FINAL": False, "BLOCK_S": 256, "TILE": 2048})
-        yield (f"channels_last channel sums {dtype}", equinorm._channels_last_channel_sums_kernel,
-               {"x_ptr": f"*{dtype}", "sums_ptr": f"*{acc}", "channels": "i32", "positions": "i32",
-                "positions_per_split": "i32", "count": "fp64", "FINAL": "constexpr", "BLOCK_C": "constexpr",
-                "TILE": "constexpr"},
-               {"FINAL": True, "BLOCK_C": 64, "TILE": 2048})
-        row_ints = {name: "i32" for name in
-                    ("group_channels", "taps", "outputs_per_group", "channel_stride", "tap_stride")}
-        yield (f"weight transform {dtype}", equinorm._equinorm_weight_kernel,
-               {"weight_ptr": f"*{dtype}", "mean_ptr": f"*{acc}", "gain_ptr": f"*{acc}", "out_ptr": f"*{dtype}",
-                "stats_ptr": f"*{acc}", **row_ints, "exact": "i32", "ratio": "fp64", "eps": "fp64",
-                "tiny": "fp64", "BLOCK_C": "constexpr", "BLOCK_T": "constexpr"},
-               {"BLOCK_C": 128, "BLOCK_T": 16})
-        yield (f"weight backward {dtype}", equinorm._equinorm_backward_kernel,
-               {"grad_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}", "mean_ptr": f"*{acc}", "gain_ptr": f"*{acc}",
-                "stats_ptr": f"*{acc}", "grad_weight_ptr": f"*{dtype}", "grad_gain_ptr": f"*{acc}",
-                "mean_terms_ptr": f"*{acc}", **row_ints, "BLOCK_C": "constexpr", "BLOCK_T": "constexpr"},
-               {"BLOCK_C": 128, "BLOCK_T": 16})
-        yield (f"channel energies {dtype}", enorm._channel_energy_kernel,
-               {"values_ptr": f"*{dtype}", "energy_ptr": "*fp64", "channels": "i32", "channels_per_group": "i32",
-                "outer_per_group": "i32", "inner": "i32", "outer_stride": "i32", "channel_stride": "i32",
-                "inner_stride": "i32", "p": "fp64", "EXPONENT": "constexpr", "ACC_FP64": "constexpr",
-                "BLOCK_J": "constexpr", "BLOCK_T": "constexpr"},
-               {"EXPONENT": 0 if dtype == "fp32" else 2, "ACC_FP64": dtype == "fp64", "BLOCK_J": 128, "BLOCK_T": 16})
-        yield (f"rescale {dtype}", enorm._rescale_kernel,
-               {"values_ptr": f"*{dtype}", "d_ptr": "*fp64", "numel": "i32", "outer_stride": "i32",
-                "channel_stride": "i32", "channels_per_group": "i32", "outer_per_group": "i32",
-                "POWER": "constexpr", "COLUMNS": "constexpr", "ACC_FP64": "constexpr", "BLOCK": "constexpr"},
-               {"POWER": -2, "COLUMNS": True, "ACC_FP64": dtype == "fp64", "BLOCK": enorm._RESCALE_BLOCK})
-    for acc in ("fp32", "fp64"):
-        yield (f"finish channel means {acc}", equinorm._finish_channel_means_kernel,
-               {"sums_ptr": f"*{acc}", "mean_ptr": f"*{acc}", "channels": "i32", "splits": "i32", "count": "fp64",
-                "BLOCK": "constexpr"},
-               {"BLOCK": 1024})
-        yield (f"sum of mean terms {acc}", equinorm._sum_mean_terms_kernel,
-               {"mean_terms_ptr": f"*{acc}", "grad_mean_ptr": f"*{acc}", "channels": "i32", "group_channels": "i32",
-                "outputs_per_group": "i32", "BLOCK": "constexpr"},
-               {"BLOCK": 1024})
-    yield ("coefficients", enorm._coefficients_kernel,
-           {"energy_ptr": "*fp64", "d_ptr": "*fp64", "deviation_ptr": "*fp64", "channels": "i32", "row_slots": "i32",
-            "column_slots": "i32", "p": "fp64", "log_c": "fp64", "BLOCK": "constexpr"},
-           {"BLOCK": 1024})
+# Int arguments that scale an index into an offset, per kernel: each may be 2**31 or more once
+# multiplied, so none may enter a 32-bit multiplication. (Offsets within one weight row stay
+# int32: the launchers reject rows of 2**31 or more values.)
+STRIDE_ARGUMENTS: dict[str, tuple[str, ...]] = {
+    "_planar_channel_sums_kernel": ("channels", "spatial"),
+    "_channels_last_channel_sums_kernel": ("channels",),
+    "_finish_channel_means_kernel": ("channels",),
+    "_equinorm_weight_kernel": ("group_channels", "taps"),
+    "_equinorm_backward_kernel": ("group_channels", "taps"),
+    "_sum_mean_terms_kernel": ("group_channels",),
+    "_channel_energy_kernel": ("outer_stride", "channel_stride", "inner_stride"),
+    "_coefficients_kernel": ("channels",),
+    "_rescale_kernel": ("outer_stride", "channel_stride"),
+}
 
 
-def compile_all(archs: list[int], quick: bool = False, only: str = "", verbose: bool = True) -> int:
-    """Compiles every specialisation (whose label contains ``only``) for every architecture;
-    returns the number of failures."""
+# ---------------------------------------------------------------------------------------------
+# Launches and their specialisations
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Launch:
+    """One kernel launch as a launcher made it: the kernel, its arguments and launch options."""
+
+    kernel: JITFunction
+    args: tuple
+    kwargs: dict
+    origin: str  # the sample call that made it first
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__
+
+
+_binders: dict[tuple[int, int], Callable] = {}
+
+
+def _binder(kernel: JITFunction, backend: BaseBackend) -> Callable:
+    """Triton's argument binder for ``kernel``: what its launcher runs to specialise a call."""
+    key = (id(kernel), backend.target.arch)
+    if key not in _binders:
+        _binders[key] = create_function_from_signature(kernel.signature, kernel.params, backend)
+    return _binders[key]
+
+
+def backend_for(arch: int) -> BaseBackend:
+    """Triton's CUDA backend for compute capability ``arch`` (80 for sm_80)."""
+    return make_backend(GPUTarget("cuda", arch, 32))
+
+
+def specialisation_key(launch: Launch, backend: BaseBackend) -> tuple:
+    """What Triton's launcher caches a compiled kernel under: the specialisation of every argument
+    (type and attribute, or constant value) and the launch options."""
+    _, specialization, options = _binder(launch.kernel, backend)(*launch.args, **launch.kwargs)
+    return (launch.name, tuple(specialization), tuple(sorted((k, repr(v)) for k, v in options.items())))
+
+
+def compile_source(launch: Launch, backend: BaseBackend) -> tuple[ASTSource, dict]:
+    """The source and options Triton's launcher would compile ``launch`` from."""
+    bound, specialization, options = _binder(launch.kernel, backend)(*launch.args, **launch.kwargs)
+    options, signature, constexprs, attrs = launch.kernel._pack_args(
+        backend, launch.kwargs, bound, specialization, options)
+    return ASTSource(launch.kernel, signature, constexprs, attrs), options.__dict__
+
+
+def compile_launch(launch: Launch, arch: int) -> CompiledKernel:
+    """``launch``'s kernel compiled for sm_``arch`` as it would be specialised on a GPU."""
+    backend = backend_for(arch)
+    source, options = compile_source(launch, backend)
+    return triton.compile(source, target=backend.target, options=options)
+
+
+def describe(launch: Launch, backend: BaseBackend) -> str:
+    """The specialisation in short: pointer dtypes, constants (=), multiples of 16 (%16), options."""
+    source, options = compile_source(launch, backend)
+    parts = []
+    for index, (name, kind) in enumerate(source.signature.items()):
+        if kind == "constexpr":
+            parts.append(f"{name}={source.constants[(index,)]}")
+        elif kind.startswith("*"):
+            parts.append(kind[1:])
+        elif (index,) in source.attrs and source.attrs[(index,)]:
+            parts.append(f"{name}%16")
+    return " ".join(parts + [f"warps={options['num_warps']}"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Intercepting the launchers' launches
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class LaunchRecorder:
+    """Collects the distinct specialisations of the launches made while it is recording."""
+
+    backend: BaseBackend = field(default_factory=lambda: backend_for(80))
+    launches: dict[tuple, Launch] = field(default_factory=dict)  # the first launch of each specialisation
+    case: str = ""  # set by sample()
+    every_tuning: bool = False
+
+    def record(self, kernel: JITFunction, *args, grid, warmup, **kwargs) -> None:
+        for variant in _every_tuning(kernel, kwargs) if self.every_tuning else [kwargs]:
+            launch = Launch(kernel, args, variant, self.case)
+            self.launches.setdefault(specialisation_key(launch, self.backend), launch)
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[LaunchRecorder]:
+        """Kernel launches are recorded instead of run, and CPU tensors pass for CUDA ones."""
+        recorder = self
+
+        def run(kernel, *args, **kwargs):
+            recorder.record(kernel, *args, **kwargs)
+
+        def run_untuned(tuner, *args, **kwargs):  # tuning would time launches; sample() adds its configurations
+            return tuner.fn.run(*args, **kwargs, **tuner.configs[0].all_kwargs())
+
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(mock.patch.object(JITFunction, "run", run))
+            stack.enter_context(mock.patch.object(Autotuner, "run", run_untuned))
+            stack.enter_context(_runtime.host_tensors_standing_in_for_cuda())
+            yield self
+
+    @contextlib.contextmanager
+    def sample(self, case: str, every_tuning: bool = False) -> Iterator[None]:
+        """Launches made inside are labelled ``case``; with ``every_tuning`` also under every
+        autotuning configuration (the configurations vary tile sizes and warps, not argument types,
+        so one sample call per kernel and dtype covers them)."""
+        self.case, self.every_tuning = case, every_tuning
+        try:
+            yield
+        except Exception as error:  # a launcher that fails here would fail on a GPU too
+            raise RuntimeError(f"sample call {case!r} failed before any kernel ran: {error!r}") from error
+        finally:
+            self.every_tuning = False
+
+
+def _every_tuning(kernel: JITFunction, kwargs: dict) -> list[dict]:
+    """``kwargs`` under each configuration the kernel's autotuner may pick (just ``kwargs`` when
+    the kernel is not autotuned): tuning is opt-in, and any configuration must compile."""
+    configs = _runtime.TUNING_CONFIGS.get(kernel.fn.__name__)
+    if not configs:
+        return [kwargs]
+    return [{**kwargs, **config.all_kwargs()} for config in configs]
+
+
+# ---------------------------------------------------------------------------------------------
+# The sample calls: the shapes, layouts and dtypes of the test suite
+# ---------------------------------------------------------------------------------------------
+
+# (weight shape, groups): C = 1 and 3, 1x1 to 7x7, depthwise, grouped, Linear, 1-D and 3-D
+# convs, and rows longer than one (channels x taps) tile.
+WEIGHTS = (
+    ((4, 3, 3, 3), 1), ((5, 1, 3, 3), 1), ((3, 1, 3, 3), 1), ((6, 4, 1, 1), 1), ((4, 3, 1, 1), 1),
+    ((3, 2, 5, 5), 1), ((4, 3, 7, 7), 1), ((3, 3, 7, 7), 1), ((6, 1, 3, 3), 6), ((4, 1, 3, 3), 4),
+    ((8, 2, 3, 3), 2), ((5, 6), 1), ((4, 3, 3), 1), ((3, 2, 4), 1), ((4, 2, 3, 3, 3), 1),
+    ((3, 40, 8, 8), 1), ((2, 3, 9, 9), 1), ((3, 2500), 1),
+)
+QUICK_WEIGHTS = (((4, 3, 3, 3), 1), ((5, 1, 3, 3), 1), ((6, 4, 1, 1), 1), ((6, 1, 3, 3), 6), ((5, 6), 1))
+# Inputs of the channel-mean tests: wide rows, planes large enough to split, small planes,
+# Linear inputs, and odd sizes.
+MEAN_INPUTS = (
+    (3, 300, 4, 4), (5, 3, 20, 20), (3, 2, 80, 80), (4, 6, 3, 3), (2, 5000), (5, 7), (5, 3, 4, 6), (3, 5, 6, 7),
+)
+LAYOUTS = ("contiguous", "channels_last", "strided")
+
+
+def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "channels_last" and t.dim() in (4, 5):
+        return t.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
+    if layout == "strided":  # neither contiguous nor channels_last: the launchers copy it
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
+    return t
+
+
+def _input_for(weight_shape: tuple[int, ...], groups: int, batch: int) -> torch.Tensor:
+    spatial = {2: (), 3: (6,), 4: (5, 6), 5: (3, 4, 3)}[len(weight_shape)]
+    return torch.rand((batch, weight_shape[1] * groups, *spatial))
+
+
+def _equinorm_calls(recorder: LaunchRecorder, dtypes, weights) -> None:
+    """Every weight in every dtype and mode; channels_last weights, the backward of every weight
+    and inputs in every layout in float32 and float64 (the low-precision tests take fewer)."""
+    ops = torch.ops.equinorm_kernels
+    for dtype in dtypes:
+        acc = _runtime.accumulation_dtype(dtype)
+        low_precision = dtype in (torch.float16, torch.bfloat16)
+        for index, (shape, groups) in enumerate(weights):
+            x = _input_for(shape, groups, batch=4).to(dtype)
+            for rows in (4, 2):
+                with recorder.sample(f"{dtype} channel mean of the input of {shape}/{groups}, rows={rows}"):
+                    ops.triton_channel_mean(x, rows)
+            mean = torch.rand(x.shape[1], dtype=acc)
+            gain = torch.ones(shape[0], dtype=acc)
+            with_backward = not low_precision or index < 2
+            with_channels_last = len(shape) in (4, 5) and not low_precision
+            for layout in ("contiguous", "channels_last") if with_channels_last else ("contiguous",):
+                weight = _layout(torch.randn(shape).to(dtype), layout)
+                for mode in ("single_pass", "exact"):
+                    with recorder.sample(f"{dtype} weight {shape}/{groups} {layout} {mode}", every_tuning=index == 0):
+                        out, stats = ops.triton_equinorm_weight(weight, mean, gain, 0.7, groups, mode, 1e-5)
+                        if with_backward:
+                            ops.triton_equinorm_backward(torch.randn_like(out), weight, mean, gain, stats, groups)
+        for index, shape in enumerate(MEAN_INPUTS):
+            for layout in LAYOUTS[:2] if low_precision else LAYOUTS:
+                x = _layout(torch.rand(shape).to(dtype), layout)
+                for rows in (shape[0],) if low_precision else sorted({shape[0], math.ceil(shape[0] / 2), 1}):
+                    with recorder.sample(f"{dtype} channel mean {shape} {layout} rows={rows}", every_tuning=index == 0):
+                        ops.triton_channel_mean(x, rows)
+
+
+def _split_channel_sums(recorder: LaunchRecorder, dtypes) -> None:
+    """Channel sums cut over a given number of programs, as the tests force them."""
+    for dtype in dtypes:
+        for shape, layout in (((5, 3, 4, 6), "contiguous"), ((5, 3, 4, 6), "channels_last"), ((5, 7), "contiguous")):
+            x = _layout(torch.rand(shape).to(dtype), layout)
+            for rows in (5, 3):
+                readable, channels_last = equinorm._channel_input(x, rows)
+                for splits in (1, 2, 3, 4):
+                    mean = torch.empty(shape[1], dtype=_runtime.accumulation_dtype(dtype))
+                    with recorder.sample(f"{dtype} channel sums {shape} {layout} rows={rows} splits={splits}"):
+                        equinorm._launch_channel_means(readable, channels_last, rows, mean, splits=splits)
+
+
+class _Residual(nn.Module):
+    """A basic block, its skip the identity or a 1x1 conv: several producers (rows) per group."""
+
+    def __init__(self, channels: int, width: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        self.skip = nn.Conv2d(channels, width, 1) if channels != width else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv2(torch.relu(self.conv1(x))) + self.skip(x))
+
+
+# (network, input shape): Linear chains, convs with pooling and a flatten into a Linear (columns
+# per channel), grouped and depthwise (channel multiplier 2) convs, C = 1 inputs, residual blocks.
+def _enorm_networks() -> list[tuple[str, nn.Module, tuple[int, ...]]]:
+    return [
+        ("mlp", nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 7), nn.ReLU(), nn.Linear(7, 3)), (5, 6)),
+        ("cnn", nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(),
+            nn.AvgPool2d(2), nn.Flatten(), nn.Linear(24, 5), nn.ReLU(), nn.Linear(5, 3)), (2, 3, 8, 8)),
+        ("grouped", nn.Sequential(
+            nn.Conv2d(4, 8, 3, padding=1, groups=2), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1, groups=8), nn.ReLU(),
+            nn.Conv2d(16, 8, 1, groups=4), nn.ReLU(), nn.AdaptiveMaxPool2d(2), nn.Flatten(), nn.Linear(32, 3)),
+         (2, 4, 6, 6)),
+        ("grayscale", nn.Sequential(
+            nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 1, 1), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2)),
+         (2, 1, 6, 6)),
+        ("residual", nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), _Residual(4, 4), _Residual(4, 6), nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(), nn.Linear(6, 3)), (2, 3, 6, 6)),
+        ("wide", nn.Sequential(nn.Linear(300, 40), nn.ReLU(), nn.Linear(40, 3)), (2, 300)),
+    ]
+
+
+def _enorm_program(model: nn.Module, input_shape: tuple[int, ...], include_bias: bool):
+    """(tensors, entries, group sizes) of one ENorm cycle over ``model``, its gradients and Adam moments."""
+    from ..enorm.graph import discover_groups
+    from ..enorm.optimizer_state import StateRescaler
+    from ..ops.enorm import RescalingProgram
+
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.rand(input_shape, dtype=next(model.parameters()).dtype)).square().sum().backward()
+    optimizer.step()
+    _, groups = discover_groups(model)
+    program = RescalingProgram(StateRescaler(optimizer))
+    for group in groups:
+        program.add_group(group, include_bias)
+    return program.tensors, program.entries, program.group_sizes
+
+
+_EVERY_NETWORK = ("mlp", "cnn", "grouped", "grayscale", "residual", "wide")
+# (networks, dtype, p, c, include_bias, conv weight layout) of the ENorm tests' cycles: every
+# network with p = 2 in every dtype, the other exponents, uncounted biases and channels_last
+# conv weights on a few.
+ENORM_SETTINGS = (
+    (_EVERY_NETWORK, torch.float64, 2.0, 1.0, True, torch.contiguous_format),
+    (_EVERY_NETWORK, torch.float32, 2.0, 1.1, True, torch.contiguous_format),
+    (_EVERY_NETWORK, torch.float16, 2.0, 1.1, True, torch.contiguous_format),
+    (_EVERY_NETWORK, torch.bfloat16, 2.0, 1.0, True, torch.contiguous_format),
+    (("cnn", "grouped"), torch.float64, 1.0, 1.1, True, torch.contiguous_format),
+    (("cnn", "grouped"), torch.float64, 3.0, 1.0, True, torch.contiguous_format),
+    (("cnn", "grouped"), torch.float32, 3.0, 1.1, True, torch.contiguous_format),
+    (("cnn",), torch.bfloat16, 1.0, 1.0, True, torch.contiguous_format),
+    (("mlp", "cnn"), torch.float64, 2.0, 1.0, False, torch.contiguous_format),
+    (("cnn",), torch.float64, 2.0, 1.2, False, torch.contiguous_format),
+    (("cnn", "residual", "grayscale"), torch.float64, 2.0, 1.0, True, torch.channels_last),
+    (("residual",), torch.float32, 2.0, 1.0, True, torch.channels_last),
+)
+
+
+def _enorm_calls(recorder: LaunchRecorder, dtypes, quick: bool) -> None:
+    networks = {name: (model, input_shape) for name, model, input_shape in _enorm_networks()}
+    ops = torch.ops.equinorm_kernels
+    for names, dtype, p, c, include_bias, memory_format in ENORM_SETTINGS:
+        for name in names[:2] if quick else names:
+            if dtype not in dtypes:
+                continue
+            model, input_shape = networks[name]
+            torch.manual_seed(0)
+            tensors, entries, sizes = _enorm_program(_copy_of(model, dtype, memory_format), input_shape, include_bias)
+            with recorder.sample(f"{dtype} enorm {name} p={p} c={c} bias={include_bias} {memory_format}"):
+                ops.triton_enorm_cycle_(tensors, entries, sizes, p, c)
+                for group_entries in _entries_by_group(entries, sizes):
+                    ops.triton_enorm_group_(tensors, group_entries, p, c)
+    for dtype in dtypes:
+        producer, consumer = torch.randn(40, 300).to(dtype), torch.randn(3, 40, 3, 3).to(dtype)
+        for p in (2.0, 3.0):
+            with recorder.sample(f"{dtype} enorm group of long rows p={p}"):
+                ops.triton_enorm_group_([producer, consumer], [0, 0, 1, 1, 1, 1, 1, 1, -1, 1, 1, 1], p, 0.5)
+
+
+def _entries_by_group(entries: list[int], group_sizes: list[int]) -> Iterator[list[int]]:
+    first = 0
+    for size in group_sizes:
+        yield entries[first * enorm.ENTRY_FIELDS:(first + size) * enorm.ENTRY_FIELDS]
+        first += size
+
+
+def _copy_of(model: nn.Module, dtype: torch.dtype, memory_format: torch.memory_format) -> nn.Module:
+    return copy.deepcopy(model).to(dtype=dtype, memory_format=memory_format)
+
+
+def record_sample_launches(quick: bool = False) -> LaunchRecorder:
+    """Runs every sample call with its launches recorded; returns the recorder."""
     if _runtime.INTERPRETED:
         raise RuntimeError("the kernels were defined for Triton's interpreter: run without TRITON_INTERPRET")
+    dtypes = QUICK_DTYPES if quick else FLOAT_DTYPES
+    recorder = LaunchRecorder()
+    with recorder.recording(), torch.no_grad():
+        _equinorm_calls(recorder, dtypes, QUICK_WEIGHTS if quick else WEIGHTS)
+        _split_channel_sums(recorder, dtypes)
+    with recorder.recording():  # ENorm programs need a backward pass for their gradients
+        _enorm_calls(recorder, dtypes, quick)
+    return recorder
+
+
+# ---------------------------------------------------------------------------------------------
+# 32-bit products of strides in the compiled code
+# ---------------------------------------------------------------------------------------------
+
+_OPERATION = re.compile(r"^\s*(%[\w.]+)(?::\d+)? = ([\w.]+) (.*?) : ([^:]*?)(?: loc\(.*)?$")
+_SSA_NAME = re.compile(r"%[\w.]+")
+# Operations whose result carries an operand's value (or a sum or product with it) unwidened.
+_CARRIES_VALUE = {"tt.splat", "tt.broadcast", "tt.expand_dims", "tt.reshape", "arith.addi", "arith.subi", "arith.muli"}
+
+
+def _is_int32(type_text: str) -> bool:
+    return bool(re.search(r"(?:^|\s|x)i32\b", type_text.split("->")[-1]))
+
+
+def narrow_products(ttir: str, arguments: tuple[str, ...]) -> list[str]:
+    """Lines of ``ttir`` that multiply a value carrying one of ``arguments`` in 32 bits."""
+    carriers = {f"%{name}" for name in arguments}
+    found = []
+    for line in ttir.splitlines():
+        match = _OPERATION.match(line)
+        if not match:
+            continue
+        result, operation, operands, result_type = match.groups()
+        if not carriers.intersection(_SSA_NAME.findall(operands)):
+            continue
+        if operation == "arith.muli" and _is_int32(result_type):
+            found.append(line.strip())
+        if operation in _CARRIES_VALUE and _is_int32(result_type):
+            carriers.add(result)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiling
+# ---------------------------------------------------------------------------------------------
+
+_pending: list[Launch] = []  # read by forked workers
+
+
+def _compile_one(index: int, arch: int) -> tuple[str, float]:
+    """(status, seconds) of one compilation: "ok", or what failed."""
+    launch = _pending[index]
+    start = time.perf_counter()
+    try:
+        compiled = compile_launch(launch, arch)
+    except Exception as error:  # report every failure, not only the first
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        detail = _compilation_error_line(error)
+        return f"FAILED: {type(error).__name__}: {detail or first_line}", time.perf_counter() - start
+    narrow = narrow_products(compiled.asm["ttir"], STRIDE_ARGUMENTS.get(launch.name, ()))
+    status = f"FAILED: stride multiplied in 32 bits: {narrow[0]}" if narrow else "ok"
+    return status, time.perf_counter() - start
+
+
+def _compilation_error_line(error: Exception) -> str:
+    """The source line and message of a Triton CompilationError, in one line."""
+    text = str(error)
+    lines = [line for line in text.splitlines() if line.strip()]
+    caret = next((i for i, line in enumerate(lines) if set(line.strip()) == {"^"}), None)
+    if caret is None or caret == 0:
+        return ""
+    return f"{lines[caret - 1].strip()}  -> {lines[-1].strip()}"
+
+
+def kernel_label(launch: Launch) -> str:
+    """``_finish_channel_means_kernel`` -> ``finish channel means``."""
+    return launch.name.strip("_").removesuffix("_kernel").replace("_", " ")
+
+
+def compile_all(
+    archs: list[int], quick: bool = False, only: str = "", verbose: bool = True, show_all: bool = False, jobs: int = 0,
+) -> int:
+    """Compiles the specialisation of every sample launch (of the kernels whose label contains
+    ``only``) for every architecture; returns the number of failures. ``verbose`` prints the
+    failures (``show_all``: every compilation) and a summary; ``jobs`` is the number of parallel
+    compilations (0: one per available CPU)."""
+    start = time.perf_counter()
+    recorder = record_sample_launches(quick)
+    launches = [launch for launch in recorder.launches.values() if only in kernel_label(launch)]
+    if verbose:
+        counts = collections.Counter(kernel_label(launch) for launch in launches)
+        print(f"{len(launches)} specialisations from the sample calls ({time.perf_counter() - start:.1f} s): "
+              f"{', '.join(f'{label} {count}' for label, count in counts.most_common())}\n"
+              f"compiling each for sm_{', sm_'.join(map(str, archs))}", flush=True)
+    _pending[:] = launches
+    tasks = [(index, arch) for arch in archs for index in range(len(launches))]
     failures = 0
-    for arch in archs:
-        target = GPUTarget("cuda", arch, 32)
-        for label, kernel, signature, constexprs in _specialisations(quick):
-            if only not in label:
-                continue
-            start = time.perf_counter()
-            try:
-                triton.compile(ASTSource(fn=_jit_function(kernel), signature=signature, constexprs=constexprs),
-                               target=target)
-                status = "ok"
-            except Exception as error:  # report every failure, not only the first
-                failures += 1
-                status = f"FAILED: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            if verbose:
-                print(f"sm_{arch}  {label:<36} {time.perf_counter() - start:6.2f} s  {status}", flush=True)
+    for (index, arch), (status, seconds) in zip(tasks, _run_tasks(tasks, jobs)):
+        launch = launches[index]
+        failed = status != "ok"
+        failures += failed
+        if verbose and (failed or show_all):
+            print(f"sm_{arch}  {kernel_label(launch):<28} {seconds:5.2f} s  {status}\n"
+                  f"        {describe(launch, recorder.backend)}\n        first from: {launch.origin}", flush=True)
+    if verbose:
+        print(f"compiled {len(tasks)} kernels in {time.perf_counter() - start:.1f} s", flush=True)
     return failures
+
+
+def _available_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _run_tasks(tasks: list[tuple[int, int]], jobs: int) -> Iterator[tuple[str, float]]:
+    jobs = jobs or _available_cpus()
+    if jobs == 1 or len(tasks) < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        yield from (_compile_one(*task) for task in tasks)
+        return
+    # Forked workers inherit the recorded launches; only indices cross the process boundary.
+    context = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        yield from pool.map(_compile_one, *zip(*tasks), chunksize=4)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities, e.g. 80 90")
-    parser.add_argument("--quick", action="store_true", help="only bfloat16 and float64 inputs")
+    parser.add_argument("--quick", action="store_true", help="bfloat16 and float64 only, and fewer shapes")
     parser.add_argument("--only", default="", help="only the kernels whose label contains this text")
+    parser.add_argument("--jobs", type=int, default=0, help="parallel compilations (default: one per CPU)")
+    parser.add_argument("--all", action="store_true", help="print every compilation, not only the failures")
     args = parser.parse_args(argv)
-    failures = compile_all(args.arch, quick=args.quick, only=args.only)
+    failures = compile_all(args.arch, quick=args.quick, only=args.only, show_all=args.all, jobs=args.jobs)
     print(f"triton {triton.__version__}: {failures} failure(s)")
     return 1 if failures else 0
 

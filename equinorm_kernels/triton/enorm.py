@@ -30,6 +30,8 @@ from ._runtime import (
     check,
     check_device,
     define_op,
+    float64_bits,
+    float64_from_bits,
     on_device,
     wrap_triton,
 )
@@ -171,7 +173,7 @@ def _energy_term(values, p, EXPONENT: tl.constexpr):
 @triton.jit
 def _channel_energy_kernel(
     values_ptr, energy_ptr, channels, channels_per_group, outer_per_group, inner,
-    outer_stride, channel_stride, inner_stride, p: tl.float64,
+    outer_stride, channel_stride, inner_stride, p_bits,
     EXPONENT: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """energy[j] = sum of |v|^p over channel j's values (the outer indices of its group x inner),
@@ -180,7 +182,7 @@ def _channel_energy_kernel(
         acc = tl.full([BLOCK_J, BLOCK_T], 0, tl.float64)
     else:
         acc = tl.full([BLOCK_J, BLOCK_T], 0, tl.float32)
-    exponent = tl.full([], p, acc.dtype)
+    exponent = float64_from_bits(p_bits, acc.dtype)
     js = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
     channel_valid = js < channels
     group = js // channels_per_group
@@ -188,7 +190,7 @@ def _channel_energy_kernel(
     base = first_outer * outer_stride + (js % channels_per_group).to(tl.int64) * channel_stride
     ts = tl.arange(0, BLOCK_T)
     for r in range(outer_per_group):
-        row = base + r * outer_stride
+        row = base + tl.cast(r, tl.int64) * outer_stride
         for t0 in range(0, inner, BLOCK_T):
             t = t0 + ts
             mask = channel_valid[:, None] & (t < inner)[None, :]
@@ -199,23 +201,23 @@ def _channel_energy_kernel(
 
 @triton.jit
 def _coefficients_kernel(
-    energy_ptr, d_ptr, deviation_ptr, channels, row_slots, column_slots, p: tl.float64, log_c: tl.float64,
+    energy_ptr, d_ptr, deviation_ptr, channels, row_slots, column_slots, p_bits, log_c_bits,
     BLOCK: tl.constexpr,
 ):
     """One program: d_j = (C_j / (c^p R_j))^(1/(2p)) from the energy slots (rows first, added in
     entry order), d_j = 1 where R_j or C_j is zero or not finite; deviation = max_j |d_j - 1|."""
-    p64 = tl.full([], p, tl.float64)
-    log_c64 = tl.full([], log_c, tl.float64)
+    p64 = float64_from_bits(p_bits, tl.float64)
+    log_c64 = float64_from_bits(log_c_bits, tl.float64)
     largest = tl.full([BLOCK], 0, tl.float64)
     for c0 in range(0, channels, BLOCK):
         js = c0 + tl.arange(0, BLOCK)
         mask = js < channels
         row_energy = tl.full([BLOCK], 0, tl.float64)
         for k in range(row_slots):
-            row_energy += tl.load(energy_ptr + k * channels + js, mask=mask, other=0)
+            row_energy += tl.load(energy_ptr + tl.cast(k, tl.int64) * channels + js, mask=mask, other=0)
         column_energy = tl.full([BLOCK], 0, tl.float64)
         for k in range(row_slots, row_slots + column_slots):
-            column_energy += tl.load(energy_ptr + k * channels + js, mask=mask, other=0)
+            column_energy += tl.load(energy_ptr + tl.cast(k, tl.int64) * channels + js, mask=mask, other=0)
         # x * 0 == 0 holds for finite x only (inf * 0 and NaN * 0 are NaN).
         attained = (row_energy > 0) & (row_energy * 0 == 0) & (column_energy > 0) & (column_energy * 0 == 0)
         log_ratio = tl.log(tl.where(attained, column_energy, 1)) - tl.log(tl.where(attained, row_energy, 1))
@@ -274,7 +276,7 @@ def _launch_energy(t: torch.Tensor, e: _Entry, p: float, energy: torch.Tensor) -
     block_j = min(triton.next_power_of_2(e.channels), max(1, _ENERGY_TILE // block_t))
     wrap_triton(_channel_energy_kernel)[(triton.cdiv(e.channels, block_j),)](
         t, energy, e.channels, channels_per_group, outer_per_group, e.inner,
-        e.outer_stride, channel_stride, e.inner_stride, p,
+        e.outer_stride, channel_stride, e.inner_stride, float64_bits(p),
         EXPONENT=_exponent_kind(p), ACC_FP64=t.dtype == torch.float64, BLOCK_J=block_j, BLOCK_T=block_t,
     )
 
@@ -299,7 +301,7 @@ def _balance_group(tensors: list[torch.Tensor], group: list[_Entry], p: float, c
     for slot, e in enumerate(rows + columns):
         _launch_energy(tensors[e.tensor], e, p, energy[slot])
     wrap_triton(_coefficients_kernel)[(1,)](
-        energy, d, deviation, channels, len(rows), len(columns), p, math.log(c),
+        energy, d, deviation, channels, len(rows), len(columns), float64_bits(p), float64_bits(math.log(c)),
         BLOCK=min(triton.next_power_of_2(channels), _COEFFICIENT_BLOCK),
     )
     for e in group:

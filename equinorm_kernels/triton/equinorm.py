@@ -42,6 +42,8 @@ from ._runtime import (
     check,
     check_device,
     define_op,
+    float64_bits,
+    float64_from_bits,
     on_device,
     wrap_triton,
 )
@@ -56,6 +58,11 @@ _MAX_SPLITS = 128
 # Largest (channels x taps) tile a weight-row program holds at once.
 _ROW_TILE = 2048
 _MAX_TAP_BLOCK = 64
+# Offsets within a weight row are int32 (offsets of rows and planes are int64).
+_MAX_ROW_VALUES = 2**31 - 1
+# torch.finfo(acc).tiny: M_d's lower clamp, so a group whose means are all 0 gets a finite shift.
+_FLOAT64_TINY = tl.constexpr(torch.finfo(torch.float64).tiny)
+_FLOAT32_TINY = tl.constexpr(torch.finfo(torch.float32).tiny)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,6 +140,11 @@ def _weight_input(weight: torch.Tensor, groups: int) -> tuple[torch.Tensor, _Wei
         weight.shape[1] * taps >= 2,
         f"weight needs at least 2 values per output channel, got shape {tuple(weight.shape)}",
     )
+    check(
+        weight.shape[1] * taps <= _MAX_ROW_VALUES,
+        f"weight has {weight.shape[1] * taps} values per output channel; the Triton kernels take at most "
+        f"{_MAX_ROW_VALUES}",
+    )
     channels_last = not weight.is_contiguous() and _is_channels_last(weight)
     readable = weight if weight.is_contiguous() or channels_last else weight.contiguous()
     geometry = _WeightGeometry(
@@ -196,7 +208,7 @@ _ROW_CONFIGS = [triton.Config({}, num_warps=warps) for warps in (4, 2, 8)]
 @autotune(_CHANNEL_SUM_CONFIGS, key=["channels", "spatial", "rows_per_split"])
 @triton.jit
 def _planar_channel_sums_kernel(
-    x_ptr, sums_ptr, rows, channels, spatial, rows_per_split, count: tl.float64,
+    x_ptr, sums_ptr, rows, channels, spatial, rows_per_split, count,
     FINAL: tl.constexpr, BLOCK_S: tl.constexpr, TILE: tl.constexpr,
 ):
     """NCHW x: program (c, k) sums channel c over samples [k * rows_per_split, ...) into
@@ -208,7 +220,7 @@ def _planar_channel_sums_kernel(
     first = split * rows_per_split
     last = tl.minimum(first + rows_per_split, rows)
     plane = x_ptr + channel.to(tl.int64) * spatial
-    sample_stride = channels.to(tl.int64) * spatial
+    sample_stride = tl.cast(channels, tl.int64) * spatial
     samples = tl.arange(0, BLOCK_N)
     positions = tl.arange(0, BLOCK_S)
     acc = tl.full([BLOCK_N, BLOCK_S], 0, acc_t)
@@ -221,14 +233,14 @@ def _planar_channel_sums_kernel(
             acc += values.to(acc_t)
     total = tl.sum(acc)
     if FINAL:
-        total = total / tl.full([], count, acc_t)
-    tl.store(sums_ptr + split * channels + channel, total)
+        total = total / tl.cast(count, acc_t)
+    tl.store(sums_ptr + split.to(tl.int64) * channels + channel, total)
 
 
 @autotune(_CHANNEL_SUM_CONFIGS, key=["channels", "positions", "positions_per_split"])
 @triton.jit
 def _channels_last_channel_sums_kernel(
-    x_ptr, sums_ptr, channels, positions, positions_per_split, count: tl.float64,
+    x_ptr, sums_ptr, channels, positions, positions_per_split, count,
     FINAL: tl.constexpr, BLOCK_C: tl.constexpr, TILE: tl.constexpr,
 ):
     """channels_last x, one C-vector per (sample, position): program (b, k) sums channel block b
@@ -249,20 +261,20 @@ def _channels_last_channel_sums_kernel(
         acc += values.to(acc_t)
     total = tl.sum(acc, axis=0)
     if FINAL:
-        total = total / tl.full([], count, acc_t)
-    tl.store(sums_ptr + split * channels + cs, total, mask=channel_mask)
+        total = total / tl.cast(count, acc_t)
+    tl.store(sums_ptr + split.to(tl.int64) * channels + cs, total, mask=channel_mask)
 
 
 @triton.jit
-def _finish_channel_means_kernel(sums_ptr, mean_ptr, channels, splits, count: tl.float64, BLOCK: tl.constexpr):
+def _finish_channel_means_kernel(sums_ptr, mean_ptr, channels, splits, count, BLOCK: tl.constexpr):
     """mean[c] = (sums[0, c] + sums[1, c] + ...) / count, added in split order."""
     acc_t = mean_ptr.dtype.element_ty
     cs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = cs < channels
     total = tl.full([BLOCK], 0, acc_t)
     for k in range(splits):
-        total += tl.load(sums_ptr + k * channels + cs, mask=mask, other=0)
-    tl.store(mean_ptr + cs, total / tl.full([], count, acc_t), mask=mask)
+        total += tl.load(sums_ptr + tl.cast(k, tl.int64) * channels + cs, mask=mask, other=0)
+    tl.store(mean_ptr + cs, total / tl.cast(count, acc_t), mask=mask)
 
 
 def _launch_channel_means(
@@ -271,7 +283,7 @@ def _launch_channel_means(
     """Writes mean (C,) of x[:rows]; ``splits`` (programs per channel) is for tests only."""
     channels = x.shape[1]
     spatial = x.numel() // (x.shape[0] * channels)
-    count = float(rows * spatial)
+    count = rows * spatial
     if channels_last:
         positions = rows * spatial
         if splits is None:
@@ -325,9 +337,10 @@ def _row_block(c0, t0, group_channels, taps, channel_stride, tap_stride, BLOCK_C
 
 
 @triton.jit
-def _group_mean_mass(mean, group_channels, tiny, BLOCK_C: tl.constexpr):
+def _group_mean_mass(mean, group_channels, BLOCK_C: tl.constexpr):
     """M_d: the sum of the group's channel means, clamped away from zero."""
     acc_t = mean.dtype.element_ty
+    tiny = tl.full([], _FLOAT64_TINY if acc_t == tl.float64 else _FLOAT32_TINY, acc_t)
     acc = tl.full([BLOCK_C], 0, acc_t)
     for c0 in range(0, group_channels, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
@@ -356,8 +369,7 @@ def _exact_positive_mass(row, mean, shift, group_channels, taps, channel_stride,
 @triton.jit
 def _equinorm_weight_kernel(
     weight_ptr, mean_ptr, gain_ptr, out_ptr, stats_ptr,
-    group_channels, taps, outputs_per_group, channel_stride, tap_stride, exact,
-    ratio: tl.float64, eps: tl.float64, tiny: tl.float64,
+    group_channels, taps, outputs_per_group, channel_stride, tap_stride, exact, ratio_bits, eps_bits,
     BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """out[d] = gain_d * s_d * (w_d + b_d) and stats[d] = (b_d, s_d, P_d, M_d, used exact).
@@ -367,10 +379,10 @@ def _equinorm_weight_kernel(
     first read."""
     d = tl.program_id(0).to(tl.int64)
     acc_t = mean_ptr.dtype.element_ty
-    row_size = group_channels * taps
+    row_size = tl.cast(group_channels, tl.int64) * taps
     row = weight_ptr + d * row_size
     mean = mean_ptr + (d // outputs_per_group) * group_channels
-    mean_mass = _group_mean_mass(mean, group_channels, tl.full([], tiny, acc_t), BLOCK_C)
+    mean_mass = _group_mean_mass(mean, group_channels, BLOCK_C)
 
     kernel_acc = tl.full([BLOCK_C, BLOCK_T], 0, acc_t)      # mu_c w       -> sum_c mu_c W_dc
     positive_acc = tl.full([BLOCK_C, BLOCK_T], 0, acc_t)    # mu_c w [w>0] -> sum_c mu_c p_dc
@@ -405,9 +417,9 @@ def _equinorm_weight_kernel(
 
     # A row with no positive mass (|w| = 2 max(w, 0) - w gives the absolute mass) gets scale 0.
     absolute_mass = 2 * positive_sum - kernel_sum
-    degenerate = positive_mass <= tl.full([], eps, acc_t) * absolute_mass
+    degenerate = positive_mass <= float64_from_bits(eps_bits, acc_t) * absolute_mass
     safe_mass = tl.where(degenerate, 1, positive_mass)
-    scale = tl.where(degenerate, 0, tl.full([], ratio, acc_t) / safe_mass)
+    scale = tl.where(degenerate, 0, float64_from_bits(ratio_bits, acc_t) / safe_mass)
 
     factor = tl.load(gain_ptr + d) * scale
     out = out_ptr + d * row_size
@@ -439,7 +451,7 @@ def _equinorm_backward_kernel(
     g_P sum_t [active] u - g_b sum_t u / (K M_d), active = u > 0 (exact P_d) or w > 0 (one-pass)."""
     d = tl.program_id(0).to(tl.int64)
     acc_t = mean_ptr.dtype.element_ty
-    row_size = group_channels * taps
+    row_size = tl.cast(group_channels, tl.int64) * taps
     row = weight_ptr + d * row_size
     grad = grad_ptr + d * row_size
     mean = mean_ptr + (d // outputs_per_group) * group_channels
@@ -508,7 +520,7 @@ def _sum_mean_terms_kernel(mean_terms_ptr, grad_mean_ptr, channels, group_channe
     first = (group * outputs_per_group).to(tl.int64) * group_channels + js % group_channels
     total = tl.full([BLOCK], 0, acc_t)
     for k in range(outputs_per_group):
-        total += tl.load(mean_terms_ptr + first + k * group_channels, mask=mask, other=0)
+        total += tl.load(mean_terms_ptr + first + tl.cast(k, tl.int64) * group_channels, mask=mask, other=0)
     tl.store(grad_mean_ptr + js, total, mask=mask)
 
 
@@ -517,7 +529,7 @@ def _launch_weight_transform(weight, g: _WeightGeometry, mean, gain, out, stats,
     wrap_triton(_equinorm_weight_kernel)[(g.out_channels,)](
         weight, mean, gain, out, stats,
         g.group_channels, g.taps, g.outputs_per_group, g.channel_stride, g.tap_stride, int(exact),
-        ratio, eps, torch.finfo(mean.dtype).tiny,
+        float64_bits(ratio), float64_bits(eps),
         BLOCK_C=block_c, BLOCK_T=block_t,
     )
 
