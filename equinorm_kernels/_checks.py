@@ -9,6 +9,11 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MODES = ("single_pass", "exact")
 
+# EquiNorm's ratio and ENorm's c reach the kernels' float32 arithmetic multiplied by factors the
+# data sets (1 / P_d; the energy ratio C_i / R_i and its powers): giving an option half of float32's
+# exponent range leaves the other half to the data, so their products neither overflow nor vanish.
+SCALE_OPTION_RANGE = (2.0**-63, 2.0**63)
+
 VALUE_CHECK_MODES = ("auto", "sync", "off")
 _value_check_mode = "auto"
 
@@ -55,6 +60,11 @@ def is_fx_tracing() -> bool:
 
 def stats_rows(batch: int, stats_fraction: float) -> int:
     """Samples that feed the statistics: the first ceil(stats_fraction * batch), at least one."""
+    # A layer's fraction is a constant: as a plain float it keeps a symbolic batch size symbolic
+    # under torch.compile(dynamic=True), where the float itself would be traced as a symbol.
+    stats_fraction = float(stats_fraction)
+    if stats_fraction == 1.0:
+        return batch
     # The small slack keeps products like 0.14 * 50 = 7.000000000000001 from rounding up.
     return max(1, math.ceil(stats_fraction * batch - 1e-9))
 
@@ -70,6 +80,11 @@ def check_tensor(value: object, name: str, *, dims: str, min_dim: int, max_dim: 
 
 
 def check_number(value: object, name: str, *, low: float, high: float = math.inf, low_inclusive: bool = False) -> float:
+    if torch.compiler.is_compiling():
+        # torch.compile(dynamic=True) traces float options and shape-derived ratios as symbols:
+        # testing their value would break the graph. Layers validate their options when built,
+        # shape-derived values are positive by construction, and the ops check ratio and eps.
+        return value
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
         raise TypeError(f"{name} must be a finite real number, got {value!r}")
     value = float(value)
@@ -78,6 +93,18 @@ def check_number(value: object, name: str, *, low: float, high: float = math.inf
         bracket = "[" if low_inclusive else "("
         raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value}")
     return value
+
+
+def check_scale_option(value: object, name: str) -> float:
+    """A positive factor of the kernels' float32 arithmetic (ratio, c), within SCALE_OPTION_RANGE."""
+    low, high = SCALE_OPTION_RANGE
+    try:
+        return check_number(value, name, low=low, high=high, low_inclusive=True)
+    except ValueError:
+        raise ValueError(
+            f"{name} must be in [2**-63, 2**63] = [{low:.6g}, {high:.6g}] so that results stay representable "
+            f"in float32, got {float(value)!r}"
+        ) from None
 
 
 def check_same_device(reference: torch.Tensor, value: torch.Tensor, ref_name: str, name: str) -> None:
@@ -138,7 +165,7 @@ def check_weight_args(
             "EquiNorm needs at least 2 weights per output channel (C/groups * kernel taps >= 2): with one weight "
             f"the mean-centred weight is identically zero; got weight of shape {tuple(weight.shape)}"
         )
-    check_number(ratio, "ratio", low=0.0)
+    check_scale_option(ratio, "ratio")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if gain is not None:
@@ -188,6 +215,27 @@ def check_finite_values(tensor: torch.Tensor, name: str, what: str) -> None:
     bad = _non_finite_indices(tensor)
     if len(bad):
         raise ValueError(f"{name} contains NaN or Inf ({what}; first at index {tuple(int(i) for i in bad[0])})")
+
+
+def check_input_channel_means(sample: torch.Tensor, mean: torch.Tensor, name: str = "x") -> None:
+    """Raise if a channel mean of ``name`` is NaN or Inf, telling a bad input from an overflowing mean.
+
+    ``sample``: the samples of ``name`` the means ``mean`` (C,) were taken over, (n, C, *spatial).
+    """
+    if not bool(_may_hold_non_finite(mean)):
+        return
+    bad_channels = _non_finite_indices(mean)
+    if not len(bad_channels):
+        return
+    bad_positions = _non_finite_indices(sample)
+    if len(bad_positions):
+        first = tuple(int(i) for i in bad_positions[0])
+        raise ValueError(f"{name} contains NaN or Inf (its channel means are not finite; first at index {first})")
+    channel = int(bad_channels[0, 0])
+    raise ValueError(
+        f"{name} is finite, but the mean of its input channel {channel} overflows "
+        f"{str(mean.dtype).removeprefix('torch.')} (the dtype the means accumulate in): scale {name} down"
+    )
 
 
 def check_channel_means(mean: torch.Tensor, name: str = "mean") -> None:

@@ -26,14 +26,24 @@ def channel_mean(x: torch.Tensor, *, stats_fraction: float = 1.0, backend: str =
         differentiable in ``x``.
 
     Raises:
-        ValueError: bad shapes or arguments, or (value checks on) NaN/Inf in ``x`` (for CUDA
-            tensors reported by a later call or :func:`equinorm_kernels.check_values`).
+        ValueError: bad shapes or arguments, or (value checks on) NaN/Inf in ``x`` or a channel
+            whose mean overflows (for CUDA tensors reported by a later call or
+            :func:`equinorm_kernels.check_values`).
     """
     stats_fraction = _checks.check_channel_mean_args(x, stats_fraction)
     mean = resolve_backend(backend, x.device).channel_mean(x, stats_fraction)
     if _checks.value_checks_active():
+        _check_means_of_x(x, stats_fraction, mean)
         _value_checks.check_channel_mean(mean)
     return mean
+
+
+def _check_means_of_x(x: torch.Tensor, stats_fraction: float, mean: torch.Tensor) -> None:
+    """Where the value checks run at the call, name the cause of a non-finite mean: NaN/Inf in x (at
+    its first position) or a finite channel whose mean overflows."""
+    if _checks.value_check_mode() == "auto" and x.device.type in _value_checks.DEFERRED_DEVICE_TYPES:
+        return  # checked on the device, reported later without x at hand
+    _checks.check_input_channel_means(x[: _checks.stats_rows(x.shape[0], stats_fraction)], mean, "x")
 
 
 def equinorm_weight(
@@ -52,7 +62,8 @@ def equinorm_weight(
     Args:
         weight: (D, C/groups, *kernel) or (D, C) for Linear; any float dtype and memory format.
         mean: (C,) non-negative per-input-channel means (batch statistics or a running mean).
-        ratio: rho = prod(spatial_out) * prod(stride) / prod(spatial_in) (1 for Linear).
+        ratio: rho = prod(spatial_out) * prod(stride) / prod(spatial_in) (1 for Linear), in
+            [2**-63, 2**63].
         groups: convolution groups.
         mode: "single_pass" (default, the paper's experiments) or "exact".
         gain: optional (D,) gain folded into the result.
@@ -110,5 +121,6 @@ def equinorm_forward(
     impl = resolve_backend(backend, weight.device)
     out, mean = impl.equinorm_forward(x, stats_fraction, weight, float(ratio), groups, mode, gain, float(eps))
     if _checks.value_checks_active():
+        _check_means_of_x(x, stats_fraction, mean)
         _value_checks.check_weight_operands(weight, mean, gain, means_of="x")
     return out, mean.detach()

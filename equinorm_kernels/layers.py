@@ -27,8 +27,12 @@ def balance_signs_(weight: torch.Tensor) -> torch.Tensor:
     The paper's balanced initialisation (section 5.2): EquiNorm balances positive against negative
     weights, so no output channel should start one-signed. Magnitudes are kept. In place; returns
     ``weight``. Rows with fewer than two non-zero weights cannot be balanced and are left as they are.
+    A weight on the meta device has no values and is returned unchanged: materialise it (``to_empty``)
+    and call the layer's ``reset_parameters()``.
     """
-    rows = weight.view(weight.shape[0], -1) if weight.is_contiguous() else weight.reshape(weight.shape[0], -1)
+    if weight.is_meta:
+        return weight
+    rows = weight.flatten(1) if weight.is_contiguous() else weight.reshape(weight.shape[0], -1)
     fixable = (rows != 0).sum(dim=1) >= 2
     while True:
         one_signed = fixable & ~((rows > 0).any(dim=1) & (rows < 0).any(dim=1))
@@ -62,7 +66,7 @@ class EquiNormLayer(nn.Module):
         self, mode: str, momentum: float | None, stats_fraction: float, eps: float, backend: str
     ) -> None:
         _check_layer_options(mode, momentum, stats_fraction, eps, backend)
-        if self.weight[0].numel() < 2:
+        if math.prod(self.weight.shape[1:]) < 2:
             raise ValueError(
                 f"{type(self).__name__} needs at least 2 weights per output channel "
                 f"(in_channels/groups * kernel taps >= 2), got weight of shape {tuple(self.weight.shape)}"
@@ -84,6 +88,8 @@ class EquiNormLayer(nn.Module):
             nn.init.zeros_(self.bias)
         if hasattr(self, "gain"):
             nn.init.ones_(self.gain)
+        if hasattr(self, "running_mean"):  # as BatchNorm: a reset layer has no statistics yet
+            self.reset_running_stats()
 
     def reset_running_stats(self) -> None:
         self.running_mean.fill_(1.0)
@@ -147,12 +153,14 @@ class EquiNormLayer(nn.Module):
 
     def normalized_weight(self, mean: torch.Tensor, ratio: float) -> torch.Tensor:
         """The weight the layer applies: gain_d * w''(weight, mean), same shape as ``weight``."""
+        if self.weight.shape[0] == 0:  # no output channel, nothing to normalise
+            return self.weight
         return equinorm_weight(self.weight, mean, **self._options(ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batched = self._check_input(x)
         ratio = self._ratio(x.shape[x.dim() - self._spatial_dims :])
-        if not self.training:
+        if not self.training or self.weight.shape[0] == 0:
             return self._run_op(x, self.normalized_weight(self.running_mean, ratio))
         statistics_input, fraction = self._statistics_input(x, batched)
         # One fused call: the batch's channel means and the weight built from them (validated
@@ -291,6 +299,10 @@ _LAYER_OPTIONS_DOC = """
     normalization); buffer ``running_mean`` (in,). Inputs as ``{base}``, non-negative (ReLU outputs,
     or raw pixels in [0, 1]); any float dtype (statistics in float32), NCHW or channels_last.
     Differentiable in the input (through the batch means), ``weight``, ``gain`` and ``bias``.
+
+    In eval mode the weight is built from ``running_mean`` and the input is not read for statistics,
+    so it is not value-checked: NaN/Inf in it propagate to the output as in ``{base}``. A layer
+    without output channels is accepted as ``{base}`` accepts it and runs as ``{base}`` does.
 """
 
 

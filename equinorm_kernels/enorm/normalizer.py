@@ -9,6 +9,7 @@ from torch import nn
 from .. import _checks
 from ..backends import resolve_backend
 from ..reference.enorm import enorm_column_energy, enorm_row_energy
+from .bindings import ParameterBindings
 from .graph import discover_groups
 from .optimizer_state import StateRescaler, check_optimizer
 from .plan import Layer, RescalingGroup
@@ -42,7 +43,8 @@ class ENorm:
         optimizer: optional SGD/Adam/AdamW whose state is rescaled along with the weights: first
             moments (momentum_buffer, exp_avg) like gradients (rows x 1/d, columns x d), second
             moments (exp_avg_sq, max_exp_avg_sq) by the squares. See ``optimizer_state``.
-        c: asymmetric scaling, > 0; the authors found 1 to 1.2 best.
+        c: asymmetric scaling in [2**-63, 2**63] (rows are scaled by about c^(-1/2), second moments
+            by c^(-1)); the authors found 1 to 1.2 best.
         p: exponent of the energy, >= 1 and finite.
         schedule: "sequential" (block coordinate descent over all groups, residual blocks included,
             function preserving) or "release" (the cycle as published with the paper: a chain of the weights in
@@ -65,6 +67,17 @@ class ENorm:
 
     Channels whose row or column energy is zero (dead units, unread channels) keep d = 1, so every
     weight stays finite.
+
+    Every weight and bias of a group is rescaled, frozen ones (``requires_grad=False``) and ones
+    the optimizer does not hold included: leaving one out would change the network's function.
+
+    Replaced parameters: :meth:`step`, :meth:`balance` and :meth:`energy` first check that every
+    layer's weight and bias is still the tensor its module holds. A parameter replaced by one of
+    the same shape (``model.fc.weight = nn.Parameter(...)``, ``load_state_dict(..., assign=True)``)
+    is adopted, with whatever optimizer state the optimizer keeps for the new parameter (state of
+    the replaced one is not carried over; give the optimizer the new parameters). A parameter
+    replaced by one of another shape, removed, or a layer module replaced by a module of another
+    type raises ValueError naming it: build a new ENorm then.
     """
 
     def __init__(
@@ -82,7 +95,7 @@ class ENorm:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.c = _checks.check_number(c, "c", low=0.0)
+        self.c = _checks.check_scale_option(c, "c")
         self.p = _checks.check_number(p, "p", low=1.0, low_inclusive=True)
         self.schedule = _check_choice(schedule, "schedule", SCHEDULES)
         if not isinstance(include_bias, bool):
@@ -103,6 +116,7 @@ class ENorm:
         else:
             layers, groups = discover_groups(model, self.batchnorm)
             self._layers, self._groups = tuple(layers), tuple(groups)
+        self._bindings = ParameterBindings(model, self._layers)
 
     @property
     def groups(self) -> tuple[RescalingGroup, ...]:
@@ -121,6 +135,7 @@ class ENorm:
 
     def step(self) -> None:
         """Run one ENorm cycle in place (weights, biases, optimizer state)."""
+        self._bindings.refresh()
         self._cycle()
 
     def balance(self, tol: float = 1e-6, max_cycles: int = 1000) -> int:
@@ -133,6 +148,7 @@ class ENorm:
         tol = _checks.check_number(tol, "tol", low=0.0, low_inclusive=True)
         if isinstance(max_cycles, bool) or not isinstance(max_cycles, int) or max_cycles < 1:
             raise ValueError(f"max_cycles must be a positive int, got {max_cycles!r}")
+        self._bindings.refresh()
         for cycle in range(1, max_cycles + 1):
             deviation = self._cycle()
             if deviation is None or float(deviation) <= tol:
@@ -156,6 +172,7 @@ class ENorm:
                 one per input feature of a Linear, per input channel of a Conv (its out/groups x
                 kernel weights), and |gamma| for a BatchNorm affine.
         """
+        self._bindings.refresh()
         if per_column:
             return {layer.name: self._column_norms(layer) for layer in self._layers}
         count_bias = self.include_bias and self._release is None

@@ -6,9 +6,12 @@ from dataclasses import dataclass
 from torch import nn
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class Layer:
     """One weight ENorm may rescale.
+
+    ``weight`` and ``bias`` are the parameters the model holds now: ENorm adopts replacements
+    (see :mod:`equinorm_kernels.enorm.bindings`), so every group sharing this layer sees them.
 
     ``kind`` is "linear" (weight (out, in)), "conv" (weight (out, in/groups, *kernel)) or
     "batchnorm" (weight = gamma (C,), bias = beta (C,)). ``name`` is the module path, or for a

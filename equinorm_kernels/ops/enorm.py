@@ -25,19 +25,47 @@ ROWS, COLUMNS = 0, 1
 ENTRY_FIELDS = 6  # tensor index, axis, power, counted, groups, columns per channel (csrc/enorm_plan.h)
 
 
+def check_program_shape(op_name: str, tensors, entries, group_sizes=None) -> None:
+    """Raise ValueError for a program without tensors or entries, or not in whole entry records."""
+    if len(tensors) == 0:
+        raise ValueError(f"{op_name}: tensors must not be empty (the weights of at least one channel group)")
+    if len(entries) == 0 or len(entries) % ENTRY_FIELDS:
+        raise ValueError(
+            f"{op_name}: entries must hold whole records of {ENTRY_FIELDS} ints (tensor index, axis, power, "
+            f"counted, groups, columns per channel), at least one; got {len(entries)} ints"
+        )
+    if group_sizes is not None and len(group_sizes) == 0:
+        raise ValueError(f"{op_name}: group_sizes must not be empty (one record count per group)")
+
+
 def fake_enorm_group_(tensors, entries, p, c):
+    check_program_shape("enorm_group_", tensors, entries)
     first = entries[0]
     rows = tensors[first].shape[0] if entries[1] == ROWS else tensors[first].shape[1] * entries[4] // entries[5]
     return tensors[0].new_empty((rows,), dtype=torch.float64)
 
 
 def fake_enorm_cycle_(tensors, entries, group_sizes, p, c):
+    check_program_shape("enorm_cycle_", tensors, entries, group_sizes)
     return tensors[0].new_empty((len(group_sizes),), dtype=torch.float64)
+
+
+def _kernel_for_no_tensors(op_name: str) -> Callable[..., torch.Tensor]:
+    """Runs where the dispatcher finds no backend kernel, above all for an empty tensor list, which
+    names no device at all."""
+
+    def kernel(tensors, *args):
+        check_program_shape(op_name, tensors, [0] * ENTRY_FIELDS)
+        raise NotImplementedError(f"{op_name} has no kernel for {tensors[0].device.type} tensors")
+
+    return kernel
 
 
 def register_fake_kernels() -> None:
     torch.library.register_fake("equinorm_kernels::enorm_group_", fake_enorm_group_)
     torch.library.register_fake("equinorm_kernels::enorm_cycle_", fake_enorm_cycle_)
+    for name in ("enorm_group_", "enorm_cycle_"):
+        torch.library.impl(f"equinorm_kernels::{name}", "CompositeExplicitAutograd", _kernel_for_no_tensors(name))
 
 
 class RescalingProgram:

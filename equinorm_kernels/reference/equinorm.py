@@ -121,7 +121,8 @@ def equinorm_weight(
     Args:
         weight: (D, C/groups, *kernel) or (D, C) for Linear; any float dtype.
         mean: (C,) non-negative channel means of the layer input (see :func:`channel_mean`).
-        ratio: rho = prod(spatial_out) * prod(stride) / prod(spatial_in); 1 for Linear.
+        ratio: rho = prod(spatial_out) * prod(stride) / prod(spatial_in); 1 for Linear; in
+            [2**-63, 2**63].
         groups: convolution groups (C and D divisible by it).
         mode: "single_pass" (the paper's one-pass estimate of P_d) or "exact" (two passes).
         gain: optional (D,) per-output-channel gain folded into the result.
