@@ -7,7 +7,8 @@
 // Conventions shared by every op:
 // - "acc" is the accumulation dtype: float64 when the weight (or x) is float64, else float32.
 //   mean, gain and stats are in it; out and grad_weight have the weight's dtype and layout.
-// - rows: only x[:rows] feeds the channel means (stats_fraction < 1 in the layers).
+// - rows: only x[:rows] feeds the channel means (stats_fraction < 1 in the layers). A SymInt, so
+//   torch.compile(dynamic=True) keeps the batch size symbolic; the kernels take it as int64_t.
 // - stats (D, 5): per output channel [shift b_d, scale s_d, positive mass P_d, mean mass M_d,
 //   used exact P_d (0/1)], what the backward needs from the forward (csrc/shared/equinorm_math.h).
 // - mode: "single_pass" or "exact"; the backward reads which P_d was used from stats.
@@ -19,12 +20,12 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(equinorm_kernels, m) {
-  m.def("channel_mean(Tensor x, int rows) -> Tensor");
+  m.def("channel_mean(Tensor x, SymInt rows) -> Tensor");
   m.def(
       "equinorm_weight(Tensor weight, Tensor mean, Tensor gain, float ratio, int groups, str mode, float eps)"
       " -> (Tensor out, Tensor stats)");
   m.def(
-      "equinorm_forward(Tensor x, int rows, Tensor weight, Tensor gain, float ratio, int groups, str mode,"
+      "equinorm_forward(Tensor x, SymInt rows, Tensor weight, Tensor gain, float ratio, int groups, str mode,"
       " float eps) -> (Tensor out, Tensor mean, Tensor stats)");
   m.def(
       "equinorm_backward(Tensor grad_out, Tensor weight, Tensor mean, Tensor gain, Tensor stats, int groups)"

@@ -89,26 +89,33 @@ def register_fake_kernels(prefix: str = "") -> None:
 
 # ---- autograd wrappers ----
 
-def _grad_input_from_mean(grad_mean: torch.Tensor, x_shape: torch.Size, x_dtype: torch.dtype, rows: int) -> torch.Tensor:
-    """dL/dx of mu = mean(x[:rows]): a per-channel constant, broadcast without a copy."""
-    per_element = grad_mean / (rows * math.prod(x_shape[2:]))
-    view = (1, x_shape[1]) + (1,) * (len(x_shape) - 2)
-    used = per_element.to(x_dtype).reshape(view).expand((rows,) + tuple(x_shape[1:]))
-    if rows == x_shape[0]:
-        return used
-    unused = used.new_zeros((x_shape[0] - rows,) + tuple(x_shape[1:]))
-    return torch.cat([used, unused])
+def _grad_input_from_mean(grad_mean: torch.Tensor, x: torch.Tensor, stats_fraction: float) -> torch.Tensor:
+    """dL/dx of mu = mean(x[:rows]): a per-channel constant on the rows that fed the means and zero
+    on the others, as an (N, C, 1, ...) tensor broadcast to x's shape (never materialised)."""
+    rows = _checks.stats_rows(x.shape[0], stats_fraction)
+    trailing = (1,) * (x.dim() - 2)
+    per_element = (grad_mean / (rows * math.prod(x.shape[2:]))).to(x.dtype).reshape((1, x.shape[1], *trailing))
+    if stats_fraction < 1.0:
+        # A mask rather than a split at `rows`: no shape depends on it, so a symbolic batch size
+        # under torch.compile(dynamic=True) needs no guard on where the split falls.
+        fed = torch.arange(x.shape[0], device=x.device) < rows
+        per_element = per_element * fed.to(x.dtype).reshape((-1, 1, *trailing))
+    return per_element.expand(x.shape)
 
 
 class _ChannelMean(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, rows: int, implementation: str) -> torch.Tensor:
-        ctx.x_shape, ctx.x_dtype, ctx.rows = x.shape, x.dtype, rows
-        return _OP_SETS[implementation].channel_mean(x, rows)
+    def forward(ctx, x: torch.Tensor, stats_fraction: float, implementation: str) -> torch.Tensor:
+        # x itself, not its shape: sizes kept on ctx would be symbols of the forward's graph
+        # under torch.compile(dynamic=True), which the backward's graph cannot use.
+        ctx.save_for_backward(x)
+        ctx.stats_fraction = float(stats_fraction)
+        return _OP_SETS[implementation].channel_mean(x, _checks.stats_rows(x.shape[0], stats_fraction))
 
     @staticmethod
     def backward(ctx, grad_mean: torch.Tensor):
-        return _grad_input_from_mean(grad_mean, ctx.x_shape, ctx.x_dtype, ctx.rows), None, None
+        (x,) = ctx.saved_tensors
+        return _grad_input_from_mean(grad_mean, x, ctx.stats_fraction), None, None
 
 
 def _save_options(ctx, ratio: float, groups: int, mode: str, eps: float, implementation: str) -> None:
@@ -159,12 +166,14 @@ class _EquiNormWeight(torch.autograd.Function):
 
 class _EquiNormForward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, gain, rows: int, ratio: float, groups: int, mode: str, eps: float, implementation: str):
+    def forward(ctx, x, weight, gain, stats_fraction: float, ratio: float, groups: int, mode: str, eps: float,
+                implementation: str):
         ops = _OP_SETS[implementation]
+        rows = _checks.stats_rows(x.shape[0], stats_fraction)
         out, mean, stats = ops.equinorm_forward(x, rows, weight, gain, ratio, groups, mode, eps)
-        # x only for a differentiable backward (create_graph=True), and only when it needs a gradient.
+        # x (when it needs a gradient) rather than its shape: see _ChannelMean.
         ctx.save_for_backward(weight, mean, gain, stats, x if x.requires_grad else None)
-        ctx.x_shape, ctx.x_dtype, ctx.rows = x.shape, x.dtype, rows
+        ctx.stats_fraction = float(stats_fraction)
         _save_options(ctx, ratio, groups, mode, eps, implementation)
         ctx.mark_non_differentiable(mean)
         return out, mean
@@ -178,13 +187,14 @@ class _EquiNormForward(torch.autograd.Function):
             def out_of(x, weight, gain):
                 if x is None:  # x needs no gradient: the means are constants
                     return weight_of(weight, mean, gain)
-                sample = x if ctx.rows == x.shape[0] else x[: ctx.rows]
+                rows = _checks.stats_rows(x.shape[0], ctx.stats_fraction)
+                sample = x if rows == x.shape[0] else x[:rows]
                 return weight_of(weight, sample.mean(dim=[0, *range(2, x.dim())], dtype=mean.dtype), gain)
 
             return (*_differentiable_gradients(ctx, grad_out, out_of, (x, weight, gain)), *([None] * 6))
         ops = _OP_SETS[ctx.implementation]
         grad_weight, grad_mean, grad_gain = ops.equinorm_backward(grad_out, weight, mean, gain, stats, ctx.groups)
-        grad_x = _grad_input_from_mean(grad_mean, ctx.x_shape, ctx.x_dtype, ctx.rows) if ctx.needs_input_grad[0] else None
+        grad_x = _grad_input_from_mean(grad_mean, x, ctx.stats_fraction) if ctx.needs_input_grad[0] else None
         return grad_x, grad_weight, grad_gain, None, None, None, None, None, None
 
 
@@ -200,7 +210,7 @@ def _kernel_operands(weight, gain, *others):
 
 def fused_channel_mean(implementation: str) -> Callable[[torch.Tensor, float], torch.Tensor]:
     def channel_mean(x: torch.Tensor, stats_fraction: float) -> torch.Tensor:
-        return _ChannelMean.apply(x, _checks.stats_rows(x.shape[0], stats_fraction), implementation)
+        return _ChannelMean.apply(x, stats_fraction, implementation)
 
     return channel_mean
 
@@ -222,8 +232,9 @@ def fused_equinorm_forward(implementation: str) -> Callable[..., tuple[torch.Ten
         if _accumulation_dtype(x) != acc:  # the fused op wants one accumulation dtype for x and weight
             mean = unfused_mean(x, stats_fraction)
             return unfused_weight(weight, mean, ratio, groups, mode, gain, eps), mean
-        rows = _checks.stats_rows(x.shape[0], stats_fraction)
-        out, mean = _EquiNormForward.apply(x, kernel_weight, kernel_gain, rows, ratio, groups, mode, eps, implementation)
+        out, mean = _EquiNormForward.apply(
+            x, kernel_weight, kernel_gain, stats_fraction, ratio, groups, mode, eps, implementation
+        )
         return out.to(weight.dtype), mean
 
     return equinorm_forward
