@@ -129,8 +129,8 @@ def convert(
     dim); forward hooks on the conv or BatchNorm (weight_norm, for example) block the conversion;
     only the exact classes above are converted, not subclasses or relatives (SyncBatchNorm, QAT or
     parametrized convs, lazy modules before their first forward); a BatchNorm with
-    ``track_running_stats=False`` normalises with batch statistics in eval too, but its EquiNorm
-    layer uses its running mean in eval, as every EquiNorm layer does.
+    ``track_running_stats=False`` (batch statistics in eval too) is left in place, since an EquiNorm
+    layer normalises with its running mean in eval.
     """
     options = _check_arguments(model, mode, momentum, stats_fraction, eps, backend, inplace, strict)
     graph = _trace(model)
@@ -243,6 +243,11 @@ def _match_pair(
     """The pair ending in BatchNorm ``bn_name``, or why there is none."""
     if type(bn) not in _PLAIN_BATCHNORMS:
         return f"only plain nn.BatchNorm1d/2d/3d are converted, not {type(bn).__name__}{_lazy_hint(bn)}"
+    if not bn.track_running_stats:
+        return (
+            "it has track_running_stats=False (batch statistics in eval too), while an EquiNorm layer "
+            "normalises with its running mean in eval"
+        )
     bn_calls = calls.get(bn_name, [])
     if len(bn_calls) != 1:
         return _call_count_reason("it", len(bn_calls))

@@ -349,3 +349,13 @@ def test_a_module_held_under_two_names_is_replaced_under_both():
     converted = convert_quietly(Aliased())
     assert type(converted.same_conv) is EquiNormConv2d and converted.same_conv is converted.conv
     assert type(converted.same_bn) is nn.Identity and converted.same_bn is converted.bn
+
+
+def test_a_batchnorm_without_running_statistics_is_left_in_place_with_the_reason():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
+        nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4),
+    )
+    converted, messages = convert_warnings(model)
+    assert type(converted[1]) is nn.BatchNorm2d and isinstance(converted[3], EquiNormLayer)
+    assert len(messages) == 1 and "track_running_stats=False" in messages[0] and "`1`" in messages[0]

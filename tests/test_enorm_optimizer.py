@@ -114,3 +114,37 @@ def test_unsupported_optimizer_is_an_error_and_ignore_opts_out():
 def test_optimizer_must_be_an_optimizer():
     with pytest.raises(TypeError, match="^optimizer must be a torch.optim.Optimizer"):
         ENorm(mlp(), optimizer=[1, 2])
+
+
+class _AdamWithOwnState(torch.optim.Adam):
+    """An Adam subclass that keeps a per-element tensor of its own in the state."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for group in self.param_groups:
+            for param in group["params"]:
+                self.state[param]["trace"] = param.detach().clone()
+        return loss
+
+
+class _AdamWithStepsOnly(torch.optim.Adam):
+    """An Adam subclass with the standard state only."""
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_an_adam_subclass_with_unknown_state_is_an_error_and_ignore_opts_out(backend):
+    model, optimizer, _, _ = _trained(lambda params: _AdamWithOwnState(params, lr=0.01))
+    enorm = ENorm(model, optimizer, backend=backend)
+    with pytest.raises(ValueError, match=r"optimizer state \['trace'\] of _AdamWithOwnState.*optimizer_state='ignore'"):
+        enorm.step()
+    ENorm(model, optimizer, optimizer_state="ignore", backend=backend).step()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_an_adam_subclass_with_the_standard_state_is_rescaled(backend):
+    model, optimizer, _, _ = _trained(lambda params: _AdamWithStepsOnly(params, lr=0.01))
+    first = _snapshot(model, optimizer, "exp_avg")
+    ENorm(model, optimizer, backend=backend).step()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.detach() * optimizer.state[param]["exp_avg"], first[name])

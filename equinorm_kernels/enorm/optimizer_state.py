@@ -15,7 +15,28 @@ ScaleFn = Callable[[torch.Tensor, torch.Tensor], object]
 
 FIRST_MOMENTS = ("momentum_buffer", "exp_avg")
 SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")
+# Subclasses too: their state is checked key by key (moment_tensors) when it is rescaled.
 SUPPORTED_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+
+
+def moment_tensors(state: dict, optimizer: torch.optim.Optimizer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The first and second moments in one parameter's optimizer state.
+
+    Raises:
+        ValueError: the state holds another per-element tensor (a subclass's own state), which
+            ENorm could not keep consistent with the rescaled weight.
+    """
+    unknown = [key for key, value in state.items()
+               if isinstance(value, torch.Tensor) and value.dim() > 0 and key not in FIRST_MOMENTS + SECOND_MOMENTS]
+    if unknown:
+        raise ValueError(
+            f"ENorm does not know how to rescale the optimizer state {unknown} of {type(optimizer).__name__} "
+            f"(it rescales {', '.join(FIRST_MOMENTS + SECOND_MOMENTS)}); pass optimizer_state='ignore' to "
+            "leave the state untouched"
+        )
+    first = [state[key] for key in FIRST_MOMENTS if isinstance(state.get(key), torch.Tensor)]
+    second = [state[key] for key in SECOND_MOMENTS if isinstance(state.get(key), torch.Tensor)]
+    return first, second
 
 
 class StateRescaler:
@@ -37,13 +58,12 @@ class StateRescaler:
         state = self.optimizer.state.get(param) if self.optimizer is not None else None
         if not state:
             return
+        first, second = moment_tensors(state, self.optimizer)
         inverse = 1.0 / factor if inverse is None else inverse
-        for key in FIRST_MOMENTS:
-            if isinstance(state.get(key), torch.Tensor):
-                scale(state[key], inverse)
-        for key in SECOND_MOMENTS:
-            if isinstance(state.get(key), torch.Tensor):
-                scale(state[key], inverse * inverse)
+        for moment in first:
+            scale(moment, inverse)
+        for moment in second:
+            scale(moment, inverse * inverse)
 
 
 def check_optimizer(optimizer: object, optimizer_state: str) -> None:

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from ..enorm.optimizer_state import FIRST_MOMENTS, SECOND_MOMENTS, StateRescaler
+from ..enorm.optimizer_state import StateRescaler, moment_tensors
 from ..enorm.plan import ChannelGroup
 from ..enorm.sequential import sequential_cycle as reference_sequential_cycle
 
@@ -95,12 +95,11 @@ class RescalingProgram:
         if self.state.rescale_grads and param.grad is not None:
             self._add(param.grad, axis, -power, False, layout)
         optimizer_state = self.state.optimizer.state.get(param) if self.state.optimizer is not None else None
-        for key in FIRST_MOMENTS if optimizer_state else ():
-            if isinstance(optimizer_state.get(key), torch.Tensor):
-                self._add(optimizer_state[key], axis, -power, False, layout)
-        for key in SECOND_MOMENTS if optimizer_state else ():
-            if isinstance(optimizer_state.get(key), torch.Tensor):
-                self._add(optimizer_state[key], axis, -2 * power, False, layout)
+        first, second = moment_tensors(optimizer_state, self.state.optimizer) if optimizer_state else ((), ())
+        for moment in first:
+            self._add(moment, axis, -power, False, layout)
+        for moment in second:
+            self._add(moment, axis, -2 * power, False, layout)
 
     def _add(self, tensor: torch.Tensor, axis: int, power: int, counted: bool, layout: tuple[int, int]) -> None:
         index = self._index.setdefault(id(tensor), len(self.tensors))
