@@ -17,7 +17,7 @@ triton:
 	@$(PYTHON) -c "import triton" 2>/dev/null || $(PYTHON) -m pip install --quiet "$(TRITON_PIN)"
 
 install: torch triton
-	$(PYTHON) -m pip install --quiet "setuptools>=70.1" ninja "pytest>=8" numpy scikit-learn matplotlib tqdm
+	$(PYTHON) -m pip install --quiet "setuptools>=70.1" ninja "pytest>=8" hypothesis numpy scikit-learn matplotlib tqdm
 	$(PYTHON) -m pip install --quiet --no-build-isolation -e .
 
 bench: install

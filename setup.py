@@ -12,6 +12,13 @@ CPU parts. Environment variables:
                               for sm_80 and sm_90, and PTX that newer GPUs compile when loading it)
   MAX_JOBS                    parallel compile jobs (ninja's default otherwise)
   EQUINORM_KERNELS_DEBUG=1    compile with -O0 -g
+  EQUINORM_KERNELS_SANITIZE=address,undefined (or =1 for both, or one of them)
+                              compile and link the C++ CPU kernels with -fsanitize=<list> -O1 -g
+                              -fno-omit-frame-pointer -fno-sanitize-recover=all; CUDA stays off
+                              (an error with EQUINORM_KERNELS_CUDA=1). With address, Python must load
+                              the ASan runtime first: LD_PRELOAD="$(g++ -print-file-name=libasan.so)
+                              $(g++ -print-file-name=libstdc++.so)"; tools/sanitized_cpu_tests.py
+                              builds a copy this way and runs the kernel tests on it
 
 The C++ standard is torch's choice (C++17 up to torch 2.13, C++20 from 2.14), for the C++ and the
 nvcc compiles alike; the sources are written for both.
@@ -64,6 +71,39 @@ def _cuda_decision(torch_module) -> tuple[Toolkit | None, str]:
     return None, why_not
 
 
+# ---- Sanitizer build (EQUINORM_KERNELS_SANITIZE) ------------------------------------------------
+
+SANITIZERS = ("address", "undefined")
+
+
+def _sanitizers() -> str:
+    """The -fsanitize= list EQUINORM_KERNELS_SANITIZE asks for, "" for none."""
+    value = os.environ.get("EQUINORM_KERNELS_SANITIZE", "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return ""
+    if value in ("1", "true", "yes", "on"):
+        return ",".join(SANITIZERS)
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SANITIZERS]
+    if unknown or not names:
+        sys.exit(
+            f"equinorm-kernels: EQUINORM_KERNELS_SANITIZE={value!r}: expected 1 or a comma-separated "
+            f"list of {', '.join(SANITIZERS)}"
+        )
+    return ",".join(names)
+
+
+def _sanitized_cuda_decision(sanitizers: str) -> tuple[None, str]:
+    """No CUDA sources in a sanitizer build: the host sanitizers see nothing of the device code
+    (tests/test_cuda_emulation.py runs the .cu kernels on the CPU under them instead)."""
+    if _flag("EQUINORM_KERNELS_CUDA"):
+        sys.exit("equinorm-kernels: EQUINORM_KERNELS_SANITIZE builds the CPU kernels only; unset EQUINORM_KERNELS_CUDA=1")
+    return None, f"EQUINORM_KERNELS_SANITIZE={sanitizers}"
+
+
+# -------------------------------------------------------------------------------------------------
+
+
 def _warn_if_untested(torch_module) -> None:
     version = tuple(int(part) for part in torch_module.__version__.split("+")[0].split(".")[:2])
     low, high = SUPPORTED_TORCH
@@ -82,9 +122,15 @@ def _extensions() -> tuple[list, dict]:
     from torch.utils import cpp_extension
 
     _warn_if_untested(torch)
-    toolkit, why_not = _cuda_decision(torch)
+    sanitizers = _sanitizers()
+    toolkit, why_not = _sanitized_cuda_decision(sanitizers) if sanitizers else _cuda_decision(torch)
     debug = bool(_flag("EQUINORM_KERNELS_DEBUG"))
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
+    link_flags = []
+    if sanitizers:
+        sanitizer_flags = [f"-fsanitize={sanitizers}", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all"]
+        cxx_flags = (["-O0", "-g"] if debug else ["-O1", "-g"]) + sanitizer_flags
+        link_flags = sanitizer_flags
     # -fno-trapping-math: lets the compiler turn the kernels' sign tests into branch-free selects
     # (results are unchanged; only floating-point exception flags, which nothing reads, could differ).
     cxx_flags += [_openmp_flag(torch), "-fno-trapping-math"]
@@ -124,6 +170,7 @@ def _extensions() -> tuple[list, dict]:
             include_dirs=include_dirs,
             define_macros=macros,
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     jobs = os.environ.get("MAX_JOBS", "").strip() or "ninja's default"
     print(f"equinorm-kernels: building equinorm_kernels._C against torch {torch.__version__}: {summary}; jobs: {jobs}")
