@@ -31,6 +31,7 @@ import pytest
 import torch
 
 from cuda_emulation.build import FLAVOURS, BuildError, Variant, build, find_toolchain, planted, run_runner
+from test_ops_equinorm import WEIGHT_CASES as CPU_KERNEL_WEIGHT_CASES
 from equinorm_kernels import reference
 
 RUN_TIMEOUT_S = 600
@@ -176,20 +177,12 @@ def channel_mean_cases() -> list[KernelCase]:
     return cases
 
 
-# equinorm weight transform + backward. Rows of at most 256 values go to warp teams (eight per block),
-# longer ones to whole blocks; a power-of-two group of lanes shares each input channel.
+# equinorm weight transform + backward: the CPU kernel tests' weights, and the launch paths only the
+# CUDA kernels have. Rows of at most 256 values go to warp teams (eight per block), longer ones to
+# whole blocks; a power-of-two group of lanes shares each input channel.
 WEIGHT_CASES = {
-    "3x3": ((4, 3, 3, 3), 1),
-    "C1": ((5, 1, 3, 3), 1),
-    "1x1": ((6, 4, 1, 1), 1),
-    "5x5": ((3, 2, 5, 5), 1),
-    "7x7": ((4, 3, 7, 7), 1),
-    "depthwise": ((6, 1, 3, 3), 6),
-    "grouped": ((8, 2, 3, 3), 2),
-    "linear": ((7, 5), 1),
+    **CPU_KERNEL_WEIGHT_CASES,
     "two-values": ((3, 2), 1),
-    "conv1d": ((4, 3, 3), 1),
-    "conv3d": ((4, 2, 3, 3, 3), 1),
     "block-team": ((5, 40, 3, 3), 1),
     "block-team-linear": ((3, 300), 1),
     # 13 blocks of warp teams, the last one partial; grad_mean adds 100 rows over two blocks of columns
