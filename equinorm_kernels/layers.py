@@ -161,13 +161,51 @@ class EquiNormLayer(nn.Module):
         batched = self._check_input(x)
         ratio = self._ratio(x.shape[x.dim() - self._spatial_dims :])
         if not self.training or self.weight.shape[0] == 0:
-            return self._run_op(x, self.normalized_weight(self.running_mean, ratio))
+            return self._run_op(x, self._eval_weight(ratio))
         statistics_input, fraction = self._statistics_input(x, batched)
         # One fused call: the batch's channel means and the weight built from them (validated
         # before the means are tracked).
         weight, mean = equinorm_forward(statistics_input, self.weight, stats_fraction=fraction, **self._options(ratio))
         self._track(mean)
         return self._run_op(x, weight)
+
+    def _eval_weight(self, ratio: float) -> torch.Tensor:
+        """The eval-mode weight, built once and reused while nothing it depends on changes.
+
+        It depends on ``weight``, ``gain`` and ``running_mean`` (the tensors, their data and their
+        in-place versions: an optimizer step, ``load_state_dict``, ``nn.init``, an assignment or a
+        move to another device or dtype all make a new one), the ratio and the options. In-place
+        changes through ``.data`` escape version counting: call :meth:`reset_eval_weight` after them. Not reused where autograd
+        must see it (grad enabled and a parameter requiring grad), nor under ``torch.compile``,
+        which builds the weight inside its graph.
+        """
+        needs_graph = torch.is_grad_enabled() and (self.weight.requires_grad or self.gain.requires_grad)
+        if needs_graph or torch.compiler.is_compiling():
+            return self.normalized_weight(self.running_mean, ratio)
+        key = self._eval_weight_key(ratio)
+        cached = self.__dict__.get("_cached_eval_weight")
+        if cached is not None and _same_key(cached[0], key):
+            return cached[1]
+        weight = self.normalized_weight(self.running_mean, ratio)
+        # A plain attribute, not a buffer: never in the state_dict.
+        self.__dict__["_cached_eval_weight"] = (key, weight)
+        return weight
+
+    def __getstate__(self) -> dict:
+        # Copies and pickles of the layer rebuild the eval weight rather than carry it.
+        state = dict(super().__getstate__())
+        state.pop("_cached_eval_weight", None)
+        return state
+
+    def reset_eval_weight(self) -> None:
+        """Forget the eval-mode weight built so far (it is rebuilt at the next eval forward)."""
+        self.__dict__.pop("_cached_eval_weight", None)
+
+    def _eval_weight_key(self, ratio: float) -> tuple:
+        # The data pointer too: Module.to() and .half() swap a parameter's data in place of the object.
+        sources = tuple((t, (t._version, t.data_ptr(), t.dtype)) for t in (self.weight, self.gain, self.running_mean))
+        options = (ratio, getattr(self, "groups", 1), self.mode, self.eps, self.backend)
+        return sources + (options, torch.is_inference_mode_enabled())
 
     def _run_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -197,6 +235,14 @@ class EquiNormLayer(nn.Module):
     def extra_repr(self) -> str:
         options = f"mode={self.mode!r}, momentum={self.momentum}, stats_fraction={self.stats_fraction}, eps={self.eps}"
         return f"{super().extra_repr()}, {options}, backend={self.backend!r}"
+
+
+def _same_key(cached: tuple, key: tuple) -> bool:
+    """Tensors compared by identity and version (the cache holds them, so no id is reused), the rest by value."""
+    *cached_sources, cached_rest, cached_inference = cached
+    *sources, rest, inference = key
+    same_tensors = all(a is b and va == vb for (a, va), (b, vb) in zip(cached_sources, sources))
+    return same_tensors and cached_rest == rest and cached_inference == inference
 
 
 def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
