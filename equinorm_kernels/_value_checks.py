@@ -35,24 +35,29 @@ _PROBLEMS = {
 _SLOTS = tuple(_PROBLEMS)
 
 
-def check_channel_mean(mean: torch.Tensor) -> None:
-    """channel_mean's check: the means of ``x`` are finite (any sign is a valid mean)."""
+def check_channel_mean(mean: torch.Tensor, sample: torch.Tensor) -> None:
+    """channel_mean's check: the means of ``x`` are finite (any sign is a valid mean).
+
+    ``sample``: the rows of x the means were taken over, to name the cause at the call.
+    """
     if _deferred(mean.device):
         _flags_of(mean.device).record({"x": mean})
     else:
-        _checks.check_finite_values(mean, "x", "its channel means are not finite")
+        _checks.check_input_channel_means(sample, mean, "x")
 
 
 def check_weight_operands(
-    weight: torch.Tensor, mean: torch.Tensor, gain: torch.Tensor | None, *, means_of: str | None = None
+    weight: torch.Tensor, mean: torch.Tensor, gain: torch.Tensor | None, *, sample: torch.Tensor | None = None
 ) -> None:
     """equinorm_weight's (and the fused forward's) checks: finite weight and gain, finite
-    non-negative means; ``means_of`` names the input the means were computed from."""
+    non-negative means; ``sample``: the rows of x the means were computed from, if they were."""
     if not _deferred(weight.device):
-        _checks.check_equinorm_weight_values(weight, mean, gain, means_of=means_of)
+        if sample is not None:
+            _checks.check_input_channel_means(sample, mean, "x")
+        _checks.check_equinorm_weight_values(weight, mean, gain, means_of=None if sample is None else "x")
         return
     # sqrt turns a negative mean into NaN, so one finiteness screen covers both problems.
-    screened = {means_of or "mean": mean.detach().sqrt(), "weight": weight.detach()}
+    screened = {"mean" if sample is None else "x": mean.detach().sqrt(), "weight": weight.detach()}
     if gain is not None:
         screened["gain"] = gain.detach()
     _flags_of(weight.device).record(screened)

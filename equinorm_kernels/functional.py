@@ -33,17 +33,13 @@ def channel_mean(x: torch.Tensor, *, stats_fraction: float = 1.0, backend: str =
     stats_fraction = _checks.check_channel_mean_args(x, stats_fraction)
     mean = resolve_backend(backend, x.device).channel_mean(x, stats_fraction)
     if _checks.value_checks_active():
-        _check_means_of_x(x, stats_fraction, mean)
-        _value_checks.check_channel_mean(mean)
+        _value_checks.check_channel_mean(mean, _statistics_rows(x, stats_fraction))
     return mean
 
 
-def _check_means_of_x(x: torch.Tensor, stats_fraction: float, mean: torch.Tensor) -> None:
-    """Where the value checks run at the call, name the cause of a non-finite mean: NaN/Inf in x (at
-    its first position) or a finite channel whose mean overflows."""
-    if _checks.value_check_mode() == "auto" and x.device.type in _value_checks.DEFERRED_DEVICE_TYPES:
-        return  # checked on the device, reported later without x at hand
-    _checks.check_input_channel_means(x[: _checks.stats_rows(x.shape[0], stats_fraction)], mean, "x")
+def _statistics_rows(x: torch.Tensor, stats_fraction: float) -> torch.Tensor:
+    """The samples of x that fed its channel means (a view)."""
+    return x[: _checks.stats_rows(x.shape[0], stats_fraction)]
 
 
 def equinorm_weight(
@@ -121,6 +117,5 @@ def equinorm_forward(
     impl = resolve_backend(backend, weight.device)
     out, mean = impl.equinorm_forward(x, stats_fraction, weight, float(ratio), groups, mode, gain, float(eps))
     if _checks.value_checks_active():
-        _check_means_of_x(x, stats_fraction, mean)
-        _value_checks.check_weight_operands(weight, mean, gain, means_of="x")
+        _value_checks.check_weight_operands(weight, mean, gain, sample=_statistics_rows(x, stats_fraction))
     return out, mean.detach()
