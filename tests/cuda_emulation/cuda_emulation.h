@@ -476,20 +476,19 @@ CUDA_EMULATION_UNWATCHED T __shfl_xor_sync(unsigned mask, T value, int lane_mask
 }
 
 // Read-only and cache-global loads: the GPU traps on a misaligned address.
+namespace cuda_emulation {
 template <typename T>
-T __ldg(const T* address) {
-  cuda_emulation::check_aligned("__ldg", address, alignof(T));
+T aligned_load(const char* name, const T* address) {
+  check_aligned(name, address, alignof(T));
   T value;
   std::memcpy(static_cast<void*>(&value), address, sizeof(T));
   return value;
 }
+}  // namespace cuda_emulation
 template <typename T>
-T __ldcg(const T* address) {
-  cuda_emulation::check_aligned("__ldcg", address, alignof(T));
-  T value;
-  std::memcpy(static_cast<void*>(&value), address, sizeof(T));
-  return value;
-}
+T __ldg(const T* address) { return cuda_emulation::aligned_load("__ldg", address); }
+template <typename T>
+T __ldcg(const T* address) { return cuda_emulation::aligned_load("__ldcg", address); }
 
 // Integer atomics, relaxed like the GPU's: they order nothing else (that takes __threadfence).
 template <typename T>
