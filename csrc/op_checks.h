@@ -135,8 +135,8 @@ inline void check_stats(const at::Tensor& stats, const at::Tensor& weight, const
                         int64_t columns) {
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == geometry.out_channels && stats.size(1) == columns,
               "stats must have shape (", geometry.out_channels, ", ", columns, "), got ", stats.sizes());
-  TORCH_CHECK(stats.scalar_type() == accumulation_type(weight.scalar_type()), "stats must be ",
-              accumulation_type(weight.scalar_type()), ", got ", stats.scalar_type());
+  TORCH_CHECK(stats.scalar_type() == at::kDouble, "stats must be float64 (the precision of the weight math), got ",
+              stats.scalar_type());
   check_same_device(weight, stats, "weight", "stats");
 }
 

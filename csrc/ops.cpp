@@ -6,7 +6,9 @@
 //
 // Conventions shared by every op:
 // - "acc" is the accumulation dtype: float64 when the weight (or x) is float64, else float32.
-//   mean, gain and stats are in it; out and grad_weight have the weight's dtype and layout.
+//   mean, gain and grad_gain are in it; out and grad_weight have the weight's dtype and layout;
+//   stats and grad_mean are float64, the precision of the weight math (csrc/shared/equinorm_math.h):
+//   dL/dmu can leave float32's range where dL/dx = dL/dmu / (elements per channel) does not.
 // - rows: only x[:rows] feeds the channel means (stats_fraction < 1 in the layers). A SymInt, so
 //   torch.compile(dynamic=True) keeps the batch size symbolic; the kernels take it as int64_t.
 // - stats (D, 5): per output channel [shift b_d, scale s_d, positive mass P_d, mean mass M_d,

@@ -273,8 +273,10 @@ def _auto_backend(candidates: list[Backend], device: torch.device) -> Backend:
 
 
 def _reference_equinorm_forward(x, stats_fraction, weight, ratio, groups, mode, gain, eps):
-    mean = reference.equinorm.channel_mean_unchecked(x, stats_fraction)
-    return reference.equinorm.equinorm_weight_unchecked(weight, mean, ratio, groups, mode, gain, eps), mean
+    # The means feed the weight math in its float64 (dL/dmu can overflow float32 where dL/dx does not).
+    wide_mean = reference.equinorm.channel_mean_unchecked(x, stats_fraction, reference.equinorm.WEIGHT_MATH_DTYPE)
+    out = reference.equinorm.equinorm_weight_unchecked(weight, wide_mean, ratio, groups, mode, gain, eps)
+    return out, wide_mean.to(reference.equinorm._accumulation_dtype(x))
 
 
 register_backend(

@@ -96,13 +96,13 @@ C10_ALWAYS_INLINE void row_energies(const scalar_t* data, int64_t size, int64_t 
 // Float rows also compiled for AVX2 (picked at load time); other dtypes take the templates.
 template <Exponent kind>
 EQUINORM_AVX2_CLONES void float_block_energies(const float* data, int64_t size, int64_t first, int64_t last,
-                                               float exponent, float* partial) {
+                                               double exponent, double* partial) {
   block_energies<kind>(data, size, first, last, exponent, partial);
 }
 
 template <Exponent kind>
 EQUINORM_AVX2_CLONES void float_row_energies(const float* data, int64_t size, int64_t first, int64_t last,
-                                             float exponent, double* energy) {
+                                             double exponent, double* energy) {
   row_energies<kind>(data, size, first, last, exponent, energy);
 }
 
@@ -151,7 +151,7 @@ void add_column_energies(const scalar_t* data, const RescaleEntry& e, acc_t expo
 
 void add_energies(const at::Tensor& t, const RescaleEntry& e, double p, double* energy) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "enorm_energy_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = em::energy_math_t;
     const scalar_t* data = t.const_data_ptr<scalar_t>();
     with_exponent(p, [&](auto kind) {
       constexpr Exponent kKind = decltype(kind)::value;
@@ -187,12 +187,12 @@ C10_ALWAYS_INLINE void scale_rows(scalar_t* data, int64_t size, const acc_t* fac
   }
 }
 
-EQUINORM_AVX2_CLONES void float_scale_blocks(float* data, int64_t size, int64_t per_group, const float* factor,
+EQUINORM_AVX2_CLONES void float_scale_blocks(float* data, int64_t size, int64_t per_group, const double* factor,
                                              int64_t first, int64_t last) {
   scale_blocks(data, size, per_group, factor, first, last);
 }
 
-EQUINORM_AVX2_CLONES void float_scale_rows(float* data, int64_t size, const float* factor, int64_t first, int64_t last) {
+EQUINORM_AVX2_CLONES void float_scale_rows(float* data, int64_t size, const double* factor, int64_t first, int64_t last) {
   scale_rows(data, size, factor, first, last);
 }
 
@@ -230,8 +230,8 @@ C10_ALWAYS_INLINE void scale_blocks_summing_energies(scalar_t* data, int64_t siz
 
 template <Exponent kind>
 EQUINORM_AVX2_CLONES void float_scale_blocks_summing_energies(float* data, int64_t size, int64_t per_group,
-                                                              const float* factor, int64_t first, int64_t last,
-                                                              float exponent, double* energy) {
+                                                              const double* factor, int64_t first, int64_t last,
+                                                              double exponent, double* energy) {
   scale_blocks_summing_energies<kind>(data, size, per_group, factor, first, last, exponent, energy);
 }
 
@@ -256,7 +256,7 @@ std::vector<acc_t> value_factors(const RescaleEntry& e, const std::vector<double
 // |new value|^p to it, in the same pass.
 template <typename scalar_t>
 void rescale_values(scalar_t* data, const RescaleEntry& e, const std::vector<double>& d, double p, double* row_energy) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = em::energy_math_t;
   const int64_t size = block_size(e), grain = std::max<int64_t>(1, kTaskValues / size), per_group = e.outer_per_group();
   const std::vector<acc_t> factor = value_factors<acc_t>(e, d);
   const acc_t* f = factor.data();

@@ -4,8 +4,8 @@
 // evaluated in one fixed order: results are bit-identical across runs and thread counts. A row
 // is read from memory once; the second and third passes over it hit the cache. The row
 // reductions run flat over the row's values against the channel means laid out like the row, as
-// `omp simd` loops the compiler vectorises (float rows also for AVX2, picked at load time). The
-// formulas are in csrc/shared/equinorm_math.h.
+// `omp simd` loops the compiler vectorises (float rows also for AVX2, picked at load time), in
+// the weight math's double precision. The formulas are in csrc/shared/equinorm_math.h.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -49,15 +49,21 @@ inline void for_each_in_row(const WeightGeometry& g, Visit&& visit) {
 
 // The channel means laid out like a row of the weight, one row per group: every per-row loop
 // then runs flat over the row's values (and vectorises) whatever the layout.
-template <typename acc_t>
-std::vector<acc_t> means_per_value(const acc_t* mean, const WeightGeometry& g) {
+template <typename acc_t, typename mean_t>
+std::vector<acc_t> means_per_value(const mean_t* mean, const WeightGeometry& g) {
   std::vector<acc_t> expanded(g.groups * g.row_size());
   for (int64_t group = 0; group < g.groups; ++group) {
     acc_t* row = expanded.data() + group * g.row_size();
-    const acc_t* mu = mean + group * g.group_channels;
-    for_each_in_row(g, [&](int64_t c, int64_t i) { row[i] = mu[c]; });
+    const mean_t* mu = mean + group * g.group_channels;
+    for_each_in_row(g, [&](int64_t c, int64_t i) { row[i] = static_cast<acc_t>(mu[c]); });
   }
   return expanded;
+}
+
+// A (n,) per-channel operand (mean, gain) in the weight math's precision.
+template <typename acc_t, typename value_t>
+std::vector<acc_t> widened(const value_t* values, int64_t n) {
+  return std::vector<acc_t>(values, values + n);
 }
 
 // M_d of every group: the sum of its input channels' means, clamped away from zero.
@@ -149,17 +155,19 @@ C10_ALWAYS_INLINE void forward_row_range(const ForwardArgs<scalar_t, acc_t>& a, 
   for (int64_t d = begin; d < end; ++d) forward_row(a, g, masses[d / g.outputs_per_group()], d);
 }
 
-EQUINORM_AVX2_CLONES void float_forward_row_range(const ForwardArgs<float, float>& a, const WeightGeometry& g,
-                                                  const float* masses, int64_t begin, int64_t end) {
+EQUINORM_AVX2_CLONES void float_forward_row_range(const ForwardArgs<float, double>& a, const WeightGeometry& g,
+                                                  const double* masses, int64_t begin, int64_t end) {
   forward_row_range(a, g, masses, begin, end);
 }
 
-template <typename scalar_t, typename acc_t>
-void forward_rows(const scalar_t* weight, const acc_t* mean, const acc_t* gain, scalar_t* out, acc_t* stats,
+template <typename scalar_t, typename acc_t, typename operand_t>
+void forward_rows(const scalar_t* weight, const operand_t* mean, const operand_t* gain, scalar_t* out, acc_t* stats,
                   const WeightGeometry& g, acc_t ratio, acc_t eps, bool exact) {
-  const std::vector<acc_t> masses = group_mean_masses(mean, g);
-  const std::vector<acc_t> mean_per_value = means_per_value(mean, g);
-  const ForwardArgs<scalar_t, acc_t> args{weight, mean_per_value.data(), gain, out, stats, ratio, eps, exact};
+  const int64_t channels = g.group_channels * g.groups;
+  const std::vector<acc_t> wide_mean = widened<acc_t>(mean, channels), wide_gain = widened<acc_t>(gain, g.out_channels);
+  const std::vector<acc_t> masses = group_mean_masses(wide_mean.data(), g);
+  const std::vector<acc_t> mean_per_value = means_per_value<acc_t>(mean, g);
+  const ForwardArgs<scalar_t, acc_t> args{weight, mean_per_value.data(), wide_gain.data(), out, stats, ratio, eps, exact};
   at::parallel_for(0, g.out_channels, row_grain(g), [&](int64_t begin, int64_t end) {
     if constexpr (std::is_same_v<scalar_t, float>) {
       float_forward_row_range(args, g, masses.data(), begin, end);
@@ -176,15 +184,15 @@ std::tuple<at::Tensor, at::Tensor> weight_transform(const at::Tensor& weight, co
   check_mean_and_gain(weight, geometry, mean, gain);
   check_ratio_and_eps(ratio, eps);
   TORCH_CHECK(weight.device().is_cpu(), "weight must be a CPU tensor for the CPU kernel");
-  const auto acc = accumulation_type(weight.scalar_type());
   at::Tensor out = empty_like_weight(weight, geometry, weight.scalar_type());
-  at::Tensor stats = at::empty({geometry.out_channels, em::kStatsColumns}, weight.options().dtype(acc));
+  at::Tensor stats = at::empty({geometry.out_channels, em::kStatsColumns}, weight.options().dtype(at::kDouble));
   const at::Tensor mean_c = mean.contiguous(), gain_c = gain.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "equinorm_weight_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    forward_rows(readable.const_data_ptr<scalar_t>(), mean_c.const_data_ptr<acc_t>(), gain_c.const_data_ptr<acc_t>(),
-                 out.mutable_data_ptr<scalar_t>(), stats.mutable_data_ptr<acc_t>(), geometry,
-                 static_cast<acc_t>(ratio), static_cast<acc_t>(eps), exact);
+    using operand_t = at::opmath_type<scalar_t>;
+    using acc_t = em::weight_math_t;
+    forward_rows(readable.const_data_ptr<scalar_t>(), mean_c.const_data_ptr<operand_t>(),
+                 gain_c.const_data_ptr<operand_t>(), out.mutable_data_ptr<scalar_t>(), stats.mutable_data_ptr<acc_t>(),
+                 geometry, static_cast<acc_t>(ratio), static_cast<acc_t>(eps), exact);
   });
   return {out, stats};
 }
@@ -199,7 +207,7 @@ struct BackwardArgs {
   const acc_t* gain;
   const acc_t* stats;
   scalar_t* grad_weight;
-  acc_t* grad_gain;
+  acc_t* grad_gain;  // (D,), in the weight math's precision until the op returns it
 };
 
 // What the second pass over a row needs from the first.
@@ -287,8 +295,8 @@ C10_ALWAYS_INLINE void backward_chunk(const BackwardArgs<scalar_t, acc_t>& a, co
   for (int64_t d = first; d < last; ++d) backward_row(a, g, d, scratch, sums + (d / g.outputs_per_group()) * g.group_channels);
 }
 
-EQUINORM_AVX2_CLONES void float_backward_chunk(const BackwardArgs<float, float>& a, const WeightGeometry& g,
-                                               int64_t first, int64_t last, std::vector<float>& scratch, float* sums) {
+EQUINORM_AVX2_CLONES void float_backward_chunk(const BackwardArgs<float, double>& a, const WeightGeometry& g,
+                                               int64_t first, int64_t last, std::vector<double>& scratch, double* sums) {
   backward_chunk(a, g, first, last, scratch, sums);
 }
 
@@ -328,16 +336,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> equinorm_backward(const at::Tenso
   const auto acc = accumulation_type(weight.scalar_type());
   at::Tensor grad_weight = empty_like_weight(weight, geometry, weight.scalar_type());
   at::Tensor grad_gain = at::empty({geometry.out_channels}, weight.options().dtype(acc));
-  at::Tensor grad_mean = at::empty({geometry.group_channels * geometry.groups}, weight.options().dtype(acc));
+  at::Tensor grad_mean = at::empty({geometry.group_channels * geometry.groups}, weight.options().dtype(at::kDouble));
   const at::Tensor mean_c = mean.contiguous(), gain_c = gain.contiguous(), stats_c = stats.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "equinorm_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const std::vector<acc_t> mean_per_value = means_per_value(mean_c.const_data_ptr<acc_t>(), geometry);
+    using operand_t = at::opmath_type<scalar_t>;
+    using acc_t = em::weight_math_t;
+    const std::vector<acc_t> mean_per_value = means_per_value<acc_t>(mean_c.const_data_ptr<operand_t>(), geometry);
+    const std::vector<acc_t> wide_gain = widened<acc_t>(gain_c.const_data_ptr<operand_t>(), geometry.out_channels);
+    std::vector<acc_t> wide_grad_gain(geometry.out_channels);
     const BackwardArgs<scalar_t, acc_t> args{
-        grad.const_data_ptr<scalar_t>(),        readable.const_data_ptr<scalar_t>(),
-        mean_per_value.data(),                  gain_c.const_data_ptr<acc_t>(),      stats_c.const_data_ptr<acc_t>(),
-        grad_weight.mutable_data_ptr<scalar_t>(), grad_gain.mutable_data_ptr<acc_t>()};
+        grad.const_data_ptr<scalar_t>(),          readable.const_data_ptr<scalar_t>(),
+        mean_per_value.data(),                    wide_gain.data(),
+        stats_c.const_data_ptr<acc_t>(),          grad_weight.mutable_data_ptr<scalar_t>(),
+        wide_grad_gain.data()};
     backward_rows(args, geometry, grad_mean.mutable_data_ptr<acc_t>());
+    std::copy(wide_grad_gain.begin(), wide_grad_gain.end(), grad_gain.mutable_data_ptr<operand_t>());
   });
   return {grad_weight, grad_mean, grad_gain};
 }

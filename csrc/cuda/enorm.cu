@@ -13,7 +13,7 @@
 //   rescale   every entry of the group, each value multiplied by its channel's factor, in
 //             storage order (coalesced). Entries naming the same tensor go to separate launches.
 // No float atomics: every sum runs in an order fixed by the shapes, so d is bit-identical across
-// runs. Energies are added in float (double for double tensors) within a slice, in double above.
+// runs. Energies are added, and values rescaled, in double (em::energy_math_t) for every dtype.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -105,7 +105,7 @@ __device__ int entry_of_block(const View (&views)[kMaxLaunchEntries], int count)
 template <typename scalar_t>
 __device__ double channel_energy(const EnergyView& v, int64_t base, int64_t begin, int64_t end, int lane,
                                  double p) {
-  using acc_t = acc_type<scalar_t>;
+  using acc_t = em::energy_math_t;
   const scalar_t* data = static_cast<const scalar_t*>(v.data) + base;
   const acc_t exponent = static_cast<acc_t>(p);
   acc_t sums[kUnroll];
@@ -122,11 +122,11 @@ __device__ double channel_energy(const EnergyView& v, int64_t base, int64_t begi
   for (; k + (kUnroll - 1) * lanes < last; k += kUnroll * lanes) {
     acc_t values[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) values[u] = load_acc(data + offset(k + u * lanes));
+    for (int u = 0; u < kUnroll; ++u) values[u] = static_cast<acc_t>(load_acc(data + offset(k + u * lanes)));
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) sums[u] += em::energy_term(values[u], exponent);
   }
-  for (; k < last; k += lanes) sums[0] += em::energy_term(load_acc(data + offset(k)), exponent);
+  for (; k < last; k += lanes) sums[0] += em::energy_term(static_cast<acc_t>(load_acc(data + offset(k))), exponent);
   acc_t total = sums[0];
 #pragma unroll
   for (int u = 1; u < kUnroll; ++u) total += sums[u];
@@ -229,6 +229,7 @@ __global__ void __launch_bounds__(kThreads) enorm_energy_kernel(const __grid_con
 template <typename scalar_t>
 __device__ void rescale_rows(const RescaleView& v, const double* factors, int64_t channels) {
   using acc_t = acc_type<scalar_t>;
+  using math_t = em::energy_math_t;
   const int64_t first_row = (blockIdx.x - v.first_block) * v.rows_per_block;
   const int64_t rows = min(v.rows_per_block, v.outer - first_row);
   // A block covers fewer than 2^31 values (checked on the host): 32-bit index arithmetic.
@@ -242,7 +243,7 @@ __device__ void rescale_rows(const RescaleView& v, const double* factors, int64_
     const int64_t o = first_row + row;
     int64_t j = o;
     if (v.columns) j = (o / v.outer_per_group) * v.channels_per_group + ((k - row * row_size) / divisor) % modulus;
-    data[k] = from_acc<scalar_t>(to_acc(data[k]) * static_cast<acc_t>(__ldg(factor + j)));
+    data[k] = from_acc<scalar_t>(static_cast<acc_t>(static_cast<math_t>(to_acc(data[k])) * __ldg(factor + j)));
   }
 }
 

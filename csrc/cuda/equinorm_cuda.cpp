@@ -66,9 +66,8 @@ std::tuple<at::Tensor, at::Tensor> weight_transform(const at::Tensor& weight, co
   check_ratio_and_eps(ratio, eps);
   check_cuda(weight, "weight");
   const c10::cuda::CUDAGuard guard(weight.device());
-  const auto acc = accumulation_type(weight.scalar_type());
   at::Tensor out = empty_like_weight(weight, geometry, weight.scalar_type());
-  at::Tensor stats = at::empty({geometry.out_channels, em::kStatsColumns}, weight.options().dtype(acc));
+  at::Tensor stats = at::empty({geometry.out_channels, em::kStatsColumns}, weight.options().dtype(at::kDouble));
   const at::Tensor mean_c = mean.contiguous(), gain_c = gain.contiguous();
   C10_CUDA_CHECK(launch_equinorm_weight(weight_shape(geometry), element_type(weight.scalar_type()),
                                         readable.const_data_ptr(), mean_c.const_data_ptr(), gain_c.const_data_ptr(),
@@ -89,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> equinorm_backward(const at::Tenso
   const auto acc = accumulation_type(weight.scalar_type());
   at::Tensor grad_weight = empty_like_weight(weight, geometry, weight.scalar_type());
   at::Tensor grad_gain = at::empty({geometry.out_channels}, weight.options().dtype(acc));
-  at::Tensor grad_mean = at::empty({geometry.group_channels * geometry.groups}, weight.options().dtype(acc));
+  at::Tensor grad_mean = at::empty({geometry.group_channels * geometry.groups}, weight.options().dtype(at::kDouble));
   const at::Tensor mean_c = mean.contiguous(), gain_c = gain.contiguous(), stats_c = stats.contiguous();
   const WeightShape shape = weight_shape(geometry);
   const ElementType type = element_type(weight.scalar_type());

@@ -21,7 +21,8 @@
 //
 // Determinism: every sum runs in an order fixed by the shape (per-thread loops, butterflies,
 // warp totals added in warp order); no float atomics anywhere, so results are bit-identical
-// across runs. Accumulation is in float (double for double weights).
+// across runs. The math, the stats and the grad_mean terms are in double for every weight dtype
+// (em::weight_math_t); mean and gain are read, and grad_gain written, in the accumulation type.
 #include <algorithm>
 
 #include "cuda/device_common.cuh"
@@ -32,6 +33,12 @@ namespace cuda {
 namespace {
 
 namespace em = equinorm::math;
+
+// A result of the weight math in the weight's dtype, through the accumulation type as on the CPU.
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t from_weight_math(em::weight_math_t value) {
+  return from_acc<scalar_t>(static_cast<acc_type<scalar_t>>(value));
+}
 
 constexpr int kThreads = 256;
 // Rows of at most this many values go to a warp, longer rows to a whole block.
@@ -59,11 +66,12 @@ struct RowGeometry {
 
 template <typename scalar_t>
 struct ForwardArgs {
-  using acc_t = acc_type<scalar_t>;
+  using acc_t = em::weight_math_t;
+  using operand_t = acc_type<scalar_t>;
   RowGeometry geometry;
   const scalar_t* weight;
-  const acc_t* mean;
-  const acc_t* gain;
+  const operand_t* mean;
+  const operand_t* gain;
   scalar_t* out;
   acc_t* stats;
   acc_t ratio;
@@ -73,15 +81,16 @@ struct ForwardArgs {
 
 template <typename scalar_t>
 struct BackwardArgs {
-  using acc_t = acc_type<scalar_t>;
+  using acc_t = em::weight_math_t;
+  using operand_t = acc_type<scalar_t>;
   RowGeometry geometry;
   const scalar_t* grad;
   const scalar_t* weight;
-  const acc_t* mean;
-  const acc_t* gain;
+  const operand_t* mean;
+  const operand_t* gain;
   const acc_t* stats;
   scalar_t* grad_weight;
-  acc_t* grad_gain;
+  operand_t* grad_gain;
   acc_t* mean_terms;  // (D, C/groups)
 };
 
@@ -138,7 +147,8 @@ __device__ __forceinline__ void for_each_channel(const RowGeometry& g, Visit&& v
 
 template <typename scalar_t, int kTeam>
 __global__ void __launch_bounds__(kThreads) equinorm_weight_kernel(ForwardArgs<scalar_t> a) {
-  using acc_t = acc_type<scalar_t>;
+  using acc_t = em::weight_math_t;
+  using operand_t = acc_type<scalar_t>;
   __shared__ acc_t scratch[kMaxTeamSums * Team<kTeam>::kWarps];
   const RowGeometry& g = a.geometry;
   const int64_t d = Team<kTeam>::row();
@@ -146,7 +156,7 @@ __global__ void __launch_bounds__(kThreads) equinorm_weight_kernel(ForwardArgs<s
   const int lanes = g.lanes_per_channel;
   const int64_t row_size = g.group_channels * g.taps;
   const scalar_t* row = a.weight + d * row_size;
-  const acc_t* mu = a.mean + (d / g.outputs_per_group) * g.group_channels;
+  const operand_t* mu = a.mean + (d / g.outputs_per_group) * g.group_channels;
   const int taps = static_cast<int>(g.taps);
 
   // sum_c mu_c, sum_c mu_c W_dc, sum_c mu_c p_dc, sum_c mu_c n_dc, and whether some seen channel
@@ -209,7 +219,7 @@ __global__ void __launch_bounds__(kThreads) equinorm_weight_kernel(ForwardArgs<s
 
   scalar_t* out = a.out + d * row_size;
   for (int64_t i = Team<kTeam>::lane(); i < row_size; i += kTeam) {
-    out[i] = from_acc<scalar_t>(factor * (load_acc(row + i) + shift));
+    out[i] = from_weight_math<scalar_t>(factor * (load_acc(row + i) + shift));
   }
   if (Team<kTeam>::lane() == 0) {
     em::write_stats(a.stats + d * em::kStatsColumns, shift, scale, positive_mass, mean_mass, use_exact);
@@ -218,7 +228,8 @@ __global__ void __launch_bounds__(kThreads) equinorm_weight_kernel(ForwardArgs<s
 
 template <typename scalar_t, int kTeam>
 __global__ void __launch_bounds__(kThreads) equinorm_backward_kernel(BackwardArgs<scalar_t> a) {
-  using acc_t = acc_type<scalar_t>;
+  using acc_t = em::weight_math_t;
+  using operand_t = acc_type<scalar_t>;
   __shared__ acc_t scratch[kMaxTeamSums * Team<kTeam>::kWarps];
   const RowGeometry& g = a.geometry;
   const int64_t d = Team<kTeam>::row();
@@ -228,7 +239,7 @@ __global__ void __launch_bounds__(kThreads) equinorm_backward_kernel(BackwardArg
   const scalar_t* row = a.weight + d * row_size;
   const scalar_t* grad = a.grad + d * row_size;
   scalar_t* grad_weight = a.grad_weight + d * row_size;
-  const acc_t* mu = a.mean + (d / g.outputs_per_group) * g.group_channels;
+  const operand_t* mu = a.mean + (d / g.outputs_per_group) * g.group_channels;
   const int taps = static_cast<int>(g.taps);
 
   const acc_t* stats = a.stats + d * em::kStatsColumns;
@@ -264,7 +275,7 @@ __global__ void __launch_bounds__(kThreads) equinorm_backward_kernel(BackwardArg
   const acc_t grad_shift = em::grad_shift(sums[kGradSum], gain, scale, grad_mass, sums[kActiveCount]);
   const acc_t shared_factor = em::shared_mean_factor(grad_shift, taps, mean_mass);
   const acc_t gain_times_scale = gain * scale;
-  if (Team<kTeam>::lane() == 0) a.grad_gain[d] = scale * sums[kGradTimesShifted];
+  if (Team<kTeam>::lane() == 0) a.grad_gain[d] = static_cast<operand_t>(scale * sums[kGradTimesShifted]);
 
   acc_t* terms = a.mean_terms + d * g.group_channels;
   for_each_channel<kTeam>(g, [&](int64_t c, bool active, int lane) {
@@ -276,7 +287,7 @@ __global__ void __launch_bounds__(kThreads) equinorm_backward_kernel(BackwardArg
         const acc_t w = load_acc(row + i), gr = load_acc(grad + i);
         const bool on = is_active(w);
         const acc_t h = em::mean_factor(on, grad_mass, shared_factor);
-        grad_weight[i] = from_acc<scalar_t>(em::grad_weight(gr, gain_times_scale, m, h));
+        grad_weight[i] = from_weight_math<scalar_t>(em::grad_weight(gr, gain_times_scale, m, h));
         const acc_t u = w + shift;
         shifted += u;
         if (on) active_shifted += u;
@@ -358,13 +369,14 @@ int64_t team_blocks(const WeightShape& s, int team) { return ceil_div(s.out_chan
 template <typename scalar_t>
 cudaError_t launch_forward_typed(const WeightShape& shape, const void* weight, const void* mean, const void* gain,
                                  double ratio, double eps, bool exact, void* out, void* stats, cudaStream_t stream) {
-  using acc_t = acc_type<scalar_t>;
+  using acc_t = em::weight_math_t;
+  using operand_t = acc_type<scalar_t>;
   const int team = team_size(shape);
   ForwardArgs<scalar_t> args{};
   args.geometry = row_geometry(shape, team);
   args.weight = static_cast<const scalar_t*>(weight);
-  args.mean = static_cast<const acc_t*>(mean);
-  args.gain = static_cast<const acc_t*>(gain);
+  args.mean = static_cast<const operand_t*>(mean);
+  args.gain = static_cast<const operand_t*>(gain);
   args.out = static_cast<scalar_t*>(out);
   args.stats = static_cast<acc_t*>(stats);
   args.ratio = static_cast<acc_t>(ratio);
@@ -385,17 +397,18 @@ template <typename scalar_t>
 cudaError_t launch_backward_typed(const WeightShape& shape, const void* grad_out, const void* weight,
                                   const void* mean, const void* gain, const void* stats, void* grad_weight,
                                   void* grad_mean, void* grad_gain, void* workspace, cudaStream_t stream) {
-  using acc_t = acc_type<scalar_t>;
+  using acc_t = em::weight_math_t;
+  using operand_t = acc_type<scalar_t>;
   const int team = team_size(shape);
   BackwardArgs<scalar_t> args{};
   args.geometry = row_geometry(shape, team);
   args.grad = static_cast<const scalar_t*>(grad_out);
   args.weight = static_cast<const scalar_t*>(weight);
-  args.mean = static_cast<const acc_t*>(mean);
-  args.gain = static_cast<const acc_t*>(gain);
+  args.mean = static_cast<const operand_t*>(mean);
+  args.gain = static_cast<const operand_t*>(gain);
   args.stats = static_cast<const acc_t*>(stats);
   args.grad_weight = static_cast<scalar_t*>(grad_weight);
-  args.grad_gain = static_cast<acc_t*>(grad_gain);
+  args.grad_gain = static_cast<operand_t*>(grad_gain);
   args.mean_terms = static_cast<acc_t*>(workspace);
   const int64_t blocks = team_blocks(shape, team);
   const int64_t channels = shape.group_channels * shape.groups;
@@ -432,7 +445,7 @@ cudaError_t launch_equinorm_weight(const WeightShape& shape, ElementType type, c
 
 size_t equinorm_backward_workspace_bytes(const WeightShape& shape, ElementType type) {
   if (!valid_shape(shape)) return 0;
-  return static_cast<size_t>(shape.out_channels * shape.group_channels) * accumulation_size(type);
+  return static_cast<size_t>(shape.out_channels * shape.group_channels) * sizeof(em::weight_math_t);
 }
 
 cudaError_t launch_equinorm_backward(const WeightShape& shape, ElementType type, const void* grad_out,

@@ -3,8 +3,8 @@
 // The kernels (*.cu) include no torch header: they take raw pointers, sizes and a stream, and
 // return the launch status (cudaGetLastError), which the glue turns into an exception. Element
 // types are passed as ElementType with void pointers, so the glue never needs the CUDA half types.
-// Per-channel operands (mean, gain, stats, grad_mean, grad_gain) are in the accumulation type:
-// double for kDouble, float otherwise. Every pointer must be a device pointer of the current
+// Per-channel operands (mean, gain, grad_gain) are in the accumulation type: double for kDouble,
+// float otherwise; stats and grad_mean are double for every type (the weight math's precision). Every pointer must be a device pointer of the current
 // device; contiguous buffers unless a layout flag says otherwise.
 #pragma once
 

@@ -15,6 +15,11 @@
 namespace equinorm {
 namespace math {
 
+// Energies are summed, and values rescaled, in double for every tensor dtype: |w|^p of a finite
+// float weight leaves float's range (|w| > ~1.8e19 for p = 2), and so can d^power for layers of
+// very different scales, while the balanced weights themselves are representable.
+using energy_math_t = double;
+
 // The exponent's kind: p = 1 and p = 2 are computed exactly and cheaply. Kernels that fix the
 // kind at compile time (energy_term_of) keep their inner loops free of the tests.
 enum class Exponent { kOne, kTwo, kOther };

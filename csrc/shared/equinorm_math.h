@@ -28,6 +28,13 @@
 namespace equinorm {
 namespace math {
 
+// Every kernel computes these formulas, and keeps the saved stats, in double whatever the weight
+// dtype: mu_c w_dct, P_d and the gradient's s_d / P_d leave float's exponent range for inputs and
+// weights far from 1 (x ~ 1e-40, or x and w ~ 1e-20), although w'' does not depend on the scale
+// of a weight row and scales only as 1 / |x|, so its value is representable. The weight rows are
+// read once per pass whatever the arithmetic, so double costs the memory-bound kernels little.
+using weight_math_t = double;
+
 // Per-output-channel statistics the forward saves for the backward: one row of `stats` (D, 5).
 enum StatsColumn : int {
   kShift = 0,         // b_d

@@ -185,8 +185,12 @@ class ENorm:
     def _column_norms(self, layer: Layer) -> torch.Tensor:
         weight = layer.weight.detach()
         if layer.kind == "batchnorm":  # gamma acts as a diagonal matrix: column j holds gamma_j alone
-            return enorm_row_energy(weight, self.p).pow(1.0 / self.p)
-        return enorm_column_energy(weight, self.p, groups=layer.groups).pow(1.0 / self.p)
+            energy = enorm_row_energy(weight, self.p)
+        else:
+            energy = enorm_column_energy(weight, self.p, groups=layer.groups)
+        # Energies are float64 (they can leave float32's range); the norms are representable
+        # wherever the weights are, and come back in the weights' precision.
+        return energy.pow(1.0 / self.p).to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
 
     @torch.no_grad()
     def _cycle(self) -> torch.Tensor | None:

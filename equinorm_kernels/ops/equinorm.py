@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from .. import _checks
-from ..reference.equinorm import _accumulation_dtype
+from ..reference.equinorm import WEIGHT_MATH_DTYPE, _accumulation_dtype
 
 STATS_COLUMNS = 5  # shift, scale, positive mass, mean mass, used exact (csrc/shared/equinorm_math.h)
 
@@ -63,7 +63,7 @@ def _fake_like_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def fake_equinorm_weight(weight, mean, gain, ratio, groups, mode, eps):
-    stats = weight.new_empty((weight.shape[0], STATS_COLUMNS), dtype=_accumulation_dtype(weight))
+    stats = weight.new_empty((weight.shape[0], STATS_COLUMNS), dtype=WEIGHT_MATH_DTYPE)
     return _fake_like_weight(weight), stats
 
 
@@ -73,7 +73,7 @@ def fake_equinorm_forward(x, rows, weight, gain, ratio, groups, mode, eps):
 
 
 def fake_equinorm_backward(grad_out, weight, mean, gain, stats, groups):
-    return _fake_like_weight(weight), torch.empty_like(mean), torch.empty_like(gain)
+    return _fake_like_weight(weight), mean.new_empty(mean.shape, dtype=WEIGHT_MATH_DTYPE), torch.empty_like(gain)
 
 
 def register_fake_kernels(prefix: str = "") -> None:
@@ -161,7 +161,7 @@ class _EquiNormWeight(torch.autograd.Function):
             return (*grads, None, None, None, None, None)
         ops = _OP_SETS[ctx.implementation]
         grad_weight, grad_mean, grad_gain = ops.equinorm_backward(grad_out, weight, mean, gain, stats, ctx.groups)
-        return grad_weight, grad_mean, grad_gain, None, None, None, None, None
+        return grad_weight, grad_mean.to(mean.dtype), grad_gain, None, None, None, None, None
 
 
 class _EquiNormForward(torch.autograd.Function):

@@ -21,7 +21,9 @@ Zero-energy rule: the minimum over d_i is not attained when R_i = 0 (a dead unit
 bias) or C_i = 0 (a channel nobody reads), since the energy then keeps falling as d_i goes to
 infinity or zero. Such a channel keeps d_i = 1, so every weight stays finite.
 
-Energies accumulate in float32 (float64 for float64 weights). The energy functions are
+Energies are computed in float64 for every weight dtype: |w|^p of a finite float32 weight leaves
+float32's range (|w| > ~1.8e19 for p = 2) although the balanced weights are representable. The
+rescales multiply in float64 too and round once to the tensor's dtype. The energy functions are
 differentiable; the ``*_`` functions edit their tensor in place and never record gradients.
 """
 from __future__ import annotations
@@ -29,12 +31,11 @@ from __future__ import annotations
 import torch
 
 
-def _accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+ENERGY_DTYPE = torch.float64
 
 
 def _abs_pow(tensor: torch.Tensor, p: float) -> torch.Tensor:
-    return tensor.to(_accumulation_dtype(tensor)).abs().pow(p)
+    return tensor.to(ENERGY_DTYPE).abs().pow(p)
 
 
 def _column_blocks(weight: torch.Tensor, groups: int, columns_per_channel: int) -> tuple[int, int, int, int]:
@@ -62,7 +63,7 @@ def enorm_row_energy(weight: torch.Tensor, p: float, bias: torch.Tensor | None =
         bias: optional (out,) bias counted with its row.
 
     Returns:
-        (out,) float32 (float64 for float64 weights).
+        (out,) float64.
     """
     energy = _abs_pow(weight, p).reshape(weight.shape[0], -1).sum(dim=1)
     if bias is not None:
@@ -83,8 +84,7 @@ def enorm_column_energy(
         columns_per_channel: S > 1 for a Linear after a flatten of S positions per channel.
 
     Returns:
-        (in_channels,) float32 (float64 for float64 weights), in_channels = in/groups * groups for
-        a Conv and in / S for a Linear.
+        (in_channels,) float64, in_channels = in/groups * groups for a Conv and in / S for a Linear.
     """
     blocks = _abs_pow(weight, p).reshape(_column_blocks(weight, groups, columns_per_channel))
     return blocks.sum(dim=(1, 3)).reshape(-1)
@@ -110,6 +110,12 @@ def enorm_coefficients(row_energy: torch.Tensor, column_energy: torch.Tensor, p:
     return torch.where(attained, d, torch.ones_like(d))
 
 
+def _multiply_rounding_once_(tensor: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """tensor *= factor computed in float64 (a factor of d^power can leave float32's range while the
+    product does not), rounded once to tensor's dtype."""
+    return tensor.copy_(tensor.to(ENERGY_DTYPE) * factor.to(ENERGY_DTYPE))
+
+
 @torch.no_grad()
 def enorm_scale_rows_(tensor: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """In place: tensor[i] *= factor[i] for a weight (out, ...), a bias (out,) or a gamma (C,).
@@ -117,7 +123,7 @@ def enorm_scale_rows_(tensor: torch.Tensor, factor: torch.Tensor) -> torch.Tenso
     Returns ``tensor``.
     """
     shape = (tensor.shape[0],) + (1,) * (tensor.dim() - 1)
-    return tensor.mul_(factor.to(device=tensor.device, dtype=tensor.dtype).reshape(shape))
+    return _multiply_rounding_once_(tensor, factor.to(device=tensor.device).reshape(shape))
 
 
 @torch.no_grad()
@@ -130,11 +136,13 @@ def enorm_scale_columns_(
     Returns ``tensor``.
     """
     blocks = _column_blocks(tensor, groups, columns_per_channel)
-    factor = factor.to(device=tensor.device, dtype=tensor.dtype).reshape(blocks[0], 1, blocks[2], 1)
+    factor = factor.to(device=tensor.device).reshape(blocks[0], 1, blocks[2], 1)
     if tensor.is_contiguous():
-        tensor.view(blocks).mul_(factor)
+        _multiply_rounding_once_(tensor.view(blocks), factor)
     else:  # e.g. channels_last conv weights, which cannot be viewed as blocks
-        tensor.mul_(factor.expand(blocks[:3] + (tensor[0, 0].numel() * columns_per_channel,)).reshape(tensor.shape))
+        _multiply_rounding_once_(
+            tensor, factor.expand(blocks[:3] + (tensor[0, 0].numel() * columns_per_channel,)).reshape(tensor.shape)
+        )
     return tensor
 
 

@@ -33,11 +33,18 @@ def _accumulation_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float32
 
 
-def channel_mean_unchecked(x: torch.Tensor, stats_fraction: float) -> torch.Tensor:
+# The weight transform and its gradients are computed in float64 whatever the operands' dtype:
+# products such as mu_c * w_dct and P_d**2 leave float32's exponent range for inputs and weights
+# far from 1 (x ~ 1e-40, or x and w ~ 1e-20), although w'' itself does not depend on the scale
+# of a weight row and only scales as 1 / |x|, so the answer is representable.
+WEIGHT_MATH_DTYPE = torch.float64
+
+
+def channel_mean_unchecked(x: torch.Tensor, stats_fraction: float, dtype: torch.dtype | None = None) -> torch.Tensor:
     rows = _checks.stats_rows(x.shape[0], stats_fraction)
     sample = x if rows == x.shape[0] else x[:rows]
     reduce_dims = [0, *range(2, x.dim())]
-    return sample.mean(dim=reduce_dims, dtype=_accumulation_dtype(x))
+    return sample.mean(dim=reduce_dims, dtype=dtype or _accumulation_dtype(x))
 
 
 def _one_signed_channels(weight: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -56,7 +63,7 @@ def equinorm_weight_unchecked(
     gain: torch.Tensor | None,
     eps: float,
 ) -> torch.Tensor:
-    acc = _accumulation_dtype(weight, mean, gain)
+    acc = WEIGHT_MATH_DTYPE
     out_channels = weight.shape[0]
     w = weight.to(acc).reshape(out_channels, weight.shape[1], -1)  # (D, C/groups, K)
     taps = w.shape[-1]
@@ -130,8 +137,9 @@ def equinorm_weight(
             (P_d <= eps * sum_c mu_c sum_t |w_dct|); such a channel gets a zero weight.
 
     Returns:
-        Tensor of ``weight``'s shape, dtype and memory format, computed in float32 (float64 if any
-        operand is float64); differentiable in ``weight``, ``mean`` and ``gain``.
+        Tensor of ``weight``'s shape, dtype and memory format, computed in float64 whatever the
+        operands' dtype (so any finite operands whose answer is representable get it); differentiable
+        in ``weight``, ``mean`` and ``gain``.
     """
     _checks.check_equinorm_weight_args(weight, mean, ratio, groups, mode, gain, eps)
     return equinorm_weight_unchecked(weight, mean, float(ratio), groups, mode, gain, float(eps))

@@ -11,8 +11,8 @@ Same signatures as csrc/ops.cpp (prefixed ``triton_``) and semantics as csrc/cpu
 records of six ints (tensor index, axis 0 rows / 1 columns, power of d, counted, conv groups,
 columns per channel). Not differentiable.
 
-Launches per group: one per counted entry (its per-channel energies, summed in the tensor's
-accumulation dtype), one for the coefficients d (energies added in entry order in float64, and
+Launches per group: one per counted entry (its per-channel energies, summed in float64 for every
+dtype, as csrc/shared/enorm_math.h says why), one for the coefficients d (energies added in entry order in float64, and
 the group's largest |d - 1|), one per entry with a power other than 0 (the in-place rescale).
 Groups run in order: a tensor rescaled by one group is read by the next with its new values.
 """
@@ -174,14 +174,11 @@ def _energy_term(values, p, EXPONENT: tl.constexpr):
 def _channel_energy_kernel(
     values_ptr, energy_ptr, channels, channels_per_group, outer_per_group, inner,
     outer_stride, channel_stride, inner_stride, p_bits,
-    EXPONENT: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr,
+    EXPONENT: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """energy[j] = sum of |v|^p over channel j's values (the outer indices of its group x inner),
-    accumulated in the tensor's accumulation dtype, stored as float64."""
-    if ACC_FP64:
-        acc = tl.full([BLOCK_J, BLOCK_T], 0, tl.float64)
-    else:
-        acc = tl.full([BLOCK_J, BLOCK_T], 0, tl.float32)
+    in float64."""
+    acc = tl.full([BLOCK_J, BLOCK_T], 0, tl.float64)
     exponent = float64_from_bits(p_bits, acc.dtype)
     js = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
     channel_valid = js < channels
@@ -196,7 +193,7 @@ def _channel_energy_kernel(
             mask = channel_valid[:, None] & (t < inner)[None, :]
             values = tl.load(values_ptr + row[:, None] + t.to(tl.int64)[None, :] * inner_stride, mask=mask, other=0)
             acc += _energy_term(values.to(acc.dtype), exponent, EXPONENT)
-    tl.store(energy_ptr + js, tl.sum(acc, axis=1).to(tl.float64), mask=channel_valid)
+    tl.store(energy_ptr + js, tl.sum(acc, axis=1), mask=channel_valid)
 
 
 @triton.jit
@@ -230,10 +227,10 @@ def _coefficients_kernel(
 @triton.jit
 def _rescale_kernel(
     values_ptr, d_ptr, numel, outer_stride, channel_stride, channels_per_group, outer_per_group,
-    POWER: tl.constexpr, COLUMNS: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK: tl.constexpr,
+    POWER: tl.constexpr, COLUMNS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """In place, in memory order: v *= d_j^POWER, j the channel of v (its row, or its column's
-    input channel), the factor computed in float64 and applied in the accumulation dtype."""
+    input channel), in float64 and rounded once to v's dtype."""
     q = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = q < numel
     outer = q // outer_stride
@@ -252,10 +249,7 @@ def _rescale_kernel(
     else:
         factor = 1 / (d * d)
     values = tl.load(values_ptr + q, mask=mask, other=0)
-    if ACC_FP64:
-        scaled = values.to(tl.float64) * factor
-    else:
-        scaled = values.to(tl.float32) * factor.to(tl.float32)
+    scaled = values.to(tl.float64) * factor
     tl.store(values_ptr + q, cast_rounded(scaled, values.dtype), mask=mask)
 
 
@@ -277,7 +271,7 @@ def _launch_energy(t: torch.Tensor, e: _Entry, p: float, energy: torch.Tensor) -
     wrap_triton(_channel_energy_kernel)[(triton.cdiv(e.channels, block_j),)](
         t, energy, e.channels, channels_per_group, outer_per_group, e.inner,
         e.outer_stride, channel_stride, e.inner_stride, float64_bits(p),
-        EXPONENT=_exponent_kind(p), ACC_FP64=t.dtype == torch.float64, BLOCK_J=block_j, BLOCK_T=block_t,
+        EXPONENT=_exponent_kind(p), BLOCK_J=block_j, BLOCK_T=block_t,
     )
 
 
@@ -287,7 +281,7 @@ def _launch_rescale(t: torch.Tensor, e: _Entry, d: torch.Tensor) -> None:
     numel = t.numel()
     wrap_triton(_rescale_kernel)[(triton.cdiv(numel, _RESCALE_BLOCK),)](
         t, d, numel, e.outer_stride, max(e.channel_stride, 1), e.channels_per_group, e.outer_per_group,
-        POWER=e.power, COLUMNS=e.columns, ACC_FP64=t.dtype == torch.float64, BLOCK=_RESCALE_BLOCK,
+        POWER=e.power, COLUMNS=e.columns, BLOCK=_RESCALE_BLOCK,
     )
 
 

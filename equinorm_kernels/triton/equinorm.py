@@ -12,8 +12,9 @@ csrc/shared/equinorm_math.h, specification in :mod:`equinorm_kernels.reference.e
 They are plain, non-differentiable ops; autograd comes from the wrappers in
 :mod:`equinorm_kernels.ops.equinorm`. Shapes and dtypes: x (N, C, *spatial) any float dtype, NCHW or
 channels_last (other strides are copied); weight (D, C/groups, *kernel) contiguous or channels_last
-(stored (t, c) per output channel); mean (C,), gain (D,) and stats (D, 5) in the accumulation dtype
-(float64 for float64 operands, else float32), which every sum uses.
+(stored (t, c) per output channel); mean (C,) and gain (D,) in the accumulation dtype (float64 for
+float64 operands, else float32), which the channel sums use; the weight transform and its backward
+compute in float64, the dtype of stats (D, 5) and grad_mean (csrc/shared/equinorm_math.h says why).
 
 Launches per call:
     channel_mean      1 (2 when x is large enough to split each channel's sum over several programs)
@@ -35,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference.equinorm import WEIGHT_MATH_DTYPE
 from ._runtime import (
     accumulation_dtype,
     autotune,
@@ -60,9 +62,8 @@ _ROW_TILE = 2048
 _MAX_TAP_BLOCK = 64
 # Offsets within a weight row are int32 (offsets of rows and planes are int64).
 _MAX_ROW_VALUES = 2**31 - 1
-# torch.finfo(acc).tiny: M_d's lower clamp, so a group whose means are all 0 gets a finite shift.
+# M_d's lower clamp, so a group whose means are all 0 gets a finite shift (as mean_mass in csrc/shared).
 _FLOAT64_TINY = tl.constexpr(torch.finfo(torch.float64).tiny)
-_FLOAT32_TINY = tl.constexpr(torch.finfo(torch.float32).tiny)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,13 +339,12 @@ def _row_block(c0, t0, group_channels, taps, channel_stride, tap_stride, BLOCK_C
 
 @triton.jit
 def _group_mean_mass(mean, group_channels, BLOCK_C: tl.constexpr):
-    """M_d: the sum of the group's channel means, clamped away from zero."""
-    acc_t = mean.dtype.element_ty
-    tiny = tl.full([], _FLOAT64_TINY if acc_t == tl.float64 else _FLOAT32_TINY, acc_t)
-    acc = tl.full([BLOCK_C], 0, acc_t)
+    """M_d: the sum of the group's channel means, clamped away from zero, in the weight math's float64."""
+    tiny = tl.full([], _FLOAT64_TINY, tl.float64)
+    acc = tl.full([BLOCK_C], 0, tl.float64)
     for c0 in range(0, group_channels, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
-        acc += tl.load(mean + cs, mask=cs < group_channels, other=0)
+        acc += tl.load(mean + cs, mask=cs < group_channels, other=0).to(tl.float64)
     total = tl.sum(acc, axis=0)
     return tl.where(total > tiny, total, tiny)
 
@@ -353,13 +353,13 @@ def _group_mean_mass(mean, group_channels, BLOCK_C: tl.constexpr):
 def _exact_positive_mass(row, mean, shift, group_channels, taps, channel_stride, tap_stride,
                          BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
     """sum_c mu_c sum_t max(w_dct + shift, 0)."""
-    acc_t = mean.dtype.element_ty
+    acc_t = tl.float64
     acc = tl.full([BLOCK_C, BLOCK_T], 0, acc_t)
     for c0 in range(0, group_channels, BLOCK_C):
         for t0 in range(0, taps, BLOCK_T):
             offsets, valid, cs, channel_valid = _row_block(
                 c0, t0, group_channels, taps, channel_stride, tap_stride, BLOCK_C, BLOCK_T)
-            mu = tl.load(mean + cs, mask=channel_valid, other=0)[:, None]
+            mu = tl.load(mean + cs, mask=channel_valid, other=0).to(acc_t)[:, None]
             shifted = tl.load(row + offsets, mask=valid, other=0).to(acc_t) + shift
             acc += tl.where(valid & (shifted > 0), mu * shifted, 0)
     return tl.sum(acc)
@@ -376,9 +376,9 @@ def _equinorm_weight_kernel(
 
     Reads the row once for the sums of b_d and the one-pass P_d, once more for the exact P_d
     when the mode or a one-signed row asks for it, and once to write: all from L1/L2 after the
-    first read."""
+    first read. The math runs in float64 whatever the dtypes (csrc/shared/equinorm_math.h says why)."""
     d = tl.program_id(0).to(tl.int64)
-    acc_t = mean_ptr.dtype.element_ty
+    acc_t = stats_ptr.dtype.element_ty
     row_size = tl.cast(group_channels, tl.int64) * taps
     row = weight_ptr + d * row_size
     mean = mean_ptr + (d // outputs_per_group) * group_channels
@@ -393,7 +393,7 @@ def _equinorm_weight_kernel(
         for t0 in range(0, taps, BLOCK_T):
             offsets, valid, cs, channel_valid = _row_block(
                 c0, t0, group_channels, taps, channel_stride, tap_stride, BLOCK_C, BLOCK_T)
-            mu = tl.load(mean + cs, mask=channel_valid, other=0)[:, None]
+            mu = tl.load(mean + cs, mask=channel_valid, other=0).to(acc_t)[:, None]
             w = tl.load(row + offsets, mask=valid, other=0).to(acc_t)
             positive = valid & (w > 0)
             kernel_acc += mu * w
@@ -421,7 +421,7 @@ def _equinorm_weight_kernel(
     safe_mass = tl.where(degenerate, 1, positive_mass)
     scale = tl.where(degenerate, 0, float64_from_bits(ratio_bits, acc_t) / safe_mass)
 
-    factor = tl.load(gain_ptr + d) * scale
+    factor = tl.load(gain_ptr + d).to(acc_t) * scale
     out = out_ptr + d * row_size
     out_t = out_ptr.dtype.element_ty
     for c0 in range(0, group_channels, BLOCK_C):
@@ -448,9 +448,10 @@ def _equinorm_backward_kernel(
 ):
     """For output channel d, with G = grad_out[d] and u = w + b_d:
     grad_weight[d], grad_gain[d] = s_d sum G u, and mean_terms[d, c], its contribution to dL/dmu_c:
-    g_P sum_t [active] u - g_b sum_t u / (K M_d), active = u > 0 (exact P_d) or w > 0 (one-pass)."""
+    g_P sum_t [active] u - g_b sum_t u / (K M_d), active = u > 0 (exact P_d) or w > 0 (one-pass).
+    In float64, the dtype of stats and mean_terms."""
     d = tl.program_id(0).to(tl.int64)
-    acc_t = mean_ptr.dtype.element_ty
+    acc_t = stats_ptr.dtype.element_ty
     row_size = tl.cast(group_channels, tl.int64) * taps
     row = weight_ptr + d * row_size
     grad = grad_ptr + d * row_size
@@ -461,7 +462,7 @@ def _equinorm_backward_kernel(
     positive_mass = tl.load(stats + 2)
     mean_mass = tl.load(stats + 3)
     exact = tl.load(stats + 4) != 0
-    gain = tl.load(gain_ptr + d)
+    gain = tl.load(gain_ptr + d).to(acc_t)
     # Which values count as positive, as a threshold on w: u > 0 (exact) or w > 0 (one-pass).
     threshold = tl.where(exact, -shift, 0)
 
@@ -472,7 +473,7 @@ def _equinorm_backward_kernel(
         for t0 in range(0, taps, BLOCK_T):
             offsets, valid, cs, channel_valid = _row_block(
                 c0, t0, group_channels, taps, channel_stride, tap_stride, BLOCK_C, BLOCK_T)
-            mu = tl.load(mean + cs, mask=channel_valid, other=0)[:, None]
+            mu = tl.load(mean + cs, mask=channel_valid, other=0).to(acc_t)[:, None]
             w = tl.load(row + offsets, mask=valid, other=0).to(acc_t)
             g = tl.load(grad + offsets, mask=valid, other=0).to(acc_t)
             shifted_acc += g * (w + shift)
@@ -485,7 +486,7 @@ def _equinorm_backward_kernel(
     safe_mass = tl.where(scale == 0, 1, positive_mass)
     grad_mass = tl.where(scale == 0, 0, -gain * grad_times_shifted * scale / safe_mass)
     grad_shift = gain * scale * grad_sum + grad_mass * active_count
-    tl.store(grad_gain_ptr + d, scale * grad_times_shifted)
+    tl.store(grad_gain_ptr + d, (scale * grad_times_shifted).to(grad_gain_ptr.dtype.element_ty))
 
     through_shift = grad_shift / (taps * mean_mass)  # dL/dw gets -through_shift * mu_c
     out_t = grad_weight_ptr.dtype.element_ty
@@ -496,7 +497,7 @@ def _equinorm_backward_kernel(
         for t0 in range(0, taps, BLOCK_T):
             offsets, valid, cs, channel_valid = _row_block(
                 c0, t0, group_channels, taps, channel_stride, tap_stride, BLOCK_C, BLOCK_T)
-            mu = tl.load(mean + cs, mask=channel_valid, other=0)[:, None]
+            mu = tl.load(mean + cs, mask=channel_valid, other=0).to(acc_t)[:, None]
             w = tl.load(row + offsets, mask=valid, other=0).to(acc_t)
             g = tl.load(grad + offsets, mask=valid, other=0).to(acc_t)
             active = valid & (w > threshold)
@@ -540,7 +541,7 @@ def _weight_transform(weight, mean, gain, ratio, groups, exact, eps):
     _check_mean_and_gain(weight, g, mean, gain)
     _check_ratio_and_eps(ratio, eps)
     out = _empty_like_weight(weight, g, weight.dtype)
-    stats = torch.empty((g.out_channels, STATS_COLUMNS), dtype=mean.dtype, device=weight.device)
+    stats = torch.empty((g.out_channels, STATS_COLUMNS), dtype=WEIGHT_MATH_DTYPE, device=weight.device)
     _launch_weight_transform(readable, g, mean.contiguous(), gain.contiguous(), out, stats, ratio, exact, eps)
     return out, stats
 
@@ -554,7 +555,7 @@ def _weight_backward(grad_out, weight, mean, gain, stats, groups):
         stats.dim() == 2 and stats.shape[0] == g.out_channels and stats.shape[1] == STATS_COLUMNS,
         f"stats must have shape ({g.out_channels}, {STATS_COLUMNS}), got {tuple(stats.shape)}",
     )
-    check(stats.dtype == acc, f"stats must be {acc}, got {stats.dtype}")
+    check(stats.dtype == WEIGHT_MATH_DTYPE, f"stats must be float64 (the precision of the weight math), got {stats.dtype}")
     check(stats.device == weight.device, f"stats is on {stats.device} but weight is on {weight.device}")
     check(
         grad_out.shape == weight.shape and grad_out.dtype == weight.dtype,
@@ -566,8 +567,8 @@ def _weight_backward(grad_out, weight, mean, gain, stats, groups):
     grad_weight = _empty_like_weight(weight, g, weight.dtype)
     grad_gain = torch.empty((g.out_channels,), dtype=acc, device=weight.device)
     channels = g.group_channels * g.groups
-    grad_mean = torch.empty((channels,), dtype=acc, device=weight.device)
-    mean_terms = torch.empty((g.out_channels, g.group_channels), dtype=acc, device=weight.device)
+    grad_mean = torch.empty((channels,), dtype=WEIGHT_MATH_DTYPE, device=weight.device)
+    mean_terms = torch.empty((g.out_channels, g.group_channels), dtype=WEIGHT_MATH_DTYPE, device=weight.device)
     block_c, block_t = _row_tile(g)
     wrap_triton(_equinorm_backward_kernel)[(g.out_channels,)](
         grad, readable, mean.contiguous(), gain.contiguous(), stats.contiguous(), grad_weight, grad_gain, mean_terms,
@@ -623,6 +624,6 @@ def triton_equinorm_backward(
     grad_out: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, gain: torch.Tensor, stats: torch.Tensor,
     groups: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_weight in weight's dtype and layout, grad_mean (C,), grad_gain (D,)) from dL/dw''."""
+    """(grad_weight in weight's dtype and layout, grad_mean (C,) float64, grad_gain (D,)) from dL/dw''."""
     with on_device(weight):
         return _weight_backward(grad_out, weight, mean, gain, stats, groups)

@@ -162,11 +162,13 @@ Outputs run_equinorm(const Case& c) {
   const size_t channels = static_cast<size_t>(shape.group_channels * shape.groups);
   const size_t outputs = static_cast<size_t>(shape.out_channels);
   const size_t element_offset = offset * info.element_bytes, accumulation_offset = offset * info.accumulation_bytes;
+  // stats and grad_mean are double for every element type (csrc/shared/equinorm_math.h).
+  const size_t weight_math_bytes = sizeof(double), weight_math_offset = offset * weight_math_bytes;
   const Buffer weight(c.input(c.text("weight")), element_offset);
   const Buffer mean(c.input(c.text("mean")), accumulation_offset);
   const Buffer gain(c.input(c.text("gain")), accumulation_offset);
   const Buffer out(elements * info.element_bytes, element_offset);
-  const Buffer stats(outputs * 5 * info.accumulation_bytes, accumulation_offset);
+  const Buffer stats(outputs * 5 * weight_math_bytes, weight_math_offset);
   check(equinorm::cuda::launch_equinorm_weight(shape, info.type, weight.data(), mean.data(), gain.data(),
                                                c.real("ratio"), c.real("eps"), c.integer("exact") != 0, out.data(),
                                                stats.data(), nullptr),
@@ -176,7 +178,7 @@ Outputs run_equinorm(const Case& c) {
 
   const Buffer grad(c.input(c.text("grad")), element_offset);
   const Buffer grad_weight(elements * info.element_bytes, element_offset);
-  const Buffer grad_mean(channels * info.accumulation_bytes, accumulation_offset);
+  const Buffer grad_mean(channels * weight_math_bytes, weight_math_offset);
   const Buffer grad_gain(outputs * info.accumulation_bytes, accumulation_offset);
   const size_t workspace_bytes = equinorm::cuda::equinorm_backward_workspace_bytes(shape, info.type);
   const Buffer workspace(workspace_bytes, 0);
