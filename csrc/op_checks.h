@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <string>
+#include <vector>
 
 namespace equinorm {
 
@@ -74,7 +75,11 @@ struct WeightGeometry {
   int64_t taps = 0;            // K
   int64_t groups = 1;
   bool channels_last = false;
+  // mean holds one value per (input channel, tap), (C, *kernel), rather than one per channel.
+  bool per_tap_means = false;
   int64_t row_size() const { return group_channels * taps; }
+  // Values of mean (and grad_mean) per group, stored (c, t) whatever the weight's layout.
+  int64_t mean_values_per_group() const { return per_tap_means ? row_size() : group_channels; }
   int64_t channel_stride() const { return channels_last ? 1 : taps; }
   int64_t tap_stride() const { return channels_last ? group_channels : 1; }
   int64_t outputs_per_group() const { return out_channels / groups; }
@@ -123,11 +128,24 @@ inline void check_per_channel(const at::Tensor& t, const char* name, int64_t siz
   check_same_device(weight, t, "weight", name);
 }
 
-// Checks mean (C,) and gain (D,) against the weight; both must be contiguous in the accumulation dtype.
-inline void check_mean_and_gain(const at::Tensor& weight, const WeightGeometry& geometry, const at::Tensor& mean,
+// Checks mean, (C,) or per tap (C, *kernel), and gain (D,) against the weight, in the accumulation
+// dtype; notes in the geometry which kind of mean it is.
+inline void check_mean_and_gain(const at::Tensor& weight, WeightGeometry& geometry, const at::Tensor& mean,
                                 const at::Tensor& gain) {
   const auto acc = accumulation_type(weight.scalar_type());
-  check_per_channel(mean, "mean", geometry.group_channels * geometry.groups, acc, weight);
+  const int64_t channels = geometry.group_channels * geometry.groups;
+  geometry.per_tap_means = mean.dim() >= 2;
+  if (geometry.per_tap_means) {
+    std::vector<int64_t> expected{channels};
+    for (int64_t k = 2; k < weight.dim(); ++k) expected.push_back(weight.size(k));
+    TORCH_CHECK(mean.sizes() == at::IntArrayRef(expected), "mean must have shape (C,) = (", channels,
+                ",) or, per tap, (C, *kernel) = ", at::IntArrayRef(expected), ", got ", mean.sizes());
+    TORCH_CHECK(mean.scalar_type() == acc, "mean must be ", acc, " (the accumulation dtype of weight ",
+                weight.scalar_type(), "), got ", mean.scalar_type());
+    check_same_device(weight, mean, "weight", "mean");
+  } else {
+    check_per_channel(mean, "mean", channels, acc, weight);
+  }
   check_per_channel(gain, "gain", geometry.out_channels, acc, weight);
 }
 

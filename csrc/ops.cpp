@@ -11,7 +11,9 @@
 //   dL/dmu can leave float32's range where dL/dx = dL/dmu / (elements per channel) does not.
 // - rows: only x[:rows] feeds the channel means (stats_fraction < 1 in the layers). A SymInt, so
 //   torch.compile(dynamic=True) keeps the batch size symbolic; the kernels take it as int64_t.
-// - stats (D, 5): per output channel [shift b_d, scale s_d, positive mass P_d, mean mass M_d,
+// - mean (equinorm_weight, equinorm_backward): channel means (C,), or per-tap means (C, *kernel),
+//   one per input channel and kernel tap; grad_mean has mean's shape.
+// - stats (D, 5): per output channel [shift b_d, scale s_d, positive mass P_d, value mass V_d,
 //   used exact P_d (0/1)], what the backward needs from the forward (csrc/shared/equinorm_math.h).
 // - mode: "single_pass" or "exact"; the backward reads which P_d was used from stats.
 // - enorm_group_ returns the coefficients d (C,), enorm_cycle_ the largest |d - 1| of each group,

@@ -127,9 +127,20 @@ def check_equinorm_weight_args(
     weight: object, mean: object, ratio: object, groups: object, mode: object, gain: object, eps: object
 ) -> None:
     weight = check_tensor(weight, "weight", dims="(D, C/groups, *kernel) or (D, C)", min_dim=2)
-    mean = check_tensor(mean, "mean", dims="(C,)", min_dim=1, max_dim=1)
+    mean = check_tensor(mean, "mean", dims="(C,) or, per tap, (C, *kernel)", min_dim=1)
     check_same_device(weight, mean, "weight", "mean")
-    check_weight_args(weight, mean.numel(), "mean must have", ratio, groups, mode, gain, eps)
+    check_weight_args(weight, mean.shape[0], "mean must have", ratio, groups, mode, gain, eps)
+    if mean.dim() > 1:
+        kernel = tuple(weight.shape[2:])
+        if tuple(mean.shape[1:]) != kernel:
+            raise ValueError(
+                f"per-tap means must have shape (C, *kernel) = ({mean.shape[0]}, {', '.join(map(str, kernel))}) "
+                f"for weight of shape {tuple(weight.shape)}, got mean of shape {tuple(mean.shape)}"
+            )
+        if float(ratio) != 1.0:
+            raise ValueError(
+                f"ratio must be 1 with per-tap means (they already account for padding and stride), got {ratio!r}"
+            )
 
 
 def check_equinorm_forward_args(
@@ -243,11 +254,12 @@ def check_channel_means(mean: torch.Tensor, name: str = "mean") -> None:
     if not bool(_any_bad_mean(mean)):
         return
     check_finite_values(mean, name, "a non-finite input gives non-finite channel means")
-    channel = int((mean.detach() < 0).nonzero()[0, 0])
+    first = tuple(int(i) for i in (mean.detach() < 0).nonzero()[0])  # (channel,) or (channel, *tap)
+    where = f"input channel {first[0]}" + (f" at kernel tap {first[1:]}" if len(first) > 1 else "")
     raise ValueError(
         f"{name} must be non-negative: EquiNorm balances positive and negative weights against "
         f"non-negative inputs (ReLU outputs, or raw pixels in [0, 1] rather than standardised ones), "
-        f"but input channel {channel} has mean {float(mean[channel]):.4g}"
+        f"but {where} has mean {float(mean[first]):.4g}"
     )
 
 

@@ -57,7 +57,8 @@ def equinorm_weight(
 
     Args:
         weight: (D, C/groups, *kernel) or (D, C) for Linear; any float dtype and memory format.
-        mean: (C,) non-negative per-input-channel means (batch statistics or a running mean).
+        mean: (C,) non-negative per-input-channel means (batch statistics or a running mean), or
+            (C, *kernel) per-tap means (then ``ratio`` must be 1).
         ratio: rho = prod(spatial_out) * prod(stride) / prod(spatial_in) (1 for Linear), in
             [2**-63, 2**63].
         groups: convolution groups.

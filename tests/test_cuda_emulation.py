@@ -215,12 +215,15 @@ def _equinorm_forward_and_grads(weight, mean, gain, upstream, ratio, groups, mod
     return out.detach(), grads
 
 
-def _equinorm_case(case_name: str, dtype_name: str, channels_last: bool, exact: bool, offset: int) -> KernelCase:
+def _equinorm_case(case_name: str, dtype_name: str, channels_last: bool, exact: bool, offset: int,
+                   per_tap: bool = False) -> KernelCase:
     shape, groups = WEIGHT_CASES[case_name]
     dtype, acc = DTYPES[dtype_name], _accumulation(DTYPES[dtype_name])
-    ratio, eps, mode = 0.7, 1e-5, "exact" if exact else "single_pass"
+    ratio, eps, mode = (1.0 if per_tap else 0.7), 1e-5, "exact" if exact else "single_pass"
     weight = _layout(_weight(shape, seed=shape[0] * 7 + shape[1]).to(dtype), channels_last)
-    mean = _mean(shape[1] * groups, seed=shape[1]).to(acc)
+    channels, kernel = shape[1] * groups, shape[2:]
+    mean = _mean(channels * math.prod(kernel), seed=shape[1]).reshape(channels, *kernel) if per_tap else _mean(channels, seed=shape[1])
+    mean = mean.to(acc)
     gain = torch.linspace(-1.0, 2.0, shape[0], dtype=torch.float64).to(acc)  # negative gains are allowed
     upstream = _layout(torch.randn(shape, generator=_generator(5), dtype=torch.float64).to(dtype), channels_last)
     truth = _equinorm_forward_and_grads(
@@ -245,12 +248,13 @@ def _equinorm_case(case_name: str, dtype_name: str, channels_last: bool, exact: 
         return problems
 
     layout = "cl" if channels_last else "contiguous"
+    means = "-per-tap" if per_tap else ""
     return KernelCase(
         "equinorm",
-        f"equinorm-{case_name}-{layout}-{dtype_name}-{mode}-offset{offset}",
+        f"equinorm-{case_name}-{layout}-{dtype_name}-{mode}{means}-offset{offset}",
         dict(dtype=dtype_name, out_channels=shape[0], group_channels=shape[1],
              taps=weight.numel() // (shape[0] * shape[1]), groups=groups,
-             channels_last=int(channels_last and weight.dim() >= 4),
+             channels_last=int(channels_last and weight.dim() >= 4), per_tap_means=int(per_tap),
              exact=int(exact), ratio=ratio, eps=eps, offset=offset),
         {"weight": weight, "mean": mean, "gain": gain, "grad": upstream},
         check,
@@ -266,6 +270,9 @@ def equinorm_cases() -> list[KernelCase]:
             cases.append(_equinorm_case(case_name, "float", channels_last, True, 0))
             cases.append(_equinorm_case(case_name, "bfloat16", channels_last, True, 1))
             cases.append(_equinorm_case(case_name, "double", channels_last, False, 1))
+            if len(shape) > 2:  # per-tap means (C, *kernel): every value reads its own mean
+                cases.append(_equinorm_case(case_name, "float", channels_last, True, 0, per_tap=True))
+                cases.append(_equinorm_case(case_name, "double", channels_last, False, 1, per_tap=True))
     return cases
 
 

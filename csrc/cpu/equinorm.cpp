@@ -34,46 +34,52 @@ constexpr int64_t kTaskValues = 1 << 14;
 
 int64_t row_grain(const WeightGeometry& g) { return std::max<int64_t>(1, kTaskValues / g.row_size()); }
 
-// Calls visit(c, i) for every value of a row in storage order: i is its offset in the row, c its
-// input channel.
+// Calls visit(c, t, i) for every value of a row in storage order: i is its offset in the row, c
+// its input channel and t its tap.
 template <typename Visit>
 inline void for_each_in_row(const WeightGeometry& g, Visit&& visit) {
   if (g.channels_last) {
     for (int64_t t = 0; t < g.taps; ++t)
-      for (int64_t c = 0; c < g.group_channels; ++c) visit(c, t * g.group_channels + c);
+      for (int64_t c = 0; c < g.group_channels; ++c) visit(c, t, t * g.group_channels + c);
   } else {
     for (int64_t c = 0; c < g.group_channels; ++c)
-      for (int64_t t = 0; t < g.taps; ++t) visit(c, c * g.taps + t);
+      for (int64_t t = 0; t < g.taps; ++t) visit(c, t, c * g.taps + t);
   }
 }
 
-// The channel means laid out like a row of the weight, one row per group: every per-row loop
-// then runs flat over the row's values (and vectorises) whatever the layout.
+// Offset in a group's means of the mean value (c, t) reads: (c, t) per tap, c per channel.
+inline int64_t mean_index(const WeightGeometry& g, int64_t c, int64_t t) {
+  return g.per_tap_means ? c * g.taps + t : c;
+}
+
+// The means laid out like a row of the weight, one row per group: every per-row loop then runs
+// flat over the row's values (and vectorises) whatever the layout and the kind of mean.
 template <typename acc_t, typename mean_t>
 std::vector<acc_t> means_per_value(const mean_t* mean, const WeightGeometry& g) {
   std::vector<acc_t> expanded(g.groups * g.row_size());
   for (int64_t group = 0; group < g.groups; ++group) {
     acc_t* row = expanded.data() + group * g.row_size();
-    const mean_t* mu = mean + group * g.group_channels;
-    for_each_in_row(g, [&](int64_t c, int64_t i) { row[i] = static_cast<acc_t>(mu[c]); });
+    const mean_t* mu = mean + group * g.mean_values_per_group();
+    for_each_in_row(g, [&](int64_t c, int64_t t, int64_t i) { row[i] = static_cast<acc_t>(mu[mean_index(g, c, t)]); });
   }
   return expanded;
 }
 
-// A (n,) per-channel operand (mean, gain) in the weight math's precision.
+// A (n,) per-channel operand (gain) in the weight math's precision.
 template <typename acc_t, typename value_t>
 std::vector<acc_t> widened(const value_t* values, int64_t n) {
   return std::vector<acc_t>(values, values + n);
 }
 
-// M_d of every group: the sum of its input channels' means, clamped away from zero.
+// V_d of every group: the sum of the means over a row's values, clamped away from zero.
 template <typename acc_t>
-std::vector<acc_t> group_mean_masses(const acc_t* mean, const WeightGeometry& g) {
+std::vector<acc_t> group_value_masses(const std::vector<acc_t>& mean_per_value, const WeightGeometry& g) {
   std::vector<acc_t> masses(g.groups);
   for (int64_t group = 0; group < g.groups; ++group) {
+    const acc_t* row = mean_per_value.data() + group * g.row_size();
     acc_t sum = 0;
-    for (int64_t c = 0; c < g.group_channels; ++c) sum += mean[group * g.group_channels + c];
-    masses[group] = em::mean_mass(sum);
+    for (int64_t i = 0; i < g.row_size(); ++i) sum += row[i];
+    masses[group] = em::value_mass(sum);
   }
   return masses;
 }
@@ -122,7 +128,7 @@ C10_ALWAYS_INLINE RowMoments<acc_t> row_moments(const scalar_t* row, const acc_t
 }
 
 template <typename scalar_t, typename acc_t>
-C10_ALWAYS_INLINE void forward_row(const ForwardArgs<scalar_t, acc_t>& a, const WeightGeometry& g, acc_t mean_mass, int64_t d) {
+C10_ALWAYS_INLINE void forward_row(const ForwardArgs<scalar_t, acc_t>& a, const WeightGeometry& g, acc_t value_mass, int64_t d) {
   const int64_t size = g.row_size();
   const scalar_t* row = a.weight + d * size;
   const acc_t* mu = a.mean_per_value + (d / g.outputs_per_group()) * size;
@@ -130,7 +136,7 @@ C10_ALWAYS_INLINE void forward_row(const ForwardArgs<scalar_t, acc_t>& a, const 
   // The means are >= 0, so a mean-weighted count is > 0 exactly when some weight on a seen input
   // (mu > 0) falls in it: these are the "takes both signs" tests of the one-pass estimate.
   const bool sees_positive = positive_count > 0, sees_non_positive = non_positive_count > 0;
-  const acc_t shift = em::shift(kernel_sum, static_cast<int>(g.taps), mean_mass);
+  const acc_t shift = em::shift(kernel_sum, value_mass);
   const bool use_exact = a.exact || em::needs_exact_positive_mass(sees_positive, sees_non_positive);
   acc_t positive_mass = em::one_pass_positive_mass(positive_sum, shift, positive_count);
   if (use_exact) {
@@ -146,7 +152,7 @@ C10_ALWAYS_INLINE void forward_row(const ForwardArgs<scalar_t, acc_t>& a, const 
   scalar_t* out = a.out + d * size;
 #pragma omp simd
   for (int64_t i = 0; i < size; ++i) out[i] = static_cast<scalar_t>(factor * (static_cast<acc_t>(row[i]) + shift));
-  em::write_stats(a.stats + d * em::kStatsColumns, shift, scale, positive_mass, mean_mass, use_exact);
+  em::write_stats(a.stats + d * em::kStatsColumns, shift, scale, positive_mass, value_mass, use_exact);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -163,10 +169,9 @@ EQUINORM_AVX2_CLONES void float_forward_row_range(const ForwardArgs<float, doubl
 template <typename scalar_t, typename acc_t, typename operand_t>
 void forward_rows(const scalar_t* weight, const operand_t* mean, const operand_t* gain, scalar_t* out, acc_t* stats,
                   const WeightGeometry& g, acc_t ratio, acc_t eps, bool exact) {
-  const int64_t channels = g.group_channels * g.groups;
-  const std::vector<acc_t> wide_mean = widened<acc_t>(mean, channels), wide_gain = widened<acc_t>(gain, g.out_channels);
-  const std::vector<acc_t> masses = group_mean_masses(wide_mean.data(), g);
+  const std::vector<acc_t> wide_gain = widened<acc_t>(gain, g.out_channels);
   const std::vector<acc_t> mean_per_value = means_per_value<acc_t>(mean, g);
+  const std::vector<acc_t> masses = group_value_masses(mean_per_value, g);
   const ForwardArgs<scalar_t, acc_t> args{weight, mean_per_value.data(), wide_gain.data(), out, stats, ratio, eps, exact};
   at::parallel_for(0, g.out_channels, row_grain(g), [&](int64_t begin, int64_t end) {
     if constexpr (std::is_same_v<scalar_t, float>) {
@@ -219,9 +224,9 @@ struct RowGradient {
   acc_t active_shift;
 };
 
-// dL/dw of one row, and its dL/dmu terms (sum over each channel's taps of u h) added to
-// `mean_grad` (C/groups,). The per-value work runs flat (vectorised); `scratch` (one row) holds
-// each value's term until its channel's taps are added.
+// dL/dw of one row, and its dL/dmu terms (u h of each value; for channel means summed over each
+// channel's taps) added to `mean_grad` (the group's mean values). The per-value work runs flat
+// (vectorised); `scratch` (one row) holds each value's term until it is added.
 template <typename scalar_t, typename acc_t>
 C10_ALWAYS_INLINE void write_row_gradients(const BackwardArgs<scalar_t, acc_t>& a, const WeightGeometry& g, int64_t d,
                          const RowGradient<acc_t>& r, std::vector<acc_t>& scratch, acc_t* mean_grad) {
@@ -240,6 +245,16 @@ C10_ALWAYS_INLINE void write_row_gradients(const BackwardArgs<scalar_t, acc_t>& 
     const acc_t h = em::mean_factor(active, grad_mass, shared_factor);
     grad_weight[i] = static_cast<scalar_t>(em::grad_weight(static_cast<acc_t>(grad[i]), gain_times_scale, m, h));
     value_terms[i] = em::grad_mean_term(active ? u : acc_t(0), u, grad_mass, shared_factor);
+  }
+  if (g.per_tap_means) {  // mean_grad is stored (c, t), as a contiguous row is
+    if (!g.channels_last) {
+#pragma omp simd
+      for (int64_t i = 0; i < size; ++i) mean_grad[i] += value_terms[i];
+      return;
+    }
+    for (int64_t t = 0; t < g.taps; ++t)
+      for (int64_t c = 0; c < g.group_channels; ++c) mean_grad[c * g.taps + t] += value_terms[t * g.group_channels + c];
+    return;
   }
   if (g.channels_last || g.taps == 1) {  // (t, c) storage
     for (int64_t t = 0; t < g.taps; ++t) {
@@ -281,7 +296,7 @@ C10_ALWAYS_INLINE void backward_row(const BackwardArgs<scalar_t, acc_t>& a, cons
   r.gain_times_scale = gain * scale;
   r.grad_mass = em::grad_positive_mass(grad_shifted, gain, scale, stats[em::kPositiveMass]);
   const acc_t grad_shift = em::grad_shift(grad_sum, gain, scale, r.grad_mass, active_count);
-  r.shared_factor = em::shared_mean_factor(grad_shift, static_cast<int>(g.taps), stats[em::kMeanMass]);
+  r.shared_factor = em::shared_mean_factor(grad_shift, stats[em::kValueMass]);
   a.grad_gain[d] = scale * grad_shifted;
   write_row_gradients(a, g, d, r, scratch, mean_grad);
 }
@@ -292,7 +307,9 @@ C10_ALWAYS_INLINE void backward_row(const BackwardArgs<scalar_t, acc_t>& a, cons
 template <typename scalar_t, typename acc_t>
 C10_ALWAYS_INLINE void backward_chunk(const BackwardArgs<scalar_t, acc_t>& a, const WeightGeometry& g, int64_t first,
                                       int64_t last, std::vector<acc_t>& scratch, acc_t* sums) {
-  for (int64_t d = first; d < last; ++d) backward_row(a, g, d, scratch, sums + (d / g.outputs_per_group()) * g.group_channels);
+  for (int64_t d = first; d < last; ++d) {
+    backward_row(a, g, d, scratch, sums + (d / g.outputs_per_group()) * g.mean_values_per_group());
+  }
 }
 
 EQUINORM_AVX2_CLONES void float_backward_chunk(const BackwardArgs<float, double>& a, const WeightGeometry& g,
@@ -302,7 +319,7 @@ EQUINORM_AVX2_CLONES void float_backward_chunk(const BackwardArgs<float, double>
 
 template <typename scalar_t, typename acc_t>
 void backward_rows(const BackwardArgs<scalar_t, acc_t>& a, const WeightGeometry& g, acc_t* grad_mean) {
-  const int64_t channels = g.group_channels * g.groups, chunk_rows = row_grain(g);
+  const int64_t channels = g.mean_values_per_group() * g.groups, chunk_rows = row_grain(g);
   const int64_t chunks = (g.out_channels + chunk_rows - 1) / chunk_rows;
   std::vector<acc_t> partial(chunks * channels, acc_t(0));
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
@@ -336,7 +353,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> equinorm_backward(const at::Tenso
   const auto acc = accumulation_type(weight.scalar_type());
   at::Tensor grad_weight = empty_like_weight(weight, geometry, weight.scalar_type());
   at::Tensor grad_gain = at::empty({geometry.out_channels}, weight.options().dtype(acc));
-  at::Tensor grad_mean = at::empty({geometry.group_channels * geometry.groups}, weight.options().dtype(at::kDouble));
+  at::Tensor grad_mean = at::empty(mean.sizes(), weight.options().dtype(at::kDouble));
   const at::Tensor mean_c = mean.contiguous(), gain_c = gain.contiguous(), stats_c = stats.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "equinorm_backward_cpu", [&] {
     using operand_t = at::opmath_type<scalar_t>;

@@ -55,7 +55,7 @@ at::Tensor channel_mean(const at::Tensor& x, int64_t rows) {
 
 WeightShape weight_shape(const WeightGeometry& g) {
   TORCH_CHECK(g.taps <= INT_MAX, "the weight has too many kernel taps (", g.taps, ")");
-  return WeightShape{g.out_channels, g.group_channels, g.taps, g.groups, g.channels_last};
+  return WeightShape{g.out_channels, g.group_channels, g.taps, g.groups, g.channels_last, g.per_tap_means};
 }
 
 std::tuple<at::Tensor, at::Tensor> weight_transform(const at::Tensor& weight, const at::Tensor& mean,
@@ -88,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> equinorm_backward(const at::Tenso
   const auto acc = accumulation_type(weight.scalar_type());
   at::Tensor grad_weight = empty_like_weight(weight, geometry, weight.scalar_type());
   at::Tensor grad_gain = at::empty({geometry.out_channels}, weight.options().dtype(acc));
-  at::Tensor grad_mean = at::empty({geometry.group_channels * geometry.groups}, weight.options().dtype(at::kDouble));
+  at::Tensor grad_mean = at::empty(mean.sizes(), weight.options().dtype(at::kDouble));
   const at::Tensor mean_c = mean.contiguous(), gain_c = gain.contiguous(), stats_c = stats.contiguous();
   const WeightShape shape = weight_shape(geometry);
   const ElementType type = element_type(weight.scalar_type());

@@ -7,8 +7,9 @@
 //                       transform. Every output channel needs every mean of its group, a
 //                       grid-wide dependency, so the transform starts at a kernel boundary.
 //   equinorm_backward   2 kernels: per output channel d, grad_weight, grad_gain and the row
-//                       (D, C/groups) of contributions to grad_mean; then grad_mean[c] adds its
-//                       group's rows in a fixed order.
+//                       of contributions to grad_mean (C/groups values, or C/groups x K for
+//                       per-tap means); then each value of grad_mean adds its group's rows in a
+//                       fixed order.
 //
 // One team of threads owns one output channel (a row of C/groups x K values): a warp for short
 // rows (eight rows per block), the whole block otherwise. Within a team, a power-of-two group of
@@ -62,7 +63,14 @@ struct RowGeometry {
   int64_t channel_stride;
   int64_t tap_stride;
   int lanes_per_channel;  // a power of two <= 32
+  bool per_tap_means;     // mean holds (C/groups, K) values per group, stored (c, t); else (C/groups,)
+  __host__ __device__ int64_t mean_values_per_group() const { return per_tap_means ? group_channels * taps : group_channels; }
 };
+
+// The mean value (c, t) of a group's means reads.
+__device__ __forceinline__ int64_t mean_index(const RowGeometry& g, int64_t c, int64_t t) {
+  return g.per_tap_means ? c * g.taps + t : c;
+}
 
 template <typename scalar_t>
 struct ForwardArgs {
@@ -156,42 +164,31 @@ __global__ void __launch_bounds__(kThreads) equinorm_weight_kernel(ForwardArgs<s
   const int lanes = g.lanes_per_channel;
   const int64_t row_size = g.group_channels * g.taps;
   const scalar_t* row = a.weight + d * row_size;
-  const operand_t* mu = a.mean + (d / g.outputs_per_group) * g.group_channels;
-  const int taps = static_cast<int>(g.taps);
+  const operand_t* mu = a.mean + (d / g.outputs_per_group) * g.mean_values_per_group();
 
-  // sum_c mu_c, sum_c mu_c W_dc, sum_c mu_c p_dc, sum_c mu_c n_dc, and whether some seen channel
-  // (mu_c > 0) has a positive weight / a non-positive weight.
+  // Over the row's values (c, t), each lane adding its own: V_d = sum mu_ct, sum mu_ct w,
+  // sum mu_ct [w > 0] w, sum mu_ct [w > 0], and how many seen values (mu_ct > 0) have a positive
+  // weight / a non-positive weight.
   enum { kMass, kKernel, kPositive, kCount, kSeesPositive, kSeesNonPositive };
   acc_t sums[kMaxTeamSums] = {};
   for_each_channel<kTeam>(g, [&](int64_t c, bool active, int lane) {
-    acc_t kernel = 0, positive = 0, count = 0;
-    if (active) {
-      for (int64_t t = lane; t < g.taps; t += lanes) {
-        const acc_t w = load_acc(row + c * g.channel_stride + t * g.tap_stride);
-        kernel += w;
-        if (w > acc_t(0)) {
-          positive += w;
-          count += acc_t(1);
-        }
-      }
-    }
-    kernel = group_sum(kernel, lanes);
-    positive = group_sum(positive, lanes);
-    count = group_sum(count, lanes);
-    if (active && lane == 0) {
-      const acc_t m = mu[c];
+    if (!active) return;
+    for (int64_t t = lane; t < g.taps; t += lanes) {
+      const acc_t m = mu[mean_index(g, c, t)];
+      const acc_t w = load_acc(row + c * g.channel_stride + t * g.tap_stride);
       sums[kMass] += m;
-      sums[kKernel] += m * kernel;
-      sums[kPositive] += m * positive;
-      sums[kCount] += m * count;
-      if (m > acc_t(0) && count > acc_t(0)) sums[kSeesPositive] = 1;
-      if (m > acc_t(0) && count < static_cast<acc_t>(taps)) sums[kSeesNonPositive] = 1;
+      sums[kKernel] += m * w;
+      if (w > acc_t(0)) {
+        sums[kPositive] += m * w;
+        sums[kCount] += m;
+      }
+      if (m > acc_t(0)) sums[w > acc_t(0) ? kSeesPositive : kSeesNonPositive] += acc_t(1);
     }
   });
   Team<kTeam>::sum(sums, scratch);
 
-  const acc_t mean_mass = em::mean_mass(sums[kMass]);
-  const acc_t shift = em::shift(sums[kKernel], taps, mean_mass);
+  const acc_t value_mass = em::value_mass(sums[kMass]);
+  const acc_t shift = em::shift(sums[kKernel], value_mass);
   // The same bits in the whole team, so the branch is uniform.
   const bool use_exact =
       a.exact || em::needs_exact_positive_mass(sums[kSeesPositive] > acc_t(0), sums[kSeesNonPositive] > acc_t(0));
@@ -199,15 +196,11 @@ __global__ void __launch_bounds__(kThreads) equinorm_weight_kernel(ForwardArgs<s
   if (use_exact) {
     acc_t exact[1] = {};
     for_each_channel<kTeam>(g, [&](int64_t c, bool active, int lane) {
-      acc_t positive = 0;
-      if (active) {
-        for (int64_t t = lane; t < g.taps; t += lanes) {
-          const acc_t u = load_acc(row + c * g.channel_stride + t * g.tap_stride) + shift;
-          positive += u > acc_t(0) ? u : acc_t(0);
-        }
+      if (!active) return;
+      for (int64_t t = lane; t < g.taps; t += lanes) {
+        const acc_t u = load_acc(row + c * g.channel_stride + t * g.tap_stride) + shift;
+        if (u > acc_t(0)) exact[0] += mu[mean_index(g, c, t)] * u;
       }
-      positive = group_sum(positive, lanes);
-      if (active && lane == 0) exact[0] += mu[c] * positive;
     });
     Team<kTeam>::sum(exact, scratch);
     positive_mass = exact[0];
@@ -222,7 +215,7 @@ __global__ void __launch_bounds__(kThreads) equinorm_weight_kernel(ForwardArgs<s
     out[i] = from_weight_math<scalar_t>(factor * (load_acc(row + i) + shift));
   }
   if (Team<kTeam>::lane() == 0) {
-    em::write_stats(a.stats + d * em::kStatsColumns, shift, scale, positive_mass, mean_mass, use_exact);
+    em::write_stats(a.stats + d * em::kStatsColumns, shift, scale, positive_mass, value_mass, use_exact);
   }
 }
 
@@ -239,69 +232,71 @@ __global__ void __launch_bounds__(kThreads) equinorm_backward_kernel(BackwardArg
   const scalar_t* row = a.weight + d * row_size;
   const scalar_t* grad = a.grad + d * row_size;
   scalar_t* grad_weight = a.grad_weight + d * row_size;
-  const operand_t* mu = a.mean + (d / g.outputs_per_group) * g.group_channels;
-  const int taps = static_cast<int>(g.taps);
+  const operand_t* mu = a.mean + (d / g.outputs_per_group) * g.mean_values_per_group();
 
   const acc_t* stats = a.stats + d * em::kStatsColumns;
   const acc_t shift = stats[em::kShift];
   const acc_t scale = stats[em::kScale];
   const acc_t positive_mass = stats[em::kPositiveMass];
-  const acc_t mean_mass = stats[em::kMeanMass];
+  const acc_t value_mass = stats[em::kValueMass];
   const bool exact = stats[em::kUsedExact] != acc_t(0);
   const acc_t gain = a.gain[d];
   // Which values count as positive: u > 0 for the exact P_d, w > 0 for the one-pass estimate.
   auto is_active = [&](acc_t w) { return exact ? w + shift > acc_t(0) : w > acc_t(0); };
 
-  // sum_ct G u, sum_ct G, sum_c mu_c #{active}.
+  // sum_ct G u, sum_ct G, sum_ct mu_ct [active], each lane adding its own values.
   enum { kGradTimesShifted, kGradSum, kActiveCount };
   acc_t sums[3] = {};
   for_each_channel<kTeam>(g, [&](int64_t c, bool active, int lane) {
-    acc_t count = 0;
-    if (active) {
-      for (int64_t t = lane; t < g.taps; t += lanes) {
-        const int64_t i = c * g.channel_stride + t * g.tap_stride;
-        const acc_t w = load_acc(row + i), gr = load_acc(grad + i);
-        sums[kGradTimesShifted] += gr * (w + shift);
-        sums[kGradSum] += gr;
-        count += is_active(w) ? acc_t(1) : acc_t(0);
-      }
+    if (!active) return;
+    for (int64_t t = lane; t < g.taps; t += lanes) {
+      const int64_t i = c * g.channel_stride + t * g.tap_stride;
+      const acc_t w = load_acc(row + i), gr = load_acc(grad + i);
+      sums[kGradTimesShifted] += gr * (w + shift);
+      sums[kGradSum] += gr;
+      if (is_active(w)) sums[kActiveCount] += mu[mean_index(g, c, t)];
     }
-    count = group_sum(count, lanes);
-    if (active && lane == 0) sums[kActiveCount] += mu[c] * count;
   });
   Team<kTeam>::sum(sums, scratch);
 
   const acc_t grad_mass = em::grad_positive_mass(sums[kGradTimesShifted], gain, scale, positive_mass);
   const acc_t grad_shift = em::grad_shift(sums[kGradSum], gain, scale, grad_mass, sums[kActiveCount]);
-  const acc_t shared_factor = em::shared_mean_factor(grad_shift, taps, mean_mass);
+  const acc_t shared_factor = em::shared_mean_factor(grad_shift, value_mass);
   const acc_t gain_times_scale = gain * scale;
   if (Team<kTeam>::lane() == 0) a.grad_gain[d] = static_cast<operand_t>(scale * sums[kGradTimesShifted]);
 
-  acc_t* terms = a.mean_terms + d * g.group_channels;
+  // dL/dw, and this row's terms of dL/dmu: u h per value for per-tap means; for channel means,
+  // summed over each channel's taps (a butterfly over the channel's lanes).
+  acc_t* terms = a.mean_terms + d * g.mean_values_per_group();
   for_each_channel<kTeam>(g, [&](int64_t c, bool active, int lane) {
     acc_t shifted = 0, active_shifted = 0;  // sum_t u, sum_t [active] u
     if (active) {
-      const acc_t m = mu[c];
       for (int64_t t = lane; t < g.taps; t += lanes) {
         const int64_t i = c * g.channel_stride + t * g.tap_stride;
-        const acc_t w = load_acc(row + i), gr = load_acc(grad + i);
+        const acc_t w = load_acc(row + i), gr = load_acc(grad + i), m = mu[mean_index(g, c, t)];
         const bool on = is_active(w);
         const acc_t h = em::mean_factor(on, grad_mass, shared_factor);
         grad_weight[i] = from_weight_math<scalar_t>(em::grad_weight(gr, gain_times_scale, m, h));
         const acc_t u = w + shift;
-        shifted += u;
-        if (on) active_shifted += u;
+        if (g.per_tap_means) {
+          terms[c * g.taps + t] = em::grad_mean_term(on ? u : acc_t(0), u, grad_mass, shared_factor);
+        } else {
+          shifted += u;
+          if (on) active_shifted += u;
+        }
       }
     }
+    if (g.per_tap_means) return;  // the same in the whole team, so every lane reaches the butterflies below or none
     shifted = group_sum(shifted, lanes);
     active_shifted = group_sum(active_shifted, lanes);
     if (active && lane == 0) terms[c] = em::grad_mean_term(active_shifted, shifted, grad_mass, shared_factor);
   });
 }
 
-// grad_mean[c] = sum over the output channels d of c's group of mean_terms[d, c'] (c' = c's index
-// in the group). Slice s adds rows s, s + kReduceSlices, ... in order, into kReduceUnroll
-// interleaved accumulators; the slices are then added in slice order.
+// grad_mean[v] = sum over the output channels d of v's group of mean_terms[d, v'] (v' = v's index
+// in the group; a value is a channel, or a (channel, tap) for per-tap means, and `group_channels`
+// counts a group's values). Slice s adds rows s, s + kReduceSlices, ... in order, into
+// kReduceUnroll interleaved accumulators; the slices are then added in slice order.
 template <typename acc_t>
 __global__ void __launch_bounds__(kReduceThreads)
     sum_mean_terms_kernel(const acc_t* __restrict__ terms, int64_t group_channels, int64_t outputs_per_group,
@@ -361,6 +356,7 @@ RowGeometry row_geometry(const WeightShape& s, int team) {
   int64_t lanes = std::min<int64_t>(kWarpSize, ceil_power_of_two(s.taps));
   if (s.channels_last) lanes = std::min(lanes, floor_power_of_two(std::max<int64_t>(1, team / s.group_channels)));
   g.lanes_per_channel = static_cast<int>(lanes);
+  g.per_tap_means = s.per_tap_means;
   return g;
 }
 
@@ -411,8 +407,8 @@ cudaError_t launch_backward_typed(const WeightShape& shape, const void* grad_out
   args.grad_gain = static_cast<operand_t*>(grad_gain);
   args.mean_terms = static_cast<acc_t*>(workspace);
   const int64_t blocks = team_blocks(shape, team);
-  const int64_t channels = shape.group_channels * shape.groups;
-  const int64_t reduce_blocks = ceil_div(channels, kReduceColumns);
+  const int64_t mean_values = args.geometry.mean_values_per_group() * shape.groups;
+  const int64_t reduce_blocks = ceil_div(mean_values, kReduceColumns);
   if (!fits_grid(blocks) || !fits_grid(reduce_blocks)) return cudaErrorInvalidConfiguration;
   const unsigned int grid = static_cast<unsigned int>(blocks);
   if (team == kWarpSize) {
@@ -423,7 +419,7 @@ cudaError_t launch_backward_typed(const WeightShape& shape, const void* grad_out
   const cudaError_t status = cudaGetLastError();
   if (status != cudaSuccess) return status;
   EQUINORM_LAUNCH(static_cast<unsigned int>(reduce_blocks), kReduceThreads, 0, stream, sum_mean_terms_kernel<acc_t>)(
-      args.mean_terms, shape.group_channels, shape.out_channels / shape.groups, channels,
+      args.mean_terms, args.geometry.mean_values_per_group(), shape.out_channels / shape.groups, mean_values,
       static_cast<acc_t*>(grad_mean));
   return cudaGetLastError();
 }
@@ -445,7 +441,8 @@ cudaError_t launch_equinorm_weight(const WeightShape& shape, ElementType type, c
 
 size_t equinorm_backward_workspace_bytes(const WeightShape& shape, ElementType type) {
   if (!valid_shape(shape)) return 0;
-  return static_cast<size_t>(shape.out_channels * shape.group_channels) * sizeof(em::weight_math_t);
+  const int64_t mean_values = shape.per_tap_means ? shape.group_channels * shape.taps : shape.group_channels;
+  return static_cast<size_t>(shape.out_channels * mean_values) * sizeof(em::weight_math_t);
 }
 
 cudaError_t launch_equinorm_backward(const WeightShape& shape, ElementType type, const void* grad_out,

@@ -46,6 +46,7 @@ struct WeightShape {
   int64_t taps = 0;
   int64_t groups = 1;
   bool channels_last = false;
+  bool per_tap_means = false;  // mean and grad_mean are (C, K) per tap, stored (c, t); else (C,)
 };
 
 // out = gain * s * (weight + b) and stats (D, 5) (csrc/shared/equinorm_math.h); mean (C,), gain (D,).

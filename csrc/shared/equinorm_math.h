@@ -2,23 +2,26 @@
 //
 // The kernels own the loops (which thread reads which weights, in which order); every formula
 // that turns those sums into a shift, a scale or a gradient lives here, once. The notation is
-// the one of equinorm_kernels/reference/equinorm.py (the specification) for output channel d:
+// the one of equinorm_kernels/reference/equinorm.py (the specification) for output channel d,
+// with mu_ct the mean of the input value that tap t of input channel c multiplies: the channel
+// mean mu_c for every tap, or a per-tap mean (ek.tap_mean: exact under zero padding and stride):
 //
-//   mu_c  channel mean of input channel c         W_dc = sum_t w_dct       M_d = sum_c mu_c
-//   b_d   = -sum_c mu_c W_dc / (K M_d)            u = w + b_d              (the shift)
-//   P_d   = sum_c mu_c q_dc,  q_dc = sum_t max(u_dct, 0)                   ("exact")
-//   P_d   = sum_c mu_c (p_dc + b_d n_dc),  p_dc = sum_t w [w > 0], n_dc = #{w > 0}   ("single_pass")
-//   s_d   = ratio / P_d, or 0 when P_d <= eps * sum_c mu_c sum_t |w_dct|   (no positive mass)
+//   V_d   = sum_ct mu_ct   (K M_d for channel means, M_d = sum_c mu_c)          ("value mass")
+//   b_d   = -sum_ct mu_ct w_dct / V_d                 u = w + b_d              (the shift)
+//   P_d   = sum_ct mu_ct max(u_dct, 0)                                         ("exact")
+//   P_d   = sum_ct mu_ct [w > 0] w + b_d sum_ct mu_ct [w > 0]                  ("single_pass")
+//   s_d   = ratio / P_d, or 0 when P_d <= eps * sum_ct mu_ct |w_dct|           (no positive mass)
 //   out   = gain_d * s_d * u
 //
 // Backward, with G = dL/d(out), Gs = sum_ct G u, Gsum = sum_ct G, and active = [u > 0] (exact)
 // or [w > 0] (single_pass):
 //   dL/dgain_d = s_d Gs
 //   g_P = -gain_d Gs s_d / P_d                  (0 for a channel with s_d = 0)
-//   g_b = gain_d s_d Gsum + g_P sum_ct mu_c [active_dct]
-//   h_dct = g_P [active_dct] - g_b / (K M_d)
-//   dL/dw_dct = gain_d s_d G_dct + mu_c h_dct
-//   dL/dmu_c += sum_t u_dct h_dct              (summed over the output channels d reading c)
+//   g_b = gain_d s_d Gsum + g_P sum_ct mu_ct [active_dct]
+//   h_dct = g_P [active_dct] - g_b / V_d
+//   dL/dw_dct = gain_d s_d G_dct + mu_ct h_dct
+//   dL/dmu_ct += u_dct h_dct                   (summed over the output channels d reading c, and
+//                                               for channel means over the taps t as well)
 #pragma once
 
 #include <cfloat>
@@ -40,19 +43,19 @@ enum StatsColumn : int {
   kShift = 0,         // b_d
   kScale = 1,         // s_d (without the gain); 0 for a channel with no positive mass
   kPositiveMass = 2,  // P_d as used (exact or one-pass)
-  kMeanMass = 3,      // M_d, clamped away from zero
+  kValueMass = 3,     // V_d, clamped away from zero
   kUsedExact = 4,     // 1 when P_d is the exact one (mode "exact", or the single_pass fallback)
   kStatsColumns = 5,
 };
 
 // One row of stats, what the backward reads back.
 template <typename acc_t>
-EQUINORM_HOST_DEVICE void write_stats(acc_t* stats, acc_t shift, acc_t scale, acc_t positive_mass, acc_t mean_mass,
+EQUINORM_HOST_DEVICE void write_stats(acc_t* stats, acc_t shift, acc_t scale, acc_t positive_mass, acc_t value_mass,
                                       bool used_exact) {
   stats[kShift] = shift;
   stats[kScale] = scale;
   stats[kPositiveMass] = positive_mass;
-  stats[kMeanMass] = mean_mass;
+  stats[kValueMass] = value_mass;
   stats[kUsedExact] = used_exact ? acc_t(1) : acc_t(0);
 }
 
@@ -63,16 +66,17 @@ EQUINORM_HOST_DEVICE float smallest_normal<float>() { return FLT_MIN; }
 template <>
 EQUINORM_HOST_DEVICE double smallest_normal<double>() { return DBL_MIN; }
 
-// M_d; it is 0 only when every input channel of the group has mean 0 (then P_d = 0 too).
+// V_d from the sum of the row's means (K M_d for channel means); it is 0 only when every input
+// channel of the group has mean 0 (then P_d = 0 too).
 template <typename acc_t>
-EQUINORM_HOST_DEVICE acc_t mean_mass(acc_t sum_of_means) {
+EQUINORM_HOST_DEVICE acc_t value_mass(acc_t sum_of_means) {
   return sum_of_means > smallest_normal<acc_t>() ? sum_of_means : smallest_normal<acc_t>();
 }
 
-// b_d from sum_c mu_c W_dc.
+// b_d from sum_ct mu_ct w_dct.
 template <typename acc_t>
-EQUINORM_HOST_DEVICE acc_t shift(acc_t mean_weighted_kernel_sum, int taps, acc_t mean_mass) {
-  return -mean_weighted_kernel_sum / (static_cast<acc_t>(taps) * mean_mass);
+EQUINORM_HOST_DEVICE acc_t shift(acc_t mean_weighted_kernel_sum, acc_t value_mass) {
+  return -mean_weighted_kernel_sum / value_mass;
 }
 
 // One-pass P_d from sum_c mu_c p_dc and sum_c mu_c n_dc.
@@ -82,14 +86,14 @@ EQUINORM_HOST_DEVICE acc_t one_pass_positive_mass(acc_t mean_weighted_positive_s
   return mean_weighted_positive_sum + shift * mean_weighted_positive_count;
 }
 
-// sum_c mu_c sum_t |w_dct| from the per-channel positive sums and kernel sums (|w| = 2 max(w, 0) - w).
+// sum_ct mu_ct |w_dct| from the mean-weighted positive sums and kernel sums (|w| = 2 max(w, 0) - w).
 template <typename acc_t>
 EQUINORM_HOST_DEVICE acc_t absolute_mass(acc_t mean_weighted_positive_sum, acc_t mean_weighted_kernel_sum) {
   return 2 * mean_weighted_positive_sum - mean_weighted_kernel_sum;
 }
 
-// The one-pass estimate assumes every channel's weights on seen inputs (mu_c > 0) take both
-// signs; a channel whose seen weights are all > 0 or all <= 0 uses the exact P_d instead.
+// The one-pass estimate assumes every row's weights on seen inputs (mu_ct > 0) take both
+// signs; a row whose seen weights are all > 0 or all <= 0 uses the exact P_d instead.
 EQUINORM_HOST_DEVICE bool needs_exact_positive_mass(bool sees_positive_weight, bool sees_non_positive_weight) {
   return !(sees_positive_weight && sees_non_positive_weight);
 }
@@ -102,7 +106,7 @@ EQUINORM_HOST_DEVICE acc_t scale(acc_t positive_mass, acc_t absolute_mass, acc_t
 
 // ---- backward ----
 // Both modes share one form: with active = (u > 0) for the exact P_d and (w > 0) for the
-// one-pass estimate, every weight contributes through h = g_P [active] - g_b / (K M_d).
+// one-pass estimate, every weight contributes through h = g_P [active] - g_b / V_d.
 
 template <typename acc_t>
 EQUINORM_HOST_DEVICE acc_t grad_positive_mass(acc_t grad_times_shifted, acc_t gain, acc_t scale, acc_t positive_mass) {
@@ -115,10 +119,10 @@ EQUINORM_HOST_DEVICE acc_t grad_shift(acc_t grad_sum, acc_t gain, acc_t scale, a
   return gain * scale * grad_sum + grad_positive_mass * mean_weighted_active_count;
 }
 
-// g_b / (K M_d): the part of h every weight of the row shares.
+// g_b / V_d: the part of h every weight of the row shares.
 template <typename acc_t>
-EQUINORM_HOST_DEVICE acc_t shared_mean_factor(acc_t grad_shift, int taps, acc_t mean_mass) {
-  return grad_shift / (static_cast<acc_t>(taps) * mean_mass);
+EQUINORM_HOST_DEVICE acc_t shared_mean_factor(acc_t grad_shift, acc_t value_mass) {
+  return grad_shift / value_mass;
 }
 
 // h for one weight.
@@ -133,8 +137,8 @@ EQUINORM_HOST_DEVICE acc_t grad_weight(acc_t grad, acc_t gain_times_scale, acc_t
   return gain_times_scale * grad + mean * mean_factor;
 }
 
-// One output channel's contribution to dL/dmu_c: sum over the taps of u h, i.e.
-// g_P sum_t [active] u - (g_b / (K M_d)) sum_t u.
+// One output channel's contribution to dL/dmu_ct, u h, or for channel means to dL/dmu_c, the sum
+// over the taps: g_P sum_t [active] u - (g_b / V_d) sum_t u.
 template <typename acc_t>
 EQUINORM_HOST_DEVICE acc_t grad_mean_term(acc_t active_shifted_sum, acc_t shifted_sum, acc_t grad_positive_mass,
                                           acc_t shared_mean_factor) {

@@ -3,10 +3,12 @@
 Everything here is differentiable by autograd: gradients reach the weight, the gain and, through
 the channel means, the layer input. The equations (per-element means form of the paper's sums):
 
-    mu_c = mean of x over every dim but 1          W_dc = sum_t w_dct           M_d = sum_c mu_c
-    b_d  = -sum_c mu_c W_dc / (K M_d)              u = w + b_d
-    P_d  = sum_c mu_c sum_t max(u_dct, 0)                          ("exact")
-    P_d  = sum_c mu_c (sum_t w_dct [w_dct > 0] + b_d n_dc)         ("single_pass", n_dc = #{w_dct > 0})
+    mu_c = mean of x over every dim but 1; mu_ct = mu_c for every kernel tap t, or a per-tap mean
+           (tap_mean: the mean of the input value tap t multiplies, exact under padding and stride)
+    V_d  = sum_ct mu_ct                            (K M_d for channel means, M_d = sum_c mu_c)
+    b_d  = -sum_ct mu_ct w_dct / V_d               u = w + b_d
+    P_d  = sum_ct mu_ct max(u_dct, 0)                              ("exact")
+    P_d  = sum_ct mu_ct [w_dct > 0] (w_dct + b_d)                  ("single_pass")
     w''  = gain_d * ratio / P_d * u
 
 Edge cases (the paper leaves them open):
@@ -48,10 +50,18 @@ def channel_mean_unchecked(x: torch.Tensor, stats_fraction: float, dtype: torch.
 
 
 def _one_signed_channels(weight: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """(D,) bool: output channels whose weights on positive-mean inputs are all > 0 or all <= 0."""
+    """(D,) bool: output channels whose weights on inputs of positive mean are all > 0 or all <= 0."""
     positive = weight > 0
-    seen = (mean > 0)[:, :, None]
+    seen = mean > 0
     return ~((positive & seen).any(dim=(1, 2)) & (~positive & seen).any(dim=(1, 2)))
+
+
+def _means_per_value(mean: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """mu[d, c, t], the mean of the input value that value (d, c, t) of weight (D, C/groups, K)
+    multiplies: channel means (C,) for every tap, or per-tap means (C, *kernel)."""
+    out_channels, group_channels, taps = weight.shape
+    per_group = mean.reshape(groups, group_channels, -1)  # (groups, C/groups, 1 or K)
+    return per_group.expand(groups, group_channels, taps).repeat_interleave(out_channels // groups, dim=0)
 
 
 def equinorm_weight_unchecked(
@@ -66,25 +76,22 @@ def equinorm_weight_unchecked(
     acc = WEIGHT_MATH_DTYPE
     out_channels = weight.shape[0]
     w = weight.to(acc).reshape(out_channels, weight.shape[1], -1)  # (D, C/groups, K)
-    taps = w.shape[-1]
-    # mu[d, c]: mean of the input channel that weight column c of output channel d reads.
-    mu = mean.to(acc).reshape(groups, -1).repeat_interleave(out_channels // groups, dim=0)
+    mu = _means_per_value(mean.to(acc), w, groups)  # (D, C/groups, K)
 
-    kernel_sums = w.sum(dim=-1)  # W_dc
-    mean_mass = mu.sum(dim=-1).clamp_min(torch.finfo(acc).tiny)  # M_d; 0 only when all mu_c are 0
-    shift = -(mu * kernel_sums).sum(dim=-1) / (taps * mean_mass)  # b_d
+    value_mass = mu.sum(dim=(1, 2)).clamp_min(torch.finfo(acc).tiny)  # V_d; 0 only when all means are 0
+    shift = -(mu * w).sum(dim=(1, 2)) / value_mass  # b_d
     shifted = w + shift[:, None, None]  # u
 
-    exact_positive = (mu * shifted.clamp_min(0).sum(dim=-1)).sum(dim=-1)
+    exact_positive = (mu * shifted.clamp_min(0)).sum(dim=(1, 2))
     if mode == "exact":
         positive_mass = exact_positive
     else:
         positive = w > 0
-        one_pass = (mu * ((w * positive).sum(dim=-1) + shift[:, None] * positive.sum(dim=-1))).sum(dim=-1)
+        one_pass = (mu * positive * shifted).sum(dim=(1, 2))
         positive_mass = torch.where(_one_signed_channels(w, mu), exact_positive, one_pass)
 
     with torch.no_grad():
-        total_mass = (mu * w.abs().sum(dim=-1)).sum(dim=-1)
+        total_mass = (mu * w.abs()).sum(dim=(1, 2))
         degenerate = positive_mass <= eps * total_mass
     # The inner where keeps the unused branch finite, so its gradient cannot turn into NaN.
     safe_mass = torch.where(degenerate, torch.ones_like(positive_mass), positive_mass)
@@ -127,7 +134,8 @@ def equinorm_weight(
 
     Args:
         weight: (D, C/groups, *kernel) or (D, C) for Linear; any float dtype.
-        mean: (C,) non-negative channel means of the layer input (see :func:`channel_mean`).
+        mean: (C,) non-negative channel means of the layer input (see :func:`channel_mean`), or
+            (C, *kernel) per-tap means (see ``tap_mean``; then ``ratio`` must be 1).
         ratio: rho = prod(spatial_out) * prod(stride) / prod(spatial_in); 1 for Linear; in
             [2**-63, 2**63].
         groups: convolution groups (C and D divisible by it).

@@ -172,10 +172,21 @@ def _check_per_channel(t: torch.Tensor, name: str, size: int, dtype: torch.dtype
     check(t.device == weight.device, f"{name} is on {t.device} but weight is on {weight.device}")
 
 
-def _check_mean_and_gain(weight: torch.Tensor, g: _WeightGeometry, mean: torch.Tensor, gain: torch.Tensor) -> None:
+def _check_mean_and_gain(weight: torch.Tensor, g: _WeightGeometry, mean: torch.Tensor, gain: torch.Tensor) -> bool:
+    """Checks mean, (C,) or per tap (C, *kernel), and gain (D,); returns whether the means are per tap."""
     acc = accumulation_dtype(weight.dtype)
-    _check_per_channel(mean, "mean", g.group_channels * g.groups, acc, weight)
+    channels = g.group_channels * g.groups
+    per_tap = mean.dim() >= 2
+    if per_tap:
+        expected = (channels, *weight.shape[2:])
+        check(tuple(mean.shape) == expected,
+              f"mean must have shape ({channels},) or, per tap, (C, *kernel) = {expected}, got {tuple(mean.shape)}")
+        check(mean.dtype == acc, f"mean must be {acc} (the accumulation dtype of weight {weight.dtype}), got {mean.dtype}")
+        check(mean.device == weight.device, f"mean is on {mean.device} but weight is on {weight.device}")
+    else:
+        _check_per_channel(mean, "mean", channels, acc, weight)
     _check_per_channel(gain, "gain", g.out_channels, acc, weight)
+    return per_tap
 
 
 def _check_ratio_and_eps(ratio: float, eps: float) -> None:
@@ -338,28 +349,48 @@ def _row_block(c0, t0, group_channels, taps, channel_stride, tap_stride, BLOCK_C
 
 
 @triton.jit
-def _group_mean_mass(mean, group_channels, BLOCK_C: tl.constexpr):
-    """M_d: the sum of the group's channel means, clamped away from zero, in the weight math's float64."""
+def _tile_means(mean, c0, t0, group_channels, taps, PER_TAP: tl.constexpr, BLOCK_C: tl.constexpr,
+                BLOCK_T: tl.constexpr):
+    """The means of the (BLOCK_C, BLOCK_T) tile at (c0, t0) in float64: (BLOCK_C, BLOCK_T) per tap
+    (mean stored (c, t)), else (BLOCK_C, 1) channel means that broadcast over the taps."""
+    cs = c0 + tl.arange(0, BLOCK_C)
+    channel_valid = cs < group_channels
+    if PER_TAP:
+        ts = t0 + tl.arange(0, BLOCK_T)
+        valid = channel_valid[:, None] & (ts < taps)[None, :]
+        means = tl.load(mean + cs[:, None] * taps + ts[None, :], mask=valid, other=0)
+    else:
+        means = tl.load(mean + cs, mask=channel_valid, other=0)[:, None]
+    return means.to(tl.float64)
+
+
+@triton.jit
+def _group_value_mass(mean, group_channels, taps, PER_TAP: tl.constexpr, BLOCK_C: tl.constexpr):
+    """V_d: the sum of the means over a row's values (K times the channel means' sum), clamped
+    away from zero, in the weight math's float64."""
     tiny = tl.full([], _FLOAT64_TINY, tl.float64)
+    values = group_channels * taps if PER_TAP else group_channels
     acc = tl.full([BLOCK_C], 0, tl.float64)
-    for c0 in range(0, group_channels, BLOCK_C):
-        cs = c0 + tl.arange(0, BLOCK_C)
-        acc += tl.load(mean + cs, mask=cs < group_channels, other=0).to(tl.float64)
+    for v0 in range(0, values, BLOCK_C):
+        vs = v0 + tl.arange(0, BLOCK_C)
+        acc += tl.load(mean + vs, mask=vs < values, other=0).to(tl.float64)
     total = tl.sum(acc, axis=0)
+    if not PER_TAP:
+        total = total * taps
     return tl.where(total > tiny, total, tiny)
 
 
 @triton.jit
 def _exact_positive_mass(row, mean, shift, group_channels, taps, channel_stride, tap_stride,
-                         BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
-    """sum_c mu_c sum_t max(w_dct + shift, 0)."""
+                         PER_TAP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
+    """sum_ct mu_ct max(w_dct + shift, 0)."""
     acc_t = tl.float64
     acc = tl.full([BLOCK_C, BLOCK_T], 0, acc_t)
     for c0 in range(0, group_channels, BLOCK_C):
         for t0 in range(0, taps, BLOCK_T):
             offsets, valid, cs, channel_valid = _row_block(
                 c0, t0, group_channels, taps, channel_stride, tap_stride, BLOCK_C, BLOCK_T)
-            mu = tl.load(mean + cs, mask=channel_valid, other=0).to(acc_t)[:, None]
+            mu = _tile_means(mean, c0, t0, group_channels, taps, PER_TAP, BLOCK_C, BLOCK_T)
             shifted = tl.load(row + offsets, mask=valid, other=0).to(acc_t) + shift
             acc += tl.where(valid & (shifted > 0), mu * shifted, 0)
     return tl.sum(acc)
@@ -370,9 +401,9 @@ def _exact_positive_mass(row, mean, shift, group_channels, taps, channel_stride,
 def _equinorm_weight_kernel(
     weight_ptr, mean_ptr, gain_ptr, out_ptr, stats_ptr,
     group_channels, taps, outputs_per_group, channel_stride, tap_stride, exact, ratio_bits, eps_bits,
-    BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+    PER_TAP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """out[d] = gain_d * s_d * (w_d + b_d) and stats[d] = (b_d, s_d, P_d, M_d, used exact).
+    """out[d] = gain_d * s_d * (w_d + b_d) and stats[d] = (b_d, s_d, P_d, V_d, used exact).
 
     Reads the row once for the sums of b_d and the one-pass P_d, once more for the exact P_d
     when the mode or a one-signed row asks for it, and once to write: all from L1/L2 after the
@@ -381,19 +412,20 @@ def _equinorm_weight_kernel(
     acc_t = stats_ptr.dtype.element_ty
     row_size = tl.cast(group_channels, tl.int64) * taps
     row = weight_ptr + d * row_size
-    mean = mean_ptr + (d // outputs_per_group) * group_channels
-    mean_mass = _group_mean_mass(mean, group_channels, BLOCK_C)
+    mean_values = group_channels * taps if PER_TAP else group_channels
+    mean = mean_ptr + (d // outputs_per_group) * mean_values
+    value_mass = _group_value_mass(mean, group_channels, taps, PER_TAP, BLOCK_C)
 
-    kernel_acc = tl.full([BLOCK_C, BLOCK_T], 0, acc_t)      # mu_c w       -> sum_c mu_c W_dc
-    positive_acc = tl.full([BLOCK_C, BLOCK_T], 0, acc_t)    # mu_c w [w>0] -> sum_c mu_c p_dc
-    count_acc = tl.full([BLOCK_C, BLOCK_T], 0, acc_t)       # mu_c [w>0]   -> sum_c mu_c n_dc
-    seen_positive = tl.full([BLOCK_C, BLOCK_T], 0, tl.int32)      # [mu_c > 0, w > 0]
-    seen_non_positive = tl.full([BLOCK_C, BLOCK_T], 0, tl.int32)  # [mu_c > 0, w <= 0]
+    kernel_acc = tl.full([BLOCK_C, BLOCK_T], 0, acc_t)      # mu w        -> sum_ct mu_ct w_dct
+    positive_acc = tl.full([BLOCK_C, BLOCK_T], 0, acc_t)    # mu w [w>0]  -> sum_ct mu_ct [w > 0] w
+    count_acc = tl.full([BLOCK_C, BLOCK_T], 0, acc_t)       # mu [w>0]    -> sum_ct mu_ct [w > 0]
+    seen_positive = tl.full([BLOCK_C, BLOCK_T], 0, tl.int32)      # [mu > 0, w > 0]
+    seen_non_positive = tl.full([BLOCK_C, BLOCK_T], 0, tl.int32)  # [mu > 0, w <= 0]
     for c0 in range(0, group_channels, BLOCK_C):
         for t0 in range(0, taps, BLOCK_T):
             offsets, valid, cs, channel_valid = _row_block(
                 c0, t0, group_channels, taps, channel_stride, tap_stride, BLOCK_C, BLOCK_T)
-            mu = tl.load(mean + cs, mask=channel_valid, other=0).to(acc_t)[:, None]
+            mu = _tile_means(mean, c0, t0, group_channels, taps, PER_TAP, BLOCK_C, BLOCK_T)
             w = tl.load(row + offsets, mask=valid, other=0).to(acc_t)
             positive = valid & (w > 0)
             kernel_acc += mu * w
@@ -405,7 +437,7 @@ def _equinorm_weight_kernel(
     kernel_sum = tl.sum(kernel_acc)
     positive_sum = tl.sum(positive_acc)
     positive_count = tl.sum(count_acc)
-    shift = -kernel_sum / (taps * mean_mass)
+    shift = -kernel_sum / value_mass
 
     # The one-pass estimate needs weights of both signs on the inputs it sees; otherwise the exact P_d.
     one_signed = (tl.sum(seen_positive) == 0) | (tl.sum(seen_non_positive) == 0)
@@ -413,7 +445,7 @@ def _equinorm_weight_kernel(
     positive_mass = positive_sum + shift * positive_count
     if use_exact:
         positive_mass = _exact_positive_mass(
-            row, mean, shift, group_channels, taps, channel_stride, tap_stride, BLOCK_C, BLOCK_T)
+            row, mean, shift, group_channels, taps, channel_stride, tap_stride, PER_TAP, BLOCK_C, BLOCK_T)
 
     # A row with no positive mass (|w| = 2 max(w, 0) - w gives the absolute mass) gets scale 0.
     absolute_mass = 2 * positive_sum - kernel_sum
@@ -435,7 +467,7 @@ def _equinorm_weight_kernel(
     tl.store(stats + 0, shift)
     tl.store(stats + 1, scale)
     tl.store(stats + 2, positive_mass)
-    tl.store(stats + 3, mean_mass)
+    tl.store(stats + 3, value_mass)
     tl.store(stats + 4, tl.where(use_exact, 1, 0).to(acc_t))
 
 
@@ -444,23 +476,24 @@ def _equinorm_weight_kernel(
 def _equinorm_backward_kernel(
     grad_ptr, weight_ptr, mean_ptr, gain_ptr, stats_ptr, grad_weight_ptr, grad_gain_ptr, mean_terms_ptr,
     group_channels, taps, outputs_per_group, channel_stride, tap_stride,
-    BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+    PER_TAP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """For output channel d, with G = grad_out[d] and u = w + b_d:
-    grad_weight[d], grad_gain[d] = s_d sum G u, and mean_terms[d, c], its contribution to dL/dmu_c:
-    g_P sum_t [active] u - g_b sum_t u / (K M_d), active = u > 0 (exact P_d) or w > 0 (one-pass).
-    In float64, the dtype of stats and mean_terms."""
+    """For output channel d, with G = grad_out[d] and u = w + b_d: grad_weight[d], grad_gain[d] =
+    s_d sum G u, and the row's terms of dL/dmu: mean_terms[d, (c, t)] = u h per tap (PER_TAP), or
+    mean_terms[d, c] = g_P sum_t [active] u - g_b sum_t u / V_d, active = u > 0 (exact P_d) or
+    w > 0 (one-pass). In float64, the dtype of stats and mean_terms."""
     d = tl.program_id(0).to(tl.int64)
     acc_t = stats_ptr.dtype.element_ty
     row_size = tl.cast(group_channels, tl.int64) * taps
     row = weight_ptr + d * row_size
     grad = grad_ptr + d * row_size
-    mean = mean_ptr + (d // outputs_per_group) * group_channels
+    mean_values = group_channels * taps if PER_TAP else group_channels
+    mean = mean_ptr + (d // outputs_per_group) * mean_values
     stats = stats_ptr + d * 5
     shift = tl.load(stats + 0)
     scale = tl.load(stats + 1)
     positive_mass = tl.load(stats + 2)
-    mean_mass = tl.load(stats + 3)
+    value_mass = tl.load(stats + 3)
     exact = tl.load(stats + 4) != 0
     gain = tl.load(gain_ptr + d).to(acc_t)
     # Which values count as positive, as a threshold on w: u > 0 (exact) or w > 0 (one-pass).
@@ -468,12 +501,12 @@ def _equinorm_backward_kernel(
 
     shifted_acc = tl.full([BLOCK_C, BLOCK_T], 0, acc_t)  # G u
     grad_acc = tl.full([BLOCK_C, BLOCK_T], 0, acc_t)     # G
-    active_acc = tl.full([BLOCK_C, BLOCK_T], 0, acc_t)   # mu_c [active]
+    active_acc = tl.full([BLOCK_C, BLOCK_T], 0, acc_t)   # mu [active]
     for c0 in range(0, group_channels, BLOCK_C):
         for t0 in range(0, taps, BLOCK_T):
             offsets, valid, cs, channel_valid = _row_block(
                 c0, t0, group_channels, taps, channel_stride, tap_stride, BLOCK_C, BLOCK_T)
-            mu = tl.load(mean + cs, mask=channel_valid, other=0).to(acc_t)[:, None]
+            mu = _tile_means(mean, c0, t0, group_channels, taps, PER_TAP, BLOCK_C, BLOCK_T)
             w = tl.load(row + offsets, mask=valid, other=0).to(acc_t)
             g = tl.load(grad + offsets, mask=valid, other=0).to(acc_t)
             shifted_acc += g * (w + shift)
@@ -488,16 +521,16 @@ def _equinorm_backward_kernel(
     grad_shift = gain * scale * grad_sum + grad_mass * active_count
     tl.store(grad_gain_ptr + d, (scale * grad_times_shifted).to(grad_gain_ptr.dtype.element_ty))
 
-    through_shift = grad_shift / (taps * mean_mass)  # dL/dw gets -through_shift * mu_c
+    through_shift = grad_shift / value_mass  # dL/dw gets -through_shift * mu
     out_t = grad_weight_ptr.dtype.element_ty
     grad_weight = grad_weight_ptr + d * row_size
-    terms = mean_terms_ptr + d * group_channels
+    terms = mean_terms_ptr + d * mean_values
     for c0 in range(0, group_channels, BLOCK_C):
         term = tl.full([BLOCK_C], 0, acc_t)
         for t0 in range(0, taps, BLOCK_T):
             offsets, valid, cs, channel_valid = _row_block(
                 c0, t0, group_channels, taps, channel_stride, tap_stride, BLOCK_C, BLOCK_T)
-            mu = tl.load(mean + cs, mask=channel_valid, other=0).to(acc_t)[:, None]
+            mu = _tile_means(mean, c0, t0, group_channels, taps, PER_TAP, BLOCK_C, BLOCK_T)
             w = tl.load(row + offsets, mask=valid, other=0).to(acc_t)
             g = tl.load(grad + offsets, mask=valid, other=0).to(acc_t)
             active = valid & (w > threshold)
@@ -505,9 +538,14 @@ def _equinorm_backward_kernel(
             tl.store(grad_weight + offsets, cast_rounded(value, out_t), mask=valid)
             u = w + shift
             contribution = tl.where(active, grad_mass * u, 0) - tl.where(valid, u, 0) * through_shift
-            term += tl.sum(contribution, axis=1)
-        cs = c0 + tl.arange(0, BLOCK_C)
-        tl.store(terms + cs, term, mask=cs < group_channels)
+            if PER_TAP:
+                ts = t0 + tl.arange(0, BLOCK_T)
+                tl.store(terms + cs[:, None] * taps + ts[None, :], contribution, mask=valid)
+            else:
+                term += tl.sum(contribution, axis=1)
+        if not PER_TAP:
+            cs = c0 + tl.arange(0, BLOCK_C)
+            tl.store(terms + cs, term, mask=cs < group_channels)
 
 
 @triton.jit
@@ -531,7 +569,7 @@ def _launch_weight_transform(weight, g: _WeightGeometry, mean, gain, out, stats,
         weight, mean, gain, out, stats,
         g.group_channels, g.taps, g.outputs_per_group, g.channel_stride, g.tap_stride, int(exact),
         float64_bits(ratio), float64_bits(eps),
-        BLOCK_C=block_c, BLOCK_T=block_t,
+        PER_TAP=mean.dim() >= 2, BLOCK_C=block_c, BLOCK_T=block_t,
     )
 
 
@@ -549,7 +587,7 @@ def _weight_transform(weight, mean, gain, ratio, groups, exact, eps):
 def _weight_backward(grad_out, weight, mean, gain, stats, groups):
     """Checks, allocates and launches the backward: the row kernel, then the sum over output channels."""
     readable, g = _weight_input(weight, groups)
-    _check_mean_and_gain(weight, g, mean, gain)
+    per_tap = _check_mean_and_gain(weight, g, mean, gain)
     acc = accumulation_dtype(weight.dtype)
     check(
         stats.dim() == 2 and stats.shape[0] == g.out_channels and stats.shape[1] == STATS_COLUMNS,
@@ -566,18 +604,19 @@ def _weight_backward(grad_out, weight, mean, gain, stats, groups):
     grad = grad_out.contiguous(memory_format=g.memory_format)
     grad_weight = _empty_like_weight(weight, g, weight.dtype)
     grad_gain = torch.empty((g.out_channels,), dtype=acc, device=weight.device)
-    channels = g.group_channels * g.groups
-    grad_mean = torch.empty((channels,), dtype=WEIGHT_MATH_DTYPE, device=weight.device)
-    mean_terms = torch.empty((g.out_channels, g.group_channels), dtype=WEIGHT_MATH_DTYPE, device=weight.device)
+    values_per_group = g.group_channels * g.taps if per_tap else g.group_channels
+    mean_values = values_per_group * g.groups
+    grad_mean = torch.empty(mean.shape, dtype=WEIGHT_MATH_DTYPE, device=weight.device)
+    mean_terms = torch.empty((g.out_channels, values_per_group), dtype=WEIGHT_MATH_DTYPE, device=weight.device)
     block_c, block_t = _row_tile(g)
     wrap_triton(_equinorm_backward_kernel)[(g.out_channels,)](
         grad, readable, mean.contiguous(), gain.contiguous(), stats.contiguous(), grad_weight, grad_gain, mean_terms,
         g.group_channels, g.taps, g.outputs_per_group, g.channel_stride, g.tap_stride,
-        BLOCK_C=block_c, BLOCK_T=block_t,
+        PER_TAP=per_tap, BLOCK_C=block_c, BLOCK_T=block_t,
     )
-    block = min(triton.next_power_of_2(channels), 1024)
-    wrap_triton(_sum_mean_terms_kernel)[(triton.cdiv(channels, block),)](
-        mean_terms, grad_mean, channels, g.group_channels, g.outputs_per_group, BLOCK=block,
+    block = min(triton.next_power_of_2(mean_values), 1024)
+    wrap_triton(_sum_mean_terms_kernel)[(triton.cdiv(mean_values, block),)](
+        mean_terms, grad_mean, mean_values, values_per_group, g.outputs_per_group, BLOCK=block,
     )
     return grad_weight, grad_mean, grad_gain
 

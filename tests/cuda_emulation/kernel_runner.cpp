@@ -10,7 +10,7 @@
 // named relative to the manifest, outputs written as <output directory>/<case name>.<key>.bin.
 //   channel_mean  dtype rows channels spatial channels_last offset x          -> mean
 //   equinorm      dtype out_channels group_channels taps groups channels_last exact ratio eps
-//                 offset weight mean gain [grad]  -> out stats [grad_weight grad_mean grad_gain]
+//                 per_tap_means offset weight mean gain [grad]  -> out stats [grad_weight grad_mean grad_gain]
 //   enorm         p c offset dtypes=<dtype>,... tensor<k>=<file> group_sizes=<n>,... entries=<11 ints>;...
 //                 coefficients=0|1 deviations=0|1  -> tensor<k> (each tensor after the op) [coefficients]
 //                 [deviations]
@@ -156,10 +156,11 @@ Outputs run_channel_mean(const Case& c) {
 Outputs run_equinorm(const Case& c) {
   const TypeInfo info = type_info(c.text("dtype"));
   const equinorm::cuda::WeightShape shape{c.integer("out_channels"), c.integer("group_channels"), c.integer("taps"),
-                                          c.integer("groups"), c.integer("channels_last") != 0};
+                                          c.integer("groups"), c.integer("channels_last") != 0,
+                                          c.integer("per_tap_means") != 0};
   const size_t offset = static_cast<size_t>(c.integer("offset"));
   const size_t elements = static_cast<size_t>(shape.out_channels * shape.group_channels * shape.taps);
-  const size_t channels = static_cast<size_t>(shape.group_channels * shape.groups);
+  const size_t channels = static_cast<size_t>(shape.group_channels * shape.groups * (shape.per_tap_means ? shape.taps : 1));
   const size_t outputs = static_cast<size_t>(shape.out_channels);
   const size_t element_offset = offset * info.element_bytes, accumulation_offset = offset * info.accumulation_bytes;
   // stats and grad_mean are double for every element type (csrc/shared/equinorm_math.h).
