@@ -245,6 +245,12 @@ def _equinorm_calls(recorder: LaunchRecorder, dtypes, weights) -> None:
                         out, stats = ops.triton_equinorm_weight(weight, mean, gain, 0.7, groups, mode, 1e-5)
                         if with_backward:
                             ops.triton_equinorm_backward(torch.randn_like(out), weight, mean, gain, stats, groups)
+                if len(shape) > 2:  # per-tap means (C, *kernel)
+                    tap_mean = torch.rand((x.shape[1], *shape[2:]), dtype=acc)
+                    with recorder.sample(f"{dtype} weight {shape}/{groups} {layout} per-tap means"):
+                        out, stats = ops.triton_equinorm_weight(weight, tap_mean, gain, 1.0, groups, "exact", 1e-5)
+                        if with_backward:
+                            ops.triton_equinorm_backward(torch.randn_like(out), weight, tap_mean, gain, stats, groups)
         for index, shape in enumerate(MEAN_INPUTS):
             for layout in LAYOUTS[:2] if low_precision else LAYOUTS:
                 x = _layout(torch.rand(shape).to(dtype), layout)

@@ -358,7 +358,7 @@ def _tile_means(mean, c0, t0, group_channels, taps, PER_TAP: tl.constexpr, BLOCK
     if PER_TAP:
         ts = t0 + tl.arange(0, BLOCK_T)
         valid = channel_valid[:, None] & (ts < taps)[None, :]
-        means = tl.load(mean + cs[:, None] * taps + ts[None, :], mask=valid, other=0)
+        means = tl.load(mean + cs[:, None].to(tl.int64) * taps + ts[None, :], mask=valid, other=0)
     else:
         means = tl.load(mean + cs, mask=channel_valid, other=0)[:, None]
     return means.to(tl.float64)
@@ -369,7 +369,7 @@ def _group_value_mass(mean, group_channels, taps, PER_TAP: tl.constexpr, BLOCK_C
     """V_d: the sum of the means over a row's values (K times the channel means' sum), clamped
     away from zero, in the weight math's float64."""
     tiny = tl.full([], _FLOAT64_TINY, tl.float64)
-    values = group_channels * taps if PER_TAP else group_channels
+    values = tl.cast(group_channels, tl.int64) * taps if PER_TAP else group_channels
     acc = tl.full([BLOCK_C], 0, tl.float64)
     for v0 in range(0, values, BLOCK_C):
         vs = v0 + tl.arange(0, BLOCK_C)
@@ -412,7 +412,7 @@ def _equinorm_weight_kernel(
     acc_t = stats_ptr.dtype.element_ty
     row_size = tl.cast(group_channels, tl.int64) * taps
     row = weight_ptr + d * row_size
-    mean_values = group_channels * taps if PER_TAP else group_channels
+    mean_values = tl.cast(group_channels, tl.int64) * taps if PER_TAP else group_channels
     mean = mean_ptr + (d // outputs_per_group) * mean_values
     value_mass = _group_value_mass(mean, group_channels, taps, PER_TAP, BLOCK_C)
 
@@ -487,7 +487,7 @@ def _equinorm_backward_kernel(
     row_size = tl.cast(group_channels, tl.int64) * taps
     row = weight_ptr + d * row_size
     grad = grad_ptr + d * row_size
-    mean_values = group_channels * taps if PER_TAP else group_channels
+    mean_values = tl.cast(group_channels, tl.int64) * taps if PER_TAP else group_channels
     mean = mean_ptr + (d // outputs_per_group) * mean_values
     stats = stats_ptr + d * 5
     shift = tl.load(stats + 0)
@@ -540,7 +540,7 @@ def _equinorm_backward_kernel(
             contribution = tl.where(active, grad_mass * u, 0) - tl.where(valid, u, 0) * through_shift
             if PER_TAP:
                 ts = t0 + tl.arange(0, BLOCK_T)
-                tl.store(terms + cs[:, None] * taps + ts[None, :], contribution, mask=valid)
+                tl.store(terms + cs[:, None].to(tl.int64) * taps + ts[None, :], contribution, mask=valid)
             else:
                 term += tl.sum(contribution, axis=1)
         if not PER_TAP:
