@@ -275,6 +275,20 @@ def check_enorm_fsdp_matches_unsharded(rank: int, world_size: int) -> None:
         ek.ENorm(grouped).step()
 
 
+def check_example_trains(rank: int, world_size: int) -> None:
+    """The torchrun example's training loop, on a few digits: both methods, DDP and FSDP2."""
+    import argparse
+
+    from equinorm_kernels.experiments import distributed as example
+    from equinorm_kernels.experiments.data import load_digits_dataset, take_train_subset
+
+    dataset = take_train_subset(load_digits_dataset(), 40)
+    for fsdp in (False, True):
+        args = argparse.Namespace(epochs=1, batch_size=15, lr=0.05, depth=8, fsdp=fsdp, backend="gloo", seed=0)
+        for method in example.METHODS if not fsdp else ("enorm",):
+            example.train(method, dataset, args)  # checks that every process holds the same parameters
+
+
 CHECKS = {
     "sync_auto": (check_sync_matches_one_process, ("auto", False)),
     "sync_reference": (check_sync_matches_one_process, ("reference", False)),
@@ -283,6 +297,7 @@ CHECKS = {
     "bad_use": (check_bad_use, ()),
     "enorm_ddp": (check_enorm_ddp_bit_identical, ()),
     "enorm_fsdp": (check_enorm_fsdp_matches_unsharded, ()),
+    "example": (check_example_trains, ()),
 }
 
 

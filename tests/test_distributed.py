@@ -16,7 +16,7 @@ import distributed_workers as workers
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 TWO_PROCESS_CHECKS = ["sync_auto", "sync_reference", "sync_compiled", "stats_fraction", "bad_use", "enorm_ddp",
-                      "enorm_fsdp"]  # fmt: skip
+                      "enorm_fsdp", "example"]  # fmt: skip
 THREE_PROCESS_CHECKS = ["sync_auto", "stats_fraction", "enorm_fsdp"]
 
 
@@ -73,3 +73,19 @@ def test_no_process_group_is_a_clear_error():
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="initialised process group.*init_process_group"):
         ek.convert_sync_equinorm(ek.EquiNormLinear(4, 3))
+
+
+def test_communication_one_all_reduce_of_c_plus_1_forward_and_of_c_backward():
+    from equinorm_kernels.bench import communication
+
+    with communication._process_group():
+        forward, backward = communication.measure_equinorm(24)
+    assert [(c.kind, c.values, c.bytes) for c in forward] == [("all_reduce", 25, 100)]
+    assert [(c.kind, c.values, c.bytes) for c in backward] == [("all_reduce", 24, 96)]
+    assert not dist.is_initialized()  # the measurement's own group is gone
+    # Ring all-reduce: each of W processes sends 2 (W - 1) / W of the message.
+    assert forward[0].sent_per_process(4) == 150.0
+
+
+def test_torchrun_example_trains_and_keeps_processes_identical(outcomes):
+    assert_passed(outcomes, 2, "example")
