@@ -59,17 +59,20 @@ class _SynchronizedStatistic(torch.autograd.Function):
             # Only a process without samples can see an empty group; one with samples knows the
             # total is positive, so the common case reads nothing back from the device.
             _check_group_has_samples(total_count)
-        ctx.save_for_backward(total_count)
-        ctx.count, ctx.group = count, group
         # An all-empty group under torch.compile gets a zero statistic (a zero weight), not NaN.
-        return sums / total_count.clamp_min(1)
+        total_count = total_count.clamp_min(1)
+        # d mu / d local = count / total count, kept as a tensor: a size saved on ctx would be a
+        # symbol of the forward's graph under torch.compile(dynamic=True), unusable in the backward's.
+        ctx.save_for_backward(packed[-1:] / total_count)
+        ctx.group = group
+        return sums / total_count
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (total_count,) = ctx.saved_tensors
+        (share,) = ctx.saved_tensors
         total_grad = funcol.all_reduce(grad.contiguous(), "sum", ctx.group)
-        # d mu / d local = count / total count; the local statistic's own backward divides by count.
-        return total_grad * (ctx.count / total_count.clamp_min(1)), None, None
+        # The local statistic's own backward then divides by this process's count.
+        return total_grad * share, None, None
 
 
 def _check_group_has_samples(total_count: torch.Tensor) -> None:
