@@ -141,7 +141,7 @@ class StatisticsSync:
         )
 
     def __repr__(self) -> str:
-        return f"StatisticsSync(group size {dist.get_world_size(self.process_group)})"
+        return f"StatisticsSync({self.process_group!r})"
 
 
 def _equinorm_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -89,3 +89,35 @@ def test_communication_one_all_reduce_of_c_plus_1_forward_and_of_c_backward():
 
 def test_torchrun_example_trains_and_keeps_processes_identical(outcomes):
     assert_passed(outcomes, 2, "example")
+
+
+@pytest.fixture
+def one_process_group():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_converted_model_copies_pickles_and_reverts_clearly(one_process_group):
+    import copy
+    import pickle
+
+    import torch
+
+    torch.manual_seed(0)
+    plain = workers.small_equinorm_net()
+    model = ek.convert_sync_equinorm(copy.deepcopy(plain))
+    assert all(layer.statistics_sync is model[0].statistics_sync for layer in (model[2], model[5]))
+    twin = copy.deepcopy(model)  # shares the process group
+    assert twin[0].statistics_sync is model[0].statistics_sync
+    with pytest.raises(TypeError, match="cannot be pickled: save its state_dict"):
+        pickle.dumps(model)
+    x = torch.rand(3, 3, 6, 6)
+    # One process: the group's statistics are this process's, as without synchronisation.
+    torch.testing.assert_close(model(x), plain(x))
+    torch.testing.assert_close(model[2].running_mean, plain[2].running_mean)
+    for layer in (model[0], model[2], model[5]):
+        layer.statistics_sync = None
+    torch.testing.assert_close(model(x), plain(x))
