@@ -10,6 +10,9 @@ whole global batch:
     backward  one all-reduce of dL/dmu (C values); process p's input then receives
               dL/dmu / sum_p n_p per element, the gradient of one process holding the whole batch
 
+Sums and counts travel in the statistic's dtype (float32; float64 for float64 inputs): a count
+above 2**24 elements per channel rounds to float32's precision, as the sums do.
+
 This holds for any per-channel statistic of the form (sum over elements of f(x)) / count, whatever
 f the layer uses: only the statistic and its count cross processes. The collectives are
 ``torch.distributed._functional_collectives``, so ``torch.compile(fullgraph=True)`` traces them
