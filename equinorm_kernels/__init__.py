@@ -5,6 +5,7 @@ Public API:
     equinorm_forward                         both fused: the layers' training path
     EquiNormConv1d/2d/3d, EquiNormLinear     drop-in layers
     convert                                  swap Conv/Linear -> BatchNorm pairs for EquiNorm layers
+    convert_sync_equinorm                    statistics over a process group (data-parallel training)
     ENorm                                    equi-normalization of a network between SGD steps
     reference                                the pure-PyTorch specification
     available_backends, build_info
@@ -19,6 +20,7 @@ from . import ops  # noqa: F401  (registers the compiled and Triton backends)
 from .functional import channel_mean, equinorm_forward, equinorm_weight
 from .layers import EquiNormConv1d, EquiNormConv2d, EquiNormConv3d, EquiNormLinear
 from .convert import convert
+from .distributed import convert_sync_equinorm
 from .enorm import ENorm
 
 __version__ = "0.1.0"
@@ -34,6 +36,7 @@ __all__ = [
     "channel_mean",
     "check_values",
     "convert",
+    "convert_sync_equinorm",
     "equinorm_forward",
     "equinorm_weight",
     "reference",

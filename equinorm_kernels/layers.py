@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _checks
-from .functional import equinorm_forward, equinorm_weight
+from .functional import channel_mean, equinorm_forward, equinorm_weight
 
 
 @torch.no_grad()
@@ -61,6 +61,8 @@ class EquiNormLayer(nn.Module):
 
     _spatial_dims: int  # 0 for Linear
     _plain_class: type[nn.Module]
+    # Set by equinorm_kernels.convert_sync_equinorm: training statistics over a process group.
+    statistics_sync = None
 
     def _init_equinorm(
         self, mode: str, momentum: float | None, stats_fraction: float, eps: float, backend: str
@@ -136,6 +138,11 @@ class EquiNormLayer(nn.Module):
             return x[:rows].reshape(-1, x.shape[-1]), 1.0
         return x, self.stats_fraction
 
+    def _local_statistic(self, x: torch.Tensor, fraction: float) -> torch.Tensor:
+        """This process's channel statistic of ``x`` (N, C, *spatial), differentiable: what a
+        synchronised layer reduces over its group (see :mod:`equinorm_kernels.distributed`)."""
+        return channel_mean(x, stats_fraction=fraction, backend=self.backend)
+
     @torch.no_grad()
     def _track(self, mean: torch.Tensor) -> None:
         self.num_batches_tracked.add_(1)
@@ -163,9 +170,12 @@ class EquiNormLayer(nn.Module):
         if not self.training or self.weight.shape[0] == 0:
             return self._run_op(x, self._eval_weight(ratio))
         statistics_input, fraction = self._statistics_input(x, batched)
-        # One fused call: the batch's channel means and the weight built from them (validated
-        # before the means are tracked).
-        weight, mean = equinorm_forward(statistics_input, self.weight, stats_fraction=fraction, **self._options(ratio))
+        if self.statistics_sync is not None:
+            weight, mean = self.statistics_sync(self, statistics_input, fraction, ratio)
+        else:
+            # One fused call: the batch's channel means and the weight built from them (validated
+            # before the means are tracked).
+            weight, mean = equinorm_forward(statistics_input, self.weight, stats_fraction=fraction, **self._options(ratio))
         self._track(mean)
         return self._run_op(x, weight)
 

@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 
 from .. import __version__, _checks, available_backends, build_info, set_value_checks
 from .._cli import positive_float, positive_int
 from ..backends import resolve_backend
 from . import allocator
 from .cases import FAMILIES, REFERENCE, BuildContext, Case, cases_for
+from .communication import communication_section
 from .report import (
     json_record,
     markdown_report,
@@ -317,16 +319,17 @@ def write_outputs(
     ceiling = read_ceiling_gbps(results)
     ceiling_line = f"read ceiling: {ceiling:.3g} GB/s" if ceiling else "read ceiling: not measured"
     lines = [*header, ceiling_line, f"wall time {wall_seconds:.0f} s"]
-    print(text_report(results, ceiling, "\n".join(lines)))
+    extra = [communication_section()] if dist.is_available() and dist.is_gloo_available() else []
+    print(text_report(results, ceiling, "\n".join(lines), extra))
     plots: list[Path] = []
     if args.plot is not None:
         suffix = f"({environment['device_name']}, {environment['threads']} threads)"
         plots = write_plots(results, ceiling, args.plot, suffix)
     if args.json is not None:
-        write_json(args.json, json_record(results, ceiling, environment, settings, wall_seconds))
+        write_json(args.json, json_record(results, ceiling, environment, settings, wall_seconds, extra))
     if args.markdown is not None:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        text = markdown_report(results, ceiling, f"{PROGRAM} results", lines, plots, args.markdown.parent)
+        text = markdown_report(results, ceiling, f"{PROGRAM} results", lines, plots, args.markdown.parent, extra)
         args.markdown.write_text(text)
     written = [str(path) for path in (args.json, args.markdown) if path is not None] + [str(p) for p in plots]
     if written:

@@ -215,17 +215,21 @@ def report_sections(results: Sequence[CaseResult], ceiling: float | None) -> lis
     return sections
 
 
-def text_report(results: Sequence[CaseResult], ceiling: float | None, header: str) -> str:
+Section = tuple[str, str, Sequence[str], list[list[str]]]
+
+
+def text_report(results: Sequence[CaseResult], ceiling: float | None, header: str, extra_sections: Sequence[Section] = ()) -> str:
     parts = [header]
-    for title, explanation, headers, rows in report_sections(results, ceiling):
+    for title, explanation, headers, rows in [*report_sections(results, ceiling), *extra_sections]:
         parts.append(f"== {title}: {explanation}\n{text_table(headers, rows)}")
     return "\n\n".join(parts)
 
 
 def markdown_report(results: Sequence[CaseResult], ceiling: float | None, title: str, header_lines: Sequence[str],
-                    plots: Sequence[Path] = (), plots_relative_to: Path | None = None) -> str:  # fmt: skip
+                    plots: Sequence[Path] = (), plots_relative_to: Path | None = None,
+                    extra_sections: Sequence[Section] = ()) -> str:  # fmt: skip
     parts = [f"# {title}", "\n".join(f"- {line}" for line in header_lines)]
-    for name, explanation, headers, rows in report_sections(results, ceiling):
+    for name, explanation, headers, rows in [*report_sections(results, ceiling), *extra_sections]:
         parts.append(f"## {name}\n\n{explanation}.\n\n{markdown_table(headers, rows)}")
     if plots:
         links = [_relative(path, plots_relative_to) for path in plots]
@@ -285,9 +289,12 @@ def case_record(result: CaseResult, ceiling: float | None) -> dict[str, object]:
 
 
 def json_record(results: Sequence[CaseResult], ceiling: float | None, environment: dict[str, object],
-                settings: dict[str, object], wall_seconds: float) -> dict[str, object]:  # fmt: skip
-    """Everything a run produced: environment, settings, the ceiling, targets and every case."""
+                settings: dict[str, object], wall_seconds: float,
+                extra_sections: Sequence[Section] = ()) -> dict[str, object]:  # fmt: skip
+    """Everything a run produced: environment, settings, the ceiling, targets, every case and the extra tables."""
     return finite_or_null({
+        "tables": [{"title": title, "explanation": explanation, "headers": list(headers), "rows": rows}
+                   for title, explanation, headers, rows in extra_sections],
         "environment": environment,
         "settings": settings,
         "families": {family: FAMILIES[family] for family in families_in(results)},

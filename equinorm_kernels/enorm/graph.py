@@ -23,10 +23,11 @@ the result of such an op; on the output space it is fine (e.g. log_softmax of th
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 from dataclasses import dataclass, field
 from numbers import Number
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -202,6 +203,35 @@ def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     return node.kwargs.get(name, default)
 
 
+_FORWARD_HOOK_DICTS = (
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _fsdp_hooks_removed(model: nn.Module) -> Iterator[None]:
+    """Modules sharded by FSDP2 without their forward hooks, which gather parameters and move inputs:
+    tracing needs only the structure (and the parameters' global shapes), not their values."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        yield
+        return
+    saved = []
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            saved.append((module, {name: getattr(module, name) for name in _FORWARD_HOOK_DICTS}))
+            for name in _FORWARD_HOOK_DICTS:
+                setattr(module, name, type(getattr(module, name))())
+    try:
+        yield
+    finally:
+        for module, hooks in saved:
+            for name, value in hooks.items():
+                setattr(module, name, value)
+
+
 def _resolve_attr(model: nn.Module, target: str) -> Any:
     value: Any = model
     for part in target.split("."):
@@ -235,7 +265,8 @@ class _GraphAnalysis:
 
     def _trace(self) -> fx.Graph:
         try:
-            return _Tracer(self._equinorm_layer).trace(self.model)
+            with _fsdp_hooks_removed(self.model):
+                return _Tracer(self._equinorm_layer).trace(self.model)
         except Exception as error:  # tracing fails in many ways (data-dependent control flow, ...)
             raise ValueError(
                 f"ENorm could not trace {type(self.model).__name__} with torch.fx ({type(error).__name__}: {error}); "

@@ -14,6 +14,7 @@ from .graph import discover_groups
 from .optimizer_state import StateRescaler, check_optimizer
 from .plan import Layer, RescalingGroup
 from .release import discover_release_chain, release_cycle
+from .sharded import full_tensor, holds_sharded_parameters, is_distributed_tensor, sharded_sequential_cycle
 from .sequential import sequential_cycle as reference_sequential_cycle
 
 SCHEDULES = ("sequential", "release")
@@ -39,7 +40,9 @@ class ENorm:
     Args:
         model: the network. ``schedule="sequential"`` traces it with torch.fx to find the channel
             groups (see :mod:`equinorm_kernels.enorm.graph`); build ENorm after the model's
-            structure is final.
+            structure is final. A DistributedDataParallel model stands for the module it wraps;
+            parameters sharded by FSDP2's ``fully_shard`` are handled by
+            :mod:`equinorm_kernels.enorm.sharded`.
         optimizer: optional SGD/Adam/AdamW whose state is rescaled along with the weights: first
             moments (momentum_buffer, exp_avg) like gradients (rows x 1/d, columns x d), second
             moments (exp_avg_sq, max_exp_avg_sq) by the squares. See ``optimizer_state``.
@@ -95,6 +98,8 @@ class ENorm:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module  # the wrapper's forward scatters and syncs: trace what it wraps
         self.c = _checks.check_scale_option(c, "c")
         self.p = _checks.check_number(p, "p", low=1.0, low_inclusive=True)
         self.schedule = _check_choice(schedule, "schedule", SCHEDULES)
@@ -179,11 +184,11 @@ class ENorm:
         return {layer.name: self._layer_energy(layer, count_bias) for layer in self._layers}
 
     def _layer_energy(self, layer: Layer, count_bias: bool) -> float:
-        bias = layer.bias.detach() if count_bias and layer.bias is not None else None
-        return float(enorm_row_energy(layer.weight.detach(), self.p, bias).sum())
+        bias = full_tensor(layer.bias.detach()) if count_bias and layer.bias is not None else None
+        return float(enorm_row_energy(full_tensor(layer.weight.detach()), self.p, bias).sum())
 
     def _column_norms(self, layer: Layer) -> torch.Tensor:
-        weight = layer.weight.detach()
+        weight = full_tensor(layer.weight.detach())
         if layer.kind == "batchnorm":  # gamma acts as a diagonal matrix: column j holds gamma_j alone
             energy = enorm_row_energy(weight, self.p)
         else:
@@ -195,9 +200,14 @@ class ENorm:
     @torch.no_grad()
     def _cycle(self) -> torch.Tensor | None:
         if self._release is not None:
+            if any(is_distributed_tensor(layer.weight) for layer in self._layers):
+                raise ValueError("ENorm: schedule='release' does not support sharded (DTensor) parameters; "
+                                 "use schedule='sequential'")
             return release_cycle(self._release, self.p, self.c, self._state)
         cycle = reference_sequential_cycle
-        if self._groups:
+        if holds_sharded_parameters(self._groups):  # FSDP2: energies reduced over the shard group
+            cycle = sharded_sequential_cycle
+        elif self._groups:
             fused = resolve_backend(self.backend, self._groups[0].producers[0].weight.device).enorm_cycle
             cycle = fused or cycle
         return cycle(self._groups, self.p, self.c, self.include_bias, self._state)
