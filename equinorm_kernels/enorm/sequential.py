@@ -6,6 +6,7 @@ the energy never increases and the cycles converge to the balanced fixed point.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -54,13 +55,18 @@ def apply_group(group: ChannelGroup, d: torch.Tensor, state: StateRescaler) -> N
 
 @torch.no_grad()
 def sequential_cycle(
-    groups: tuple[ChannelGroup, ...], p: float, c: float, include_bias: bool, state: StateRescaler
+    groups: tuple[ChannelGroup, ...], p: float, c: float, include_bias: bool, state: StateRescaler,
+    *, coefficients_of: Callable[..., torch.Tensor] = group_coefficients,
+    apply: Callable[[ChannelGroup, torch.Tensor, StateRescaler], None] = apply_group,
 ) -> torch.Tensor | None:
-    """One cycle over ``groups``; returns max |d - 1| over the cycle (None when there is no group)."""
+    """One cycle over ``groups``; returns max |d - 1| over the cycle (None when there is no group).
+
+    ``coefficients_of`` and ``apply`` find and apply one group's d (those of sharded parameters
+    reduce over their shards)."""
     deviation = None
     for group in groups:
-        d = group_coefficients(group, p, c, include_bias)
-        apply_group(group, d, state)
+        d = coefficients_of(group, p, c, include_bias)
+        apply(group, d, state)
         step = (d - 1).abs().max()
         deviation = step if deviation is None else torch.maximum(deviation, step.to(deviation.device))
     return deviation

@@ -36,6 +36,7 @@ from ..reference.enorm import (
 )
 from .optimizer_state import StateRescaler
 from .plan import ChannelGroup, Layer
+from .sequential import sequential_cycle
 
 try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -178,15 +179,8 @@ def apply_group(group: ChannelGroup, d: torch.Tensor, state: StateRescaler) -> N
         state.follow(layer.weight, scale, inverse)
 
 
-@torch.no_grad()
 def sharded_sequential_cycle(
     groups: tuple[ChannelGroup, ...], p: float, c: float, include_bias: bool, state: StateRescaler
 ) -> torch.Tensor | None:
     """One sequential cycle over ``groups`` holding sharded parameters; max |d - 1| (None without groups)."""
-    deviation = None
-    for group in groups:
-        d = group_coefficients(group, p, c, include_bias)
-        apply_group(group, d, state)
-        step = (d - 1).abs().max()
-        deviation = step if deviation is None else torch.maximum(deviation, step)
-    return deviation
+    return sequential_cycle(groups, p, c, include_bias, state, coefficients_of=group_coefficients, apply=apply_group)
