@@ -171,7 +171,7 @@ def check_weight_args(
             f"{channels_owner} C = weight.shape[1] * groups = {group_channels * groups} channels "
             f"(one per input channel), got {channels}"
         )
-    if weight[0].numel() < 2:
+    if math.prod(weight.shape[1:]) < 2:
         raise ValueError(
             "EquiNorm needs at least 2 weights per output channel (C/groups * kernel taps >= 2): with one weight "
             f"the mean-centred weight is identically zero; got weight of shape {tuple(weight.shape)}"
@@ -204,10 +204,37 @@ def _may_hold_non_finite(tensor: torch.Tensor) -> torch.Tensor:
     isfinite mask costs several times that on CPU. Finite values whose sum overflows also raise
     the flag: callers confirm with :func:`_non_finite_indices` before reporting.
     """
+    return ~torch.isfinite(_screening_sum(tensor))
+
+
+def _sum_is_finite(tensor: torch.Tensor) -> bool:
+    """False if ``tensor`` holds NaN or Inf (and, rarely, when its finite values' sum overflows).
+
+    The host-side form of :func:`_may_hold_non_finite`: one reduction and one read of the result,
+    where an ``isfinite`` test of a tensor costs several ATen calls on CPU.
+    """
+    return math.isfinite(_screening_sum(tensor).item())
+
+
+def _screening_sum(tensor: torch.Tensor) -> torch.Tensor:
     tensor = tensor.detach()
     # float16 sums overflow at 65504; float32 accumulation keeps ordinary half tensors unflagged.
     accumulation = torch.float32 if tensor.dtype in (torch.float16, torch.bfloat16) else tensor.dtype
-    return ~torch.isfinite(tensor.sum(dtype=accumulation))
+    return tensor.sum(dtype=accumulation)
+
+
+def weight_operands_look_valid(weight: torch.Tensor, mean: torch.Tensor, gain: torch.Tensor | None) -> bool:
+    """True when weight and gain are finite and the means finite and non-negative; a screen for the
+    per-call checks: one read of the (C,) means, the weight and the gain, and one host read in all.
+
+    False does not prove a problem (finite values whose sum overflows also give it): the caller then
+    runs the detailed checks, which name the operand and position or pass.
+    """
+    # sqrt maps a negative mean to NaN, so one sum screens signs and finiteness together.
+    screen = _screening_sum(mean.detach().sqrt()) + _screening_sum(weight)
+    if gain is not None:
+        screen = screen + _screening_sum(gain)
+    return math.isfinite(screen.item())
 
 
 def _non_finite_indices(tensor: torch.Tensor) -> torch.Tensor:
@@ -233,7 +260,7 @@ def check_input_channel_means(sample: torch.Tensor, mean: torch.Tensor, name: st
 
     ``sample``: the samples of ``name`` the means ``mean`` (C,) were taken over, (n, C, *spatial).
     """
-    if not bool(_may_hold_non_finite(mean)):
+    if _sum_is_finite(mean):
         return
     bad_channels = _non_finite_indices(mean)
     if not len(bad_channels):
@@ -271,10 +298,7 @@ def check_equinorm_weight_values(
     ``means_of``: the name of the input ``mean`` was just computed from (the fused forward's
     ``x``); non-finite means are then reported as that input's fault.
     """
-    flags = [_any_bad_mean(mean), _may_hold_non_finite(weight)]
-    if gain is not None:
-        flags.append(_may_hold_non_finite(gain))
-    if not bool(torch.stack(flags).any()):
+    if weight_operands_look_valid(weight, mean, gain):
         return
     if means_of is not None:
         check_finite_values(mean, means_of, "its channel means are not finite")

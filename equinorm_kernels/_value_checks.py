@@ -52,6 +52,8 @@ def check_weight_operands(
     """equinorm_weight's (and the fused forward's) checks: finite weight and gain, finite
     non-negative means; ``sample``: the rows of x the means were computed from, if they were."""
     if not _deferred(weight.device):
+        if _checks.weight_operands_look_valid(weight, mean, gain):
+            return
         if sample is not None:
             _checks.check_input_channel_means(sample, mean, "x")
         _checks.check_equinorm_weight_values(weight, mean, gain, means_of=None if sample is None else "x")

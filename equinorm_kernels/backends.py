@@ -82,6 +82,10 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
     if name == "auto":
+        if device.type != "cuda":  # nothing is measured or forced off CUDA: the first that serves
+            first = _first_auto_backend(device)
+            if first is not None:
+                return first
         candidates = [_REGISTRY[n] for n in available_backends(device) if _REGISTRY[n].auto_serves(device)]
         return _auto_backend(candidates, device)
     backend = _REGISTRY.get(name)
@@ -92,6 +96,16 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
         usable = ", ".join(repr(n) for n in available_backends(device))
         raise ValueError(f"backend {name!r} is not available for tensors on {device}; available there: {usable}")
     return backend
+
+
+def _first_auto_backend(device: torch.device) -> Backend | None:
+    """The backend "auto" takes on ``device`` when nothing is measured: the first in
+    ``available_backends`` order that auto-serves it (the same choice, without building the list)."""
+    for name in (*AUTO_PREFERENCE, *_REGISTRY):
+        backend = _REGISTRY.get(name)
+        if backend is not None and backend.auto_serves(device):
+            return backend
+    return None
 
 
 # ---- "auto" on a GPU: the faster of the CUDA extension and Triton, measured ----

@@ -38,8 +38,9 @@ def channel_mean(x: torch.Tensor, *, stats_fraction: float = 1.0, backend: str =
 
 
 def _statistics_rows(x: torch.Tensor, stats_fraction: float) -> torch.Tensor:
-    """The samples of x that fed its channel means (a view)."""
-    return x[: _checks.stats_rows(x.shape[0], stats_fraction)]
+    """The samples of x that fed its channel means (x itself, or a view of its first rows)."""
+    rows = _checks.stats_rows(x.shape[0], stats_fraction)
+    return x if rows == x.shape[0] else x[:rows]
 
 
 def equinorm_weight(

@@ -8,15 +8,16 @@ import ctypes.util
 import json
 import math
 import platform
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from equinorm_kernels import _checks
+from equinorm_kernels import EquiNormConv2d, _checks
 from equinorm_kernels.bench import allocator, cases, cli, report, runner, timing
 from equinorm_kernels.bench.cases import REFERENCE, Case, Provider
-from equinorm_kernels.bench.networks import ImageNetResNet18, StdConv2d, parameter_count
+from equinorm_kernels.bench.networks import ImageNetResNet, ImageNetResNet18, StdConv2d, parameter_count
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
@@ -208,3 +209,71 @@ def test_command_lists_cases_without_running_them(capsys):
     assert cli.main(["--quick", "--list"]) == 0
     listed = capsys.readouterr().out.splitlines()
     assert len(listed) == len(cases.quick_cases()) and any(line.endswith("[target]") for line in listed)
+
+
+@pytest.mark.parametrize("depth, parameters", [(18, 11_689_512), (50, 25_557_032)])
+def test_imagenet_resnets_have_the_torchvision_sizes(depth, parameters):
+    # torchvision's resnet18 / resnet50 parameter counts (BatchNorm affine included, no conv bias).
+    with torch.device("meta"):
+        model = ImageNetResNet(depth, "batch")
+    assert parameter_count(model) == parameters
+
+
+@pytest.mark.parametrize("norm", ["batch", "group", "equinorm", "none"])
+def test_imagenet_resnet50_runs_in_every_norm(norm):
+    model = ImageNetResNet(50, norm, width=2, num_classes=3)
+    out = model(torch.rand(2, 3, 32, 32))
+    assert out.shape == (2, 3) and torch.isfinite(out).all()
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 53 and all(isinstance(m, EquiNormConv2d) for m in convs) == (norm == "equinorm")
+
+
+def test_model_cases_compare_eager_with_eager_and_compiled_with_compiled():
+    medians = {"batchnorm": 4.0, "none": 2.0, "equinorm": 2.5, "batchnorm_compiled": 3.0, "none_compiled": 1.0,
+               "equinorm_compiled": 1.5}  # fmt: skip
+
+    def build(context: cases.BuildContext) -> dict:
+        return {name: partial(Provider, run=lambda: None, comparable=False) for name in medians}
+
+    case = Case("model_train", "synthetic", {}, build, target=cases.MODEL_TARGET, provider_set=cases.MODEL_PROVIDERS,
+                ratio_baselines=cases.MODEL_RATIO_BASELINES)  # fmt: skip
+    result = runner.run_case(case, TINY_CONTEXT, settings=None)
+    for name, median in medians.items():
+        result.providers[name].timing = timing.Timing(median, median, median, 1, "synthetic")
+    assert result.ratio_to("equinorm", "batchnorm") == pytest.approx(1.6)
+    assert result.ratio_to("equinorm", "none") == pytest.approx(0.8)
+    assert result.ratio_to("equinorm_compiled", "batchnorm") == pytest.approx(2.0)
+    assert result.ratio_to("equinorm_compiled", "none") == pytest.approx(2 / 3)
+    assert result.ratio_to("none", "none") is None
+    checks = {(c.provider, c.metric): c for c in report.target_checks([result], None)}
+    assert {provider for provider, _ in checks} == {"equinorm", "equinorm_compiled"}
+    assert checks["equinorm", "speedup over batchnorm"].met is True
+    assert checks["equinorm", "speedup over none"].met is False
+    table = report.text_report([result], None, "header")
+    assert "x batchnorm" in table and "x none" in table and "x ref" not in table.split("== model_train")[1]
+
+
+def test_model_cases_train_cifar_resnet20_on_cpu_and_imagenet_resnets_on_cuda(capsys):
+    for preset in ("quick", "full"):
+        cpu = [c for c in cases.cases_for(preset, ["model_train", "model_eval"]) if c.family == "model_train"]
+        batches = (32,) if preset == "quick" else (32, 128)
+        assert [c.label for c in cpu] == [f"CifarResNet-20 N{b}" for b in batches]
+        compiled = preset == "full"
+        names = cpu[0].provider_names(TINY_CONTEXT)
+        assert names[:4] == ("batchnorm", "groupnorm", "equinorm", "none")
+        assert len(names) == (8 if compiled else 4) and all(n.endswith("_compiled") for n in names[4:])
+    assert cli.main(["--list", "--device", "cuda", "--families", "model_train"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split("  ")[0] for line in listed] == [
+        f"model_train/ResNet-{depth} bfloat16 N{batch}" for depth in (18, 50) for batch in (32, 128)
+    ]
+
+
+def test_tiny_model_steps_keep_the_loss_finite():
+    # The timed steps repeat one batch; they must stay finite (a NaN would stop EquiNorm's value checks).
+    case = next(c for c in cases.tiny_cases() if c.family == "model_train")
+    factories = case.build(TINY_CONTEXT)
+    for name in ("batchnorm", "equinorm", "none"):
+        provider = factories[name]()
+        losses = [float(provider.run()) for _ in range(3)]
+        assert all(math.isfinite(loss) for loss in losses), name

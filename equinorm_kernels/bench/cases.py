@@ -16,6 +16,10 @@ Providers:
                          channel_mean case, on its own input)
     foreach_mul          every parameter multiplied in place (torch._foreach_mul_): one read and one
                          write of each, the least traffic any ENorm cycle can make (a floor, not comparable)
+    batchnorm, groupnorm, equinorm, none (and each with _compiled: torch.compile of the model)
+                         the model cases: one network in each norm, compared by ratios of medians to
+                         the batchnorm and none providers of the same mode (eager or compiled)
+    conv2d, conv2d_batchnorm, batchnorm2d, equinorm    the host-time case: one call of each layer
 
 Bytes moved (for GB/s) are the least traffic the operation needs, defined per family in
 :data:`FAMILIES`; 4 bytes per fp32 element.
@@ -36,7 +40,8 @@ from .. import functional
 from ..enorm import ENorm
 from ..layers import EquiNormConv2d
 from ..reference import equinorm as reference_math
-from .networks import ImageNetResNet18, StdConv2d, parameter_count, residual_mlp
+from ..models import CifarResNet
+from .networks import ImageNetResNet, ImageNetResNet18, StdConv2d, parameter_count, residual_mlp
 
 REFERENCE = "reference"
 COMPILED_REFERENCE = "reference_compiled"
@@ -59,6 +64,11 @@ FAMILIES: dict[str, str] = {
     "layer_eval": "whole-layer eval forward under no_grad (EquiNorm: weight from the running mean)",
     "enorm_cycle": "one ENorm cycle (sequential schedule, p = 2) in place (bytes: parameters read and written once)",
     "enorm_balance": "ENorm cycles until max |d - 1| <= tol, from the same initial weights every repetition",
+    "model_train": "whole-model training step (forward, cross-entropy, backward, SGD with momentum) in every norm, "
+    "eager and torch.compile; ratios are speedups over the batchnorm and none models of the same mode",
+    "model_eval": "whole-model eval forward under no_grad in every norm, eager and torch.compile; ratios as model_train",
+    "layer_host": "host time of one layer call at a tiny shape (forward + backward into x and every parameter): "
+    "EquiNormConv2d against Conv2d, BatchNorm2d and Conv2d + BatchNorm2d",
 }
 
 # The op options every EquiNorm case uses: a stride-1 "same" conv (ratio 1), the default mode.
@@ -145,10 +155,19 @@ class Target:
     min_speedup_over_reference: float | None = None
     min_speedup_over_compiled: float | None = None
     min_fraction_of_read_ceiling: float | None = None
+    # Goals against other providers of the case, (baseline, least speedup); a "_compiled" provider
+    # is held against the baseline's compiled form.
+    min_speedup_over_baselines: tuple[tuple[str, float], ...] = ()
+    # The providers the goals are for (None: every fused backend of the case).
+    providers: tuple[str, ...] | None = None
 
 
 # Which providers a case has: see Case.provider_names.
 READ_PROVIDERS, EQUINORM_PROVIDERS, LAYER_PROVIDERS, ENORM_PROVIDERS = "read", "equinorm", "layer", "enorm"
+MODEL_PROVIDERS, HOST_PROVIDERS = "model", "host"
+COMPILED_SUFFIX = "_compiled"
+MODEL_NORMS = {"batchnorm": "batch", "groupnorm": "group", "equinorm": "equinorm", "none": "none"}
+HOST_LAYERS = ("conv2d", "batchnorm2d", "conv2d_batchnorm", "equinorm")
 
 
 @dataclass(frozen=True)
@@ -162,6 +181,12 @@ class Case:
     bytes_moved: int | None = None
     target: Target | None = None
     provider_set: str = EQUINORM_PROVIDERS
+    # The providers the report's ratio columns divide by (None: the reference and its compiled form).
+    ratio_baselines: tuple[str, ...] | None = None
+    # CPU interleaved rounds for this case, instead of the run's (slow cases on a noisy machine want more).
+    rounds: int | None = None
+    # Whether the case also runs torch.compile'd providers (when the run compiles at all).
+    compiled_providers: bool = True
 
     @property
     def id(self) -> str:
@@ -171,6 +196,13 @@ class Case:
         """The providers ``build(context)`` returns, known without allocating anything."""
         if self.provider_set == READ_PROVIDERS:
             return (READ,)
+        if self.provider_set == MODEL_PROVIDERS:
+            names = tuple(MODEL_NORMS)
+            if context.compile_reference and self.compiled_providers:
+                names += tuple(name + COMPILED_SUFFIX for name in MODEL_NORMS)
+            return names
+        if self.provider_set == HOST_PROVIDERS:
+            return HOST_LAYERS
         names = [*context.fused_backends, REFERENCE]
         if self.provider_set != ENORM_PROVIDERS and context.compile_reference:
             names.append(COMPILED_REFERENCE)
@@ -501,6 +533,153 @@ def _eval_forward(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
     return module(x)
 
 
+# ---- whole models -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A network the model cases train: how to build it in a norm, its input, dtype and layout."""
+
+    name: str
+    build: Callable[[str], nn.Module]  # norm ("batch", "group", "equinorm", "none") -> model
+    sample_shape: tuple[int, ...]  # one input, without the batch dim
+    num_classes: int
+    description: str
+    dtype: torch.dtype = torch.float32
+    channels_last: bool = False
+
+
+def cifar_resnet_spec(depth: int = 20, width: int = 16, size: int = 32) -> ModelSpec:
+    return ModelSpec(
+        name=f"CifarResNet-{depth}" + ("" if width == 16 else f" width {width}"),
+        build=lambda norm: CifarResNet(depth, width, norm=norm),
+        sample_shape=(3, size, size), num_classes=10,
+        description=f"CifarResNet(depth={depth}, width={width}), {size}x{size} inputs, 10 classes",
+    )  # fmt: skip
+
+
+def imagenet_resnet_spec(depth: int, width: int = 64, size: int = 224, num_classes: int = 1000,
+                         dtype: torch.dtype = torch.bfloat16, channels_last: bool = True) -> ModelSpec:  # fmt: skip
+    layout = "channels_last" if channels_last else "NCHW"
+    return ModelSpec(
+        name=f"ResNet-{depth}" + ("" if width == 64 else f" width {width}") + f" {str(dtype).removeprefix('torch.')}",
+        build=lambda norm: ImageNetResNet(depth, norm, width, num_classes),
+        sample_shape=(3, size, size), num_classes=num_classes, dtype=dtype, channels_last=channels_last,
+        description=f"ResNet-{depth} ImageNet layout, base width {width}, {size}x{size} inputs, {num_classes} "
+        f"classes, {str(dtype).removeprefix('torch.')}, {layout}",
+    )  # fmt: skip
+
+
+# What a model case's goals are (the task's targets): EquiNorm within 5% of no normalization,
+# 1.25x faster than BatchNorm and faster than GroupNorm, eager and compiled.
+MODEL_TARGET = Target(
+    "equinorm within 5% of none (>= 1/1.05x), >= 1.25x batchnorm, >= 1x groupnorm; eager and compiled",
+    min_speedup_over_baselines=(("none", 1 / 1.05), ("batchnorm", 1.25), ("groupnorm", 1.0)),
+    providers=("equinorm", "equinorm" + COMPILED_SUFFIX),
+)
+# Eval: the eval-mode weight is built once and reused, so the model should run as the unnormalized one.
+MODEL_EVAL_TARGET = Target(
+    "equinorm within 5% of none (>= 1/1.05x); eager and compiled",
+    min_speedup_over_baselines=(("none", 1 / 1.05),),
+    providers=("equinorm", "equinorm" + COMPILED_SUFFIX),
+)
+MODEL_RATIO_BASELINES = ("batchnorm", "none")
+MODEL_LEARNING_RATE = 1e-3  # small: the timed steps repeat one batch, and must stay finite
+MODEL_MOMENTUM = 0.9
+
+
+def model_case(spec: ModelSpec, batch: int, train: bool, *, rounds: int | None = None, compiled: bool = True) -> Case:
+    return Case(
+        family="model_train" if train else "model_eval",
+        label=f"{spec.name} N{batch}",
+        params={"network": spec.description, "input_shape": [batch, *spec.sample_shape],
+                "optimizer": f"SGD lr {MODEL_LEARNING_RATE} momentum {MODEL_MOMENTUM}" if train else None},
+        build=partial(_build_model, spec, batch, train, compiled),
+        target=MODEL_TARGET if train else MODEL_EVAL_TARGET,
+        provider_set=MODEL_PROVIDERS,
+        ratio_baselines=MODEL_RATIO_BASELINES,
+        rounds=rounds,
+        compiled_providers=compiled,
+    )  # fmt: skip
+
+
+def _build_model(spec: ModelSpec, batch: int, train: bool, with_compiled: bool,
+                 context: BuildContext) -> dict[str, ProviderFactory]:  # fmt: skip
+    _seed(context)
+    x = torch.rand(batch, *spec.sample_shape, device=context.device).to(spec.dtype)  # raw pixels in [0, 1)
+    if spec.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, spec.num_classes, (batch,), device=context.device)
+    factories: dict[str, ProviderFactory] = {}
+    for compiled in (False, True) if with_compiled and context.compile_reference else (False,):
+        for name, norm in MODEL_NORMS.items():
+            provider_name = name + COMPILED_SUFFIX if compiled else name
+            factories[provider_name] = partial(_model_provider, spec, norm, x, labels, train, compiled, context)
+    return factories
+
+
+def _model_provider(spec: ModelSpec, norm: str, x: torch.Tensor, labels: torch.Tensor, train: bool, compiled: bool,
+                    context: BuildContext) -> Provider:  # fmt: skip
+    torch.manual_seed(context.seed)  # every norm starts from its own seeded initialisation
+    model = spec.build(norm).to(device=context.device, dtype=spec.dtype).train(train)
+    if spec.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # A fresh compile per provider: no graph of another model or case is reused.
+    forward = compile_fresh(model, context) if compiled else model
+    if not train:
+        return Provider(run=partial(_eval_forward, forward, x), comparable=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=MODEL_LEARNING_RATE, momentum=MODEL_MOMENTUM)
+    return Provider(run=partial(_training_step, forward, optimizer, x, labels), comparable=False)
+
+
+def _training_step(forward: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
+                   x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    optimizer.zero_grad(set_to_none=True)
+    loss = nn.functional.cross_entropy(forward(x).float(), labels)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+# ---- host time per layer call ------------------------------------------------------------------------
+
+def layer_host_case(shape: LayerShape = LayerShape(8, 8, 4, 3), batch: int = 2) -> Case:
+    return Case(
+        family="layer_host",
+        label=f"N{batch} {shape.label}",
+        params={"input_shape": list(shape.input_shape(batch)), "weight_shape": list(shape.weight_shape()),
+                "padding": shape.kernel // 2},
+        build=partial(_build_layer_host, shape, batch),
+        target=Target("equinorm layer call <= Conv2d + BatchNorm2d calls (its host time over the conv's <= a "
+                      "BatchNorm2d call's)", min_speedup_over_baselines=(("conv2d_batchnorm", 1.0),),
+                      providers=("equinorm",)),
+        provider_set=HOST_PROVIDERS,
+        ratio_baselines=("conv2d", "conv2d_batchnorm"),
+    )  # fmt: skip
+
+
+def _build_layer_host(shape: LayerShape, batch: int, context: BuildContext) -> dict[str, ProviderFactory]:
+    _seed(context)
+    x = activation(shape.input_shape(batch), context, requires_grad=True)
+    grad_out = _memory_format(torch.randn(batch, shape.out_channels, shape.size, shape.size, device=context.device),
+                              context)  # fmt: skip
+    conv = partial(nn.Conv2d, shape.in_channels, shape.out_channels, shape.kernel, padding=shape.kernel // 2)
+    layers: dict[str, Callable[[], nn.Module]] = {
+        "conv2d": conv,
+        "batchnorm2d": lambda: nn.BatchNorm2d(shape.in_channels),
+        "conv2d_batchnorm": lambda: nn.Sequential(conv(bias=False), nn.BatchNorm2d(shape.out_channels)),
+        "equinorm": partial(EquiNormConv2d, shape.in_channels, shape.out_channels, shape.kernel,
+                            padding=shape.kernel // 2),
+    }  # fmt: skip
+    prepare = partial(_prepared_module, context=context, train=True)
+
+    def provider(make: Callable[[], nn.Module], name: str) -> Provider:
+        module = prepare(make())
+        gradient = torch.randn_like(x) if name == "batchnorm2d" else grad_out
+        return Provider(run=_layer_run(module, x=x, grad_out=gradient), comparable=False)
+
+    return {name: partial(provider, make, name) for name, make in layers.items()}
+
+
 # ---- ENorm ---------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -601,6 +780,16 @@ BANDWIDTH_TARGET_MIN_BYTES = 64 * MIB
 LARGE_STATISTICS_INPUTS = ((32, 128, 64, 64), (128, 128, 64, 64))  # 64 MiB, 256 MiB
 READ_CEILING_MIB = 256
 PRESETS = ("tiny", "quick", "full")
+MODEL_BATCH_SIZES = (32, 128)
+MODEL_ROUNDS = {"quick": 3, "full": 10}  # interleaved rounds: a training step is long, the machine's drift slow
+
+
+def model_specs(device_type: str) -> tuple[ModelSpec, ...]:
+    """The networks of the model cases: CifarResNet-20 on CPU; ResNet-18 and -50 (ImageNet layout,
+    bf16, channels_last) on CUDA."""
+    if device_type == "cuda":
+        return (imagenet_resnet_spec(18), imagenet_resnet_spec(50))
+    return (cifar_resnet_spec(),)
 
 
 def _channel_mean_with_target(shape: Sequence[int], min_bytes: int = BANDWIDTH_TARGET_MIN_BYTES) -> Case:
@@ -612,8 +801,9 @@ def _stats_weight_with_target(shape: LayerShape, batch: int) -> Case:
     return stats_weight_case(shape, batch, STATS_WEIGHT_TARGET if (shape, batch) in STATS_WEIGHT_TARGETS else None)
 
 
-def full_cases() -> list[Case]:
-    """Every family at the ResNet layer shapes and batch sizes 1, 8, 32, 128."""
+def full_cases(device_type: str = "cpu") -> list[Case]:
+    """Every family at the ResNet layer shapes and batch sizes 1, 8, 32, 128; the model cases at
+    batch sizes 32 and 128."""
     shapes, batches = RESNET_LAYER_SHAPES, BATCH_SIZES
     cases = [read_ceiling_case(READ_CEILING_MIB)]
     inputs = dict.fromkeys(s.input_shape(b) for s in shapes for b in batches)  # two shapes share 512ch 7x7
@@ -625,11 +815,15 @@ def full_cases() -> list[Case]:
     networks = (mlp_network(), resnet18_network())
     cases += [enorm_case(n, balance=False, target=_enorm_target(n)) for n in networks]
     cases += [enorm_case(n, balance=True, tol=1e-3) for n in networks]
+    cases += [layer_host_case()]
+    cases += [model_case(spec, batch, train, rounds=MODEL_ROUNDS["full"])
+              for train in (True, False) for spec in model_specs(device_type) for batch in MODEL_BATCH_SIZES]  # fmt: skip
     return cases
 
 
-def quick_cases() -> list[Case]:
-    """Every target case, and every family at a few sizes (batch 8, two layer shapes)."""
+def quick_cases(device_type: str = "cpu") -> list[Case]:
+    """Every target case, and every family at a few sizes (batch 8, two layer shapes; the first
+    model at batch 32, eager only: compiling four models would take longer than the rest of the run)."""
     layer_shapes = (RESNET_LAYER_SHAPES[1], RESNET_LAYER_SHAPES[3])
     cases = [read_ceiling_case(READ_CEILING_MIB)]
     cases += [_channel_mean_with_target(RESNET_LAYER_SHAPES[0].input_shape(32))]
@@ -639,11 +833,16 @@ def quick_cases() -> list[Case]:
     cases += [layer_case(s, 8, train) for train in (True, False) for s in layer_shapes]
     cases += [enorm_case(n, balance=False, target=_enorm_target(n)) for n in (mlp_network(), resnet18_network())]
     cases += [enorm_case(mlp_network(hidden=256, blocks=2), balance=True, tol=1e-2)]
+    cases += [layer_host_case()]
+    first_model = model_specs(device_type)[0]
+    cases += [model_case(first_model, MODEL_BATCH_SIZES[0], train, rounds=MODEL_ROUNDS["quick"], compiled=False)
+              for train in (True, False)]  # fmt: skip
     return cases
 
 
-def tiny_cases() -> list[Case]:
-    """Every family at sizes that run in milliseconds (smoke tests); targets kept to exercise the report."""
+def tiny_cases(device_type: str = "cpu") -> list[Case]:
+    """Every family at sizes that run in milliseconds (smoke tests); targets kept to exercise the report.
+    The model cases train both kinds of network (CUDA's ImageNet layout in bf16 and channels_last too) at tiny widths."""
     shapes = (LayerShape(4, 6, 5, 3), LayerShape(8, 16, 3, 1))
     cases = [read_ceiling_case(1)]
     cases += [_channel_mean_with_target((2, 4, 5, 5), min_bytes=0)]
@@ -653,6 +852,9 @@ def tiny_cases() -> list[Case]:
     networks = (mlp_network(in_features=12, hidden=8, blocks=1), resnet18_network(width=2))
     cases += [enorm_case(n, balance=False, target=ENORM_CYCLE_TARGET) for n in networks]
     cases += [enorm_case(n, balance=True, tol=1e-3, max_cycles=50) for n in networks]
+    cases += [layer_host_case(LayerShape(4, 4, 3, 3), 2)]
+    cases += [model_case(cifar_resnet_spec(depth=8, width=4, size=8), 2, train) for train in (True, False)]
+    cases += [model_case(imagenet_resnet_spec(18, width=2, size=32, num_classes=10), 2, True)]
     return cases
 
 
@@ -660,13 +862,14 @@ def _enorm_target(network: Network) -> Target | None:
     return ENORM_CYCLE_TARGET if network.name == "resnet18" else None
 
 
-def cases_for(preset: str, families: Collection[str] | None = None) -> list[Case]:
-    """The cases of ``preset`` ("tiny", "quick" or "full"), only those of ``families`` when given."""
+def cases_for(preset: str, families: Collection[str] | None = None, device_type: str = "cpu") -> list[Case]:
+    """The cases of ``preset`` ("tiny", "quick" or "full"), only those of ``families`` when given;
+    ``device_type`` picks the model cases' networks (see :func:`model_specs`)."""
     builders = {"tiny": tiny_cases, "quick": quick_cases, "full": full_cases}
     if preset not in builders:
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
     unknown = set(families or ()) - set(FAMILIES)
     if unknown:
         raise ValueError(f"unknown families {sorted(unknown)}; known: {list(FAMILIES)}")
-    cases = builders[preset]()
+    cases = builders[preset](device_type)
     return [case for case in cases if families is None or case.family in families]

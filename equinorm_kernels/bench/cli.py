@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(arguments)
     preset = "tiny" if args.smoke else "quick" if args.quick else "full"
-    cases = cases_for(preset, args.families)
+    cases = cases_for(preset, args.families, device_type=listed_device_type(parser, args.device))
     if args.list:
         print("\n".join(f"{case.id}{'  [target]' if case.target else ''}" for case in cases))
         return 0
@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Microbenchmarks of the EquiNorm and ENorm kernels: every fused backend next to the "
         "pure-PyTorch reference, torch.compile of the reference and the usual conv + norm layers.",
     )
-    parser.add_argument("--quick", action="store_true", help="the target cases and a few sizes (about 20 s on 2 CPU cores)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the target cases and a few sizes (about 30 s on 2 CPU cores)")  # fmt: skip
     parser.add_argument("--device", help="cpu, cuda or cuda:N [cuda when available, else cpu]")
     parser.add_argument("--threads", type=positive_int, metavar="N", help=f"torch CPU threads [{torch.get_num_threads()}]")
     parser.add_argument("--families", nargs="+", choices=list(FAMILIES), metavar="FAMILY",
@@ -117,6 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)
     return parser
+
+
+def listed_device_type(parser: argparse.ArgumentParser, name: str | None) -> str:
+    """The device type whose cases run (the model cases differ): named ones are listed even where
+    they cannot run, so ``--list --device cuda`` shows a GPU run's cases on any machine."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return torch.device(name).type
+    except RuntimeError:
+        parser.error(f"--device: not a device: {name!r}")
 
 
 def resolve_device(parser: argparse.ArgumentParser, name: str | None) -> torch.device:

@@ -80,13 +80,15 @@ def fused_providers(result: CaseResult) -> list[str]:
 
 
 def target_checks(results: Iterable[CaseResult], ceiling: float | None) -> list[TargetCheck]:
-    """Every stated goal of every target case, for every fused provider."""
+    """Every stated goal of every target case, for every fused provider (or the providers it names)."""
     checks = []
     for result in results:
         target = result.case.target
         if target is None:
             continue
-        for provider in fused_providers(result):
+        named = target.providers
+        providers = fused_providers(result) if named is None else [name for name in named if name in result.providers]
+        for provider in providers:
             checks += _checks_of(result, provider, target, ceiling)
     return checks
 
@@ -107,6 +109,8 @@ def _checks_of(result: CaseResult, provider: str, target: Target, ceiling: float
         ("speedup over compiled reference", target.min_speedup_over_compiled, result.speedup(provider, COMPILED_REFERENCE)),
         ("fraction of read ceiling", target.min_fraction_of_read_ceiling, fraction_of_ceiling(result, provider, ceiling)),
     )
+    goals += tuple((f"speedup over {baseline}", goal, result.ratio_to(provider, baseline))
+                   for baseline, goal in target.min_speedup_over_baselines)  # fmt: skip
     return [TargetCheck(result.case.id, provider, median, metric, measured, goal, invalid_because)
             for metric, goal, measured in goals if goal is not None]  # fmt: skip
 
@@ -162,11 +166,29 @@ def provider_row(result: CaseResult, name: str, ceiling: float | None) -> list[s
     ]
 
 
+def baseline_row(result: CaseResult, name: str) -> list[str]:
+    """A row of a case compared with its own baselines (the model and host-time cases)."""
+    provider = result.providers[name]
+    timing = provider.timing
+    spread = "-" if timing is None else f"{format_seconds(timing.p20)} - {format_seconds(timing.p80)}"
+    ratios = [_number(result.ratio_to(name, baseline), "x") for baseline in result.case.ratio_baselines]
+    return [result.case.label, name, format_seconds(provider.median), spread, *ratios, _check_text(provider)]
+
+
+def family_headers(results: Sequence[CaseResult], family: str) -> tuple[str, ...]:
+    """The columns of a family's table: the ratio columns name the family's baselines where it has its own."""
+    baselines = next((r.case.ratio_baselines for r in results if r.case.family == family), None)
+    if baselines is None:
+        return TABLE_HEADERS
+    return ("case", "provider", "median", "p20 - p80", *(f"x {baseline}" for baseline in baselines), "check")
+
+
 def family_rows(results: Sequence[CaseResult], family: str, ceiling: float | None) -> list[list[str]]:
     rows = []
     for result in results:
         if result.case.family == family:
-            rows += [provider_row(result, name, ceiling) for name in result.providers]
+            row = provider_row if result.case.ratio_baselines is None else (lambda r, n, _: baseline_row(r, n))
+            rows += [row(result, name, ceiling) for name in result.providers]
     return rows
 
 
@@ -211,7 +233,7 @@ def report_sections(results: Sequence[CaseResult], ceiling: float | None) -> lis
     if checks:
         sections.append(("targets", "the stated goals, read off the cases below", TARGET_HEADERS, target_rows(checks)))
     for family in families_in(results):
-        sections.append((family, FAMILIES[family], TABLE_HEADERS, family_rows(results, family, ceiling)))
+        sections.append((family, FAMILIES[family], family_headers(results, family), family_rows(results, family, ceiling)))
     return sections
 
 
@@ -266,6 +288,8 @@ def provider_record(result: CaseResult, name: str, ceiling: float | None) -> dic
         error=provider.error,
         details=provider.details,
     )
+    if result.case.ratio_baselines is not None:  # speedups over the case's own baselines, same mode
+        record["ratios"] = {baseline: result.ratio_to(name, baseline) for baseline in result.case.ratio_baselines}
     return record
 
 
@@ -276,6 +300,8 @@ def case_record(result: CaseResult, ceiling: float | None) -> dict[str, object]:
         "min_speedup_over_reference": case.target.min_speedup_over_reference,
         "min_speedup_over_compiled_reference": case.target.min_speedup_over_compiled,
         "min_fraction_of_read_ceiling": case.target.min_fraction_of_read_ceiling,
+        "min_speedup_over_baselines": dict(case.target.min_speedup_over_baselines),
+        "providers": None if case.target.providers is None else list(case.target.providers),
     }  # fmt: skip
     return {
         "id": case.id,
@@ -284,6 +310,7 @@ def case_record(result: CaseResult, ceiling: float | None) -> dict[str, object]:
         "params": dict(case.params),
         "bytes_moved": case.bytes_moved,
         "target": target,
+        "ratio_baselines": None if case.ratio_baselines is None else list(case.ratio_baselines),
         "providers": {name: provider_record(result, name, ceiling) for name in result.providers},
     }
 
@@ -321,8 +348,8 @@ def write_plots(results: Sequence[CaseResult], ceiling: float | None, directory:
     written = []
     for family in families_in(results):
         family_results = [r for r in results if r.case.family == family]
-        if family == "read_ceiling":
-            continue
+        if family == "read_ceiling" or any(r.case.ratio_baselines is not None for r in family_results):
+            continue  # no reference to plot speedups over: the tables carry these families
         path = directory / f"{family}.png"
         if _plot_speedups(family_results, family, path, title_suffix):
             written.append(path)

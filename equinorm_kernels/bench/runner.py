@@ -7,6 +7,7 @@ is timed but flagged, so a wrong result can never pass as a fast one.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -15,6 +16,7 @@ import torch
 
 from .cases import (
     COMPILED_REFERENCE,
+    COMPILED_SUFFIX,
     REFERENCE,
     BuildContext,
     Case,
@@ -76,6 +78,15 @@ class CaseResult:
             return None
         return theirs / mine
 
+    def ratio_to(self, provider: str, baseline: str) -> float | None:
+        """The speedup over ``baseline`` in the provider's own mode: a compiled provider ("<name>_compiled")
+        over the baseline's compiled form where the case has it, an eager one over the eager baseline."""
+        if provider.endswith(COMPILED_SUFFIX) and baseline + COMPILED_SUFFIX in self.providers:
+            baseline += COMPILED_SUFFIX
+        if provider == baseline:
+            return None
+        return self.speedup(provider, baseline)
+
     def gbps(self, provider: str) -> float | None:
         median = self.median(provider)
         if self.case.bytes_moved is None or median is None or median <= 0:
@@ -120,6 +131,8 @@ def run_case(case: Case, context: BuildContext, settings: TimingSettings | None)
         if provider is not None:
             checked[name] = provider
     if settings is not None:
+        if case.rounds is not None:
+            settings = dataclasses.replace(settings, rounds=case.rounds)
         _time_providers(checked, results, context.device, settings)
     return CaseResult(case, {name: results[name] for name in factories_order(order, results)})
 

@@ -94,7 +94,10 @@ def _grad_input_from_mean(grad_mean: torch.Tensor, x: torch.Tensor, stats_fracti
     on the others, as an (N, C, 1, ...) tensor broadcast to x's shape (never materialised)."""
     rows = _checks.stats_rows(x.shape[0], stats_fraction)
     trailing = (1,) * (x.dim() - 2)
-    per_element = (grad_mean / (rows * math.prod(x.shape[2:]))).to(x.dtype).reshape((1, x.shape[1], *trailing))
+    per_element = grad_mean / (rows * math.prod(x.shape[2:]))
+    if per_element.dtype != x.dtype:
+        per_element = per_element.to(x.dtype)
+    per_element = per_element.reshape((1, x.shape[1], *trailing))
     if stats_fraction < 1.0:
         # A mask rather than a split at `rows`: no shape depends on it, so a symbolic batch size
         # under torch.compile(dynamic=True) needs no guard on where the split falls.
@@ -204,7 +207,10 @@ def _kernel_operands(weight, gain, *others):
     """The weight in a dtype the kernels take, and the gain (ones when absent) in its accumulation dtype."""
     acc = _accumulation_dtype(weight, gain, *others)
     kernel_weight = weight if _accumulation_dtype(weight) == acc else weight.to(acc)
-    kernel_gain = weight.new_ones(weight.shape[0], dtype=acc) if gain is None else gain.to(acc)
+    if gain is None:
+        kernel_gain = weight.new_ones(weight.shape[0], dtype=acc)
+    else:  # .to only where it converts: even a no-op call costs a dispatch per layer call
+        kernel_gain = gain if gain.dtype == acc else gain.to(acc)
     return kernel_weight, kernel_gain, acc
 
 
@@ -235,6 +241,6 @@ def fused_equinorm_forward(implementation: str) -> Callable[..., tuple[torch.Ten
         out, mean = _EquiNormForward.apply(
             x, kernel_weight, kernel_gain, stats_fraction, ratio, groups, mode, eps, implementation
         )
-        return out.to(weight.dtype), mean
+        return (out if out.dtype == weight.dtype else out.to(weight.dtype)), mean
 
     return equinorm_forward
