@@ -1,8 +1,8 @@
 """Which implementation runs an op: a small registry of backends with one entry per implementation.
 
-Each backend provides ``channel_mean(x, stats_fraction)``, ``equinorm_weight(weight, mean, ratio,
-groups, mode, gain, eps)`` and ``equinorm_forward(x, stats_fraction, weight, ratio, groups, mode,
-gain, eps) -> (weight'', mean)`` (both at once, fused where the backend can) with the semantics of
+Each backend provides ``channel_mean(x, stats_fraction, statistic)``, ``equinorm_weight(weight,
+mean, ratio, groups, mode, gain, eps)`` and ``equinorm_forward(x, stats_fraction, weight, ratio,
+groups, mode, gain, eps, statistic) -> (weight'', mean)`` (both at once, fused where the backend can) with the semantics of
 :mod:`equinorm_kernels.reference`, and optionally the ENorm cycle. Arguments reach a backend
 already validated. ``"auto"`` takes the first available backend in ``AUTO_PREFERENCE`` that serves
 the tensor's device, so the fused kernels win wherever they exist: on a GPU the CUDA extension,
@@ -272,8 +272,8 @@ def _auto_backend(candidates: list[Backend], device: torch.device) -> Backend:
     return _FASTEST[measured]
 
 
-def _reference_equinorm_forward(x, stats_fraction, weight, ratio, groups, mode, gain, eps):
-    mean = reference.equinorm.channel_mean_unchecked(x, stats_fraction)
+def _reference_equinorm_forward(x, stats_fraction, weight, ratio, groups, mode, gain, eps, statistic="mean"):
+    mean = reference.equinorm.channel_mean_unchecked(x, stats_fraction, statistic)
     return reference.equinorm.equinorm_weight_unchecked(weight, mean, ratio, groups, mode, gain, eps), mean
 
 

@@ -1,4 +1,8 @@
-// Channel statistics on the GPU: mean[c] = mean of x[:rows] over every dim but 1.
+// Channel statistics on the GPU: mean[c] = mean of x[:rows] over every dim but 1, or (kAbs, the
+// "abs_mean" statistic) the mean of |x[:rows]|. |v| is v for v >= 0 and both add in the same order,
+// so on non-negative inputs the two give the same bits. With kAbs a thread that read a value < 0
+// stores true into negative[c] for its channel (zeroed by the caller): every writer stores the same
+// value, so the flags do not depend on which thread writes last.
 //
 // x is read as (R, C, S): R rows of C channels of S contiguous values (NCHW: R = rows,
 // S = spatial; channels_last: R = rows * spatial, S = 1). Two schedules, both reading x once:
@@ -143,6 +147,7 @@ bool valid_shape(const ChannelMeanShape& shape) {
 template <typename acc_t>
 struct MeanOutput {
   acc_t* mean;
+  bool* negative;  // kAbs only
   acc_t* partials;
   unsigned int* counters;
   acc_t count;  // values per channel
@@ -163,6 +168,17 @@ struct SegmentArgs {
   int64_t channel_elements, piece_elements;
   MeanOutput<acc_t> output;
 };
+
+// The statistic's term for one value: v, or |v| (kAbs), noting in `negative` a value < 0.
+template <bool kAbs, typename acc_t>
+__device__ __forceinline__ acc_t statistic_term(acc_t value, bool& negative) {
+  if constexpr (kAbs) {
+    negative |= value < 0;
+    return value < 0 ? -value : value;
+  } else {
+    return value;
+  }
+}
 
 // Sum over the block, in a fixed order; the result is in thread 0.
 template <typename acc_t>
@@ -214,7 +230,7 @@ __device__ void finish_means(const acc_t* partials, int64_t channel_stride, int6
   }
 }
 
-template <typename scalar_t, int kVec>
+template <typename scalar_t, int kVec, bool kAbs>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     column_mean_kernel(const scalar_t* __restrict__ x, ColumnArgs<acc_type<scalar_t>> a) {
   using acc_t = acc_type<scalar_t>;
@@ -237,8 +253,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   const int64_t column = first_column + (first - row_offset * columns);
 
   acc_t sums[kVec];
+  bool negative[kVec];
 #pragma unroll
-  for (int v = 0; v < kVec; ++v) sums[v] = 0;
+  for (int v = 0; v < kVec; ++v) {
+    sums[v] = 0;
+    negative[v] = false;
+  }
   if (owns) {
     const int64_t unrolled_rows = static_cast<int64_t>(kUnroll) * a.tile_rows;
     int64_t row = row_begin;
@@ -252,7 +272,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
 #pragma unroll
-        for (int v = 0; v < kVec; ++v) sums[v] += to_acc(values[u][v]);
+        for (int v = 0; v < kVec; ++v) sums[v] += statistic_term<kAbs>(to_acc(values[u][v]), negative[v]);
       }
     }
     // The slot's last rows, one step at a time; the slot may end inside this thread's values.
@@ -265,11 +285,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
         scalar_t values[kVec];
         load_vector<kVec>(source, values);
 #pragma unroll
-        for (int v = 0; v < kVec; ++v) sums[v] += to_acc(values[v]);
+        for (int v = 0; v < kVec; ++v) sums[v] += statistic_term<kAbs>(to_acc(values[v]), negative[v]);
       } else {
 #pragma unroll
         for (int v = 0; v < kVec; ++v) {
-          if (v < valid) sums[v] += load_acc(source + v);
+          if (v < valid) sums[v] += statistic_term<kAbs>(load_acc(source + v), negative[v]);
         }
       }
     }
@@ -278,6 +298,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   if (owns) {
 #pragma unroll
     for (int v = 0; v < kVec; ++v) tile_sums[first + v] = sums[v];
+  }
+  if constexpr (kAbs) {
+    // A thread's values may run on into the next row (one-tile plans): its column wraps.
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) {
+      if (negative[v]) out.negative[((column + v) % a.columns) / a.spatial] = true;
+    }
   }
   __syncthreads();
   // Fold the tile rows onto row 0: a fixed binary tree, any row count.
@@ -306,7 +333,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
                out.mean + first_channel);
 }
 
-template <typename scalar_t, int kVec>
+template <typename scalar_t, int kVec, bool kAbs>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     segment_mean_kernel(const scalar_t* __restrict__ x, SegmentArgs<acc_type<scalar_t>> a) {
   using acc_t = acc_type<scalar_t>;
@@ -326,6 +353,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   int64_t offset = index - sample * a.spatial;
 
   acc_t sums[kUnroll];
+  bool negative = false;
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) sums[u] = 0;
   auto advance = [&] {
@@ -348,7 +376,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
 #pragma unroll
-      for (int v = 0; v < kVec; ++v) sums[u] += to_acc(values[u][v]);
+      for (int v = 0; v < kVec; ++v) sums[u] += statistic_term<kAbs>(to_acc(values[u][v]), negative);
     }
   }
   acc_t tail = 0;  // fewer than kUnroll loads left
@@ -357,8 +385,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     load_vector<kVec>(x + (sample * a.channels + channel) * a.spatial + offset, values);
     advance();
 #pragma unroll
-    for (int v = 0; v < kVec; ++v) tail += to_acc(values[v]);
+    for (int v = 0; v < kVec; ++v) tail += statistic_term<kAbs>(to_acc(values[v]), negative);
   }
+  if (kAbs && negative) out.negative[channel] = true;
   acc_t thread_sum = sums[0];
 #pragma unroll
   for (int u = 1; u < kUnroll; ++u) thread_sum += sums[u];
@@ -374,12 +403,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   finish_means(out.partials + channel * out.slots, out.slots, 1, 1, out.slots, out.count, out.mean + channel);
 }
 
-template <typename scalar_t>
+template <typename scalar_t, bool kAbs>
 cudaError_t launch_typed(const ChannelPlan& plan, const ChannelMeanShape& shape, const void* x, void* mean,
-                         void* workspace, cudaStream_t stream) {
+                         bool* negative, void* workspace, cudaStream_t stream) {
   using acc_t = acc_type<scalar_t>;
   MeanOutput<acc_t> out{};
   out.mean = static_cast<acc_t*>(mean);
+  out.negative = negative;
   out.count = static_cast<acc_t>(shape.rows * shape.spatial);
   out.slots = plan.slots;
   if (plan.slots > 1) {
@@ -397,10 +427,10 @@ cudaError_t launch_typed(const ChannelPlan& plan, const ChannelMeanShape& shape,
       ColumnArgs<acc_t> args{plan.rows,         plan.columns,       plan.spatial,
                              shape.channels,    plan.tile_columns,  plan.rows_per_slot,
                              static_cast<int>(plan.tile_rows), out};
-      EQUINORM_LAUNCH(blocks, kThreads, 0, stream, column_mean_kernel<scalar_t, kVec>)(data, args);
+      EQUINORM_LAUNCH(blocks, kThreads, 0, stream, column_mean_kernel<scalar_t, kVec, kAbs>)(data, args);
     } else {
       SegmentArgs<acc_t> args{shape.channels, plan.spatial, plan.rows * plan.spatial, plan.piece_elements, out};
-      EQUINORM_LAUNCH(blocks, kThreads, 0, stream, segment_mean_kernel<scalar_t, kVec>)(data, args);
+      EQUINORM_LAUNCH(blocks, kThreads, 0, stream, segment_mean_kernel<scalar_t, kVec, kAbs>)(data, args);
     }
     return cudaGetLastError();
   });
@@ -414,7 +444,7 @@ size_t channel_mean_workspace_bytes(const ChannelMeanShape& shape, ElementType t
 }
 
 cudaError_t launch_channel_mean(const ChannelMeanShape& shape, ElementType type, const void* x, void* mean,
-                                void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+                                bool* negative, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (!valid_shape(shape) || x == nullptr || mean == nullptr) return cudaErrorInvalidValue;
   const ChannelPlan plan = plan_channel_mean(shape, type, x);
   if (!fits_grid(plan.blocks)) return cudaErrorInvalidConfiguration;
@@ -423,7 +453,8 @@ cudaError_t launch_channel_mean(const ChannelMeanShape& shape, ElementType type,
   }
   return visit_element_type(type, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
-    return launch_typed<scalar_t>(plan, shape, x, mean, workspace, stream);
+    if (negative != nullptr) return launch_typed<scalar_t, true>(plan, shape, x, mean, negative, workspace, stream);
+    return launch_typed<scalar_t, false>(plan, shape, x, mean, nullptr, workspace, stream);
   });
 }
 

@@ -4,6 +4,7 @@ Everything here is differentiable by autograd: gradients reach the weight, the g
 the channel means, the layer input. The equations (per-element means form of the paper's sums):
 
     mu_c = mean of x over every dim but 1          W_dc = sum_t w_dct           M_d = sum_c mu_c
+           (statistic "abs_mean": mean of |x|, the input's L1 mass per element, for signed inputs)
     b_d  = -sum_c mu_c W_dc / (K M_d)              u = w + b_d
     P_d  = sum_c mu_c sum_t max(u_dct, 0)                          ("exact")
     P_d  = sum_c mu_c (sum_t w_dct [w_dct > 0] + b_d n_dc)         ("single_pass", n_dc = #{w_dct > 0})
@@ -33,9 +34,17 @@ def _accumulation_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float32
 
 
-def channel_mean_unchecked(x: torch.Tensor, stats_fraction: float) -> torch.Tensor:
+def magnitude(x: torch.Tensor) -> torch.Tensor:
+    """|x| with the derivative sign(x) taken as +1 at 0 (torch.abs takes 0 there), so that on
+    non-negative inputs it is x itself, values and gradients alike."""
+    return torch.where(x < 0, -x, x)
+
+
+def channel_mean_unchecked(x: torch.Tensor, stats_fraction: float, statistic: str = "mean") -> torch.Tensor:
     rows = _checks.stats_rows(x.shape[0], stats_fraction)
     sample = x if rows == x.shape[0] else x[:rows]
+    if statistic == "abs_mean":
+        sample = magnitude(sample)
     reduce_dims = [0, *range(2, x.dim())]
     return sample.mean(dim=reduce_dims, dtype=_accumulation_dtype(x))
 
@@ -92,18 +101,21 @@ def equinorm_weight_unchecked(
     return result
 
 
-def channel_mean(x: torch.Tensor, *, stats_fraction: float = 1.0) -> torch.Tensor:
-    """Per-channel mean of ``x`` over every dim but dim 1.
+def channel_mean(x: torch.Tensor, *, stats_fraction: float = 1.0, statistic: str = "mean") -> torch.Tensor:
+    """Per-channel mean of ``x`` (or of ``|x|``) over every dim but dim 1.
 
     Args:
         x: (N, C, *spatial) or (N, C), float16/bfloat16/float32/float64, any memory format.
         stats_fraction: only the first ceil(stats_fraction * N) samples are averaged (0 < f <= 1).
+        statistic: "mean", or "abs_mean" for the mean of |x| (equal to "mean" on non-negative x;
+            its gradient takes sign(0) = +1).
 
     Returns:
         (C,) float32 (float64 for float64 ``x``), accumulated in that dtype; differentiable in ``x``.
     """
     stats_fraction = _checks.check_channel_mean_args(x, stats_fraction)
-    return channel_mean_unchecked(x, stats_fraction)
+    _checks.check_statistic(statistic)
+    return channel_mean_unchecked(x, stats_fraction, statistic)
 
 
 def equinorm_weight(
