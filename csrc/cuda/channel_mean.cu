@@ -1,8 +1,8 @@
 // Channel statistics on the GPU: mean[c] = mean of x[:rows] over every dim but 1, or (kAbs, the
 // "abs_mean" statistic) the mean of |x[:rows]|. |v| is v for v >= 0 and both add in the same order,
-// so on non-negative inputs the two give the same bits. With kAbs a thread that read a value < 0
-// stores true into negative[c] for its channel (zeroed by the caller): every writer stores the same
-// value, so the flags do not depend on which thread writes last.
+// so on non-negative inputs the two give the same bits. With kAbs each thread also notes whether
+// it read a value < 0, and the flags follow the sums' path: ORed over the block (a fixed tree, one
+// writer per channel), stored per slot beside the partial sums, ORed again by the finishing block.
 //
 // x is read as (R, C, S): R rows of C channels of S contiguous values (NCHW: R = rows,
 // S = spatial; channels_last: R = rows * spatial, S = 1). Two schedules, both reading x once:
@@ -61,6 +61,7 @@ struct ChannelPlan {
   int64_t counters = 0;        // finishing counters (tiles or channels)
   int64_t blocks = 0;
   size_t partial_bytes = 0;
+  size_t negative_bytes = 0;  // one flag per (slot, channel), for the "abs_mean" statistic
   size_t workspace_bytes = 0;
 };
 
@@ -131,7 +132,9 @@ ChannelPlan plan_channel_mean(const ChannelMeanShape& shape, ElementType type, c
   if (plan.slots > 1) {
     plan.partial_bytes = static_cast<size_t>(round_up(
         plan.slots * shape.channels * static_cast<int64_t>(accumulation_size(type)), 16));
-    plan.workspace_bytes = plan.partial_bytes + static_cast<size_t>(plan.counters) * sizeof(unsigned int);
+    plan.negative_bytes = static_cast<size_t>(round_up(plan.slots * shape.channels, 16));
+    plan.workspace_bytes =
+        plan.partial_bytes + plan.negative_bytes + static_cast<size_t>(plan.counters) * sizeof(unsigned int);
   }
   return plan;
 }
@@ -149,6 +152,7 @@ struct MeanOutput {
   acc_t* mean;
   bool* negative;  // kAbs only
   acc_t* partials;
+  unsigned char* partial_negative;  // kAbs only, laid out as partials
   unsigned int* counters;
   acc_t count;  // values per channel
   int64_t slots;
@@ -235,6 +239,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     column_mean_kernel(const scalar_t* __restrict__ x, ColumnArgs<acc_type<scalar_t>> a) {
   using acc_t = acc_type<scalar_t>;
   __shared__ acc_t tile_sums[kThreads * kVec];
+  __shared__ unsigned char tile_negative[kAbs ? kThreads * kVec : 1];
   const MeanOutput<acc_t>& out = a.output;
   const int64_t tile = blockIdx.x / out.slots;
   const int64_t slot = blockIdx.x - tile * out.slots;
@@ -297,13 +302,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
 
   if (owns) {
 #pragma unroll
-    for (int v = 0; v < kVec; ++v) tile_sums[first + v] = sums[v];
-  }
-  if constexpr (kAbs) {
-    // A thread's values may run on into the next row (one-tile plans): its column wraps.
-#pragma unroll
     for (int v = 0; v < kVec; ++v) {
-      if (negative[v]) out.negative[((column + v) % a.columns) / a.spatial] = true;
+      tile_sums[first + v] = sums[v];
+      if constexpr (kAbs) tile_negative[first + v] = negative[v];
     }
   }
   __syncthreads();
@@ -311,7 +312,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   for (int active = a.tile_rows; active > 1;) {
     const int half = (active + 1) / 2;
     const int moved = (active - half) * columns;
-    for (int i = threadIdx.x; i < moved; i += kThreads) tile_sums[i] += tile_sums[i + half * columns];
+    for (int i = threadIdx.x; i < moved; i += kThreads) {
+      tile_sums[i] += tile_sums[i + half * columns];
+      if constexpr (kAbs) tile_negative[i] |= tile_negative[i + half * columns];
+    }
     __syncthreads();
     active = half;
   }
@@ -321,16 +325,29 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   const int64_t first_channel = first_column / a.spatial;
   for (int k = threadIdx.x; k < tile_channels; k += kThreads) {
     acc_t total = 0;
-    for (int s = 0; s < spatial; ++s) total += tile_sums[k * spatial + s];
+    unsigned char any_negative = 0;
+    for (int s = 0; s < spatial; ++s) {
+      total += tile_sums[k * spatial + s];
+      if constexpr (kAbs) any_negative |= tile_negative[k * spatial + s];
+    }
     if (out.slots == 1) {
       out.mean[first_channel + k] = total / out.count;
+      if constexpr (kAbs) out.negative[first_channel + k] = any_negative != 0;
     } else {
       out.partials[slot * a.channels + first_channel + k] = total;
+      if constexpr (kAbs) out.partial_negative[slot * a.channels + first_channel + k] = any_negative;
     }
   }
   if (out.slots == 1 || !arrives_last(out.counters + tile, out.slots)) return;
   finish_means(out.partials + first_channel, 1, a.channels, tile_channels, out.slots, out.count,
                out.mean + first_channel);
+  if constexpr (kAbs) {
+    for (int k = threadIdx.x; k < tile_channels; k += kThreads) {
+      unsigned char any_negative = 0;
+      for (int64_t s = 0; s < out.slots; ++s) any_negative |= __ldcg(out.partial_negative + s * a.channels + first_channel + k);
+      out.negative[first_channel + k] = any_negative != 0;
+    }
+  }
 }
 
 template <typename scalar_t, int kVec, bool kAbs>
@@ -387,20 +404,38 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
 #pragma unroll
     for (int v = 0; v < kVec; ++v) tail += statistic_term<kAbs>(to_acc(values[v]), negative);
   }
-  if (kAbs && negative) out.negative[channel] = true;
+
   acc_t thread_sum = sums[0];
 #pragma unroll
   for (int u = 1; u < kUnroll; ++u) thread_sum += sums[u];
   thread_sum += tail;
+  bool block_negative = false;  // in thread 0
+  if constexpr (kAbs) {
+    // A count of the threads that saw a value < 0 (exact in acc_t), then a barrier, since
+    // block_sum's shared memory is used again below.
+    block_negative = block_sum(static_cast<acc_t>(negative ? 1 : 0)) > 0;
+    __syncthreads();
+  }
   const acc_t total = block_sum(thread_sum);
 
   if (out.slots == 1) {
-    if (threadIdx.x == 0) out.mean[channel] = total / out.count;
+    if (threadIdx.x == 0) {
+      out.mean[channel] = total / out.count;
+      if constexpr (kAbs) out.negative[channel] = block_negative;
+    }
     return;
   }
-  if (threadIdx.x == 0) out.partials[channel * out.slots + piece] = total;
+  if (threadIdx.x == 0) {
+    out.partials[channel * out.slots + piece] = total;
+    if constexpr (kAbs) out.partial_negative[channel * out.slots + piece] = block_negative ? 1 : 0;
+  }
   if (!arrives_last(out.counters + channel, out.slots)) return;
   finish_means(out.partials + channel * out.slots, out.slots, 1, 1, out.slots, out.count, out.mean + channel);
+  if (kAbs && threadIdx.x == 0) {
+    unsigned char any_negative = 0;
+    for (int64_t s = 0; s < out.slots; ++s) any_negative |= __ldcg(out.partial_negative + channel * out.slots + s);
+    out.negative[channel] = any_negative != 0;
+  }
 }
 
 template <typename scalar_t, bool kAbs>
@@ -414,7 +449,9 @@ cudaError_t launch_typed(const ChannelPlan& plan, const ChannelMeanShape& shape,
   out.slots = plan.slots;
   if (plan.slots > 1) {
     out.partials = static_cast<acc_t*>(workspace);
-    out.counters = reinterpret_cast<unsigned int*>(static_cast<char*>(workspace) + plan.partial_bytes);
+    out.partial_negative = reinterpret_cast<unsigned char*>(static_cast<char*>(workspace) + plan.partial_bytes);
+    out.counters = reinterpret_cast<unsigned int*>(static_cast<char*>(workspace) + plan.partial_bytes +
+                                                   plan.negative_bytes);
     const cudaError_t status =
         cudaMemsetAsync(out.counters, 0, static_cast<size_t>(plan.counters) * sizeof(unsigned int), stream);
     if (status != cudaSuccess) return status;

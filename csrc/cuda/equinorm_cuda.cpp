@@ -32,8 +32,8 @@ at::Tensor empty_workspace(size_t bytes, const at::Tensor& like) {
   return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
 }
 
-// Fills mean (C,) from x as channel_input returned it; with `negative` (C,) bool, zeroed, the mean
-// of |x| and the channels that had a value < 0.
+// Fills mean (C,) from x as channel_input returned it; with `negative` (C,) bool, the mean of |x|
+// and the channels that had a value < 0.
 void compute_channel_mean(const at::Tensor& readable, const ChannelGeometry& geometry, at::Tensor& mean,
                           at::Tensor* negative) {
   const ChannelMeanShape shape{geometry.rows, geometry.channels, geometry.spatial, geometry.channels_last};
@@ -53,7 +53,9 @@ std::tuple<at::Tensor, at::Tensor> channel_mean(const at::Tensor& x, int64_t row
   check_cuda(readable, "x");
   const c10::cuda::CUDAGuard guard(readable.device());
   at::Tensor mean = at::empty({geometry.channels}, x.options().dtype(accumulation_type(x.scalar_type())));
-  at::Tensor negative = at::zeros({geometry.channels}, x.options().dtype(at::kBool));
+  // The kernel writes every flag with "abs_mean"; "mean" has none.
+  at::Tensor negative = abs_statistic ? at::empty({geometry.channels}, x.options().dtype(at::kBool))
+                                      : at::zeros({geometry.channels}, x.options().dtype(at::kBool));
   compute_channel_mean(readable, geometry, mean, abs_statistic ? &negative : nullptr);
   return {mean, negative};
 }

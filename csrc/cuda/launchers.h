@@ -33,7 +33,7 @@ struct ChannelMeanShape {
 size_t channel_mean_workspace_bytes(const ChannelMeanShape& shape, ElementType type, const void* x);
 
 // Writes mean (channels,). Bit-identical results across runs for the same shape and alignment.
-// With `negative` (channels,), zeroed by the caller: the "abs_mean" statistic, mean of |x|, and
+// With `negative` (channels,): the "abs_mean" statistic, mean of |x|, and
 // negative[c] set to true for every channel that has a value < 0; nullptr: the plain mean.
 cudaError_t launch_channel_mean(const ChannelMeanShape& shape, ElementType type, const void* x, void* mean,
                                 bool* negative, void* workspace, size_t workspace_bytes, cudaStream_t stream);

@@ -147,7 +147,6 @@ Outputs run_channel_mean(const Case& c) {
   const Buffer workspace(workspace_bytes, 0);
   const bool abs_statistic = c.has("abs") && c.integer("abs") != 0;
   const Buffer negative(abs_statistic ? static_cast<size_t>(shape.channels) : 0, 0);
-  std::memset(negative.data(), 0, negative.bytes());  // the launcher's contract: zeroed flags
   check(equinorm::cuda::launch_channel_mean(shape, info.type, x.data(), mean.data(),
                                             abs_statistic ? static_cast<bool*>(negative.data()) : nullptr,
                                             workspace_bytes > 0 ? workspace.data() : nullptr, workspace_bytes,
