@@ -46,11 +46,18 @@ _PRESERVING_FUNCTIONS = {
     operator.add, operator.iadd, operator.mul, operator.imul, operator.getitem,
 }
 _NON_NEGATIVE_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "softmax", "abs", "abs_"}
-_PRESERVING_METHODS = {
+# Methods (and functions) whose other arguments are shapes, dims, indices or dtypes, possibly computed
+# in the graph from sizes: only the tensor they rearrange or reduce counts.
+_SELF_ONLY_METHODS = {
     "view", "reshape", "flatten", "permute", "transpose", "contiguous", "chunk", "split", "squeeze", "unsqueeze",
-    "expand", "expand_as", "view_as", "reshape_as", "mean", "sum", "add", "add_", "mul", "mul_", "max", "amax",
-    "narrow", "repeat", "clone", "detach", "float", "half", "double", "bfloat16", "to", "type_as", "__getitem__",
+    "expand", "expand_as", "view_as", "reshape_as", "mean", "sum", "amax", "narrow", "repeat", "clone", "detach",
+    "float", "half", "double", "bfloat16", "to", "type_as",
 }
+_SELF_ONLY_FUNCTIONS = {
+    torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze, torch.chunk,
+    torch.split, torch.channel_shuffle, torch.mean, torch.sum, torch.amax, torch.narrow, operator.getitem,
+}
+_PRESERVING_METHODS = _SELF_ONLY_METHODS | {"add", "add_", "mul", "mul_", "max"}
 
 
 def is_norm_with_activation(module: nn.Module) -> bool:
@@ -172,9 +179,16 @@ def _function_non_negative(node: fx.Node, known: dict[fx.Node, bool]) -> bool:
             isinstance(first, fx.Node) and known.get(first, False)
             and ((isinstance(divisor, (int, float)) and divisor > 0) or (isinstance(divisor, fx.Node) and known.get(divisor, False)))
         )
+    if target in _SELF_ONLY_FUNCTIONS:
+        return _first_operand_non_negative(node, known)
     if target in _PRESERVING_FUNCTIONS:
         return _operands_non_negative(node, known)
     return False
+
+
+def _first_operand_non_negative(node: fx.Node, known: dict[fx.Node, bool]) -> bool:
+    first = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+    return isinstance(first, fx.Node) and known.get(first, False)
 
 
 def _method_non_negative(node: fx.Node, known: dict[fx.Node, bool]) -> bool:
@@ -188,9 +202,10 @@ def _method_non_negative(node: fx.Node, known: dict[fx.Node, bool]) -> bool:
         return known.get(node.args[0], False) and (
             (isinstance(divisor, (int, float)) and divisor > 0) or (isinstance(divisor, fx.Node) and known.get(divisor, False))
         )
+    if name in _SELF_ONLY_METHODS:
+        return _first_operand_non_negative(node, known)
     if name in _PRESERVING_METHODS:
-        # Only the tensor the method is called on and its tensor arguments count; shapes and dims are ints.
-        return _tensor_operands_non_negative(node, known, check_numbers=name in ("add", "add_", "mul", "mul_"))
+        return _tensor_operands_non_negative(node, known, check_numbers=True)
     return False
 
 

@@ -275,11 +275,14 @@ def test_statistics_follow_the_graph_and_the_model_trains(name):
 def test_linear_bottleneck_model_fails_with_the_mean_statistic_and_trains_with_auto():
     torch.manual_seed(0)
     x = torch.rand(4, 3, 8, 8)  # non-negative pixels: the stem is fine, block2.expand is not
-    forced = ek.convert(MobileNetLike(), statistic="mean")
+    model = MobileNetLike()
+    with torch.no_grad():
+        model.block1.project_bn.bias.fill_(-10.0)  # a linear bottleneck with a negative mean
+    forced = ek.convert(model, statistic="mean")
     assert set(_converted_statistics(forced).values()) == {"mean"}
     with pytest.raises(ValueError, match=r'non-negative.*statistic="abs_mean"'):
         forced(x)
-    _train_and_evaluate(ek.convert(MobileNetLike()), x, classes=5)
+    _train_and_evaluate(ek.convert(model), x, classes=5)
 
 
 def test_norm_with_activation_keeps_its_activation_and_drop():
