@@ -14,8 +14,8 @@
 // - mode: "single_pass" or "exact"; the backward reads which P_d was used from stats.
 // - statistic: "mean" (the per-channel mean of x, the paper's) or "abs_mean" (the mean of |x|, the
 //   input's L1 mass, for signed inputs; equal to "mean", bit for bit, on non-negative inputs).
-//   negative (C,) bool: with "abs_mean", the channels where x[:rows] has a value < 0 (their
-//   gradient needs sign(x)); all false with "mean".
+//   negative: with "abs_mean", (C,) bool, the channels where x[:rows] has a value < 0 (their
+//   gradient needs sign(x)); with "mean", empty (0,) (nothing to flag, nothing to launch).
 // - enorm_group_ returns the coefficients d (C,), enorm_cycle_ the largest |d - 1| of each group,
 //   both float64.
 // - ENorm: `tensors` are rescaled in place; `entries` is a flat list of records of six ints

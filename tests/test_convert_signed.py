@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import equinorm_kernels as ek
-from equinorm_kernels.convert import ConversionReport
+from equinorm_kernels import ConversionReport
 from equinorm_kernels.layers import EquiNormLayer
 
 

@@ -186,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor> channel_mean(const at::Tensor& x, int64_t row
   auto [readable, geometry] = channel_input(x, rows);
   TORCH_CHECK(readable.device().is_cpu(), "x must be a CPU tensor for the CPU kernel");
   auto mean = at::empty({geometry.channels}, x.options().dtype(accumulation_type(x.scalar_type())));
-  auto negative = at::zeros({geometry.channels}, x.options().dtype(at::kBool));
+  auto negative = at::empty({abs_statistic ? geometry.channels : 0}, x.options().dtype(at::kBool));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_mean_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* data = readable.const_data_ptr<scalar_t>();

@@ -54,8 +54,7 @@ std::tuple<at::Tensor, at::Tensor> channel_mean(const at::Tensor& x, int64_t row
   const c10::cuda::CUDAGuard guard(readable.device());
   at::Tensor mean = at::empty({geometry.channels}, x.options().dtype(accumulation_type(x.scalar_type())));
   // The kernel writes every flag with "abs_mean"; "mean" has none.
-  at::Tensor negative = abs_statistic ? at::empty({geometry.channels}, x.options().dtype(at::kBool))
-                                      : at::zeros({geometry.channels}, x.options().dtype(at::kBool));
+  at::Tensor negative = at::empty({abs_statistic ? geometry.channels : 0}, x.options().dtype(at::kBool));
   compute_channel_mean(readable, geometry, mean, abs_statistic ? &negative : nullptr);
   return {mean, negative};
 }

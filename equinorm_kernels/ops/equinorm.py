@@ -53,7 +53,8 @@ def register_op_set(name: str, ops: FusedOps) -> None:
 
 def fake_channel_mean(x: torch.Tensor, rows: int, statistic: str) -> tuple[torch.Tensor, torch.Tensor]:
     channels = x.shape[1]
-    return x.new_empty((channels,), dtype=_accumulation_dtype(x)), x.new_empty((channels,), dtype=torch.bool)
+    flags = channels if statistic == "abs_mean" else 0  # "mean" flags nothing
+    return x.new_empty((channels,), dtype=_accumulation_dtype(x)), x.new_empty((flags,), dtype=torch.bool)
 
 
 def _fake_like_weight(weight: torch.Tensor) -> torch.Tensor:

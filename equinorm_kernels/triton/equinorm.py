@@ -361,7 +361,7 @@ def _channel_mean(x: torch.Tensor, rows: int, statistic: str) -> tuple[torch.Ten
     abs_statistic = _parse_abs_statistic(statistic)
     readable, channels_last = _channel_input(x, rows)
     mean = torch.empty((x.shape[1],), dtype=accumulation_dtype(x.dtype), device=x.device)
-    negative = torch.zeros((x.shape[1],), dtype=torch.bool, device=x.device)
+    negative = torch.empty((x.shape[1] if abs_statistic else 0,), dtype=torch.bool, device=x.device)
     flags = negative.view(torch.uint8) if abs_statistic else None
     _launch_channel_means(readable, channels_last, rows, mean, negative=flags)
     return mean, negative
@@ -634,7 +634,8 @@ def _weight_backward(grad_out, weight, mean, gain, stats, groups):
 @define_op("triton_channel_mean")
 def triton_channel_mean(x: torch.Tensor, rows: int, statistic: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(C,) means of x[:rows] (of |x[:rows]| for "abs_mean") over every dim but 1, in the
-    accumulation dtype, and (C,) bool: with "abs_mean", the channels that had a value < 0."""
+    accumulation dtype, and with "abs_mean" (C,) bool, the channels that had a value < 0 (with
+    "mean" an empty tensor)."""
     with on_device(x):
         return _channel_mean(x, rows, statistic)
 
