@@ -58,8 +58,8 @@ _FUNCTIONAL_BATCH_NORMS = (F.batch_norm, torch.batch_norm, torch.native_batch_no
 class _Pair:
     conv_name: str
     bn_name: str
-    # Whether the conv's input is provably non-negative in the traced graph (None: not traced).
-    input_non_negative: bool | None = None
+    # Whether the conv's input is provably non-negative in the traced graph.
+    input_non_negative: bool = False
 
 
 @dataclass(frozen=True)

@@ -513,6 +513,13 @@ PLANTED_BUGS = {
         "tsan", "channel_mean.cu", _BLOCK_SUM_STORE + "  __syncthreads();\n", _BLOCK_SUM_STORE,
         "mean-large-planes-nchw-float-rows5-offset0", ("WARNING: ThreadSanitizer: data race",), "block_sum",
     ),
+    # the same for abs_mean's flag count: the sums' block_sum reuses warp_sums while thread 0 reads it
+    "abs-flag-barrier-removed": PlantedBug(
+        "tsan", "channel_mean.cu",
+        "    block_negative = block_sum(static_cast<acc_t>(negative ? 1 : 0)) > 0;\n    __syncthreads();\n",
+        "    block_negative = block_sum(static_cast<acc_t>(negative ? 1 : 0)) > 0;\n",
+        "abs-mean-large-planes-nchw-float-rows5-offset0", ("WARNING: ThreadSanitizer: data race",), "block_sum",
+    ),
     # memcheck's job, in shared memory: one element past the end of a __shared__ array, through a
     # pointer. UBSan's object-size check sees it before ASan does (an ASan-only build reports the
     # global-buffer-overflow on 'scratch').

@@ -993,8 +993,11 @@ def test_spatial_input_too_small(layer, x, training):
     "make,x",
     [
         (lambda: EquiNormConv2d(2, 3, 5), lambda: torch.rand(1, 2, 3, 3)),
-        (lambda: EquiNormConv2d(3, 4, 3), lambda: torch.rand(2, 3, 6, 6) - torch.tensor([0.0, 0.9, 0.0]).view(1, 3, 1, 1)),
-        (lambda: EquiNormLinear(3, 4), lambda: torch.rand(5, 3) - torch.tensor([0.0, 0.0, 0.9])),
+        (
+            lambda: EquiNormConv2d(3, 4, 3, statistic="mean"),
+            lambda: torch.rand(2, 3, 6, 6) - torch.tensor([0.0, 0.9, 0.0]).view(1, 3, 1, 1),
+        ),
+        (lambda: EquiNormLinear(3, 4, statistic="mean"), lambda: torch.rand(5, 3) - torch.tensor([0.0, 0.0, 0.9])),
     ],
     ids=["too-small", "negative-mean-conv", "negative-mean-linear"],
 )

@@ -130,13 +130,14 @@ class NegativeFlags:
                 self._landed = torch.cuda.Event()
                 self._landed.record()
 
-    def on_host(self) -> torch.Tensor | None:
-        """(C,) bool on the CPU, or None when not known without waiting."""
+    def on_host(self) -> list[bool] | None:
+        """The C flags, or None when not known without waiting. Read as a list: host memory, no
+        tensor op (nothing that could look like a device read)."""
         if self._host is None or torch.compiler.is_compiling():
             return None
         if self._landed is not None and not self._landed.query():
             return None
-        return self._host
+        return self._host.tolist()
 
 
 def _input_gradient(
@@ -152,11 +153,13 @@ def _input_gradient(
     if flags is None:
         return per_element
     host = flags.on_host()
-    if host is not None and not bool(host.any()):
+    if host is not None and not any(host):
         return per_element
-    if host is None or bool(host.all()):
+    if host is None or all(host):
         return torch.where(x < 0, -per_element, per_element)
-    channels = host.nonzero().flatten().to(x.device, non_blocking=True)
+    channels = torch.tensor([c for c, flagged in enumerate(host) if flagged])
+    if x.device.type != "cpu":  # from pinned memory, so that the copy does not wait for the device
+        channels = channels.pin_memory().to(x.device, non_blocking=True)
     signed = x.index_select(1, channels)
     constant = per_element.index_select(1, channels)
     grad = per_element.clone()
