@@ -97,6 +97,11 @@ def register_fake_kernels(prefix: str = "") -> None:
 def _grad_input_from_mean(grad_mean: torch.Tensor, x: torch.Tensor, stats_fraction: float) -> torch.Tensor:
     """dL/dx of mu = mean(x[:rows]): a per-channel constant on the rows that fed the means and zero
     on the others, as an (N, C, 1, ...) tensor broadcast to x's shape (never materialised)."""
+    return _compact_grad_input(grad_mean, x, stats_fraction).expand(x.shape)
+
+
+def _compact_grad_input(grad_mean: torch.Tensor, x: torch.Tensor, stats_fraction: float) -> torch.Tensor:
+    """_grad_input_from_mean before the broadcast: (1 or N, C, 1, ...)."""
     rows = _checks.stats_rows(x.shape[0], stats_fraction)
     trailing = (1,) * (x.dim() - 2)
     per_element = (grad_mean / (rows * math.prod(x.shape[2:]))).to(x.dtype).reshape((1, x.shape[1], *trailing))
@@ -105,7 +110,7 @@ def _grad_input_from_mean(grad_mean: torch.Tensor, x: torch.Tensor, stats_fracti
         # under torch.compile(dynamic=True) needs no guard on where the split falls.
         fed = torch.arange(x.shape[0], device=x.device) < rows
         per_element = per_element * fed.to(x.dtype).reshape((-1, 1, *trailing))
-    return per_element.expand(x.shape)
+    return per_element
 
 
 class NegativeFlags:
@@ -149,19 +154,21 @@ def _input_gradient(
     x is read only in the channels flagged as having a negative value; when the flags are not known
     on the host (under torch.compile, or CUDA flags still in flight) every channel is read.
     """
-    per_element = _grad_input_from_mean(grad_mean, x, stats_fraction)
+    compact = _compact_grad_input(grad_mean, x, stats_fraction)
+    per_element = compact.expand(x.shape)
     if flags is None:
         return per_element
     host = flags.on_host()
     if host is not None and not any(host):
         return per_element
     if host is None or all(host):
-        return torch.where(x < 0, -per_element, per_element)
+        # The constants broadcast inside where: one pass over x, nothing else at x's size.
+        return torch.where(x < 0, -compact, compact)
     channels = torch.tensor([c for c, flagged in enumerate(host) if flagged])
     if x.device.type != "cpu":  # from pinned memory, so that the copy does not wait for the device
         channels = channels.pin_memory().to(x.device, non_blocking=True)
     signed = x.index_select(1, channels)
-    constant = per_element.index_select(1, channels)
+    constant = compact.index_select(1, channels)
     grad = per_element.clone()
     grad.index_copy_(1, channels, torch.where(signed < 0, -constant, constant))
     return grad
