@@ -35,6 +35,13 @@ inline bool parse_exact_mode(c10::string_view mode) {
   return mode == "exact";
 }
 
+// true for "abs_mean" (the mean of |x|), false for "mean".
+inline bool parse_abs_statistic(c10::string_view statistic) {
+  TORCH_CHECK(statistic == "mean" || statistic == "abs_mean", "statistic must be \"mean\" or \"abs_mean\", got \"",
+              std::string(statistic), "\"");
+  return statistic == "abs_mean";
+}
+
 // x (N, C, *spatial) as the channel-mean kernels read it: planes of `spatial` elements per
 // (sample, channel) (NCHW), or one vector of C channels per (sample, position) (channels_last).
 struct ChannelGeometry {

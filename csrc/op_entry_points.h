@@ -1,5 +1,5 @@
 // equinorm_weight and equinorm_forward, composed the same way on every device from its two
-// primitives: channel_mean(x, rows) and weight_transform(weight, mean, gain, ratio, groups, exact, eps).
+// primitives: channel_mean(x, rows, statistic) and weight_transform(weight, mean, gain, ratio, groups, exact, eps).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,7 +10,7 @@
 
 namespace equinorm {
 
-using ChannelMeanFn = at::Tensor (*)(const at::Tensor&, int64_t);
+using ChannelMeanFn = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor&, int64_t, c10::string_view);
 using WeightTransformFn = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor&, const at::Tensor&,
                                                                  const at::Tensor&, double, int64_t, bool, double);
 
@@ -22,19 +22,17 @@ struct EquiNormEntryPoints {
     return weight_transform(weight, mean, gain, ratio, groups, parse_exact_mode(mode), eps);
   }
 
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor> equinorm_forward(const at::Tensor& x, int64_t rows,
-                                                                         const at::Tensor& weight,
-                                                                         const at::Tensor& gain, double ratio,
-                                                                         int64_t groups, c10::string_view mode,
-                                                                         double eps) {
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> equinorm_forward(
+      const at::Tensor& x, int64_t rows, const at::Tensor& weight, const at::Tensor& gain, double ratio,
+      int64_t groups, c10::string_view mode, double eps, c10::string_view statistic) {
     const bool exact = parse_exact_mode(mode);
     TORCH_CHECK(accumulation_type(x.scalar_type()) == accumulation_type(weight.scalar_type()), "x (",
                 x.scalar_type(), ") and weight (", weight.scalar_type(),
                 ") must share an accumulation dtype: both float64 or neither");
     check_same_device(weight, x, "weight", "x");
-    at::Tensor mean = channel_mean(x, rows);
+    auto [mean, negative] = channel_mean(x, rows, statistic);
     auto [out, stats] = weight_transform(weight, mean, gain, ratio, groups, exact, eps);
-    return {out, mean, stats};
+    return {out, mean, stats, negative};
   }
 };
 

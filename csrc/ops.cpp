@@ -16,6 +16,10 @@
 // - stats (D, 5): per output channel [shift b_d, scale s_d, positive mass P_d, value mass V_d,
 //   used exact P_d (0/1)], what the backward needs from the forward (csrc/shared/equinorm_math.h).
 // - mode: "single_pass" or "exact"; the backward reads which P_d was used from stats.
+// - statistic: "mean" (the per-channel mean of x, the paper's) or "abs_mean" (the mean of |x|, the
+//   input's L1 mass, for signed inputs; equal to "mean", bit for bit, on non-negative inputs).
+//   negative: with "abs_mean", (C,) bool, the channels where x[:rows] has a value < 0 (their
+//   gradient needs sign(x)); with "mean", empty (0,) (nothing to flag, nothing to launch).
 // - enorm_group_ returns the coefficients d (C,), enorm_cycle_ the largest |d - 1| of each group,
 //   both float64.
 // - ENorm: `tensors` are rescaled in place; `entries` is a flat list of records of six ints
@@ -24,13 +28,13 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(equinorm_kernels, m) {
-  m.def("channel_mean(Tensor x, SymInt rows) -> Tensor");
+  m.def("channel_mean(Tensor x, SymInt rows, str statistic) -> (Tensor mean, Tensor negative)");
   m.def(
       "equinorm_weight(Tensor weight, Tensor mean, Tensor gain, float ratio, int groups, str mode, float eps)"
       " -> (Tensor out, Tensor stats)");
   m.def(
       "equinorm_forward(Tensor x, SymInt rows, Tensor weight, Tensor gain, float ratio, int groups, str mode,"
-      " float eps) -> (Tensor out, Tensor mean, Tensor stats)");
+      " float eps, str statistic) -> (Tensor out, Tensor mean, Tensor stats, Tensor negative)");
   m.def(
       "equinorm_backward(Tensor grad_out, Tensor weight, Tensor mean, Tensor gain, Tensor stats, int groups)"
       " -> (Tensor grad_weight, Tensor grad_mean, Tensor grad_gain)");

@@ -6,6 +6,7 @@ Public API:
     EquiNormConv1d/2d/3d, EquiNormLinear     drop-in layers
     convert                                  swap Conv/Linear -> BatchNorm pairs for EquiNorm layers
     convert_sync_equinorm                    statistics over a process group (data-parallel training)
+    ConversionReport                         what convert(..., return_report=True) did, per layer
     ENorm                                    equi-normalization of a network between SGD steps
     reference                                the pure-PyTorch specification
     available_backends, build_info
@@ -19,13 +20,14 @@ from . import reference
 from . import ops  # noqa: F401  (registers the compiled and Triton backends)
 from .functional import channel_mean, equinorm_forward, equinorm_weight
 from .layers import EquiNormConv1d, EquiNormConv2d, EquiNormConv3d, EquiNormLinear
-from .convert import convert
+from .convert import ConversionReport, convert
 from .distributed import convert_sync_equinorm
 from .enorm import ENorm
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConversionReport",
     "ENorm",
     "EquiNormConv1d",
     "EquiNormConv2d",

@@ -112,6 +112,18 @@ def check_same_device(reference: torch.Tensor, value: torch.Tensor, ref_name: st
         raise ValueError(f"{name} is on {value.device} but {ref_name} is on {reference.device}; put them on one device")
 
 
+STATISTICS = ("mean", "abs_mean")
+
+
+def check_statistic(statistic: object) -> str:
+    if statistic not in STATISTICS:
+        raise ValueError(
+            f'statistic must be "mean" (non-negative inputs, the paper\'s) or "abs_mean" (the mean of |x|, any sign), '
+            f"got {statistic!r}"
+        )
+    return statistic
+
+
 def check_channel_mean_args(x: object, stats_fraction: object) -> float:
     x = check_tensor(x, "x", dims="(N, C, *spatial) or (N, C)", min_dim=2)
     if x.shape[0] == 0:
@@ -286,7 +298,8 @@ def check_channel_means(mean: torch.Tensor, name: str = "mean") -> None:
     raise ValueError(
         f"{name} must be non-negative: EquiNorm balances positive and negative weights against "
         f"non-negative inputs (ReLU outputs, or raw pixels in [0, 1] rather than standardised ones), "
-        f"but {where} has mean {float(mean[first]):.4g}"
+        f"but {where} has mean {float(mean[first]):.4g}; for a signed input use "
+        f'statistic="abs_mean" (the mean of |x|, never negative)'
     )
 
 

@@ -27,8 +27,9 @@ DEFERRED_DEVICE_TYPES = {"cuda"}
 
 # The operands a deferred check screens, each a slot of the flag vector, and what a flagged slot means.
 _PROBLEMS = {
-    "x": "x had NaN or Inf values, or (for EquiNorm) a negative channel mean",
-    "mean": "mean had NaN, Inf or negative values",
+    "x": "x had NaN or Inf values, or (for EquiNorm) a negative channel mean: for a signed input use "
+    'statistic="abs_mean"',
+    "mean": 'mean had NaN, Inf or negative values (for a signed input compute it with statistic="abs_mean")',
     "weight": "weight had NaN or Inf values",
     "gain": "gain had NaN or Inf values",
 }

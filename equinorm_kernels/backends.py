@@ -1,8 +1,8 @@
 """Which implementation runs an op: a small registry of backends with one entry per implementation.
 
-Each backend provides ``channel_mean(x, stats_fraction)``, ``equinorm_weight(weight, mean, ratio,
-groups, mode, gain, eps)`` and ``equinorm_forward(x, stats_fraction, weight, ratio, groups, mode,
-gain, eps) -> (weight'', mean)`` (both at once, fused where the backend can) with the semantics of
+Each backend provides ``channel_mean(x, stats_fraction, statistic)``, ``equinorm_weight(weight,
+mean, ratio, groups, mode, gain, eps)`` and ``equinorm_forward(x, stats_fraction, weight, ratio,
+groups, mode, gain, eps, statistic) -> (weight'', mean)`` (both at once, fused where the backend can) with the semantics of
 :mod:`equinorm_kernels.reference`, and optionally the ENorm cycle. Arguments reach a backend
 already validated. ``"auto"`` takes the first available backend in ``AUTO_PREFERENCE`` that serves
 the tensor's device, so the fused kernels win wherever they exist: on a GPU the CUDA extension,
@@ -286,9 +286,11 @@ def _auto_backend(candidates: list[Backend], device: torch.device) -> Backend:
     return _FASTEST[measured]
 
 
-def _reference_equinorm_forward(x, stats_fraction, weight, ratio, groups, mode, gain, eps):
+def _reference_equinorm_forward(x, stats_fraction, weight, ratio, groups, mode, gain, eps, statistic="mean"):
     # The means feed the weight math in its float64 (dL/dmu can overflow float32 where dL/dx does not).
-    wide_mean = reference.equinorm.channel_mean_unchecked(x, stats_fraction, reference.equinorm.WEIGHT_MATH_DTYPE)
+    wide_mean = reference.equinorm.channel_mean_unchecked(
+        x, stats_fraction, statistic, dtype=reference.equinorm.WEIGHT_MATH_DTYPE
+    )
     out = reference.equinorm.equinorm_weight_unchecked(weight, wide_mean, ratio, groups, mode, gain, eps)
     return out, wide_mean.to(reference.equinorm._accumulation_dtype(x))
 

@@ -2,14 +2,17 @@
 
 The pairs are found by tracing the model with torch.fx, but the replacement happens in the model's
 own module hierarchy: the conv's submodule becomes the EquiNorm layer and the BatchNorm's becomes
-``nn.Identity()``, so the model keeps its class, its forward code and the rest of its state.
+``nn.Identity()`` (or, for a norm layer with its activation inside, that activation), so the model
+keeps its class, its forward code and the rest of its state. Each layer's statistic follows from
+the traced graph (:mod:`equinorm_kernels._non_negative`): "mean" where its input is provably
+non-negative, "abs_mean" elsewhere.
 """
 from __future__ import annotations
 
 import copy
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Union
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +21,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from . import _checks
+from ._non_negative import is_norm_with_activation, non_negative_nodes
 from .layers import (
     EquiNormConv1d,
     EquiNormConv2d,
@@ -28,9 +33,10 @@ from .layers import (
     balance_signs_,
 )
 
-__all__ = ["convert"]
+__all__ = ["convert", "ConversionReport", "ConvertedLayer", "LeftInPlace"]
 
 MOMENTUM_FROM_BATCHNORM = "batchnorm"
+STATISTIC_FROM_GRAPH = "auto"
 
 _EQUINORM_CLASS: dict[type[nn.Module], type[EquiNormLayer]] = {
     nn.Conv1d: EquiNormConv1d,
@@ -52,14 +58,51 @@ _FUNCTIONAL_BATCH_NORMS = (F.batch_norm, torch.batch_norm, torch.native_batch_no
 class _Pair:
     conv_name: str
     bn_name: str
+    # Whether the conv's input is provably non-negative in the traced graph.
+    input_non_negative: bool = False
 
 
 @dataclass(frozen=True)
-class _LeftInPlace:
+class LeftInPlace:
     """A batch normalization that convert leaves as it is, and why."""
 
     where: str
     reason: str
+
+
+_LeftInPlace = LeftInPlace
+
+
+@dataclass(frozen=True)
+class ConvertedLayer:
+    """One Conv -> BatchNorm pair that convert replaced."""
+
+    conv: str  # module path of the conv, now the EquiNorm layer
+    norm: str  # module path of the BatchNorm, now nn.Identity() or the activation it applied
+    layer: str  # class of the new EquiNorm layer
+    statistic: str  # "mean" or "abs_mean"
+    why: str  # why that statistic
+    kept_activation: str | None = None  # the activation (and drop) a norm-with-activation applied
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert` did: the layers it converted (with their statistic) and what it left.
+
+    ``str(report)`` is a table, one line per BatchNorm.
+    """
+
+    converted: list[ConvertedLayer]
+    left_in_place: list[LeftInPlace]
+
+    def __str__(self) -> str:
+        lines = [f"converted {len(self.converted)} layer(s), left {len(self.left_in_place)} in place"]
+        for item in self.converted:
+            kept = f", keeps {item.kept_activation}" if item.kept_activation else ""
+            lines.append(f"  {item.conv} + {item.norm} -> {item.layer}(statistic={item.statistic!r}): {item.why}{kept}")
+        for item in self.left_in_place:
+            lines.append(f"  left {item.where}: {item.reason}")
+        return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -69,6 +112,7 @@ class _Options:
     stats_fraction: float
     eps: float
     backend: str
+    statistic: str = STATISTIC_FROM_GRAPH
 
 
 def convert(
@@ -81,7 +125,10 @@ def convert(
     backend: str = "auto",
     inplace: bool = False,
     strict: bool = False,
-) -> nn.Module:
+    statistic: str = STATISTIC_FROM_GRAPH,
+    input_non_negative: bool = False,
+    return_report: bool = False,
+) -> Union[nn.Module, tuple[nn.Module, ConversionReport]]:
     """Replace every Conv -> BatchNorm pair of ``model`` with the matching EquiNorm layer.
 
     A pair is an ``nn.Conv1d/2d/3d`` whose output feeds only an ``nn.BatchNorm1d/2d/3d`` of the same
@@ -89,6 +136,18 @@ def convert(
     once in ``forward``. The conv's submodule becomes an :class:`EquiNormConv1d`/``2d``/``3d`` or
     :class:`EquiNormLinear` with the conv's hyperparameters, device and dtype; the BatchNorm's
     becomes ``nn.Identity()``. The model's class, forward code and other state are untouched.
+
+    Norm layers with their activation inside, BatchNorm subclasses with an ``act`` module applied
+    after normalising (and an optional ``drop`` module before it; timm's ``BatchNormAct2d``), are
+    converted too: their submodule becomes ``nn.Sequential(drop, act)``, so the activation stays.
+
+    Each layer's statistic (see :class:`equinorm_kernels.EquiNormConv2d`) is chosen from the traced
+    graph when ``statistic="auto"``: "mean" (the paper's) where the conv's input is provably
+    non-negative (a ReLU, ReLU6, Hardtanh with min >= 0, Sigmoid or Softmax output, or pooling,
+    concatenation, addition, multiplication, dropout or reshaping of such values; the model input
+    only with ``input_non_negative=True``), "abs_mean" (valid for any sign) everywhere else. When
+    ``torch.fx`` cannot trace the model, its submodules are traced one by one and convs whose input
+    cannot be followed get "abs_mean".
 
     The new layer's ``weight`` is the conv's, with the signs of one-signed output channels resampled
     (:func:`equinorm_kernels.layers.balance_signs_`, which uses the global RNG); ``gain`` and
@@ -107,15 +166,19 @@ def convert(
             momentum (None there means a cumulative average, as in BatchNorm).
         inplace: modify ``model`` itself instead of a deep copy.
         strict: raise instead of warning when a batch normalization cannot be converted.
+        statistic: "auto" (default: per layer, from the graph), or "mean" / "abs_mean" for every layer.
+        input_non_negative: the model's input is non-negative (raw pixels in [0, 1], for example);
+            only then can a layer reading it directly get "mean".
+        return_report: also return a :class:`ConversionReport`.
 
     Returns:
-        The converted model: ``model`` itself when ``inplace``, else a converted deep copy.
+        The converted model: ``model`` itself when ``inplace``, else a converted deep copy; with
+        ``return_report``, ``(model, report)``.
 
     Raises:
         TypeError / ValueError: bad arguments.
-        ValueError: ``torch.fx`` cannot trace ``model`` (data-dependent control flow, for example);
-            or, with ``strict=True``, some batch normalization cannot be converted (then nothing is
-            changed).
+        ValueError: with ``strict=True``, some batch normalization cannot be converted (then nothing
+            is changed).
 
     Warns:
         UserWarning: one warning listing every batch normalization left in place, with its module
@@ -127,20 +190,24 @@ def convert(
     Limitations: ``nn.Linear`` -> ``nn.BatchNorm1d`` is assumed to see (N, features) inputs (on
     (N, L, features) inputs BatchNorm1d normalises dim 1, EquiNormLinear's channels are the last
     dim); forward hooks on the conv or BatchNorm (weight_norm, for example) block the conversion;
-    only the exact classes above are converted, not subclasses or relatives (SyncBatchNorm, QAT or
-    parametrized convs, lazy modules before their first forward); a BatchNorm with
+    only the exact classes above (and BatchNorm subclasses with an ``act`` module) are converted, not
+    other subclasses or relatives (SyncBatchNorm, QAT or parametrized convs, lazy modules before
+    their first forward); a BatchNorm with
     ``track_running_stats=False`` (batch statistics in eval too) is left in place, since an EquiNorm
     layer normalises with its running mean in eval.
     """
-    options = _check_arguments(model, mode, momentum, stats_fraction, eps, backend, inplace, strict)
-    graph = _trace(model)
-    pairs, left_in_place = _plan(model, graph)
+    options = _check_arguments(model, mode, momentum, stats_fraction, eps, backend, inplace, strict, statistic)
+    for flag, name in ((input_non_negative, "input_non_negative"), (return_report, "return_report")):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
+    pairs, left_in_place = _plan_traceable(model, model, "", input_non_negative)
     if left_in_place:
         _report(left_in_place, strict)
     if not inplace:
         model = _deep_copy(model)
-    for pair in pairs:
-        _replace_pair(model, pair, options)
+    converted = [_replace_pair(model, pair, options) for pair in pairs]
+    if return_report:
+        return model, ConversionReport(converted, left_in_place)
     return model
 
 
@@ -154,6 +221,7 @@ def _check_arguments(
     backend: object,
     inplace: object,
     strict: object,
+    statistic: object = STATISTIC_FROM_GRAPH,
 ) -> _Options:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -168,7 +236,14 @@ def _check_arguments(
     # Validated here, not only by the layer constructors, so a bad option fails even when no pair is found.
     explicit_momentum = None if momentum == MOMENTUM_FROM_BATCHNORM else momentum
     _check_layer_options(mode, explicit_momentum, stats_fraction, eps, backend)
-    return _Options(mode, momentum, float(stats_fraction), float(eps), backend)
+    if statistic != STATISTIC_FROM_GRAPH:
+        try:
+            _checks.check_statistic(statistic)
+        except ValueError:
+            raise ValueError(
+                f'statistic must be "auto" (chosen per layer from the graph), "mean" or "abs_mean", got {statistic!r}'
+            ) from None
+    return _Options(mode, momentum, float(stats_fraction), float(eps), backend, statistic)
 
 
 class _PairTracer(fx.Tracer):
@@ -183,20 +258,36 @@ class _PairTracer(fx.Tracer):
         return super().is_leaf_module(module, qualified_name)
 
 
-def _trace(model: nn.Module) -> fx.Graph:
+def _trace(model: nn.Module) -> fx.Graph | str:
+    """The traced graph of ``model``, or why torch.fx cannot trace it."""
     if isinstance(model, torch.jit.ScriptModule):
-        raise ValueError(
-            "convert needs a model that torch.fx can trace; TorchScript modules cannot be traced: "
-            "convert the eager model, then script it"
-        )
+        return "TorchScript modules cannot be traced (convert the eager model, then script it)"
     try:
         return _PairTracer().trace(model)
     except Exception as err:
-        raise ValueError(
-            f"convert needs a model that torch.fx can trace symbolically (no Python control flow on tensor "
-            f"values, no calls torch.fx cannot record): tracing {type(model).__name__} failed with "
-            f"{type(err).__name__}: {err}"
-        ) from err
+        return f"torch.fx could not trace {type(model).__name__}: {type(err).__name__}: {err}"
+
+
+def _plan_traceable(
+    root: nn.Module, module: nn.Module, prefix: str, input_non_negative: bool
+) -> tuple[list[_Pair], list[_LeftInPlace]]:
+    """The pairs inside ``module`` (at path ``prefix`` of ``root``) from its traced graph; when it
+    cannot be traced, from its children's graphs, each child's input counted as signed."""
+    graph = _trace(module)
+    if isinstance(graph, fx.Graph):
+        return _plan(module, graph, prefix, input_non_negative)
+    pairs, left_in_place = [], []
+    for child_name, child in module.named_children():
+        path = f"{prefix}.{child_name}" if prefix else child_name
+        if isinstance(child, _BatchNorm):
+            left_in_place.append(
+                _LeftInPlace(f"`{path}` ({type(child).__name__})", f"its parent could not be traced ({graph})")
+            )
+        elif not isinstance(child, (_ConvNd, nn.Linear, EquiNormLayer)):
+            child_pairs, child_left = _plan_traceable(root, child, path, False)
+            pairs += child_pairs
+            left_in_place += child_left
+    return pairs, left_in_place
 
 
 def _deep_copy(model: nn.Module) -> nn.Module:
@@ -210,8 +301,11 @@ def _deep_copy(model: nn.Module) -> nn.Module:
 
 
 # --- finding the pairs ------------------------------------------------------------------------
-def _plan(model: nn.Module, graph: fx.Graph) -> tuple[list[_Pair], list[_LeftInPlace]]:
+def _plan(
+    model: nn.Module, graph: fx.Graph, prefix: str = "", input_non_negative: bool = False
+) -> tuple[list[_Pair], list[_LeftInPlace]]:
     modules = dict(model.named_modules())
+    non_negative = non_negative_nodes(graph, modules, input_non_negative)
     calls: dict[str, list[fx.Node]] = {}
     read_attributes: list[str] = []
     for node in graph.nodes:
@@ -224,13 +318,29 @@ def _plan(model: nn.Module, graph: fx.Graph) -> tuple[list[_Pair], list[_LeftInP
     for name, module in modules.items():
         if not name or not isinstance(module, _BatchNorm):
             continue
+        path = f"{prefix}.{name}" if prefix else name
         found = _match_pair(name, module, modules, calls, read_attributes)
         if isinstance(found, _Pair):
-            pairs.append(found)
+            conv_input = calls[found.conv_name][0].args[0] if calls[found.conv_name][0].args else None
+            from_input = isinstance(conv_input, fx.Node) and non_negative.get(conv_input, False)
+            pairs.append(_Pair(_join(prefix, found.conv_name), path, from_input))
         else:
-            left_in_place.append(_LeftInPlace(f"`{name}` ({type(module).__name__})", found))
+            left_in_place.append(_LeftInPlace(f"`{path}` ({type(module).__name__})", found))
     left_in_place.extend(_functional_batch_norms(graph))
     return pairs, left_in_place
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _plain_batchnorm_class(bn: nn.Module) -> type[nn.Module] | None:
+    """nn.BatchNorm1d/2d/3d for a plain one or a norm layer with its activation inside, else None."""
+    if type(bn) in _PLAIN_BATCHNORMS:
+        return type(bn)
+    if is_norm_with_activation(bn):
+        return next((cls for cls in _PLAIN_BATCHNORMS if isinstance(bn, cls)), None)
+    return None
 
 
 def _match_pair(
@@ -241,8 +351,11 @@ def _match_pair(
     read_attributes: list[str],
 ) -> _Pair | str:
     """The pair ending in BatchNorm ``bn_name``, or why there is none."""
-    if type(bn) not in _PLAIN_BATCHNORMS:
-        return f"only plain nn.BatchNorm1d/2d/3d are converted, not {type(bn).__name__}{_lazy_hint(bn)}"
+    if _plain_batchnorm_class(bn) is None:
+        return (
+            f"only nn.BatchNorm1d/2d/3d and their subclasses with an `act` module (a norm with its activation "
+            f"inside) are converted, not {type(bn).__name__}{_lazy_hint(bn)}"
+        )
     if not bn.track_running_stats:
         return (
             "it has track_running_stats=False (batch statistics in eval too), while an EquiNorm layer "
@@ -276,7 +389,7 @@ def _conv_problem(
     calls: dict[str, list[fx.Node]],
 ) -> str | None:
     expected_bn = _MATCHING_BATCHNORM[type(conv)]
-    if type(bn) is not expected_bn:
+    if _plain_batchnorm_class(bn) is not expected_bn:
         return (
             f"it follows `{conv_name}` ({type(conv).__name__}), whose output needs {expected_bn.__name__}, "
             f"not {type(bn).__name__}"
@@ -408,11 +521,35 @@ def _report(left_in_place: list[_LeftInPlace], strict: bool) -> None:
 
 
 # --- replacing --------------------------------------------------------------------------------
-def _replace_pair(model: nn.Module, pair: _Pair, options: _Options) -> None:
+def _replace_pair(model: nn.Module, pair: _Pair, options: _Options) -> ConvertedLayer:
     conv = model.get_submodule(pair.conv_name)
     bn = model.get_submodule(pair.bn_name)
-    _replace_everywhere(model, conv, _equinorm_layer(conv, bn, options))
-    _replace_everywhere(model, bn, nn.Identity().train(bn.training))
+    statistic, why = _statistic_for(pair, options)
+    layer = _equinorm_layer(conv, bn, options, statistic)
+    _replace_everywhere(model, conv, layer)
+    after = _what_the_norm_applied_after(bn)
+    _replace_everywhere(model, bn, after.train(bn.training))
+    kept = None if isinstance(after, nn.Identity) else repr(after).replace("\n", "").replace("  ", " ")
+    return ConvertedLayer(pair.conv_name, pair.bn_name, type(layer).__name__, statistic, why, kept)
+
+
+def _statistic_for(pair: _Pair, options: _Options) -> tuple[str, str]:
+    if options.statistic != STATISTIC_FROM_GRAPH:
+        return options.statistic, "as asked"
+    if pair.input_non_negative:
+        return "mean", "its input is non-negative in the traced graph"
+    return "abs_mean", "its input may be negative (or the graph does not show that it cannot be)"
+
+
+def _what_the_norm_applied_after(bn: nn.Module) -> nn.Module:
+    """nn.Identity() for a plain BatchNorm; nn.Sequential(drop, act) for a norm with its activation."""
+    if not is_norm_with_activation(bn):
+        return nn.Identity()
+    drop = getattr(bn, "drop", None)
+    parts = [m for m in (drop, bn.act) if m is not None and not isinstance(m, nn.Identity)]
+    if not parts:
+        return nn.Identity()
+    return parts[0] if len(parts) == 1 else nn.Sequential(*parts)
 
 
 def _replace_everywhere(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
@@ -423,9 +560,10 @@ def _replace_everywhere(model: nn.Module, old: nn.Module, new: nn.Module) -> Non
         model.set_submodule(name, new)
 
 
-def _equinorm_layer(conv: nn.Module, bn: nn.Module, options: _Options) -> EquiNormLayer:
+def _equinorm_layer(conv: nn.Module, bn: nn.Module, options: _Options, statistic: str) -> EquiNormLayer:
     momentum = bn.momentum if options.momentum == MOMENTUM_FROM_BATCHNORM else options.momentum
     layer_options = dict(
+        statistic=statistic,
         mode=options.mode,
         momentum=momentum,
         stats_fraction=options.stats_fraction,

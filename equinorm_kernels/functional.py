@@ -13,12 +13,17 @@ from . import _checks, _value_checks
 from .backends import resolve_backend
 
 
-def channel_mean(x: torch.Tensor, *, stats_fraction: float = 1.0, backend: str = "auto") -> torch.Tensor:
-    """Per-channel mean of ``x`` over every dim but dim 1.
+def channel_mean(
+    x: torch.Tensor, *, stats_fraction: float = 1.0, statistic: str = "mean", backend: str = "auto"
+) -> torch.Tensor:
+    """Per-channel mean of ``x`` (or of ``|x|``) over every dim but dim 1.
 
     Args:
         x: (N, C, *spatial) or (N, C), float16/bfloat16/float32/float64, NCHW or channels_last.
         stats_fraction: only the first ceil(stats_fraction * N) samples are averaged (0 < f <= 1).
+        statistic: "mean" (default) or "abs_mean", the mean of |x| (EquiNorm's statistic for signed
+            inputs): on non-negative ``x`` the same bits as "mean", and the same gradient (sign(0)
+            counts as +1).
         backend: "auto" or a name from :func:`equinorm_kernels.available_backends`.
 
     Returns:
@@ -31,7 +36,8 @@ def channel_mean(x: torch.Tensor, *, stats_fraction: float = 1.0, backend: str =
             :func:`equinorm_kernels.check_values`).
     """
     stats_fraction = _checks.check_channel_mean_args(x, stats_fraction)
-    mean = resolve_backend(backend, x.device).channel_mean(x, stats_fraction)
+    _checks.check_statistic(statistic)
+    mean = resolve_backend(backend, x.device).channel_mean(x, stats_fraction, statistic)
     if _checks.value_checks_active():
         _value_checks.check_channel_mean(mean, _statistics_rows(x, stats_fraction))
     return mean
@@ -95,6 +101,7 @@ def equinorm_forward(
     mode: str = "single_pass",
     gain: torch.Tensor | None = None,
     eps: float = 1e-5,
+    statistic: str = "abs_mean",
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The channel means of ``x`` and the EquiNorm-rescaled weight built from them, in one call.
@@ -106,6 +113,9 @@ def equinorm_forward(
         x: the layer input (N, C, *spatial) or (N, C); any float dtype, NCHW or channels_last.
         weight, ratio, groups, mode, gain, eps, backend: as :func:`equinorm_weight`.
         stats_fraction: only the first ceil(stats_fraction * N) samples feed the means.
+        statistic: "abs_mean" (default): the means of |x|, valid for inputs of any sign, and on
+            non-negative inputs bit-identical to "mean" (values and gradients); "mean": the
+            paper's statistic, an error when a channel mean is negative.
 
     Returns:
         ``(w'', mean)``: w'' as :func:`equinorm_weight` returns it, differentiable in ``x``,
@@ -113,11 +123,13 @@ def equinorm_forward(
         differentiable (it is for running statistics).
 
     Raises:
-        ValueError / TypeError: as :func:`channel_mean` and :func:`equinorm_weight`.
+        ValueError / TypeError: as :func:`channel_mean` and :func:`equinorm_weight` (with
+            statistic="mean", a negative channel mean of ``x``).
     """
     stats_fraction = _checks.check_equinorm_forward_args(x, stats_fraction, weight, ratio, groups, mode, gain, eps)
+    _checks.check_statistic(statistic)
     impl = resolve_backend(backend, weight.device)
-    out, mean = impl.equinorm_forward(x, stats_fraction, weight, float(ratio), groups, mode, gain, float(eps))
+    out, mean = impl.equinorm_forward(x, stats_fraction, weight, float(ratio), groups, mode, gain, float(eps), statistic)
     if _checks.value_checks_active():
         _value_checks.check_weight_operands(weight, mean, gain, sample=_statistics_rows(x, stats_fraction))
     return out, mean.detach()

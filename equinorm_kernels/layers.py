@@ -46,7 +46,10 @@ def balance_signs_(weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
-def _check_layer_options(mode: object, momentum: object, stats_fraction: object, eps: object, backend: object) -> None:
+def _check_layer_options(
+    mode: object, momentum: object, stats_fraction: object, eps: object, backend: object, statistic: object = "abs_mean"
+) -> None:
+    _checks.check_statistic(statistic)
     if mode not in _checks.MODES:
         raise ValueError(f"mode must be one of {_checks.MODES}, got {mode!r}")
     if momentum is not None:
@@ -60,14 +63,17 @@ class EquiNormLayer(nn.Module):
     """What the EquiNorm conv and linear layers share: options, gain, running mean, forward."""
 
     _spatial_dims: int  # 0 for Linear
+    statistic: str = "abs_mean"  # layers pickled before the option existed
     _plain_class: type[nn.Module]
     # Set by equinorm_kernels.convert_sync_equinorm: training statistics over a process group.
     statistics_sync = None
 
     def _init_equinorm(
-        self, mode: str, momentum: float | None, stats_fraction: float, eps: float, backend: str
+        self, mode: str, momentum: float | None, stats_fraction: float, eps: float, backend: str,
+        statistic: str = "abs_mean",
     ) -> None:
-        _check_layer_options(mode, momentum, stats_fraction, eps, backend)
+        _check_layer_options(mode, momentum, stats_fraction, eps, backend, statistic)
+        self.statistic = statistic
         if math.prod(self.weight.shape[1:]) < 2:
             raise ValueError(
                 f"{type(self).__name__} needs at least 2 weights per output channel "
@@ -141,7 +147,7 @@ class EquiNormLayer(nn.Module):
     def _local_statistic(self, x: torch.Tensor, fraction: float) -> torch.Tensor:
         """This process's channel statistic of ``x`` (N, C, *spatial), differentiable: what a
         synchronised layer reduces over its group (see :mod:`equinorm_kernels.distributed`)."""
-        return channel_mean(x, stats_fraction=fraction, backend=self.backend)
+        return channel_mean(x, stats_fraction=fraction, statistic=self.statistic, backend=self.backend)
 
     @torch.no_grad()
     def _track(self, mean: torch.Tensor) -> None:
@@ -175,7 +181,10 @@ class EquiNormLayer(nn.Module):
         else:
             # One fused call: the batch's channel means and the weight built from them (validated
             # before the means are tracked).
-            weight, mean = equinorm_forward(statistics_input, self.weight, stats_fraction=fraction, **self._options(ratio))
+            weight, mean = equinorm_forward(
+                statistics_input, self.weight, stats_fraction=fraction, statistic=self.statistic,
+                **self._options(ratio),
+            )
         self._track(mean)
         return self._run_op(x, weight)
 
@@ -243,7 +252,8 @@ class EquiNormLayer(nn.Module):
         return plain.train(self.training)
 
     def extra_repr(self) -> str:
-        options = f"mode={self.mode!r}, momentum={self.momentum}, stats_fraction={self.stats_fraction}, eps={self.eps}"
+        options = f"mode={self.mode!r}, statistic={self.statistic!r}, momentum={self.momentum}, "
+        options += f"stats_fraction={self.stats_fraction}, eps={self.eps}"
         return f"{super().extra_repr()}, {options}, backend={self.backend!r}"
 
 
@@ -279,11 +289,12 @@ class _EquiNormConvNd(EquiNormLayer):
         stats_fraction: float = 1.0,
         eps: float = 1e-5,
         backend: str = "auto",
+        statistic: str = "abs_mean",
     ) -> None:
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
         )
-        self._init_equinorm(mode, momentum, stats_fraction, eps, backend)
+        self._init_equinorm(mode, momentum, stats_fraction, eps, backend, statistic)
 
     def _ratio_is_constant(self) -> bool:
         """rho = 1 for every input size: stride 1 and an output as large as the input."""
@@ -350,10 +361,15 @@ _LAYER_OPTIONS_DOC = """
         eps: relative threshold of the positive mass below which an output channel's weight is zero
             (a constant kernel, or only zero inputs); see :mod:`equinorm_kernels.reference`.
         backend: "auto" or a name from :func:`equinorm_kernels.available_backends`.
+        statistic: the per-input-channel statistic. "abs_mean" (default): the mean of |x|, the
+            input's L1 mass, valid for inputs of any sign; on non-negative inputs it is the mean,
+            bit for bit, with the same gradients, so results are the paper's. "mean": the paper's
+            statistic, for non-negative inputs only (a negative channel mean is an error).
 
     Parameters ``weight`` (as ``{base}``), ``gain`` (out,) and ``bias`` (out,) (the affine after the
-    normalization); buffer ``running_mean`` (in,). Inputs as ``{base}``, non-negative (ReLU outputs,
-    or raw pixels in [0, 1]); any float dtype (statistics in float32), NCHW or channels_last.
+    normalization); buffer ``running_mean`` (in,), the running average of the statistic (of |x|
+    with "abs_mean"). Inputs as ``{base}``, of any sign with "abs_mean" (ReLU outputs, raw pixels
+    and linear-bottleneck outputs alike); any float dtype (statistics in float32), NCHW or channels_last.
     Differentiable in the input (through the batch means), ``weight``, ``gain`` and ``bias``.
 
     In eval mode the weight is built from ``running_mean`` and the input is not read for statistics,
@@ -398,9 +414,10 @@ class EquiNormLinear(EquiNormLayer, nn.Linear):
         stats_fraction: float = 1.0,
         eps: float = 1e-5,
         backend: str = "auto",
+        statistic: str = "abs_mean",
     ) -> None:
         super().__init__(in_features, out_features, bias, device, dtype)
-        self._init_equinorm(mode, momentum, stats_fraction, eps, backend)
+        self._init_equinorm(mode, momentum, stats_fraction, eps, backend, statistic)
 
     def _run_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight, self.bias)

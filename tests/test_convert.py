@@ -226,11 +226,14 @@ def test_subclasses_are_not_converted():
     assert "not subclasses of nn.Conv2d" in reasons["3"]
 
 
-def test_untraceable_model_raises_a_clear_error():
+def test_untraceable_model_lists_its_batchnorms_with_the_trace_error():
     model = DataDependentNet()
-    with pytest.raises(ValueError, match=r"torch\.fx can trace.*DataDependentNet.*TraceError"):
-        convert(model)
-    assert type(model.bn) is nn.BatchNorm2d
+    converted, messages = convert_warnings(model)
+    assert "could not trace DataDependentNet" in listed_reasons(messages[0])["bn"]
+    assert "TraceError" in listed_reasons(messages[0])["bn"]
+    assert type(converted.bn) is nn.BatchNorm2d and type(converted.conv) is nn.Conv2d
+    with pytest.raises(ValueError, match=r"(?s)strict=True.*could not trace DataDependentNet"):
+        convert(model, strict=True)
 
 
 # --- other layer kinds and options ----------------------------------------------------------

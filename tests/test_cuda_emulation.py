@@ -143,25 +143,55 @@ CHANNEL_MEAN_SHAPES = {
 }
 
 
-def _channel_mean_case(shape_name: str, dtype_name: str, channels_last: bool, offset: int, all_rows: bool):
+def _signed_values(shape) -> torch.Tensor:
+    """Signed values in every channel but the first, whose values are >= 0 (one of them -0.0, which
+    counts as non-negative); in each signed channel one negative value sits only in the last sample,
+    so the flags of a statistic over fewer rows see none there."""
+    values = torch.rand(shape, generator=_generator(len(shape) + shape[1] + 7), dtype=torch.float64) - 0.5
+    values[:, 0] = values[:, 0].abs()
+    values.view(shape[0], shape[1], -1)[0, 0, 0] = -0.0
+    if shape[1] > 2:
+        values[:, 2] = values[:, 2].abs()
+        values.view(shape[0], shape[1], -1)[-1, 2, -1] = -0.25
+    return values
+
+
+def _channel_mean_case(shape_name: str, dtype_name: str, channels_last: bool, offset: int, all_rows: bool,
+                       statistic: str = "mean"):
     shape = CHANNEL_MEAN_SHAPES[shape_name]
     dtype = DTYPES[dtype_name]
-    values = torch.rand(shape, generator=_generator(len(shape) + shape[1]), dtype=torch.float64)
+    if statistic == "abs_mean":
+        values = _signed_values(shape)
+    else:
+        values = torch.rand(shape, generator=_generator(len(shape) + shape[1]), dtype=torch.float64)
     x = _layout(values.to(dtype), channels_last)
     rows = shape[0] if all_rows else 1
     spatial = x.numel() // (shape[0] * shape[1])
-    truth = x[:rows].double().mean(dim=[0, *range(2, x.dim())])
+    reduced = [0, *range(2, x.dim())]
+    sample = x[:rows].double()
+    truth = (sample.abs() if statistic == "abs_mean" else sample).mean(dim=reduced)
+    negative_truth = (sample < 0).any(dim=reduced) if statistic == "abs_mean" else None
 
     def check(output):
         rtol = 1e-13 if dtype == torch.float64 else 1e-5
-        return _compare_relative("mean", output("mean", truth.to(_accumulation(dtype))), truth, rtol)
+        problems = _compare_relative("mean", output("mean", truth.to(_accumulation(dtype))), truth, rtol)
+        if negative_truth is not None:
+            # As bytes: a flag the kernel never wrote keeps the buffer's 0xff fill and fails.
+            negative = output("negative", negative_truth.to(torch.uint8))
+            if not torch.equal(negative, negative_truth.to(torch.uint8)):
+                problems.append(f"negative flags {negative.tolist()} != {negative_truth.int().tolist()}")
+        return problems
 
     layout = "cl" if channels_last else "nchw"
+    fields = dict(dtype=dtype_name, rows=rows, channels=shape[1], spatial=spatial,
+                  channels_last=int(channels_last or spatial == 1), offset=offset)
+    if statistic == "abs_mean":
+        fields["abs"] = 1
+    prefix = "abs-mean" if statistic == "abs_mean" else "mean"
     return KernelCase(
         "channel_mean",
-        f"mean-{shape_name}-{layout}-{dtype_name}-rows{rows}-offset{offset}",
-        dict(dtype=dtype_name, rows=rows, channels=shape[1], spatial=spatial,
-             channels_last=int(channels_last or spatial == 1), offset=offset),
+        f"{prefix}-{shape_name}-{layout}-{dtype_name}-rows{rows}-offset{offset}",
+        fields,
         {"x": x},
         check,
     )
@@ -175,6 +205,9 @@ def channel_mean_cases() -> list[KernelCase]:
                 cases.append(_channel_mean_case(shape_name, dtype_name, channels_last, 0, True))
             cases.append(_channel_mean_case(shape_name, "half", channels_last, 1, True))
             cases.append(_channel_mean_case(shape_name, "float", channels_last, 1, False))
+            # abs_mean: the same paths with signed values; the flags over all rows and over one.
+            cases.append(_channel_mean_case(shape_name, "float", channels_last, 0, True, "abs_mean"))
+            cases.append(_channel_mean_case(shape_name, "half", channels_last, 1, False, "abs_mean"))
     return cases
 
 
@@ -488,6 +521,13 @@ PLANTED_BUGS = {
     "syncthreads-removed": PlantedBug(
         "tsan", "channel_mean.cu", _BLOCK_SUM_STORE + "  __syncthreads();\n", _BLOCK_SUM_STORE,
         "mean-large-planes-nchw-float-rows5-offset0", ("WARNING: ThreadSanitizer: data race",), "block_sum",
+    ),
+    # the same for abs_mean's flag count: the sums' block_sum reuses warp_sums while thread 0 reads it
+    "abs-flag-barrier-removed": PlantedBug(
+        "tsan", "channel_mean.cu",
+        "    block_negative = block_sum(static_cast<acc_t>(negative ? 1 : 0)) > 0;\n    __syncthreads();\n",
+        "    block_negative = block_sum(static_cast<acc_t>(negative ? 1 : 0)) > 0;\n",
+        "abs-mean-large-planes-nchw-float-rows5-offset0", ("WARNING: ThreadSanitizer: data race",), "block_sum",
     ),
     # memcheck's job, in shared memory: one element past the end of a __shared__ array, through a
     # pointer. UBSan's object-size check sees it before ASan does (an ASan-only build reports the

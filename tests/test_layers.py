@@ -904,11 +904,14 @@ def test_empty_batch(layer, x):
 
 @pytest.mark.parametrize("kind", ["conv", "linear"])
 def test_negative_channel_mean(kind):
-    layer = EquiNormConv2d(3, 4, 3) if kind == "conv" else EquiNormLinear(3, 4)
+    """An error with the paper's statistic; the default (the mean of |x|) takes signed inputs."""
+    layer = EquiNormConv2d(3, 4, 3, statistic="mean") if kind == "conv" else EquiNormLinear(3, 4, statistic="mean")
     x = torch.rand(2, 3, 6, 6) if kind == "conv" else torch.rand(5, 3)
     x[:, 1] -= 0.9  # channel 1 mean about -0.4
-    with pytest.raises(ValueError, match="non-negative"):
+    with pytest.raises(ValueError, match=r'non-negative.*statistic="abs_mean"'):
         layer(x)
+    default = EquiNormConv2d(3, 4, 3) if kind == "conv" else EquiNormLinear(3, 4)
+    assert torch.isfinite(default(x)).all()
 
 
 @pytest.mark.parametrize("kind", ["conv", "linear"])
@@ -990,8 +993,11 @@ def test_spatial_input_too_small(layer, x, training):
     "make,x",
     [
         (lambda: EquiNormConv2d(2, 3, 5), lambda: torch.rand(1, 2, 3, 3)),
-        (lambda: EquiNormConv2d(3, 4, 3), lambda: torch.rand(2, 3, 6, 6) - torch.tensor([0.0, 0.9, 0.0]).view(1, 3, 1, 1)),
-        (lambda: EquiNormLinear(3, 4), lambda: torch.rand(5, 3) - torch.tensor([0.0, 0.0, 0.9])),
+        (
+            lambda: EquiNormConv2d(3, 4, 3, statistic="mean"),
+            lambda: torch.rand(2, 3, 6, 6) - torch.tensor([0.0, 0.9, 0.0]).view(1, 3, 1, 1),
+        ),
+        (lambda: EquiNormLinear(3, 4, statistic="mean"), lambda: torch.rand(5, 3) - torch.tensor([0.0, 0.0, 0.9])),
     ],
     ids=["too-small", "negative-mean-conv", "negative-mean-linear"],
 )

@@ -155,8 +155,8 @@ def test_channel_mean_on_every_reduction_path(backend, device, shape, layout):
     x = _layout(torch.rand(shape, generator=_generator(2), dtype=torch.float64), layout)
     for rows in (shape[0], 1):
         expected = x[:rows].mean(dim=[0, *range(2, x.dim())])
-        torch.testing.assert_close(op(backend, "channel_mean")(x.float().to(device), rows).cpu(), expected.float(), rtol=2e-6, atol=0)
-        torch.testing.assert_close(op(backend, "channel_mean")(x.to(device), rows).cpu(), expected, rtol=1e-13, atol=0)
+        torch.testing.assert_close(op(backend, "channel_mean")(x.float().to(device), rows, "mean")[0].cpu(), expected.float(), rtol=2e-6, atol=0)
+        torch.testing.assert_close(op(backend, "channel_mean")(x.to(device), rows, "mean")[0].cpu(), expected, rtol=1e-13, atol=0)
 
 
 def test_degenerate_channels_get_zero_weight_not_nan(backend, device):
@@ -300,13 +300,16 @@ def test_opcheck_every_equinorm_op(backend, device, weight_layout):
     weight, x, mean, gain = _op_samples(device)
     weight = _layout(weight, weight_layout)
     _, stats = op(backend, "equinorm_weight")(weight, mean, gain, 1.0, 1, "exact", 1e-5)
-    samples = {
-        "channel_mean": (x, 3),
-        "equinorm_weight": (weight, mean, gain, 1.0, 1, "single_pass", 1e-5),
-        "equinorm_forward": (x, 2, weight, gain, 0.5, 1, "exact", 1e-5),
-        "equinorm_backward": (torch.randn_like(weight), weight, mean, gain, stats, 1),
-    }
-    for name, args in samples.items():
+    signed = x - 0.5
+    samples = [
+        ("channel_mean", (x, 3, "mean")),
+        ("channel_mean", (signed, 3, "abs_mean")),
+        ("equinorm_weight", (weight, mean, gain, 1.0, 1, "single_pass", 1e-5)),
+        ("equinorm_forward", (x, 2, weight, gain, 0.5, 1, "exact", 1e-5, "mean")),
+        ("equinorm_forward", (signed, 2, weight, gain, 0.5, 1, "exact", 1e-5, "abs_mean")),
+        ("equinorm_backward", (torch.randn_like(weight), weight, mean, gain, stats, 1)),
+    ]
+    for name, args in samples:
         torch.library.opcheck(op(backend, name), args)
 
 

@@ -184,10 +184,15 @@ def _equinorm_samples(device: str):
         gain = torch.linspace(0.5, 1.5, 4, device=device)
         _, stats = _op("equinorm_weight")(w, mean, gain, 0.5, 1, "exact", 1e-5)
         samples.append({
-            "channel_mean": (x, 2),
+            "channel_mean": (x, 2, "mean"),
             "equinorm_weight": (w, mean, gain, 0.5, 1, "single_pass", 1e-5),
-            "equinorm_forward": (x, 2, w, gain, 0.5, 1, "exact", 1e-5),
+            "equinorm_forward": (x, 2, w, gain, 0.5, 1, "exact", 1e-5, "mean"),
             "equinorm_backward": (torch.randn_like(w), w, mean, gain, stats, 1),
+        })
+        signed = x - 0.5
+        samples.append({
+            "channel_mean": (signed, 2, "abs_mean"),
+            "equinorm_forward": (signed, 2, w, gain, 0.5, 1, "exact", 1e-5, "abs_mean"),
         })
     return samples
 
@@ -217,7 +222,8 @@ def _enorm_program(device: str, dtype=torch.float32):
 def test_fake_kernels_give_the_real_outputs_metadata(device):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    calls = list(_equinorm_samples(device)[1].items())
+    samples = _equinorm_samples(device)
+    calls = list(samples[2].items()) + list(samples[3].items())  # channels_last, both statistics
     tensors, entries, sizes = _enorm_program(device)
     calls += [
         ("enorm_group_", (tensors, entries[:24], 2.0, 1.0)),
@@ -392,10 +398,18 @@ def test_channel_sums_split_over_programs(device, layout, rows):
     expected = reference.equinorm.channel_mean_unchecked(x.cpu()[:rows], 1.0)
     readable, channels_last = triton_equinorm._channel_input(x, rows)
     assert channels_last == (layout != "contiguous")
+    signed = readable - 0.5
+    signed[:, 0] = signed[:, 0].abs()  # channel 0 has no negative value
+    expected_abs = signed.cpu()[:rows].abs().transpose(0, 1).reshape(shape[1], -1).mean(dim=1)
+    expected_negative = (signed.cpu()[:rows] < 0).transpose(0, 1).reshape(shape[1], -1).any(dim=1)
     for splits in (1, 2, 3, 4):
         mean = torch.empty(shape[1], dtype=torch.float64, device=device)
         triton_equinorm._launch_channel_means(readable, channels_last, rows, mean, splits=splits)
         assert_matches_reference(mean.cpu(), expected, expected, torch.float64)
+        negative = torch.zeros(shape[1], dtype=torch.uint8, device=device)
+        triton_equinorm._launch_channel_means(signed, channels_last, rows, mean, splits=splits, negative=negative)
+        assert_matches_reference(mean.cpu(), expected_abs, expected_abs, torch.float64)
+        assert torch.equal(negative.cpu().bool(), expected_negative)
 
 
 @needs_triton
@@ -403,8 +417,13 @@ def test_channel_sums_split_over_programs(device, layout, rows):
 def test_large_input_takes_the_split_path(device):
     x = torch.rand((3, 2, 80, 80), generator=_generator(4), dtype=torch.float32)  # 19200 values per channel
     assert 3 * 80 * 80 > triton_equinorm._ELEMENTS_PER_SPLIT
-    mean = _op("channel_mean")(x.to(device), 3)
+    mean, _ = _op("channel_mean")(x.to(device), 3, "mean")
     assert_matches_reference(mean.cpu(), None, x.double().mean(dim=(0, 2, 3)), torch.float32)
+    signed = x - 0.5
+    signed[:, 1] = signed[:, 1].abs()  # channel 1 has no negative value
+    mean, negative = _op("channel_mean")(signed.to(device), 3, "abs_mean")
+    assert_matches_reference(mean.cpu(), None, signed.double().abs().mean(dim=(0, 2, 3)), torch.float32)
+    assert negative.cpu().tolist() == [True, False]
 
 
 @needs_triton
@@ -418,10 +437,11 @@ def test_every_autotuning_configuration_computes_the_same_means(device):
         tile = config.kwargs["TILE"]
         mean = torch.empty(5, dtype=torch.float64, device=device)
         triton_equinorm._planar_channel_sums_kernel.fn[(5, 1)](
-            x, mean, 3, 5, 42, 3, 126, FINAL=True, BLOCK_S=64, TILE=tile, num_warps=config.num_warps)
+            x, mean, mean, 3, 5, 42, 3, 126, FINAL=True, ABS=False, BLOCK_S=64, TILE=tile, num_warps=config.num_warps)
         assert_matches_reference(mean.cpu(), expected, expected, torch.float64)
         triton_equinorm._channels_last_channel_sums_kernel.fn[(1, 1)](
-            channels_last_x, mean, 5, 126, 126, 126, FINAL=True, BLOCK_C=8, TILE=tile, num_warps=config.num_warps)
+            channels_last_x, mean, mean, 5, 126, 126, 126, FINAL=True, ABS=False, BLOCK_C=8, TILE=tile,
+            num_warps=config.num_warps)
         assert_matches_reference(mean.cpu(), expected, expected, torch.float64)
 
 

@@ -61,8 +61,8 @@ def test_one_input_channel_is_specialised_as_a_constant_and_compiles(compiled_mo
 
         recorder = compile_check.LaunchRecorder()
         with recorder.recording():
-            torch.ops.equinorm_kernels.triton_channel_mean(torch.rand(4, 1, 5, 6), 4)
-            torch.ops.equinorm_kernels.triton_channel_mean(torch.rand(4, 16, 5, 6), 4)
+            torch.ops.equinorm_kernels.triton_channel_mean(torch.rand(4, 1, 5, 6), 4, "mean")
+            torch.ops.equinorm_kernels.triton_channel_mean(torch.rand(4, 16, 5, 6), 4, "mean")
         one, sixteen = recorder.launches.values()
         backend = compile_check.backend_for(90)
         source, _ = compile_check.compile_source(one, backend)

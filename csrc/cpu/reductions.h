@@ -38,6 +38,41 @@ inline acc_t contiguous_sum(const scalar_t* values, int64_t count) {
   return combine_lanes<kWidth>(lanes);
 }
 
+// contiguous_sum of |values|, in the same order (so equal to it, bit for bit, when no value is < 0);
+// sets `negative` to 1 when some value is < 0 (-0.0 is not: its derivative sign counts as +1).
+template <typename acc_t, int kWidth = kLanes, typename scalar_t>
+inline acc_t contiguous_abs_sum(const scalar_t* values, int64_t count, uint8_t& negative) {
+  acc_t lanes[kWidth] = {};
+  acc_t lowest[kWidth] = {};
+  int64_t i = 0;
+  for (; i + kWidth <= count; i += kWidth) {
+    for (int j = 0; j < kWidth; ++j) {
+      const acc_t value = static_cast<acc_t>(values[i + j]);
+      lanes[j] += value < 0 ? -value : value;
+      lowest[j] = value < lowest[j] ? value : lowest[j];
+    }
+  }
+  for (int j = 0; i < count; ++i, ++j) {
+    const acc_t value = static_cast<acc_t>(values[i]);
+    lanes[j] += value < 0 ? -value : value;
+    lowest[j] = value < lowest[j] ? value : lowest[j];
+  }
+  acc_t least = 0;
+  for (int j = 0; j < kWidth; ++j) least = lowest[j] < least ? lowest[j] : least;
+  negative = least < 0 ? 1 : 0;
+  return combine_lanes<kWidth>(lanes);
+}
+
+// sums[j] += |values[j]| for j in [0, count), and negative[j] |= values[j] < 0.
+template <typename acc_t, typename scalar_t>
+inline void add_abs_row(acc_t* sums, uint8_t* negative, const scalar_t* values, int64_t count) {
+  for (int64_t j = 0; j < count; ++j) {
+    const acc_t value = static_cast<acc_t>(values[j]);
+    sums[j] += value < 0 ? -value : value;
+    negative[j] |= static_cast<uint8_t>(value < 0);
+  }
+}
+
 // sums[j] += values[j] for j in [0, count): one row of a (rows, count) block added to a running sum.
 template <typename acc_t, typename scalar_t>
 inline void add_row(acc_t* sums, const scalar_t* values, int64_t count) {

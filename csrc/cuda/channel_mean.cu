@@ -1,4 +1,8 @@
-// Channel statistics on the GPU: mean[c] = mean of x[:rows] over every dim but 1.
+// Channel statistics on the GPU: mean[c] = mean of x[:rows] over every dim but 1, or (kAbs, the
+// "abs_mean" statistic) the mean of |x[:rows]|. |v| is v for v >= 0 and both add in the same order,
+// so on non-negative inputs the two give the same bits. With kAbs each thread also notes whether
+// it read a value < 0, and the flags follow the sums' path: ORed over the block (a fixed tree, one
+// writer per channel), stored per slot beside the partial sums, ORed again by the finishing block.
 //
 // x is read as (R, C, S): R rows of C channels of S contiguous values (NCHW: R = rows,
 // S = spatial; channels_last: R = rows * spatial, S = 1). Two schedules, both reading x once:
@@ -57,6 +61,7 @@ struct ChannelPlan {
   int64_t counters = 0;        // finishing counters (tiles or channels)
   int64_t blocks = 0;
   size_t partial_bytes = 0;
+  size_t negative_bytes = 0;  // one flag per (slot, channel), for the "abs_mean" statistic
   size_t workspace_bytes = 0;
 };
 
@@ -127,7 +132,9 @@ ChannelPlan plan_channel_mean(const ChannelMeanShape& shape, ElementType type, c
   if (plan.slots > 1) {
     plan.partial_bytes = static_cast<size_t>(round_up(
         plan.slots * shape.channels * static_cast<int64_t>(accumulation_size(type)), 16));
-    plan.workspace_bytes = plan.partial_bytes + static_cast<size_t>(plan.counters) * sizeof(unsigned int);
+    plan.negative_bytes = static_cast<size_t>(round_up(plan.slots * shape.channels, 16));
+    plan.workspace_bytes =
+        plan.partial_bytes + plan.negative_bytes + static_cast<size_t>(plan.counters) * sizeof(unsigned int);
   }
   return plan;
 }
@@ -143,7 +150,9 @@ bool valid_shape(const ChannelMeanShape& shape) {
 template <typename acc_t>
 struct MeanOutput {
   acc_t* mean;
+  bool* negative;  // kAbs only
   acc_t* partials;
+  unsigned char* partial_negative;  // kAbs only, laid out as partials
   unsigned int* counters;
   acc_t count;  // values per channel
   int64_t slots;
@@ -163,6 +172,17 @@ struct SegmentArgs {
   int64_t channel_elements, piece_elements;
   MeanOutput<acc_t> output;
 };
+
+// The statistic's term for one value: v, or |v| (kAbs), noting in `negative` a value < 0.
+template <bool kAbs, typename acc_t>
+__device__ __forceinline__ acc_t statistic_term(acc_t value, bool& negative) {
+  if constexpr (kAbs) {
+    negative |= value < 0;
+    return value < 0 ? -value : value;
+  } else {
+    return value;
+  }
+}
 
 // Sum over the block, in a fixed order; the result is in thread 0.
 template <typename acc_t>
@@ -214,11 +234,12 @@ __device__ void finish_means(const acc_t* partials, int64_t channel_stride, int6
   }
 }
 
-template <typename scalar_t, int kVec>
+template <typename scalar_t, int kVec, bool kAbs>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     column_mean_kernel(const scalar_t* __restrict__ x, ColumnArgs<acc_type<scalar_t>> a) {
   using acc_t = acc_type<scalar_t>;
   __shared__ acc_t tile_sums[kThreads * kVec];
+  __shared__ unsigned char tile_negative[kAbs ? kThreads * kVec : 1];
   const MeanOutput<acc_t>& out = a.output;
   const int64_t tile = blockIdx.x / out.slots;
   const int64_t slot = blockIdx.x - tile * out.slots;
@@ -237,8 +258,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   const int64_t column = first_column + (first - row_offset * columns);
 
   acc_t sums[kVec];
+  bool negative[kVec];
 #pragma unroll
-  for (int v = 0; v < kVec; ++v) sums[v] = 0;
+  for (int v = 0; v < kVec; ++v) {
+    sums[v] = 0;
+    negative[v] = false;
+  }
   if (owns) {
     const int64_t unrolled_rows = static_cast<int64_t>(kUnroll) * a.tile_rows;
     int64_t row = row_begin;
@@ -252,7 +277,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
 #pragma unroll
-        for (int v = 0; v < kVec; ++v) sums[v] += to_acc(values[u][v]);
+        for (int v = 0; v < kVec; ++v) sums[v] += statistic_term<kAbs>(to_acc(values[u][v]), negative[v]);
       }
     }
     // The slot's last rows, one step at a time; the slot may end inside this thread's values.
@@ -265,11 +290,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
         scalar_t values[kVec];
         load_vector<kVec>(source, values);
 #pragma unroll
-        for (int v = 0; v < kVec; ++v) sums[v] += to_acc(values[v]);
+        for (int v = 0; v < kVec; ++v) sums[v] += statistic_term<kAbs>(to_acc(values[v]), negative[v]);
       } else {
 #pragma unroll
         for (int v = 0; v < kVec; ++v) {
-          if (v < valid) sums[v] += load_acc(source + v);
+          if (v < valid) sums[v] += statistic_term<kAbs>(load_acc(source + v), negative[v]);
         }
       }
     }
@@ -277,14 +302,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
 
   if (owns) {
 #pragma unroll
-    for (int v = 0; v < kVec; ++v) tile_sums[first + v] = sums[v];
+    for (int v = 0; v < kVec; ++v) {
+      tile_sums[first + v] = sums[v];
+      if constexpr (kAbs) tile_negative[first + v] = negative[v];
+    }
   }
   __syncthreads();
   // Fold the tile rows onto row 0: a fixed binary tree, any row count.
   for (int active = a.tile_rows; active > 1;) {
     const int half = (active + 1) / 2;
     const int moved = (active - half) * columns;
-    for (int i = threadIdx.x; i < moved; i += kThreads) tile_sums[i] += tile_sums[i + half * columns];
+    for (int i = threadIdx.x; i < moved; i += kThreads) {
+      tile_sums[i] += tile_sums[i + half * columns];
+      if constexpr (kAbs) tile_negative[i] |= tile_negative[i + half * columns];
+    }
     __syncthreads();
     active = half;
   }
@@ -294,19 +325,32 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   const int64_t first_channel = first_column / a.spatial;
   for (int k = threadIdx.x; k < tile_channels; k += kThreads) {
     acc_t total = 0;
-    for (int s = 0; s < spatial; ++s) total += tile_sums[k * spatial + s];
+    unsigned char any_negative = 0;
+    for (int s = 0; s < spatial; ++s) {
+      total += tile_sums[k * spatial + s];
+      if constexpr (kAbs) any_negative |= tile_negative[k * spatial + s];
+    }
     if (out.slots == 1) {
       out.mean[first_channel + k] = total / out.count;
+      if constexpr (kAbs) out.negative[first_channel + k] = any_negative != 0;
     } else {
       out.partials[slot * a.channels + first_channel + k] = total;
+      if constexpr (kAbs) out.partial_negative[slot * a.channels + first_channel + k] = any_negative;
     }
   }
   if (out.slots == 1 || !arrives_last(out.counters + tile, out.slots)) return;
   finish_means(out.partials + first_channel, 1, a.channels, tile_channels, out.slots, out.count,
                out.mean + first_channel);
+  if constexpr (kAbs) {
+    for (int k = threadIdx.x; k < tile_channels; k += kThreads) {
+      unsigned char any_negative = 0;
+      for (int64_t s = 0; s < out.slots; ++s) any_negative |= __ldcg(out.partial_negative + s * a.channels + first_channel + k);
+      out.negative[first_channel + k] = any_negative != 0;
+    }
+  }
 }
 
-template <typename scalar_t, int kVec>
+template <typename scalar_t, int kVec, bool kAbs>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     segment_mean_kernel(const scalar_t* __restrict__ x, SegmentArgs<acc_type<scalar_t>> a) {
   using acc_t = acc_type<scalar_t>;
@@ -326,6 +370,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   int64_t offset = index - sample * a.spatial;
 
   acc_t sums[kUnroll];
+  bool negative = false;
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) sums[u] = 0;
   auto advance = [&] {
@@ -348,7 +393,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
 #pragma unroll
-      for (int v = 0; v < kVec; ++v) sums[u] += to_acc(values[u][v]);
+      for (int v = 0; v < kVec; ++v) sums[u] += statistic_term<kAbs>(to_acc(values[u][v]), negative);
     }
   }
   acc_t tail = 0;  // fewer than kUnroll loads left
@@ -357,34 +402,56 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     load_vector<kVec>(x + (sample * a.channels + channel) * a.spatial + offset, values);
     advance();
 #pragma unroll
-    for (int v = 0; v < kVec; ++v) tail += to_acc(values[v]);
+    for (int v = 0; v < kVec; ++v) tail += statistic_term<kAbs>(to_acc(values[v]), negative);
   }
+
   acc_t thread_sum = sums[0];
 #pragma unroll
   for (int u = 1; u < kUnroll; ++u) thread_sum += sums[u];
   thread_sum += tail;
+  bool block_negative = false;  // in thread 0
+  if constexpr (kAbs) {
+    // A count of the threads that saw a value < 0 (exact in acc_t), then a barrier, since
+    // block_sum's shared memory is used again below.
+    block_negative = block_sum(static_cast<acc_t>(negative ? 1 : 0)) > 0;
+    __syncthreads();
+  }
   const acc_t total = block_sum(thread_sum);
 
   if (out.slots == 1) {
-    if (threadIdx.x == 0) out.mean[channel] = total / out.count;
+    if (threadIdx.x == 0) {
+      out.mean[channel] = total / out.count;
+      if constexpr (kAbs) out.negative[channel] = block_negative;
+    }
     return;
   }
-  if (threadIdx.x == 0) out.partials[channel * out.slots + piece] = total;
+  if (threadIdx.x == 0) {
+    out.partials[channel * out.slots + piece] = total;
+    if constexpr (kAbs) out.partial_negative[channel * out.slots + piece] = block_negative ? 1 : 0;
+  }
   if (!arrives_last(out.counters + channel, out.slots)) return;
   finish_means(out.partials + channel * out.slots, out.slots, 1, 1, out.slots, out.count, out.mean + channel);
+  if (kAbs && threadIdx.x == 0) {
+    unsigned char any_negative = 0;
+    for (int64_t s = 0; s < out.slots; ++s) any_negative |= __ldcg(out.partial_negative + channel * out.slots + s);
+    out.negative[channel] = any_negative != 0;
+  }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, bool kAbs>
 cudaError_t launch_typed(const ChannelPlan& plan, const ChannelMeanShape& shape, const void* x, void* mean,
-                         void* workspace, cudaStream_t stream) {
+                         bool* negative, void* workspace, cudaStream_t stream) {
   using acc_t = acc_type<scalar_t>;
   MeanOutput<acc_t> out{};
   out.mean = static_cast<acc_t*>(mean);
+  out.negative = negative;
   out.count = static_cast<acc_t>(shape.rows * shape.spatial);
   out.slots = plan.slots;
   if (plan.slots > 1) {
     out.partials = static_cast<acc_t*>(workspace);
-    out.counters = reinterpret_cast<unsigned int*>(static_cast<char*>(workspace) + plan.partial_bytes);
+    out.partial_negative = reinterpret_cast<unsigned char*>(static_cast<char*>(workspace) + plan.partial_bytes);
+    out.counters = reinterpret_cast<unsigned int*>(static_cast<char*>(workspace) + plan.partial_bytes +
+                                                   plan.negative_bytes);
     const cudaError_t status =
         cudaMemsetAsync(out.counters, 0, static_cast<size_t>(plan.counters) * sizeof(unsigned int), stream);
     if (status != cudaSuccess) return status;
@@ -397,10 +464,10 @@ cudaError_t launch_typed(const ChannelPlan& plan, const ChannelMeanShape& shape,
       ColumnArgs<acc_t> args{plan.rows,         plan.columns,       plan.spatial,
                              shape.channels,    plan.tile_columns,  plan.rows_per_slot,
                              static_cast<int>(plan.tile_rows), out};
-      EQUINORM_LAUNCH(blocks, kThreads, 0, stream, column_mean_kernel<scalar_t, kVec>)(data, args);
+      EQUINORM_LAUNCH(blocks, kThreads, 0, stream, column_mean_kernel<scalar_t, kVec, kAbs>)(data, args);
     } else {
       SegmentArgs<acc_t> args{shape.channels, plan.spatial, plan.rows * plan.spatial, plan.piece_elements, out};
-      EQUINORM_LAUNCH(blocks, kThreads, 0, stream, segment_mean_kernel<scalar_t, kVec>)(data, args);
+      EQUINORM_LAUNCH(blocks, kThreads, 0, stream, segment_mean_kernel<scalar_t, kVec, kAbs>)(data, args);
     }
     return cudaGetLastError();
   });
@@ -414,7 +481,7 @@ size_t channel_mean_workspace_bytes(const ChannelMeanShape& shape, ElementType t
 }
 
 cudaError_t launch_channel_mean(const ChannelMeanShape& shape, ElementType type, const void* x, void* mean,
-                                void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+                                bool* negative, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (!valid_shape(shape) || x == nullptr || mean == nullptr) return cudaErrorInvalidValue;
   const ChannelPlan plan = plan_channel_mean(shape, type, x);
   if (!fits_grid(plan.blocks)) return cudaErrorInvalidConfiguration;
@@ -423,7 +490,8 @@ cudaError_t launch_channel_mean(const ChannelMeanShape& shape, ElementType type,
   }
   return visit_element_type(type, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
-    return launch_typed<scalar_t>(plan, shape, x, mean, workspace, stream);
+    if (negative != nullptr) return launch_typed<scalar_t, true>(plan, shape, x, mean, negative, workspace, stream);
+    return launch_typed<scalar_t, false>(plan, shape, x, mean, nullptr, workspace, stream);
   });
 }
 

@@ -32,25 +32,31 @@ at::Tensor empty_workspace(size_t bytes, const at::Tensor& like) {
   return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
 }
 
-// Fills mean (C,) from x as channel_input returned it.
-void compute_channel_mean(const at::Tensor& readable, const ChannelGeometry& geometry, at::Tensor& mean) {
+// Fills mean (C,) from x as channel_input returned it; with `negative` (C,) bool, the mean of |x|
+// and the channels that had a value < 0.
+void compute_channel_mean(const at::Tensor& readable, const ChannelGeometry& geometry, at::Tensor& mean,
+                          at::Tensor* negative) {
   const ChannelMeanShape shape{geometry.rows, geometry.channels, geometry.spatial, geometry.channels_last};
   const ElementType type = element_type(readable.scalar_type());
   const void* x = readable.const_data_ptr();
   const size_t bytes = channel_mean_workspace_bytes(shape, type, x);
   at::Tensor workspace = empty_workspace(bytes, readable);
-  C10_CUDA_CHECK(launch_channel_mean(shape, type, x, mean.mutable_data_ptr(),
+  bool* negative_flags = negative == nullptr ? nullptr : negative->mutable_data_ptr<bool>();
+  C10_CUDA_CHECK(launch_channel_mean(shape, type, x, mean.mutable_data_ptr(), negative_flags,
                                      bytes > 0 ? workspace.mutable_data_ptr() : nullptr, bytes,
                                      c10::cuda::getCurrentCUDAStream()));
 }
 
-at::Tensor channel_mean(const at::Tensor& x, int64_t rows) {
+std::tuple<at::Tensor, at::Tensor> channel_mean(const at::Tensor& x, int64_t rows, c10::string_view statistic) {
+  const bool abs_statistic = parse_abs_statistic(statistic);
   auto [readable, geometry] = channel_input(x, rows);
   check_cuda(readable, "x");
   const c10::cuda::CUDAGuard guard(readable.device());
   at::Tensor mean = at::empty({geometry.channels}, x.options().dtype(accumulation_type(x.scalar_type())));
-  compute_channel_mean(readable, geometry, mean);
-  return mean;
+  // The kernel writes every flag with "abs_mean"; "mean" has none.
+  at::Tensor negative = at::empty({abs_statistic ? geometry.channels : 0}, x.options().dtype(at::kBool));
+  compute_channel_mean(readable, geometry, mean, abs_statistic ? &negative : nullptr);
+  return {mean, negative};
 }
 
 WeightShape weight_shape(const WeightGeometry& g) {

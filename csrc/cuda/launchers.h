@@ -18,7 +18,7 @@ namespace cuda {
 
 enum class ElementType { kHalf, kBFloat16, kFloat, kDouble };
 
-// ---- channel statistics: mean[c] = mean of x[:rows] over every dim but 1 ----
+// ---- channel statistics: mean[c] = mean of x[:rows] (or of |x[:rows]|) over every dim but 1 ----
 
 // x seen as (rows, channels, spatial) planes (NCHW), or as rows * spatial positions of
 // `channels` contiguous values (channels_last; a 2-d (N, C) input is this case with spatial = 1).
@@ -33,8 +33,10 @@ struct ChannelMeanShape {
 size_t channel_mean_workspace_bytes(const ChannelMeanShape& shape, ElementType type, const void* x);
 
 // Writes mean (channels,). Bit-identical results across runs for the same shape and alignment.
+// With `negative` (channels,): the "abs_mean" statistic, mean of |x|, and
+// negative[c] set to true for every channel that has a value < 0; nullptr: the plain mean.
 cudaError_t launch_channel_mean(const ChannelMeanShape& shape, ElementType type, const void* x, void* mean,
-                                void* workspace, size_t workspace_bytes, cudaStream_t stream);
+                                bool* negative, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
 // ---- EquiNorm weight transform ----
 

@@ -10,6 +10,8 @@ ops, so eager mode, autograd and ``torch.compile`` all see the same registered o
     _ChannelMean       x -> mean
     backward of both weight wrappers: one ``equinorm_backward`` call; dL/dx is dL/dmu_c divided
     by the element count, broadcast (never materialised) over the samples that fed the means.
+    With the "abs_mean" statistic it is multiplied by sign(x) (sign(0) = +1), read only in the
+    channels the forward flagged as having a negative value (see _input_gradient).
     With ``create_graph=True`` the backward is the reference's autograd instead, so that
     second-order gradients are exact (the fused backward op is not differentiable).
 
@@ -49,8 +51,10 @@ def register_op_set(name: str, ops: FusedOps) -> None:
 
 # ---- fake kernels: shapes, dtypes and layouts of the outputs, for torch.compile and meta tensors ----
 
-def fake_channel_mean(x: torch.Tensor, rows: int) -> torch.Tensor:
-    return x.new_empty((x.shape[1],), dtype=_accumulation_dtype(x))
+def fake_channel_mean(x: torch.Tensor, rows: int, statistic: str) -> tuple[torch.Tensor, torch.Tensor]:
+    channels = x.shape[1]
+    flags = channels if statistic == "abs_mean" else 0  # "mean" flags nothing
+    return x.new_empty((channels,), dtype=_accumulation_dtype(x)), x.new_empty((flags,), dtype=torch.bool)
 
 
 def _fake_like_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -67,9 +71,10 @@ def fake_equinorm_weight(weight, mean, gain, ratio, groups, mode, eps):
     return _fake_like_weight(weight), stats
 
 
-def fake_equinorm_forward(x, rows, weight, gain, ratio, groups, mode, eps):
+def fake_equinorm_forward(x, rows, weight, gain, ratio, groups, mode, eps, statistic):
     out, stats = fake_equinorm_weight(weight, None, gain, ratio, groups, mode, eps)
-    return out, fake_channel_mean(x, rows), stats
+    mean, negative = fake_channel_mean(x, rows, statistic)
+    return out, mean, stats, negative
 
 
 def fake_equinorm_backward(grad_out, weight, mean, gain, stats, groups):
@@ -92,6 +97,11 @@ def register_fake_kernels(prefix: str = "") -> None:
 def _grad_input_from_mean(grad_mean: torch.Tensor, x: torch.Tensor, stats_fraction: float) -> torch.Tensor:
     """dL/dx of mu = mean(x[:rows]): a per-channel constant on the rows that fed the means and zero
     on the others, as an (N, C, 1, ...) tensor broadcast to x's shape (never materialised)."""
+    return _compact_grad_input(grad_mean, x, stats_fraction).expand(x.shape)
+
+
+def _compact_grad_input(grad_mean: torch.Tensor, x: torch.Tensor, stats_fraction: float) -> torch.Tensor:
+    """_grad_input_from_mean before the broadcast: (1 or N, C, 1, ...)."""
     rows = _checks.stats_rows(x.shape[0], stats_fraction)
     trailing = (1,) * (x.dim() - 2)
     per_element = grad_mean / (rows * math.prod(x.shape[2:]))
@@ -103,22 +113,90 @@ def _grad_input_from_mean(grad_mean: torch.Tensor, x: torch.Tensor, stats_fracti
         # under torch.compile(dynamic=True) needs no guard on where the split falls.
         fed = torch.arange(x.shape[0], device=x.device) < rows
         per_element = per_element * fed.to(x.dtype).reshape((-1, 1, *trailing))
-    return per_element.expand(x.shape)
+    return per_element
+
+
+class NegativeFlags:
+    """The forward's per-channel "had a value < 0" flags (statistic "abs_mean"), readable on the
+    host in the backward without waiting for the device.
+
+    CPU flags are read directly. CUDA flags travel to pinned host memory behind the forward's work
+    (no synchronisation); the backward uses them once the copy has landed, which it has unless the
+    backward follows the forward at once, and otherwise treats every channel as flagged. Inside
+    ``torch.compile`` or a CUDA graph capture nothing is copied (every channel counts as flagged).
+    """
+
+    def __init__(self, negative: torch.Tensor) -> None:
+        self._host: torch.Tensor | None = None
+        self._landed: torch.cuda.Event | None = None
+        if negative.device.type == "cpu":
+            self._host = negative
+        elif negative.device.type == "cuda" and not torch.compiler.is_compiling():
+            if not torch.cuda.is_current_stream_capturing():
+                self._host = torch.empty(negative.shape, dtype=torch.bool, pin_memory=True)
+                self._host.copy_(negative, non_blocking=True)
+                self._landed = torch.cuda.Event()
+                self._landed.record()
+
+    def on_host(self) -> list[bool] | None:
+        """The C flags, or None when not known without waiting. Read as a list: host memory, no
+        tensor op (nothing that could look like a device read)."""
+        if self._host is None or torch.compiler.is_compiling():
+            return None
+        if self._landed is not None and not self._landed.query():
+            return None
+        return self._host.tolist()
+
+
+def _input_gradient(
+    grad_mean: torch.Tensor, x: torch.Tensor, stats_fraction: float, flags: NegativeFlags | None
+) -> torch.Tensor:
+    """dL/dx of the channel statistic: the mean's (flags None), or for "abs_mean" the same times
+    sign(x) with sign(0) = +1, so that on non-negative inputs it is the mean's exactly.
+
+    x is read only in the channels flagged as having a negative value; when the flags are not known
+    on the host (under torch.compile, or CUDA flags still in flight) every channel is read.
+    """
+    compact = _compact_grad_input(grad_mean, x, stats_fraction)
+    per_element = compact.expand(x.shape)
+    if flags is None:
+        return per_element
+    host = flags.on_host()
+    if host is not None and not any(host):
+        return per_element
+    if host is None or all(host):
+        # The constants broadcast inside where: one pass over x, nothing else at x's size.
+        return torch.where(x < 0, -compact, compact)
+    channels = torch.tensor([c for c, flagged in enumerate(host) if flagged])
+    if x.device.type != "cpu":  # from pinned memory, so that the copy does not wait for the device
+        channels = channels.pin_memory().to(x.device, non_blocking=True)
+    signed = x.index_select(1, channels)
+    constant = compact.index_select(1, channels)
+    grad = per_element.clone()
+    grad.index_copy_(1, channels, torch.where(signed < 0, -constant, constant))
+    return grad
+
+
+def _negative_flags(statistic: str, negative: torch.Tensor) -> NegativeFlags | None:
+    return NegativeFlags(negative) if statistic == "abs_mean" else None
 
 
 class _ChannelMean(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, stats_fraction: float, implementation: str) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, stats_fraction: float, statistic: str, implementation: str) -> torch.Tensor:
         # x itself, not its shape: sizes kept on ctx would be symbols of the forward's graph
         # under torch.compile(dynamic=True), which the backward's graph cannot use.
         ctx.save_for_backward(x)
         ctx.stats_fraction = float(stats_fraction)
-        return _OP_SETS[implementation].channel_mean(x, _checks.stats_rows(x.shape[0], stats_fraction))
+        rows = _checks.stats_rows(x.shape[0], stats_fraction)
+        mean, negative = _OP_SETS[implementation].channel_mean(x, rows, statistic)
+        ctx.negative_flags = _negative_flags(statistic, negative)
+        return mean
 
     @staticmethod
     def backward(ctx, grad_mean: torch.Tensor):
         (x,) = ctx.saved_tensors
-        return _grad_input_from_mean(grad_mean, x, ctx.stats_fraction), None, None
+        return _input_gradient(grad_mean, x, ctx.stats_fraction, ctx.negative_flags), None, None, None
 
 
 def _save_options(ctx, ratio: float, groups: int, mode: str, eps: float, implementation: str) -> None:
@@ -170,13 +248,15 @@ class _EquiNormWeight(torch.autograd.Function):
 class _EquiNormForward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, gain, stats_fraction: float, ratio: float, groups: int, mode: str, eps: float,
-                implementation: str):
+                statistic: str, implementation: str):
         ops = _OP_SETS[implementation]
         rows = _checks.stats_rows(x.shape[0], stats_fraction)
-        out, mean, stats = ops.equinorm_forward(x, rows, weight, gain, ratio, groups, mode, eps)
+        out, mean, stats, negative = ops.equinorm_forward(x, rows, weight, gain, ratio, groups, mode, eps, statistic)
         # x (when it needs a gradient) rather than its shape: see _ChannelMean.
         ctx.save_for_backward(weight, mean, gain, stats, x if x.requires_grad else None)
         ctx.stats_fraction = float(stats_fraction)
+        ctx.statistic = statistic
+        ctx.negative_flags = _negative_flags(statistic, negative) if x.requires_grad else None
         _save_options(ctx, ratio, groups, mode, eps, implementation)
         ctx.mark_non_differentiable(mean)
         return out, mean
@@ -190,15 +270,17 @@ class _EquiNormForward(torch.autograd.Function):
             def out_of(x, weight, gain):
                 if x is None:  # x needs no gradient: the means are constants
                     return weight_of(weight, mean, gain)
-                rows = _checks.stats_rows(x.shape[0], ctx.stats_fraction)
-                sample = x if rows == x.shape[0] else x[:rows]
-                return weight_of(weight, sample.mean(dim=[0, *range(2, x.dim())], dtype=mean.dtype), gain)
+                from ..reference.equinorm import channel_mean_unchecked
 
-            return (*_differentiable_gradients(ctx, grad_out, out_of, (x, weight, gain)), *([None] * 6))
+                return weight_of(weight, channel_mean_unchecked(x, ctx.stats_fraction, ctx.statistic), gain)
+
+            return (*_differentiable_gradients(ctx, grad_out, out_of, (x, weight, gain)), *([None] * 7))
         ops = _OP_SETS[ctx.implementation]
         grad_weight, grad_mean, grad_gain = ops.equinorm_backward(grad_out, weight, mean, gain, stats, ctx.groups)
-        grad_x = _grad_input_from_mean(grad_mean, x, ctx.stats_fraction) if ctx.needs_input_grad[0] else None
-        return grad_x, grad_weight, grad_gain, None, None, None, None, None, None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _input_gradient(grad_mean, x, ctx.stats_fraction, ctx.negative_flags)
+        return grad_x, grad_weight, grad_gain, None, None, None, None, None, None, None
 
 
 # ---- the backend functions (semantics of reference.equinorm's *_unchecked functions) ----
@@ -214,9 +296,9 @@ def _kernel_operands(weight, gain, *others):
     return kernel_weight, kernel_gain, acc
 
 
-def fused_channel_mean(implementation: str) -> Callable[[torch.Tensor, float], torch.Tensor]:
-    def channel_mean(x: torch.Tensor, stats_fraction: float) -> torch.Tensor:
-        return _ChannelMean.apply(x, stats_fraction, implementation)
+def fused_channel_mean(implementation: str) -> Callable[[torch.Tensor, float, str], torch.Tensor]:
+    def channel_mean(x: torch.Tensor, stats_fraction: float, statistic: str = "mean") -> torch.Tensor:
+        return _ChannelMean.apply(x, stats_fraction, statistic, implementation)
 
     return channel_mean
 
@@ -233,13 +315,14 @@ def fused_equinorm_weight(implementation: str) -> Callable[..., torch.Tensor]:
 def fused_equinorm_forward(implementation: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     unfused_mean, unfused_weight = fused_channel_mean(implementation), fused_equinorm_weight(implementation)
 
-    def equinorm_forward(x, stats_fraction: float, weight, ratio: float, groups: int, mode: str, gain, eps: float):
+    def equinorm_forward(x, stats_fraction: float, weight, ratio: float, groups: int, mode: str, gain, eps: float,
+                         statistic: str = "mean"):
         kernel_weight, kernel_gain, acc = _kernel_operands(weight, gain)
         if _accumulation_dtype(x) != acc:  # the fused op wants one accumulation dtype for x and weight
-            mean = unfused_mean(x, stats_fraction)
+            mean = unfused_mean(x, stats_fraction, statistic)
             return unfused_weight(weight, mean, ratio, groups, mode, gain, eps), mean
         out, mean = _EquiNormForward.apply(
-            x, kernel_weight, kernel_gain, stats_fraction, ratio, groups, mode, eps, implementation
+            x, kernel_weight, kernel_gain, stats_fraction, ratio, groups, mode, eps, statistic, implementation
         )
         return (out if out.dtype == weight.dtype else out.to(weight.dtype)), mean
 

@@ -3,7 +3,8 @@
 Everything here is differentiable by autograd: gradients reach the weight, the gain and, through
 the channel means, the layer input. The equations (per-element means form of the paper's sums):
 
-    mu_c = mean of x over every dim but 1; mu_ct = mu_c for every kernel tap t, or a per-tap mean
+    mu_c = mean of x over every dim but 1 (statistic "abs_mean": mean of |x|, the input's L1 mass per
+           element, for signed inputs); mu_ct = mu_c for every kernel tap t, or a per-tap mean
            (tap_mean: the mean of the input value tap t multiplies, exact under padding and stride)
     V_d  = sum_ct mu_ct                            (K M_d for channel means, M_d = sum_c mu_c)
     b_d  = -sum_ct mu_ct w_dct / V_d               u = w + b_d
@@ -42,9 +43,19 @@ def _accumulation_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
 WEIGHT_MATH_DTYPE = torch.float64
 
 
-def channel_mean_unchecked(x: torch.Tensor, stats_fraction: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+def magnitude(x: torch.Tensor) -> torch.Tensor:
+    """|x| with the derivative sign(x) taken as +1 at 0 (torch.abs takes 0 there), so that on
+    non-negative inputs it is x itself, values and gradients alike."""
+    return torch.where(x < 0, -x, x)
+
+
+def channel_mean_unchecked(
+    x: torch.Tensor, stats_fraction: float, statistic: str = "mean", dtype: torch.dtype | None = None
+) -> torch.Tensor:
     rows = _checks.stats_rows(x.shape[0], stats_fraction)
     sample = x if rows == x.shape[0] else x[:rows]
+    if statistic == "abs_mean":
+        sample = magnitude(sample)
     reduce_dims = [0, *range(2, x.dim())]
     return sample.mean(dim=reduce_dims, dtype=dtype or _accumulation_dtype(x))
 
@@ -106,18 +117,21 @@ def equinorm_weight_unchecked(
     return result
 
 
-def channel_mean(x: torch.Tensor, *, stats_fraction: float = 1.0) -> torch.Tensor:
-    """Per-channel mean of ``x`` over every dim but dim 1.
+def channel_mean(x: torch.Tensor, *, stats_fraction: float = 1.0, statistic: str = "mean") -> torch.Tensor:
+    """Per-channel mean of ``x`` (or of ``|x|``) over every dim but dim 1.
 
     Args:
         x: (N, C, *spatial) or (N, C), float16/bfloat16/float32/float64, any memory format.
         stats_fraction: only the first ceil(stats_fraction * N) samples are averaged (0 < f <= 1).
+        statistic: "mean", or "abs_mean" for the mean of |x| (equal to "mean" on non-negative x;
+            its gradient takes sign(0) = +1).
 
     Returns:
         (C,) float32 (float64 for float64 ``x``), accumulated in that dtype; differentiable in ``x``.
     """
     stats_fraction = _checks.check_channel_mean_args(x, stats_fraction)
-    return channel_mean_unchecked(x, stats_fraction)
+    _checks.check_statistic(statistic)
+    return channel_mean_unchecked(x, stats_fraction, statistic)
 
 
 def equinorm_weight(

@@ -233,7 +233,9 @@ def _equinorm_calls(recorder: LaunchRecorder, dtypes, weights) -> None:
             x = _input_for(shape, groups, batch=4).to(dtype)
             for rows in (4, 2):
                 with recorder.sample(f"{dtype} channel mean of the input of {shape}/{groups}, rows={rows}"):
-                    ops.triton_channel_mean(x, rows)
+                    ops.triton_channel_mean(x, rows, "mean")
+            with recorder.sample(f"{dtype} channel abs-mean of the input of {shape}/{groups}"):
+                ops.triton_channel_mean(x - 0.5, 4, "abs_mean")
             mean = torch.rand(x.shape[1], dtype=acc)
             gain = torch.ones(shape[0], dtype=acc)
             with_backward = not low_precision or index < 2
@@ -256,7 +258,9 @@ def _equinorm_calls(recorder: LaunchRecorder, dtypes, weights) -> None:
                 x = _layout(torch.rand(shape).to(dtype), layout)
                 for rows in (shape[0],) if low_precision else sorted({shape[0], math.ceil(shape[0] / 2), 1}):
                     with recorder.sample(f"{dtype} channel mean {shape} {layout} rows={rows}", every_tuning=index == 0):
-                        ops.triton_channel_mean(x, rows)
+                        ops.triton_channel_mean(x, rows, "mean")
+                    with recorder.sample(f"{dtype} channel abs-mean {shape} {layout} rows={rows}"):
+                        ops.triton_channel_mean(x - 0.5, rows, "abs_mean")
 
 
 def _split_channel_sums(recorder: LaunchRecorder, dtypes) -> None:
@@ -270,6 +274,11 @@ def _split_channel_sums(recorder: LaunchRecorder, dtypes) -> None:
                     mean = torch.empty(shape[1], dtype=_runtime.accumulation_dtype(dtype))
                     with recorder.sample(f"{dtype} channel sums {shape} {layout} rows={rows} splits={splits}"):
                         equinorm._launch_channel_means(readable, channels_last, rows, mean, splits=splits)
+                    negative = torch.zeros(shape[1], dtype=torch.uint8)
+                    with recorder.sample(f"{dtype} channel abs sums {shape} {layout} rows={rows} splits={splits}"):
+                        equinorm._launch_channel_means(
+                            readable - 0.5, channels_last, rows, mean, splits=splits, negative=negative
+                        )
 
 
 class _Residual(nn.Module):

@@ -4,9 +4,9 @@ The ops have the signatures of csrc/ops.cpp under the prefix ``triton_`` and the
 CPU kernels (csrc/cpu/channel_mean.cpp, csrc/cpu/equinorm.cpp; formulas in
 csrc/shared/equinorm_math.h, specification in :mod:`equinorm_kernels.reference.equinorm`):
 
-    triton_channel_mean(x, rows) -> mean
+    triton_channel_mean(x, rows, statistic) -> (mean, negative)
     triton_equinorm_weight(weight, mean, gain, ratio, groups, mode, eps) -> (out, stats)
-    triton_equinorm_forward(x, rows, weight, gain, ratio, groups, mode, eps) -> (out, mean, stats)
+    triton_equinorm_forward(x, rows, weight, gain, ratio, groups, mode, eps, statistic) -> (out, mean, stats, negative)
     triton_equinorm_backward(grad_out, weight, mean, gain, stats, groups) -> (grad_weight, grad_mean, grad_gain)
 
 They are plain, non-differentiable ops; autograd comes from the wrappers in
@@ -214,14 +214,16 @@ _ROW_CONFIGS = [triton.Config({}, num_warps=warps) for warps in (4, 2, 8)]
 
 
 # ---------------------------------------------------------------------------------------------
-# Channel means: mu_c = mean of x[:rows] over every dim but 1
+# Channel means: mu_c = mean of x[:rows] over every dim but 1, or with ABS ("abs_mean") of
+# |x[:rows]|, in the same order (equal bits on non-negative inputs); with ABS each program also
+# stores whether its values had one < 0, and the channel's flag is the OR over its programs.
 # ---------------------------------------------------------------------------------------------
 
 @autotune(_CHANNEL_SUM_CONFIGS, key=["channels", "spatial", "rows_per_split"])
 @triton.jit
 def _planar_channel_sums_kernel(
-    x_ptr, sums_ptr, rows, channels, spatial, rows_per_split, count,
-    FINAL: tl.constexpr, BLOCK_S: tl.constexpr, TILE: tl.constexpr,
+    x_ptr, sums_ptr, negative_ptr, rows, channels, spatial, rows_per_split, count,
+    FINAL: tl.constexpr, ABS: tl.constexpr, BLOCK_S: tl.constexpr, TILE: tl.constexpr,
 ):
     """NCHW x: program (c, k) sums channel c over samples [k * rows_per_split, ...) into
     sums[k, c]; with FINAL (one split) it writes the mean itself."""
@@ -236,24 +238,31 @@ def _planar_channel_sums_kernel(
     samples = tl.arange(0, BLOCK_N)
     positions = tl.arange(0, BLOCK_S)
     acc = tl.full([BLOCK_N, BLOCK_S], 0, acc_t)
+    lowest = tl.full([BLOCK_N, BLOCK_S], 0, acc_t)
     for n0 in range(first, last, BLOCK_N):
         n = n0 + samples
         for s0 in range(0, spatial, BLOCK_S):
             s = s0 + positions
             mask = (n < last)[:, None] & (s < spatial)[None, :]
             values = tl.load(plane + n.to(tl.int64)[:, None] * sample_stride + s[None, :], mask=mask, other=0)
-            acc += values.to(acc_t)
+            values = values.to(acc_t)
+            if ABS:
+                lowest = tl.minimum(lowest, values)
+                values = tl.where(values < 0, -values, values)
+            acc += values
     total = tl.sum(acc)
     if FINAL:
         total = total / tl.cast(count, acc_t)
     tl.store(sums_ptr + split.to(tl.int64) * channels + channel, total)
+    if ABS:
+        tl.store(negative_ptr + split.to(tl.int64) * channels + channel, (tl.min(lowest) < 0).to(tl.uint8))
 
 
 @autotune(_CHANNEL_SUM_CONFIGS, key=["channels", "positions", "positions_per_split"])
 @triton.jit
 def _channels_last_channel_sums_kernel(
-    x_ptr, sums_ptr, channels, positions, positions_per_split, count,
-    FINAL: tl.constexpr, BLOCK_C: tl.constexpr, TILE: tl.constexpr,
+    x_ptr, sums_ptr, negative_ptr, channels, positions, positions_per_split, count,
+    FINAL: tl.constexpr, ABS: tl.constexpr, BLOCK_C: tl.constexpr, TILE: tl.constexpr,
 ):
     """channels_last x, one C-vector per (sample, position): program (b, k) sums channel block b
     over positions [k * positions_per_split, ...) into sums[k, block]."""
@@ -266,33 +275,52 @@ def _channels_last_channel_sums_kernel(
     last = tl.minimum(first + positions_per_split, positions)
     offsets = tl.arange(0, BLOCK_P)
     acc = tl.full([BLOCK_P, BLOCK_C], 0, acc_t)
+    lowest = tl.full([BLOCK_P, BLOCK_C], 0, acc_t)
     for p0 in range(first, last, BLOCK_P):
         p = p0 + offsets
         mask = (p < last)[:, None] & channel_mask[None, :]
         values = tl.load(x_ptr + p.to(tl.int64)[:, None] * channels + cs[None, :], mask=mask, other=0)
-        acc += values.to(acc_t)
+        values = values.to(acc_t)
+        if ABS:
+            lowest = tl.minimum(lowest, values)
+            values = tl.where(values < 0, -values, values)
+        acc += values
     total = tl.sum(acc, axis=0)
     if FINAL:
         total = total / tl.cast(count, acc_t)
     tl.store(sums_ptr + split.to(tl.int64) * channels + cs, total, mask=channel_mask)
+    if ABS:
+        negative = (tl.min(lowest, axis=0) < 0).to(tl.uint8)
+        tl.store(negative_ptr + split.to(tl.int64) * channels + cs, negative, mask=channel_mask)
 
 
 @triton.jit
-def _finish_channel_means_kernel(sums_ptr, mean_ptr, channels, splits, count, BLOCK: tl.constexpr):
-    """mean[c] = (sums[0, c] + sums[1, c] + ...) / count, added in split order."""
+def _finish_channel_means_kernel(
+    sums_ptr, mean_ptr, split_negative_ptr, negative_ptr, channels, splits, count, ABS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """mean[c] = (sums[0, c] + sums[1, c] + ...) / count, added in split order; with ABS,
+    negative[c] = OR over the splits' flags."""
     acc_t = mean_ptr.dtype.element_ty
     cs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = cs < channels
     total = tl.full([BLOCK], 0, acc_t)
+    negative = tl.full([BLOCK], 0, tl.uint8)
     for k in range(splits):
         total += tl.load(sums_ptr + tl.cast(k, tl.int64) * channels + cs, mask=mask, other=0)
+        if ABS:
+            negative |= tl.load(split_negative_ptr + tl.cast(k, tl.int64) * channels + cs, mask=mask, other=0)
     tl.store(mean_ptr + cs, total / tl.cast(count, acc_t), mask=mask)
+    if ABS:
+        tl.store(negative_ptr + cs, negative, mask=mask)
 
 
 def _launch_channel_means(
-    x: torch.Tensor, channels_last: bool, rows: int, mean: torch.Tensor, splits: int | None = None
+    x: torch.Tensor, channels_last: bool, rows: int, mean: torch.Tensor, splits: int | None = None,
+    negative: torch.Tensor | None = None,
 ) -> None:
-    """Writes mean (C,) of x[:rows]; ``splits`` (programs per channel) is for tests only."""
+    """Writes mean (C,) of x[:rows], or with ``negative`` (C,) uint8 the mean of |x[:rows]| and the
+    flags of the channels that had a value < 0; ``splits`` (programs per channel) is for tests only."""
     channels = x.shape[1]
     spatial = x.numel() // (x.shape[0] * channels)
     count = rows * spatial
@@ -308,29 +336,47 @@ def _launch_channel_means(
         per_split = triton.cdiv(rows, min(splits, rows))
         splits = triton.cdiv(rows, per_split)
     final = splits == 1
+    abs_statistic = negative is not None
     sums = mean if final else torch.empty((splits, channels), dtype=mean.dtype, device=mean.device)
+    if not abs_statistic:
+        split_negative = sums  # never read or written without ABS
+    elif final:
+        split_negative = negative
+    else:
+        split_negative = torch.empty((splits, channels), dtype=torch.uint8, device=mean.device)
     if channels_last:
         block_c = min(triton.next_power_of_2(channels), 128)
         wrap_triton(_channels_last_channel_sums_kernel)[(triton.cdiv(channels, block_c), splits)](
-            x, sums, channels, positions, per_split, count, FINAL=final, BLOCK_C=block_c,
+            x, sums, split_negative, channels, positions, per_split, count, FINAL=final, ABS=abs_statistic,
+            BLOCK_C=block_c,
         )
     else:
         block_s = min(triton.next_power_of_2(spatial), 1024)
         wrap_triton(_planar_channel_sums_kernel)[(channels, splits)](
-            x, sums, rows, channels, spatial, per_split, count, FINAL=final, BLOCK_S=block_s,
+            x, sums, split_negative, rows, channels, spatial, per_split, count, FINAL=final, ABS=abs_statistic,
+            BLOCK_S=block_s,
         )
     if not final:
         block = min(triton.next_power_of_2(channels), 1024)
         wrap_triton(_finish_channel_means_kernel)[(triton.cdiv(channels, block),)](
-            sums, mean, channels, splits, count, BLOCK=block,
+            sums, mean, split_negative, negative if abs_statistic else mean, channels, splits, count,
+            ABS=abs_statistic, BLOCK=block,
         )
 
 
-def _channel_mean(x: torch.Tensor, rows: int) -> torch.Tensor:
+def _parse_abs_statistic(statistic: str) -> bool:
+    check(statistic in ("mean", "abs_mean"), f'statistic must be "mean" or "abs_mean", got "{statistic}"')
+    return statistic == "abs_mean"
+
+
+def _channel_mean(x: torch.Tensor, rows: int, statistic: str) -> tuple[torch.Tensor, torch.Tensor]:
+    abs_statistic = _parse_abs_statistic(statistic)
     readable, channels_last = _channel_input(x, rows)
     mean = torch.empty((x.shape[1],), dtype=accumulation_dtype(x.dtype), device=x.device)
-    _launch_channel_means(readable, channels_last, rows, mean)
-    return mean
+    negative = torch.empty((x.shape[1] if abs_statistic else 0,), dtype=torch.bool, device=x.device)
+    flags = negative.view(torch.uint8) if abs_statistic else None
+    _launch_channel_means(readable, channels_last, rows, mean, negative=flags)
+    return mean, negative
 
 
 # ---------------------------------------------------------------------------------------------
@@ -626,10 +672,12 @@ def _weight_backward(grad_out, weight, mean, gain, stats, groups):
 # ---------------------------------------------------------------------------------------------
 
 @define_op("triton_channel_mean")
-def triton_channel_mean(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """(C,) means of x[:rows] over every dim but 1, in the accumulation dtype."""
+def triton_channel_mean(x: torch.Tensor, rows: int, statistic: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C,) means of x[:rows] (of |x[:rows]| for "abs_mean") over every dim but 1, in the
+    accumulation dtype, and with "abs_mean" (C,) bool, the channels that had a value < 0 (with
+    "mean" an empty tensor)."""
     with on_device(x):
-        return _channel_mean(x, rows)
+        return _channel_mean(x, rows, statistic)
 
 
 @define_op("triton_equinorm_weight")
@@ -644,18 +692,18 @@ def triton_equinorm_weight(
 @define_op("triton_equinorm_forward")
 def triton_equinorm_forward(
     x: torch.Tensor, rows: int, weight: torch.Tensor, gain: torch.Tensor, ratio: float, groups: int, mode: str,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """channel_mean(x, rows) and the weight transform with it: (w'', mean, stats)."""
+    eps: float, statistic: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """channel_mean(x, rows, statistic) and the weight transform with it: (w'', mean, stats, negative)."""
     exact = _parse_exact_mode(mode)
     check(
         accumulation_dtype(x.dtype) == accumulation_dtype(weight.dtype),
         f"x ({x.dtype}) and weight ({weight.dtype}) must share an accumulation dtype: both float64 or neither",
     )
     with on_device(weight):
-        mean = _channel_mean(x, rows)
+        mean, negative = _channel_mean(x, rows, statistic)
         out, stats = _weight_transform(weight, mean, gain, ratio, groups, exact, eps)
-    return out, mean, stats
+    return out, mean, stats, negative
 
 
 @define_op("triton_equinorm_backward")

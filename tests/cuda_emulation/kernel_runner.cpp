@@ -8,7 +8,7 @@
 // Usage: kernel_runner <manifest> <output directory>
 // A manifest line is "<op> <case name> key=value ...". Buffers are raw files in memory order, inputs
 // named relative to the manifest, outputs written as <output directory>/<case name>.<key>.bin.
-//   channel_mean  dtype rows channels spatial channels_last offset x          -> mean
+//   channel_mean  dtype rows channels spatial channels_last offset x [abs=1] -> mean [negative]
 //   equinorm      dtype out_channels group_channels taps groups channels_last exact ratio eps
 //                 per_tap_means offset weight mean gain [grad]  -> out stats [grad_weight grad_mean grad_gain]
 //   enorm         p c offset dtypes=<dtype>,... tensor<k>=<file> group_sizes=<n>,... entries=<11 ints>;...
@@ -145,10 +145,14 @@ Outputs run_channel_mean(const Case& c) {
   const Buffer mean(static_cast<size_t>(shape.channels) * info.accumulation_bytes, offset * info.accumulation_bytes);
   const size_t workspace_bytes = equinorm::cuda::channel_mean_workspace_bytes(shape, info.type, x.data());
   const Buffer workspace(workspace_bytes, 0);
+  const bool abs_statistic = c.has("abs") && c.integer("abs") != 0;
+  const Buffer negative(abs_statistic ? static_cast<size_t>(shape.channels) : 0, 0);
   check(equinorm::cuda::launch_channel_mean(shape, info.type, x.data(), mean.data(),
+                                            abs_statistic ? static_cast<bool*>(negative.data()) : nullptr,
                                             workspace_bytes > 0 ? workspace.data() : nullptr, workspace_bytes,
                                             nullptr),
         "launch_channel_mean");
+  if (abs_statistic) return {{"mean", mean.contents()}, {"negative", negative.contents()}};
   return {{"mean", mean.contents()}};
 }
 
