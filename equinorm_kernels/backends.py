@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from . import reference
+from .reference.tap_statistics import tap_mean_unchecked as _reference_tap_mean
 
 # Fastest first; names not registered in this build are skipped.
 AUTO_PREFERENCE = ("cuda", "triton", "cpp", "reference")
@@ -42,6 +43,8 @@ class Backend:
     # Device types "auto" may pick it for (None: all it serves); a backend can serve a device for
     # testing only, as Triton's interpreter serves CPU tensors.
     auto_device_types: frozenset[str] | None = None
+    # tap_mean(x, stats_fraction, geometry: TapGeometry) -> (C, *kernel) per-tap means; None: the reference's.
+    tap_mean: Callable[..., torch.Tensor] | None = None
 
     def serves(self, device: torch.device) -> bool:
         in_scope = self.device_types is None or device.type in self.device_types
@@ -230,6 +233,7 @@ class FastestBackend:
             equinorm_weight=entry("equinorm_weight"),
             equinorm_forward=entry("equinorm_forward"),
             enorm_cycle=enorm_cycle,
+            tap_mean=entry("tap_mean") if all(b.tap_mean is not None for b in self.candidates) else None,
         )
 
 
@@ -287,5 +291,6 @@ register_backend(
         channel_mean=reference.equinorm.channel_mean_unchecked,
         equinorm_weight=reference.equinorm.equinorm_weight_unchecked,
         equinorm_forward=_reference_equinorm_forward,
+        tap_mean=_reference_tap_mean,
     )
 )
