@@ -33,27 +33,54 @@ constexpr int64_t kTaskElements = 1 << 15;
 constexpr int64_t kChunkElements = 1 << 14;
 constexpr int64_t kMaxChunkRows = 1024;
 constexpr int64_t kWideRow = 4096;
-constexpr int64_t kColumnBlock = 1024;
+constexpr int64_t kColumnBlock = 8192;
+// Multiply-adds one task of the count-matrix contraction should at least do.
+constexpr int64_t kContractionTaskWork = 1 << 20;
 
-// sums[j] += v_j (|v_j| when kAbsolute, and negative[j] |= v_j < 0) for j in [0, count).
+// One value as the sums take it: |v| for kAbsolute (its sign noted in `negative`), else v.
 template <bool kAbsolute, typename acc_t, typename scalar_t>
-C10_ALWAYS_INLINE void add_values(acc_t* sums, uint8_t* negative, const scalar_t* values, int64_t count) {
-  for (int64_t j = 0; j < count; ++j) {
-    const acc_t v = static_cast<acc_t>(values[j]);
-    if constexpr (kAbsolute) {
-      sums[j] += std::abs(v);
-      negative[j] |= static_cast<uint8_t>(v < acc_t(0));
-    } else {
-      sums[j] += v;
-    }
+C10_ALWAYS_INLINE acc_t term(scalar_t value, uint8_t& negative) {
+  const acc_t v = static_cast<acc_t>(value);
+  if constexpr (kAbsolute) {
+    negative |= static_cast<uint8_t>(v < acc_t(0));
+    return std::abs(v);
+  } else {
+    return v;
   }
 }
+
+// Rows [first_row, end_row) of columns [begin, end) added into sums, in row order. Rows go
+// kRowUnroll at a time through a register, so the running sums are loaded and stored once per
+// kRowUnroll rows (the order of the additions, and so the result, is that of one row at a time).
+constexpr int64_t kRowUnroll = 4;
 
 template <bool kAbsolute, typename acc_t, typename scalar_t>
 C10_ALWAYS_INLINE void add_rows(acc_t* sums, uint8_t* negative, const scalar_t* x, int64_t width, int64_t first_row,
                                 int64_t end_row, int64_t begin, int64_t end) {
-  for (int64_t row = first_row; row < end_row; ++row) {
-    add_values<kAbsolute>(sums + begin, negative + begin, x + row * width + begin, end - begin);
+  int64_t row = first_row;
+  for (; row + kRowUnroll <= end_row; row += kRowUnroll) {
+    const scalar_t* r0 = x + row * width;
+    const scalar_t* r1 = r0 + width;
+    const scalar_t* r2 = r1 + width;
+    const scalar_t* r3 = r2 + width;
+    for (int64_t j = begin; j < end; ++j) {
+      uint8_t seen = kAbsolute ? negative[j] : 0;
+      acc_t sum = sums[j];
+      sum += term<kAbsolute, acc_t>(r0[j], seen);
+      sum += term<kAbsolute, acc_t>(r1[j], seen);
+      sum += term<kAbsolute, acc_t>(r2[j], seen);
+      sum += term<kAbsolute, acc_t>(r3[j], seen);
+      sums[j] = sum;
+      if constexpr (kAbsolute) negative[j] = seen;
+    }
+  }
+  for (; row < end_row; ++row) {
+    const scalar_t* values = x + row * width;
+    for (int64_t j = begin; j < end; ++j) {
+      uint8_t seen = kAbsolute ? negative[j] : 0;
+      sums[j] += term<kAbsolute, acc_t>(values[j], seen);
+      if constexpr (kAbsolute) negative[j] = seen;
+    }
   }
 }
 
@@ -78,27 +105,37 @@ void add_block(acc_t* sums, uint8_t* negative, const scalar_t* x, int64_t width,
 template <bool kAbsolute, typename scalar_t, typename acc_t>
 void column_sums(const scalar_t* x, int64_t rows, int64_t width, acc_t* total, uint8_t* negative) {
   std::fill(total, total + width, acc_t(0));
-  std::fill(negative, negative + width, uint8_t(0));
+  if (kAbsolute) std::fill(negative, negative + width, uint8_t(0));
   if (width >= kWideRow) {
-    at::parallel_for(0, width, kColumnBlock, [&](int64_t begin, int64_t end) {
-      add_block<kAbsolute>(total, negative, x, width, 0, rows, begin, end);
+    // Blocks of columns small enough that their running sums stay in cache while every row's
+    // segment of them streams in; a task takes whole blocks, at least kTaskElements values.
+    const int64_t blocks = (width + kColumnBlock - 1) / kColumnBlock;
+    const int64_t grain = std::max<int64_t>(1, kTaskElements / (kColumnBlock * rows));
+    at::parallel_for(0, blocks, grain, [&](int64_t first_block, int64_t end_block) {
+      for (int64_t block = first_block; block < end_block; ++block) {
+        const int64_t begin = block * kColumnBlock, end = std::min(width, begin + kColumnBlock);
+        add_block<kAbsolute>(total, negative, x, width, 0, rows, begin, end);
+      }
     });
     return;
   }
   const int64_t chunk = std::clamp<int64_t>(kChunkElements / width, 1, kMaxChunkRows);
   const int64_t chunks = (rows + chunk - 1) / chunk;
   std::vector<acc_t> chunk_sums(chunks * width, acc_t(0));
-  std::vector<uint8_t> chunk_negative(chunks * width, uint8_t(0));
+  std::vector<uint8_t> chunk_negative(kAbsolute ? chunks * width : 0, uint8_t(0));
   const int64_t grain = std::max<int64_t>(1, kTaskElements / (chunk * width));
   at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
-      add_block<kAbsolute>(chunk_sums.data() + k * width, chunk_negative.data() + k * width, x, width, k * chunk,
+      add_block<kAbsolute>(chunk_sums.data() + k * width, kAbsolute ? chunk_negative.data() + k * width : nullptr, x,
+                           width, k * chunk,
                            std::min(rows, (k + 1) * chunk), 0, width);
     }
   });
   for (int64_t k = 0; k < chunks; ++k) {
     add_row(total, chunk_sums.data() + k * width, width);
-    for (int64_t j = 0; j < width; ++j) negative[j] |= chunk_negative[k * width + j];
+    if (kAbsolute) {
+      for (int64_t j = 0; j < width; ++j) negative[j] |= chunk_negative[k * width + j];
+    }
   }
 }
 
@@ -148,13 +185,19 @@ void contract_planes(const acc_t* in, int64_t channels, const TapGeometry& g, bo
   }
   const int64_t in_size = sizes_in[0] * sizes_in[1] * sizes_in[2];
   const int64_t out_size = sizes_out[0] * sizes_out[1] * sizes_out[2];
-  at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
+  // Small next to the read of x: threads only for planes big enough to repay waking them.
+  const int64_t channel_work = (in_size + out_size) * (g.dims[0].kernel + g.dims[1].kernel + g.dims[2].kernel);
+  at::parallel_for(0, channels, std::max<int64_t>(1, kContractionTaskWork / channel_work), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> a, b;
     for (int64_t c = begin; c < end; ++c) {
-      // Dims contracted last to first: (i0, i1, i2) -> (i0, i1, o2) -> (i0, o1, o2) -> (o0, o1, o2).
+      // The dim that shrinks (forward: lengths to kernel sizes) or grows (backward) the most last,
+      // so the long rows of the plane are the vectorised inner loop: the forward contracts dims
+      // first to last, (i0, i1, i2) -> (o0, i1, i2) -> (o0, o1, i2) -> (o0, o1, o2), the backward
+      // last to first.
       a.assign(in + c * in_size, in + (c + 1) * in_size);
       int64_t shape[tap::kDims] = {sizes_in[0], sizes_in[1], sizes_in[2]};
-      for (int k = tap::kDims - 1; k >= 0; --k) {
+      for (int step = 0; step < tap::kDims; ++step) {
+        const int k = backward ? tap::kDims - 1 - step : step;
         int64_t outer = 1, inner = 1;
         for (int m = 0; m < k; ++m) outer *= shape[m];
         for (int m = k + 1; m < tap::kDims; ++m) inner *= shape[m];
@@ -182,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor> tap_mean(const at::Tensor& x, int64_t rows, a
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t width = channels * plane;
     std::vector<acc_t> columns(width);
-    std::vector<uint8_t> negative_columns(width);
+    std::vector<uint8_t> negative_columns(absolute ? width : 0);
     const scalar_t* data = readable.const_data_ptr<scalar_t>();
     if (absolute) {
       column_sums<true>(data, rows, width, columns.data(), negative_columns.data());
@@ -190,17 +233,27 @@ std::tuple<at::Tensor, at::Tensor> tap_mean(const at::Tensor& x, int64_t rows, a
       column_sums<false>(data, rows, width, columns.data(), negative_columns.data());
     }
     // S as (C, plane): channels_last columns are (plane, C).
-    std::vector<acc_t> sums(width);
-    bool* flags = negative.mutable_data_ptr<bool>();
-    for (int64_t c = 0; c < channels; ++c) {
+    if (channel_geometry.channels_last) {
+      std::vector<acc_t> transposed(width);
+      std::vector<uint8_t> transposed_negative(absolute ? width : 0);
       for (int64_t p = 0; p < plane; ++p) {
-        const int64_t column = channel_geometry.channels_last ? p * channels + c : c * plane + p;
-        sums[c * plane + p] = columns[column];
-        flags[c] = flags[c] || negative_columns[column] != 0;
+        for (int64_t c = 0; c < channels; ++c) {
+          transposed[c * plane + p] = columns[p * channels + c];
+          if (absolute) transposed_negative[c * plane + p] = negative_columns[p * channels + c];
+        }
+      }
+      columns.swap(transposed);
+      negative_columns.swap(transposed_negative);
+    }
+    if (absolute) {
+      bool* flags = negative.mutable_data_ptr<bool>();
+      for (int64_t c = 0; c < channels; ++c) {
+        flags[c] = std::any_of(negative_columns.begin() + c * plane, negative_columns.begin() + (c + 1) * plane,
+                               [](uint8_t seen) { return seen != 0; });
       }
     }
     const acc_t count = static_cast<acc_t>(rows) * static_cast<acc_t>(g.outputs());
-    contract_planes(sums.data(), channels, g, /*backward=*/false, count, mean.mutable_data_ptr<acc_t>());
+    contract_planes(columns.data(), channels, g, /*backward=*/false, count, mean.mutable_data_ptr<acc_t>());
   });
   return {mean, negative};
 }
