@@ -194,19 +194,21 @@ void contract_planes(const acc_t* in, int64_t channels, const TapGeometry& g, bo
       // so the long rows of the plane are the vectorised inner loop: the forward contracts dims
       // first to last, (i0, i1, i2) -> (o0, i1, i2) -> (o0, o1, i2) -> (o0, o1, o2), the backward
       // last to first.
-      a.assign(in + c * in_size, in + (c + 1) * in_size);
+      const acc_t* source = in + c * in_size;
       int64_t shape[tap::kDims] = {sizes_in[0], sizes_in[1], sizes_in[2]};
       for (int step = 0; step < tap::kDims; ++step) {
         const int k = backward ? tap::kDims - 1 - step : step;
+        if (shape[k] == 1 && sizes_out[k] == 1 && matrices[k][0] == acc_t(1)) continue;  // a Conv1d/2d's added dim
         int64_t outer = 1, inner = 1;
         for (int m = 0; m < k; ++m) outer *= shape[m];
         for (int m = k + 1; m < tap::kDims; ++m) inner *= shape[m];
         b.resize(outer * sizes_out[k] * inner);
-        contract_middle(a.data(), outer, shape[k], inner, matrices[k].data(), sizes_out[k], b.data());
+        contract_middle(source, outer, shape[k], inner, matrices[k].data(), sizes_out[k], b.data());
         shape[k] = sizes_out[k];
         std::swap(a, b);
+        source = a.data();
       }
-      for (int64_t i = 0; i < out_size; ++i) out[c * out_size + i] = a[i] / count;
+      for (int64_t i = 0; i < out_size; ++i) out[c * out_size + i] = source[i] / count;
     }
   });
 }
