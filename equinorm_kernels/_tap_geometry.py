@@ -37,15 +37,18 @@ def output_size(length: int, kernel: int, stride: int, before: int, after: int, 
 
 
 def _int_tuple(value: object, name: str, dims: int, *, low: int) -> tuple[int, ...]:
-    values = (value,) * dims if isinstance(value, int) and not isinstance(value, bool) else value
+    if type(value) is int:  # the common case, checked without the generic path below
+        if value < low:
+            raise ValueError(f"{name} must be >= {low} in every spatial dim, got {value}")
+        return (value,) * dims
+    values = value
     if (
-        not isinstance(values, Sequence)
-        or isinstance(values, str)
+        not isinstance(values, (tuple, list))
         or len(values) != dims
-        or any(isinstance(v, bool) or not isinstance(v, int) for v in values)
+        or not all(type(v) is int or (isinstance(v, int) and not isinstance(v, bool)) for v in values)
     ):
         raise ValueError(f"{name} must be an int or a tuple of {dims} ints (one per spatial dim), got {value!r}")
-    if any(v < low for v in values):
+    if min(values) < low:
         raise ValueError(f"{name} must be >= {low} in every spatial dim, got {tuple(values)}")
     return tuple(int(v) for v in values)
 
