@@ -13,6 +13,7 @@ depend on the run.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from . import reference
+from ._tap_geometry import TapGeometry
 from .reference.tap_statistics import tap_mean_unchecked as _reference_tap_mean
 
 # Fastest first; names not registered in this build are skipped.
@@ -135,6 +137,8 @@ def _signature(value: Any) -> Any:
         return value
     if isinstance(value, (tuple, list)):
         return tuple(_signature(v) for v in value)
+    if isinstance(value, TapGeometry):  # a new one every call, equal ones for equal convolutions
+        return ("tap_geometry", _signature(dataclasses.astuple(value)))
     return ("object", id(value))
 
 

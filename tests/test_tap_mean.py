@@ -356,3 +356,40 @@ def test_bad_inputs_are_named():
         ek.tap_mean(torch.ones(2, 3, 4, dtype=torch.int64), 1)
     with pytest.raises(ValueError, match="contains NaN"):
         ek.tap_mean(torch.full((2, 3, 5), math.nan), 3, backend="cpp" if "cpp" in ek.available_backends() else "auto")
+
+
+def test_the_measured_gpu_choice_tells_tap_mean_calls_apart_by_geometry_not_identity():
+    """EQUINORM_KERNELS_GPU_BACKEND=fastest keys its measurements by call signature: each call builds
+    a new geometry object, and equal convolutions must share one measurement (and its winner)."""
+    from equinorm_kernels import backends
+    from equinorm_kernels._tap_geometry import check_tap_mean_args
+
+    class InstantTimer:
+        def __init__(self, device):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            return None
+
+        def elapsed_ms(self) -> float:
+            return 1.0
+
+    def candidate(name: str) -> backends.Backend:
+        reference = backends.resolve_backend("reference", torch.device("cpu"))
+        return backends.Backend(name=name, device_types=None, is_usable=lambda: True,
+                                channel_mean=reference.channel_mean, equinorm_weight=reference.equinorm_weight,
+                                equinorm_forward=reference.equinorm_forward, tap_mean=reference.tap_mean)
+
+    chooser = backends.FastestBackend((candidate("cuda"), candidate("triton")), timer_factory=InstantTimer)
+    x = torch.rand(2, 3, 5, 5)
+    device = torch.device("cpu")
+    for _ in range(2 * (chooser.warmup + chooser.trials)):
+        geometry, fraction = check_tap_mean_args(x, 3, 1, 1, 1, "zeros", 1.0, "mean")
+        chooser.run("tap_mean", device, x, fraction, geometry)
+    geometry, fraction = check_tap_mean_args(x, 3, 1, 1, 1, "zeros", 1.0, "mean")
+    assert chooser.winner("tap_mean", device, x, fraction, geometry) == "cuda"
+    other, _ = check_tap_mean_args(x, 3, 2, 1, 1, "zeros", 1.0, "mean")
+    assert chooser.winner("tap_mean", device, x, fraction, other) is None
