@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -104,8 +105,6 @@ void add_block(acc_t* sums, uint8_t* negative, const scalar_t* x, int64_t width,
 // Column sums (and, for kAbsolute, negative-value flags) of a (rows, width) row-major matrix.
 template <bool kAbsolute, typename scalar_t, typename acc_t>
 void column_sums(const scalar_t* x, int64_t rows, int64_t width, acc_t* total, uint8_t* negative) {
-  std::fill(total, total + width, acc_t(0));
-  if (kAbsolute) std::fill(negative, negative + width, uint8_t(0));
   if (width >= kWideRow) {
     // Blocks of columns small enough that their running sums stay in cache while every row's
     // segment of them streams in; a task takes whole blocks, at least kTaskElements values.
@@ -114,11 +113,15 @@ void column_sums(const scalar_t* x, int64_t rows, int64_t width, acc_t* total, u
     at::parallel_for(0, blocks, grain, [&](int64_t first_block, int64_t end_block) {
       for (int64_t block = first_block; block < end_block; ++block) {
         const int64_t begin = block * kColumnBlock, end = std::min(width, begin + kColumnBlock);
+        std::fill(total + begin, total + end, acc_t(0));  // zeroed here, while the block is in cache
+        if (kAbsolute) std::fill(negative + begin, negative + end, uint8_t(0));
         add_block<kAbsolute>(total, negative, x, width, 0, rows, begin, end);
       }
     });
     return;
   }
+  std::fill(total, total + width, acc_t(0));
+  if (kAbsolute) std::fill(negative, negative + width, uint8_t(0));
   const int64_t chunk = std::clamp<int64_t>(kChunkElements / width, 1, kMaxChunkRows);
   const int64_t chunks = (rows + chunk - 1) / chunk;
   std::vector<acc_t> chunk_sums(chunks * width, acc_t(0));
@@ -226,17 +229,18 @@ std::tuple<at::Tensor, at::Tensor> tap_mean(const at::Tensor& x, int64_t rows, a
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tap_mean_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t width = channels * plane;
-    std::vector<acc_t> columns(width);
+    // column_sums writes every element: no initialisation here.
+    std::unique_ptr<acc_t[]> columns(new acc_t[width]);
     std::vector<uint8_t> negative_columns(absolute ? width : 0);
     const scalar_t* data = readable.const_data_ptr<scalar_t>();
     if (absolute) {
-      column_sums<true>(data, rows, width, columns.data(), negative_columns.data());
+      column_sums<true>(data, rows, width, columns.get(), negative_columns.data());
     } else {
-      column_sums<false>(data, rows, width, columns.data(), negative_columns.data());
+      column_sums<false>(data, rows, width, columns.get(), negative_columns.data());
     }
     // S as (C, plane): channels_last columns are (plane, C).
     if (channel_geometry.channels_last) {
-      std::vector<acc_t> transposed(width);
+      std::unique_ptr<acc_t[]> transposed(new acc_t[width]);
       std::vector<uint8_t> transposed_negative(absolute ? width : 0);
       for (int64_t p = 0; p < plane; ++p) {
         for (int64_t c = 0; c < channels; ++c) {
@@ -255,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor> tap_mean(const at::Tensor& x, int64_t rows, a
       }
     }
     const acc_t count = static_cast<acc_t>(rows) * static_cast<acc_t>(g.outputs());
-    contract_planes(columns.data(), channels, g, /*backward=*/false, count, mean.mutable_data_ptr<acc_t>());
+    contract_planes(columns.get(), channels, g, /*backward=*/false, count, mean.mutable_data_ptr<acc_t>());
   });
   return {mean, negative};
 }
