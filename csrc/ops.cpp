@@ -25,6 +25,12 @@
 // - ENorm: `tensors` are rescaled in place; `entries` is a flat list of records of six ints
 //   (tensor index, axis 0 = rows / 1 = columns, power of d it is multiplied by, counts in the
 //   energy 0/1, conv groups, columns per channel), `group_sizes` the number of records per group.
+// - tap_mean: per input channel and kernel tap, the mean of the values the tap multiplies in the
+//   convolution (csrc/shared/tap_mean_math.h), (C, *kernel_size) in acc, and negative (C,) bool:
+//   the channels where x[:rows] has a value < 0 (set only when absolute, the mean of |x|).
+//   padding is a (before, after) pair per spatial dim; padding_mode "zeros", "reflect",
+//   "replicate" or "circular". tap_mean_backward maps the (C, *kernel_size) gradient to the
+//   (C, *spatial) gradient of every sample that fed the means (before any sign of x).
 #include <torch/library.h>
 
 TORCH_LIBRARY(equinorm_kernels, m) {
@@ -38,6 +44,12 @@ TORCH_LIBRARY(equinorm_kernels, m) {
   m.def(
       "equinorm_backward(Tensor grad_out, Tensor weight, Tensor mean, Tensor gain, Tensor stats, int groups)"
       " -> (Tensor grad_weight, Tensor grad_mean, Tensor grad_gain)");
+  m.def(
+      "tap_mean(Tensor x, SymInt rows, int[] kernel_size, int[] stride, int[] padding, int[] dilation,"
+      " str padding_mode, bool absolute) -> (Tensor mean, Tensor negative)");
+  m.def(
+      "tap_mean_backward(Tensor grad, SymInt[] spatial, SymInt rows, int[] kernel_size, int[] stride,"
+      " int[] padding, int[] dilation, str padding_mode) -> Tensor");
   m.def("enorm_group_(Tensor(a!)[] tensors, int[] entries, float p, float c) -> Tensor");
   m.def("enorm_cycle_(Tensor(a!)[] tensors, int[] entries, int[] group_sizes, float p, float c) -> Tensor");
 }

@@ -3,6 +3,7 @@
 Public API:
     channel_mean, equinorm_weight            functional EquiNorm (backend="auto" picks the fastest)
     equinorm_forward                         both fused: the layers' training path
+    tap_mean                                 per-tap input means of a convolution (padding, stride, dilation)
     EquiNormConv1d/2d/3d, EquiNormLinear     drop-in layers
     convert                                  swap Conv/Linear -> BatchNorm pairs for EquiNorm layers
     convert_sync_equinorm                    statistics over a process group (data-parallel training)
@@ -18,7 +19,7 @@ from ._value_checks import check_values
 from .backends import available_backends
 from . import reference
 from . import ops  # noqa: F401  (registers the compiled and Triton backends)
-from .functional import channel_mean, equinorm_forward, equinorm_weight
+from .functional import channel_mean, equinorm_forward, equinorm_weight, tap_mean
 from .layers import EquiNormConv1d, EquiNormConv2d, EquiNormConv3d, EquiNormLinear
 from .convert import ConversionReport, convert
 from .distributed import convert_sync_equinorm
@@ -43,4 +44,5 @@ __all__ = [
     "equinorm_weight",
     "reference",
     "set_value_checks",
+    "tap_mean",
 ]

@@ -13,6 +13,7 @@ depend on the run.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 from collections.abc import Callable
@@ -22,6 +23,8 @@ from typing import Any
 import torch
 
 from . import reference
+from ._tap_geometry import TapGeometry
+from .reference.tap_statistics import tap_mean_unchecked as _reference_tap_mean
 
 # Fastest first; names not registered in this build are skipped.
 AUTO_PREFERENCE = ("cuda", "triton", "cpp", "reference")
@@ -42,6 +45,8 @@ class Backend:
     # Device types "auto" may pick it for (None: all it serves); a backend can serve a device for
     # testing only, as Triton's interpreter serves CPU tensors.
     auto_device_types: frozenset[str] | None = None
+    # tap_mean(x, stats_fraction, geometry: TapGeometry) -> (C, *kernel) per-tap means; None: the reference's.
+    tap_mean: Callable[..., torch.Tensor] | None = None
 
     def serves(self, device: torch.device) -> bool:
         in_scope = self.device_types is None or device.type in self.device_types
@@ -146,6 +151,8 @@ def _signature(value: Any) -> Any:
         return value
     if isinstance(value, (tuple, list)):
         return tuple(_signature(v) for v in value)
+    if isinstance(value, TapGeometry):  # a new one every call, equal ones for equal convolutions
+        return ("tap_geometry", _signature(dataclasses.astuple(value)))
     return ("object", id(value))
 
 
@@ -244,6 +251,7 @@ class FastestBackend:
             equinorm_weight=entry("equinorm_weight"),
             equinorm_forward=entry("equinorm_forward"),
             enorm_cycle=enorm_cycle,
+            tap_mean=entry("tap_mean") if all(b.tap_mean is not None for b in self.candidates) else None,
         )
 
 
@@ -303,5 +311,6 @@ register_backend(
         channel_mean=reference.equinorm.channel_mean_unchecked,
         equinorm_weight=reference.equinorm.equinorm_weight_unchecked,
         equinorm_forward=_reference_equinorm_forward,
+        tap_mean=_reference_tap_mean,
     )
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, _value_checks
+from . import _checks, _tap_geometry, _value_checks
 from .backends import resolve_backend
 
 
@@ -133,3 +133,54 @@ def equinorm_forward(
     if _checks.value_checks_active():
         _value_checks.check_weight_operands(weight, mean, gain, sample=_statistics_rows(x, stats_fraction))
     return out, mean.detach()
+
+
+def tap_mean(
+    x: torch.Tensor,
+    kernel_size: int | tuple[int, ...],
+    stride: int | tuple[int, ...] = 1,
+    padding: int | tuple[int, ...] | str = 0,
+    dilation: int | tuple[int, ...] = 1,
+    padding_mode: str = "zeros",
+    *,
+    stats_fraction: float = 1.0,
+    statistic: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Per-tap input means of a convolution: for input channel c and kernel tap t, the mean over
+    the samples x[:rows] and the output positions of the input value that tap t multiplies.
+
+    The value is zero where the tap reads zero padding, and the padded value for "reflect",
+    "replicate" and "circular", as nn.Conv1d/2d/3d pads. With stride 1, circular padding of
+    (k - 1) / 2 and odd kernels every tap's mean is the channel mean. One read of ``x``: the
+    samples' sum (C, *spatial) is all the taps need (see :mod:`equinorm_kernels.reference.tap_statistics`).
+
+    Args:
+        x: (N, C, *spatial) with 1 to 3 spatial dims (a Conv1d/2d/3d input), float16/bfloat16/
+            float32/float64, NCHW or channels_last.
+        kernel_size, stride, dilation: an int or one int per spatial dim, as nn.Conv takes them.
+        padding: an int, one int per spatial dim, "same" (stride 1 only) or "valid".
+        padding_mode: "zeros", "reflect", "replicate" or "circular".
+        stats_fraction: only the first ceil(stats_fraction * N) samples are averaged (0 < f <= 1).
+        statistic: "mean" (the values) or "abs_mean" (their absolute values; the gradient counts
+            sign(0) as +1).
+        backend: "auto" or a name from :func:`equinorm_kernels.available_backends`.
+
+    Returns:
+        (C, *kernel_size), float32 (float64 for float64 ``x``), accumulated in that dtype;
+        differentiable in ``x``.
+
+    Raises:
+        ValueError / TypeError: bad shapes or arguments (a kernel larger than the padded input,
+            padding beyond what the padding mode allows, unknown padding_mode or statistic), or
+            (value checks on) NaN/Inf in ``x`` or an overflowing mean.
+    """
+    geometry, stats_fraction = _tap_geometry.check_tap_mean_args(
+        x, kernel_size, stride, padding, dilation, padding_mode, stats_fraction, statistic
+    )
+    impl = resolve_backend(backend, x.device)
+    run = impl.tap_mean if impl.tap_mean is not None else resolve_backend("reference", x.device).tap_mean
+    taps = run(x, stats_fraction, geometry)
+    if _checks.value_checks_active():
+        _value_checks.check_channel_mean(taps, _statistics_rows(x, stats_fraction))
+    return taps

@@ -20,6 +20,7 @@ Skipped where g++ or the CUDA headers are missing.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -497,7 +498,92 @@ def enorm_cases() -> list[KernelCase]:
     return cases
 
 
-FAMILIES = {"channel_mean": channel_mean_cases, "equinorm": equinorm_cases, "enorm": enorm_cases}
+# tap_mean: every padding mode, strides, dilation, Conv1d/2d/3d inputs, channels_last, both
+# statistics, rows < N, one row (a single slot of rows) and many (slots added by a second kernel).
+# (name, x shape, kernel, stride, padding as (before, after) per dim, dilation, mode)
+TAP_MEAN_SHAPES = {
+    "zeros-3x3": ((4, 3, 7, 6), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), "zeros"),
+    "zeros-stride2-dilation2": ((3, 2, 9, 8), (3, 3), (2, 2), (2, 2, 2, 2), (2, 2), "zeros"),
+    "reflect-stride3": ((3, 3, 8, 7), (3, 2), (3, 2), (2, 2, 1, 1), (1, 2), "reflect"),
+    "replicate-same-even": ((2, 2, 6, 5), (4, 2), (1, 1), (1, 2, 0, 1), (1, 1), "replicate"),
+    "circular-full-wrap": ((3, 2, 4, 5), (3, 3), (1, 2), (4, 4, 2, 5), (1, 1), "circular"),
+    "conv1d-reflect": ((5, 3, 11), (5,), (2,), (2, 2), (1,), "reflect"),
+    "conv3d-zeros": ((2, 2, 4, 5, 3), (3, 2, 3), (2, 1, 1), (1, 1, 0, 1, 1, 1), (1, 2, 1), "zeros"),
+    "many-rows": ((70, 3, 5, 4), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), "circular"),
+    "wide": ((3, 40, 9, 10), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), "zeros"),
+}
+TAP_MODES = {"zeros": 0, "reflect": 1, "replicate": 2, "circular": 3}
+
+
+def _tap_reference(sample: torch.Tensor, geometry, statistic: str) -> torch.Tensor:
+    """The reference's per-tap means of every row of ``sample`` for ``statistic``."""
+    from equinorm_kernels.reference.tap_statistics import tap_mean_unchecked
+
+    return tap_mean_unchecked(sample, 1.0, dataclasses.replace(geometry, absolute=statistic == "abs_mean"))
+
+
+def _tap_mean_case(shape_name: str, dtype_name: str, channels_last: bool, statistic: str, rows_kind: str,
+                   offset: int) -> KernelCase:
+    from equinorm_kernels._tap_geometry import TapGeometry, tap_output_shape
+
+    shape, kernel, stride, padding, dilation, mode = TAP_MEAN_SHAPES[shape_name]
+    dtype, acc = DTYPES[dtype_name], _accumulation(DTYPES[dtype_name])
+    values = torch.randn(shape, generator=_generator(shape[0] + 3 * shape[1]), dtype=torch.float64)
+    x = _layout(values.to(dtype), channels_last)
+    rows = {"all": shape[0], "part": math.ceil(shape[0] / 2), "one": 1}[rows_kind]
+    geometry = TapGeometry(kernel, stride, padding, dilation, mode, statistic == "abs_mean")
+    sample = x[:rows].double()
+    truth = _tap_reference(sample, geometry, statistic)
+    magnitude = _tap_reference(sample, geometry, "abs_mean").abs().max().item() + 1e-30
+    negative = (sample < 0).transpose(0, 1).reshape(shape[1], -1).any(dim=1) if statistic == "abs_mean" else (
+        torch.zeros(shape[1], dtype=torch.bool))
+    grad = torch.randn((shape[1], *kernel), generator=_generator(7), dtype=torch.float64).to(acc)
+    leaf = sample.clone().requires_grad_(True)
+    plane_truth = torch.autograd.grad(_tap_reference(leaf, geometry, "mean"), leaf, grad.double())[0][0]
+
+    def check(output):
+        rtol = 1e-13 if dtype == torch.float64 else 4e-6
+        problems = _compare("mean", output("mean", truth.to(acc)), truth, rtol * magnitude)
+        got_negative = output("negative", torch.zeros(shape[1], dtype=torch.uint8)) != 0
+        if not torch.equal(got_negative, negative):
+            problems.append(f"negative flags {got_negative.tolist()}, expected {negative.tolist()}")
+        plane_scale = plane_truth.abs().max().item() + 1e-30
+        problems += _compare("plane", output("plane", plane_truth.to(acc).contiguous()), plane_truth,
+                             rtol * plane_scale)
+        return problems
+
+    spatial = shape[2:]
+    outputs = tap_output_shape(spatial, geometry)
+    dims = [(1, 1, 1, 1, 0, 0, 1)] * (3 - len(spatial))
+    dims += [(spatial[i], kernel[i], stride[i], dilation[i], padding[2 * i], padding[2 * i + 1], outputs[i])
+             for i in range(len(spatial))]
+    layout = "cl" if channels_last else "nchw"
+    return KernelCase(
+        "tap_mean",
+        f"tap-{shape_name}-{layout}-{dtype_name}-{statistic}-rows{rows}-offset{offset}",
+        dict(dtype=dtype_name, rows=rows, channels=shape[1], channels_last=int(channels_last and len(shape) in (4, 5)),
+             mode=TAP_MODES[mode], absolute=int(statistic == "abs_mean"), offset=offset,
+             dims=";".join(",".join(str(v) for v in dim) for dim in dims)),
+        {"x": x, "grad": grad},
+        check,
+    )
+
+
+def tap_mean_cases() -> list[KernelCase]:
+    cases = []
+    for shape_name, (shape, *_rest) in TAP_MEAN_SHAPES.items():
+        for channels_last in ([False, True] if len(shape) in (4, 5) else [False]):
+            for dtype_name in DTYPES:
+                cases.append(_tap_mean_case(shape_name, dtype_name, channels_last, "abs_mean", "all", 0))
+            cases.append(_tap_mean_case(shape_name, "float", channels_last, "mean", "part", 0))
+            cases.append(_tap_mean_case(shape_name, "half", channels_last, "mean", "one", 1))
+            cases.append(_tap_mean_case(shape_name, "double", channels_last, "abs_mean", "part", 1))
+    return cases
+
+
+FAMILIES = {
+    "channel_mean": channel_mean_cases, "equinorm": equinorm_cases, "enorm": enorm_cases, "tap_mean": tap_mean_cases,
+}
 
 
 # ---- planted bugs: copies of a kernel source with one line changed ----

@@ -13,6 +13,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "shared/tap_mean_math.h"
+
 namespace equinorm {
 namespace cuda {
 
@@ -66,6 +68,32 @@ cudaError_t launch_equinorm_backward(const WeightShape& shape, ElementType type,
                                      const void* weight, const void* mean, const void* gain, const void* stats,
                                      void* grad_weight, void* grad_mean, void* grad_gain, void* workspace,
                                      size_t workspace_bytes, cudaStream_t stream);
+
+// ---- per-tap input statistics (tap_mean): csrc/shared/tap_mean_math.h ----
+
+// x[:rows] (rows, channels, *plane) NCHW or channels_last, with three spatial dims (leading ones of
+// length 1 for Conv1d/2d inputs) and mode one of tap::PaddingMode.
+struct TapMeanShape {
+  int64_t rows = 0;
+  int64_t channels = 0;
+  bool channels_last = false;
+  int mode = tap::kZeros;
+  tap::TapDim dims[tap::kDims];
+};
+
+size_t tap_mean_workspace_bytes(const TapMeanShape& shape, ElementType type);
+
+// mean (channels, taps) in the accumulation type; negative (channels) bytes 0/1, written only when
+// absolute (the mean of |x|): whether the channel has a value < 0.
+cudaError_t launch_tap_mean(const TapMeanShape& shape, ElementType type, const void* x, bool absolute, void* mean,
+                            void* negative, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+size_t tap_mean_backward_workspace_bytes(const TapMeanShape& shape);
+
+// plane (channels, *plane) from grad (channels, taps), both of `type` kFloat or kDouble: the
+// gradient of one sample that fed the means.
+cudaError_t launch_tap_mean_backward(const TapMeanShape& shape, ElementType type, const void* grad, void* plane,
+                                     void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
 // ---- ENorm rescaling (enorm_group_, enorm_cycle_) ----
 

@@ -14,6 +14,7 @@ Providers:
     conv2d, conv2d_batchnorm, conv2d_groupnorm, stdconv2d    whole-layer baselines
     torch_sum            the plain read that sets the bandwidth ceiling (of the run; and of each
                          channel_mean case, on its own input)
+    channel_mean         the fused channel_mean of the same input, timed beside tap_mean (not comparable)
     foreach_mul          every parameter multiplied in place (torch._foreach_mul_): one read and one
                          write of each, the least traffic any ENorm cycle can make (a floor, not comparable)
     batchnorm, groupnorm, equinorm, none (and each with _compiled: torch.compile of the model)
@@ -39,14 +40,17 @@ from torch import nn
 from .. import functional
 from ..enorm import ENorm
 from ..layers import EquiNormConv2d
+from .. import _tap_geometry as tap_geometry
 from ..reference import equinorm as reference_math
 from ..models import CifarResNet
+from ..reference import tap_statistics as reference_taps
 from .networks import ImageNetResNet, ImageNetResNet18, StdConv2d, parameter_count, residual_mlp
 
 REFERENCE = "reference"
 COMPILED_REFERENCE = "reference_compiled"
 READ = "torch_sum"
 PARAMETER_PASS = "foreach_mul"
+CHANNEL_MEAN = "channel_mean"
 BASELINES = ("conv2d", "conv2d_batchnorm", "conv2d_groupnorm", "stdconv2d")
 MAX_GROUP_NORM_GROUPS = 32
 FLOAT32_BYTES = 4
@@ -55,6 +59,8 @@ MIB = 2**20
 FAMILIES: dict[str, str] = {
     "read_ceiling": "plain read, torch.sum of a large fp32 tensor: the bandwidth ceiling (bytes: the tensor)",
     "channel_mean": "channel statistics alone, channel_mean(x) (bytes: x read once)",
+    "tap_mean": "per-tap input means, tap_mean(x, k, stride, padding=k // 2) of a ResNet conv input, beside "
+    "channel_mean of the same x (bytes: x read once)",
     "weight_forward": "weight transform forward, equinorm_weight(w, mean, gain=g) (bytes: w read, w'' written)",
     "weight_backward": "weight transform backward alone, grads of w, mean, gain (bytes: dL/dw'' and w read, dL/dw written)",
     "weight_forward_backward": "weight transform forward + backward (bytes: both of the above)",
@@ -210,6 +216,8 @@ class Case:
             names += BASELINES
         if self.family == "channel_mean":
             names.append(READ)
+        if self.family == "tap_mean":
+            names.append(CHANNEL_MEAN)
         if self.family == "enorm_cycle":
             names.append(PARAMETER_PASS)
         return tuple(names)
@@ -340,6 +348,41 @@ def _build_channel_mean(shape: tuple[int, ...], context: BuildContext) -> dict[s
 
     factories = equinorm_providers(context, public, compiled)
     factories[READ] = lambda: Provider(run=partial(torch.sum, x), comparable=False)
+    return factories
+
+
+# ---- per-tap statistics ----------------------------------------------------------------------
+
+def tap_mean_case(shape: LayerShape, batch: int, stride: int = 1) -> Case:
+    input_shape = shape.input_shape(batch)
+    size = math.prod(input_shape) * FLOAT32_BYTES
+    return Case(
+        family="tap_mean",
+        label=f"N{batch} {shape.in_channels}ch {shape.size}x{shape.size} {shape.kernel}x{shape.kernel} stride {stride}",
+        params={"input_shape": list(input_shape), "kernel": shape.kernel, "stride": stride,
+                "padding": shape.kernel // 2, "dtype": "float32"},
+        build=partial(_build_tap_mean, input_shape, shape.kernel, stride),
+        bytes_moved=size,
+    )
+
+
+def _build_tap_mean(input_shape: tuple[int, ...], kernel: int, stride: int, context: BuildContext) -> dict[str, ProviderFactory]:
+    _seed(context)
+    x = activation(input_shape, context)
+    geometry, _ = tap_geometry.check_tap_mean_args(x, kernel, stride, kernel // 2, 1, "zeros", 1.0, "mean")
+
+    def public(backend: str) -> Provider:
+        return Provider(run=partial(functional.tap_mean, x, kernel, stride, kernel // 2, backend=backend))
+
+    def compiled() -> Provider:
+        return Provider(run=partial(compile_fresh(partial(reference_taps.tap_mean_unchecked, geometry=geometry,
+                                                          stats_fraction=1.0), context), x))
+
+    factories = equinorm_providers(context, public, compiled)
+    side_by_side = context.fused_backends[0] if context.fused_backends else REFERENCE
+    factories[CHANNEL_MEAN] = lambda: Provider(
+        run=partial(functional.channel_mean, x, backend=side_by_side), comparable=False
+    )
     return factories
 
 
@@ -792,6 +835,10 @@ def model_specs(device_type: str) -> tuple[ModelSpec, ...]:
     return (cifar_resnet_spec(),)
 
 
+# The ResNet convolutions with a spatial kernel (tap_mean of a 1x1 conv is channel_mean).
+TAP_MEAN_SHAPES = tuple(shape for shape in RESNET_LAYER_SHAPES if shape.kernel > 1)
+
+
 def _channel_mean_with_target(shape: Sequence[int], min_bytes: int = BANDWIDTH_TARGET_MIN_BYTES) -> Case:
     big_enough = math.prod(shape) * FLOAT32_BYTES >= min_bytes
     return channel_mean_case(shape, BANDWIDTH_TARGET if big_enough else None)
@@ -809,6 +856,7 @@ def full_cases(device_type: str = "cpu") -> list[Case]:
     inputs = dict.fromkeys(s.input_shape(b) for s in shapes for b in batches)  # two shapes share 512ch 7x7
     cases += [_channel_mean_with_target(shape) for shape in inputs]
     cases += [_channel_mean_with_target(shape) for shape in LARGE_STATISTICS_INPUTS]
+    cases += [tap_mean_case(s, b, stride) for s in TAP_MEAN_SHAPES for b in batches for stride in (1, 2)]
     cases += [weight_case(family, shape) for family in WEIGHT_FAMILIES for shape in shapes]
     cases += [_stats_weight_with_target(s, b) for s in shapes for b in batches]
     cases += [layer_case(s, b, train) for train in (True, False) for s in shapes for b in batches]
@@ -828,6 +876,7 @@ def quick_cases(device_type: str = "cpu") -> list[Case]:
     cases = [read_ceiling_case(READ_CEILING_MIB)]
     cases += [_channel_mean_with_target(RESNET_LAYER_SHAPES[0].input_shape(32))]
     cases += [_channel_mean_with_target(shape) for shape in LARGE_STATISTICS_INPUTS]
+    cases += [tap_mean_case(TAP_MEAN_SHAPES[0], 32, stride) for stride in (1, 2)]
     cases += [weight_case(family, RESNET_LAYER_SHAPES[2]) for family in WEIGHT_FAMILIES]
     cases += [stats_weight_case(shape, batch, STATS_WEIGHT_TARGET) for shape, batch in STATS_WEIGHT_TARGETS]
     cases += [layer_case(s, 8, train) for train in (True, False) for s in layer_shapes]
@@ -846,6 +895,7 @@ def tiny_cases(device_type: str = "cpu") -> list[Case]:
     shapes = (LayerShape(4, 6, 5, 3), LayerShape(8, 16, 3, 1))
     cases = [read_ceiling_case(1)]
     cases += [_channel_mean_with_target((2, 4, 5, 5), min_bytes=0)]
+    cases += [tap_mean_case(LayerShape(4, 4, 5, 3), 2, stride) for stride in (1, 2)]
     cases += [weight_case(family, shape) for family in WEIGHT_FAMILIES for shape in shapes]
     cases += [stats_weight_case(shape, 2, STATS_WEIGHT_TARGET) for shape in shapes]
     cases += [layer_case(LayerShape(8, 8, 6, 3), 2, train) for train in (True, False)]

@@ -9,7 +9,7 @@ import torch
 
 from .._extension import compiled
 from ..backends import Backend, register_backend
-from . import enorm, equinorm
+from . import enorm, equinorm, tap_mean
 
 
 def _has_kernel(dispatch_key: str) -> bool:
@@ -20,6 +20,8 @@ def _register_compiled_backends() -> None:
     ops = torch.ops.equinorm_kernels
     equinorm.register_fake_kernels()
     enorm.register_fake_kernels()
+    tap_mean.register_fake_kernels()
+    tap_mean.register_ops("compiled", ops.tap_mean, ops.tap_mean_backward)
     equinorm.register_op_set(
         "compiled",
         equinorm.FusedOps(ops.channel_mean, ops.equinorm_weight, ops.equinorm_forward, ops.equinorm_backward),
@@ -37,6 +39,7 @@ def _register_compiled_backends() -> None:
                 equinorm_weight=equinorm.fused_equinorm_weight("compiled"),
                 equinorm_forward=equinorm.fused_equinorm_forward("compiled"),
                 enorm_cycle=enorm.fused_sequential_cycle(ops.enorm_cycle_),
+                tap_mean=tap_mean.fused_tap_mean("compiled"),
             )
         )
 

@@ -9,6 +9,7 @@ from .enorm import (
     enorm_scale_rows_,
 )
 from .equinorm import channel_mean, equinorm_weight
+from .tap_statistics import tap_mean
 
 __all__ = [
     "channel_mean",
@@ -19,4 +20,5 @@ __all__ = [
     "enorm_scale_columns_",
     "enorm_scale_rows_",
     "equinorm_weight",
+    "tap_mean",
 ]

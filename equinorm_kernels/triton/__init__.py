@@ -73,14 +73,17 @@ def _define_ops():
     """Imports the kernel modules (which define the ops) and returns the EquiNorm op set."""
     from ..ops import enorm as fused_enorm
     from ..ops import equinorm as fused_equinorm
-    from . import _runtime, enorm, equinorm  # noqa: F401 - importing defines the ops
+    from ..ops import tap_mean as fused_tap_mean
+    from . import _runtime, enorm, equinorm, tap_mean  # noqa: F401 - importing defines the ops
 
     if _runtime.INTERPRETED:
         # triton_op derives fake kernels from the launchers; the interpreter's custom ops need them.
         fused_equinorm.register_fake_kernels(prefix="triton_")
         torch.library.register_fake("equinorm_kernels::triton_enorm_group_", fused_enorm.fake_enorm_group_)
         torch.library.register_fake("equinorm_kernels::triton_enorm_cycle_", fused_enorm.fake_enorm_cycle_)
+        fused_tap_mean.register_fake_kernels(prefix="triton_")
     ops = torch.ops.equinorm_kernels
+    fused_tap_mean.register_ops("triton", ops.triton_tap_mean, ops.triton_tap_mean_backward)
     return fused_equinorm.FusedOps(
         ops.triton_channel_mean, ops.triton_equinorm_weight, ops.triton_equinorm_forward, ops.triton_equinorm_backward
     )
@@ -90,6 +93,7 @@ def _register_backend(op_set) -> None:
     from ..backends import Backend, register_backend
     from ..ops import enorm as fused_enorm
     from ..ops import equinorm as fused_equinorm
+    from ..ops import tap_mean as fused_tap_mean
 
     if op_set is not None:
         fused_equinorm.register_op_set("triton", op_set)
@@ -107,5 +111,6 @@ def _register_backend(op_set) -> None:
             equinorm_forward=fused_equinorm.fused_equinorm_forward("triton"),
             enorm_cycle=cycle,
             auto_device_types=frozenset({"cuda"}),
+            tap_mean=fused_tap_mean.fused_tap_mean("triton") if op_set is not None else None,
         )
     )

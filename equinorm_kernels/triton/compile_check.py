@@ -39,7 +39,7 @@ from triton.compiler import ASTSource, CompiledKernel, make_backend
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from . import _runtime, enorm, equinorm  # importing the kernel modules defines the ops
+from . import _runtime, enorm, equinorm, tap_mean  # importing the kernel modules defines the ops
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 QUICK_DTYPES = (torch.bfloat16, torch.float64)
@@ -57,6 +57,10 @@ STRIDE_ARGUMENTS: dict[str, tuple[str, ...]] = {
     "_channel_energy_kernel": ("outer_stride", "channel_stride", "inner_stride"),
     "_coefficients_kernel": ("channels",),
     "_rescale_kernel": ("outer_stride", "channel_stride"),
+    "_column_sums_kernel": ("width",),
+    "_finish_columns_kernel": ("width",),
+    "_tap_sums_kernel": ("channels", "plane"),
+    "_tap_grad_kernel": ("plane",),
 }
 
 
@@ -281,6 +285,40 @@ def _split_channel_sums(recorder: LaunchRecorder, dtypes) -> None:
                         )
 
 
+# tap_mean: (x shape, kernel, stride, padding (before, after) per dim, dilation) of the tests:
+# Conv1d/2d/3d, kernels and strides of 1 (constants once compiled), odd sizes.
+TAP_MEAN_INPUTS = (
+    ((3, 2, 9, 7), [3, 3], [2, 2], [1, 1, 1, 1], [1, 1]),
+    ((3, 2, 9, 7), [5, 3], [3, 3], [2, 2, 1, 1], [1, 1]),
+    ((4, 3, 11), [5], [2], [2, 2], [1]),
+    ((2, 2, 5, 6, 7), [3, 2, 3], [2, 1, 2], [1, 1, 1, 1, 1, 1], [1, 2, 1]),
+    ((5, 3, 7, 6), [1, 1], [1, 1], [0, 0, 0, 0], [1, 1]),
+    ((3, 40, 9, 10), [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]),
+)
+
+
+def _tap_mean_calls(recorder: LaunchRecorder, dtypes) -> None:
+    """Every padding mode and statistic, both layouts, forward and backward, row splits."""
+    ops = torch.ops.equinorm_kernels
+    for dtype in dtypes:
+        acc = _runtime.accumulation_dtype(dtype)
+        for shape, kernel, stride, padding, dilation in TAP_MEAN_INPUTS:
+            for layout in ("contiguous", "channels_last"):
+                x = _layout(torch.randn(shape).to(dtype), layout)
+                for mode, absolute in (("zeros", True), ("reflect", False), ("replicate", True), ("circular", False)):
+                    for rows in sorted({shape[0], 1}):
+                        with recorder.sample(f"{dtype} tap_mean {shape} {layout} {mode} rows={rows}"):
+                            ops.triton_tap_mean(x, rows, kernel, stride, padding, dilation, mode, absolute)
+                    with recorder.sample(f"{dtype} tap_mean backward {shape} {mode}"):
+                        grad = torch.randn((shape[1], *kernel), dtype=acc)
+                        ops.triton_tap_mean_backward(grad, list(shape[2:]), shape[0], kernel, stride, padding,
+                                                     dilation, mode)
+        x = torch.randn(7, 3, 5, 6).to(dtype)
+        for splits in (1, 2, 3):
+            with recorder.sample(f"{dtype} tap_mean splits={splits}"):
+                tap_mean._tap_mean(x, 6, [3, 3], [1, 2], [1, 1, 1, 1], [1, 1], "zeros", True, splits)
+
+
 class _Residual(nn.Module):
     """A basic block, its skip the identity or a 1x1 conv: several producers (rows) per group."""
 
@@ -393,6 +431,7 @@ def record_sample_launches(quick: bool = False) -> LaunchRecorder:
     with recorder.recording(), torch.no_grad():
         _equinorm_calls(recorder, dtypes, QUICK_WEIGHTS if quick else WEIGHTS)
         _split_channel_sums(recorder, dtypes)
+        _tap_mean_calls(recorder, dtypes)
     with recorder.recording():  # ENorm programs need a backward pass for their gradients
         _enorm_calls(recorder, dtypes, quick)
     return recorder

@@ -14,6 +14,8 @@
 //   enorm         p c offset dtypes=<dtype>,... tensor<k>=<file> group_sizes=<n>,... entries=<11 ints>;...
 //                 coefficients=0|1 deviations=0|1  -> tensor<k> (each tensor after the op) [coefficients]
 //                 [deviations]
+//   tap_mean      dtype rows channels channels_last mode absolute offset dims=<L,k,s,d,before,after,outputs>;x3
+//                 x [grad]  -> mean negative [plane]
 // An enorm entry: tensor columns power counted groups outer channels_per_group inner outer_stride
 // channel_stride inner_stride.
 #include <cstdint>
@@ -261,8 +263,54 @@ Outputs run_enorm(const Case& c) {
   return results;
 }
 
+// The forward, then (with a grad in the accumulation type) the backward, as the autograd op runs them.
+Outputs run_tap_mean(const Case& c) {
+  const TypeInfo info = type_info(c.text("dtype"));
+  equinorm::cuda::TapMeanShape shape;
+  shape.rows = c.integer("rows");
+  shape.channels = c.integer("channels");
+  shape.channels_last = c.integer("channels_last") != 0;
+  shape.mode = static_cast<int>(c.integer("mode"));
+  const std::vector<std::string> dims = split(c.text("dims"), ';');
+  if (dims.size() != 3) throw std::runtime_error("tap_mean needs 3 dims");
+  int64_t plane = 1, taps = 1;
+  for (size_t k = 0; k < 3; ++k) {
+    const std::vector<std::string> v = split(dims[k], ',');
+    if (v.size() != 7) throw std::runtime_error("a tap_mean dim needs 7 values");
+    shape.dims[k] = {std::stoll(v[0]), std::stoll(v[1]), std::stoll(v[2]), std::stoll(v[3]),
+                     std::stoll(v[4]), std::stoll(v[5]), std::stoll(v[6])};
+    plane *= shape.dims[k].length;
+    taps *= shape.dims[k].kernel;
+  }
+  const size_t offset = static_cast<size_t>(c.integer("offset"));
+  const Buffer x(c.input(c.text("x")), offset * info.element_bytes);
+  const Buffer mean(static_cast<size_t>(shape.channels * taps) * info.accumulation_bytes,
+                    offset * info.accumulation_bytes);
+  const Buffer negative(static_cast<size_t>(shape.channels), offset);
+  std::memset(negative.data(), 0, negative.bytes());  // the op's output starts zeroed (at::zeros)
+  const size_t workspace_bytes = equinorm::cuda::tap_mean_workspace_bytes(shape, info.type);
+  const Buffer workspace(workspace_bytes, 0);
+  check(equinorm::cuda::launch_tap_mean(shape, info.type, x.data(), c.integer("absolute") != 0, mean.data(),
+                                        negative.data(), workspace.data(), workspace_bytes, nullptr),
+        "launch_tap_mean");
+  Outputs results{{"mean", mean.contents()}, {"negative", negative.contents()}};
+  if (!c.has("grad")) return results;
+  const ElementType accumulation = info.accumulation_bytes == 8 ? ElementType::kDouble : ElementType::kFloat;
+  const Buffer grad(c.input(c.text("grad")), offset * info.accumulation_bytes);
+  const Buffer out(static_cast<size_t>(shape.channels * plane) * info.accumulation_bytes,
+                   offset * info.accumulation_bytes);
+  const size_t backward_bytes = equinorm::cuda::tap_mean_backward_workspace_bytes(shape);
+  const Buffer backward_workspace(backward_bytes, 0);
+  check(equinorm::cuda::launch_tap_mean_backward(shape, accumulation, grad.data(), out.data(),
+                                                 backward_workspace.data(), backward_bytes, nullptr),
+        "launch_tap_mean_backward");
+  results.emplace_back("plane", out.contents());
+  return results;
+}
+
 Outputs run(const Case& c) {
   if (c.op == "channel_mean") return run_channel_mean(c);
+  if (c.op == "tap_mean") return run_tap_mean(c);
   if (c.op == "equinorm") return run_equinorm(c);
   if (c.op == "enorm") return run_enorm(c);
   throw std::runtime_error("unknown op " + c.op);

@@ -1,0 +1,292 @@
+// Per-tap input statistics on the CPU (tap_mean and its backward; math in csrc/shared/tap_mean_math.h).
+//
+// Forward: one read of x[:rows], summed over the samples into S (C, *spatial) (|x| and a flag per
+// channel that saw a negative value for abs_mean), then per channel S is contracted with each
+// spatial dim's (kernel, length) count matrix. Backward: the (C, *kernel) gradient contracted with
+// the transposed matrices, a (C, *spatial) plane the caller broadcasts over the samples.
+//
+// x[:rows] is a (rows, C * spatial) matrix (NCHW) or (rows, spatial * C) (channels_last) with
+// contiguous rows; its column sums are split as channel_mean's are: wide rows by blocks of
+// columns (each adding every row), narrow ones by chunks of rows whose partial sums are added in
+// chunk order. Splits depend on the shape only, so results do not depend on the thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/reductions.h"
+#include "op_checks.h"
+#include "tap_geometry.h"
+
+namespace equinorm {
+namespace cpu {
+namespace {
+
+constexpr int64_t kTaskElements = 1 << 15;
+constexpr int64_t kChunkElements = 1 << 14;
+constexpr int64_t kMaxChunkRows = 1024;
+constexpr int64_t kWideRow = 4096;
+constexpr int64_t kColumnBlock = 8192;
+// Multiply-adds one task of the count-matrix contraction should at least do.
+constexpr int64_t kContractionTaskWork = 1 << 20;
+
+// One value as the sums take it: |v| for kAbsolute (its sign noted in `negative`), else v.
+template <bool kAbsolute, typename acc_t, typename scalar_t>
+C10_ALWAYS_INLINE acc_t term(scalar_t value, uint8_t& negative) {
+  const acc_t v = static_cast<acc_t>(value);
+  if constexpr (kAbsolute) {
+    negative |= static_cast<uint8_t>(v < acc_t(0));
+    return std::abs(v);
+  } else {
+    return v;
+  }
+}
+
+// Rows [first_row, end_row) of columns [begin, end) added into sums, in row order. Rows go
+// kRowUnroll at a time through a register, so the running sums are loaded and stored once per
+// kRowUnroll rows (the order of the additions, and so the result, is that of one row at a time).
+constexpr int64_t kRowUnroll = 4;
+
+template <bool kAbsolute, typename acc_t, typename scalar_t>
+C10_ALWAYS_INLINE void add_rows(acc_t* sums, uint8_t* negative, const scalar_t* x, int64_t width, int64_t first_row,
+                                int64_t end_row, int64_t begin, int64_t end) {
+  int64_t row = first_row;
+  for (; row + kRowUnroll <= end_row; row += kRowUnroll) {
+    const scalar_t* r0 = x + row * width;
+    const scalar_t* r1 = r0 + width;
+    const scalar_t* r2 = r1 + width;
+    const scalar_t* r3 = r2 + width;
+    for (int64_t j = begin; j < end; ++j) {
+      uint8_t seen = kAbsolute ? negative[j] : 0;
+      acc_t sum = sums[j];
+      sum += term<kAbsolute, acc_t>(r0[j], seen);
+      sum += term<kAbsolute, acc_t>(r1[j], seen);
+      sum += term<kAbsolute, acc_t>(r2[j], seen);
+      sum += term<kAbsolute, acc_t>(r3[j], seen);
+      sums[j] = sum;
+      if constexpr (kAbsolute) negative[j] = seen;
+    }
+  }
+  for (; row < end_row; ++row) {
+    const scalar_t* values = x + row * width;
+    for (int64_t j = begin; j < end; ++j) {
+      uint8_t seen = kAbsolute ? negative[j] : 0;
+      sums[j] += term<kAbsolute, acc_t>(values[j], seen);
+      if constexpr (kAbsolute) negative[j] = seen;
+    }
+  }
+}
+
+// The float case, also compiled for AVX2 (the loops are the same, so both give identical sums).
+template <bool kAbsolute>
+EQUINORM_AVX2_CLONES void add_float_rows(float* sums, uint8_t* negative, const float* x, int64_t width,
+                                         int64_t first_row, int64_t end_row, int64_t begin, int64_t end) {
+  add_rows<kAbsolute>(sums, negative, x, width, first_row, end_row, begin, end);
+}
+
+template <bool kAbsolute, typename acc_t, typename scalar_t>
+void add_block(acc_t* sums, uint8_t* negative, const scalar_t* x, int64_t width, int64_t first_row, int64_t end_row,
+               int64_t begin, int64_t end) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    add_float_rows<kAbsolute>(sums, negative, x, width, first_row, end_row, begin, end);
+  } else {
+    add_rows<kAbsolute>(sums, negative, x, width, first_row, end_row, begin, end);
+  }
+}
+
+// Column sums (and, for kAbsolute, negative-value flags) of a (rows, width) row-major matrix.
+template <bool kAbsolute, typename scalar_t, typename acc_t>
+void column_sums(const scalar_t* x, int64_t rows, int64_t width, acc_t* total, uint8_t* negative) {
+  if (width >= kWideRow) {
+    // Blocks of columns small enough that their running sums stay in cache while every row's
+    // segment of them streams in; a task takes whole blocks, at least kTaskElements values.
+    const int64_t blocks = (width + kColumnBlock - 1) / kColumnBlock;
+    const int64_t grain = std::max<int64_t>(1, kTaskElements / (kColumnBlock * rows));
+    at::parallel_for(0, blocks, grain, [&](int64_t first_block, int64_t end_block) {
+      for (int64_t block = first_block; block < end_block; ++block) {
+        const int64_t begin = block * kColumnBlock, end = std::min(width, begin + kColumnBlock);
+        std::fill(total + begin, total + end, acc_t(0));  // zeroed here, while the block is in cache
+        if (kAbsolute) std::fill(negative + begin, negative + end, uint8_t(0));
+        add_block<kAbsolute>(total, negative, x, width, 0, rows, begin, end);
+      }
+    });
+    return;
+  }
+  std::fill(total, total + width, acc_t(0));
+  if (kAbsolute) std::fill(negative, negative + width, uint8_t(0));
+  const int64_t chunk = std::clamp<int64_t>(kChunkElements / width, 1, kMaxChunkRows);
+  const int64_t chunks = (rows + chunk - 1) / chunk;
+  std::vector<acc_t> chunk_sums(chunks * width, acc_t(0));
+  std::vector<uint8_t> chunk_negative(kAbsolute ? chunks * width : 0, uint8_t(0));
+  const int64_t grain = std::max<int64_t>(1, kTaskElements / (chunk * width));
+  at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      add_block<kAbsolute>(chunk_sums.data() + k * width, kAbsolute ? chunk_negative.data() + k * width : nullptr, x,
+                           width, k * chunk,
+                           std::min(rows, (k + 1) * chunk), 0, width);
+    }
+  });
+  for (int64_t k = 0; k < chunks; ++k) {
+    add_row(total, chunk_sums.data() + k * width, width);
+    if (kAbsolute) {
+      for (int64_t j = 0; j < width; ++j) negative[j] |= chunk_negative[k * width + j];
+    }
+  }
+}
+
+// The (kernel, length) count matrix of one dim, or its transpose (length, kernel).
+template <typename acc_t>
+std::vector<acc_t> count_matrix(const tap::TapDim& d, int mode, bool transposed) {
+  std::vector<acc_t> matrix(d.kernel * d.length);
+  for (int64_t t = 0; t < d.kernel; ++t) {
+    for (int64_t j = 0; j < d.length; ++j) {
+      const acc_t reads = static_cast<acc_t>(tap::tap_reads(d, mode, t, j));
+      matrix[transposed ? j * d.kernel + t : t * d.length + j] = reads;
+    }
+  }
+  return matrix;
+}
+
+// out (outer, rows_out, inner) = matrix (rows_out, rows_in) applied along the middle dim of
+// in (outer, rows_in, inner); zero entries of the (sparse) count matrices are skipped.
+template <typename acc_t>
+void contract_middle(const acc_t* in, int64_t outer, int64_t rows_in, int64_t inner, const acc_t* matrix,
+                     int64_t rows_out, acc_t* out) {
+  std::fill(out, out + outer * rows_out * inner, acc_t(0));
+  for (int64_t o = 0; o < outer; ++o) {
+    for (int64_t r = 0; r < rows_out; ++r) {
+      acc_t* target = out + (o * rows_out + r) * inner;
+      for (int64_t j = 0; j < rows_in; ++j) {
+        const acc_t weight = matrix[r * rows_in + j];
+        if (weight == acc_t(0)) continue;
+        const acc_t* source = in + (o * rows_in + j) * inner;
+        for (int64_t i = 0; i < inner; ++i) target[i] += weight * source[i];
+      }
+    }
+  }
+}
+
+// Maps every channel's (sizes_in) block to its (sizes_out) block through one matrix per dim,
+// divided by count: the forward (count matrices) or the backward (their transposes).
+template <typename acc_t>
+void contract_planes(const acc_t* in, int64_t channels, const TapGeometry& g, bool backward, acc_t count,
+                     acc_t* out) {
+  std::vector<acc_t> matrices[tap::kDims];
+  int64_t sizes_in[tap::kDims], sizes_out[tap::kDims];
+  for (int k = 0; k < tap::kDims; ++k) {
+    matrices[k] = count_matrix<acc_t>(g.dims[k], g.mode, backward);
+    sizes_in[k] = backward ? g.dims[k].kernel : g.dims[k].length;
+    sizes_out[k] = backward ? g.dims[k].length : g.dims[k].kernel;
+  }
+  const int64_t in_size = sizes_in[0] * sizes_in[1] * sizes_in[2];
+  const int64_t out_size = sizes_out[0] * sizes_out[1] * sizes_out[2];
+  // Small next to the read of x: threads only for planes big enough to repay waking them.
+  const int64_t channel_work = (in_size + out_size) * (g.dims[0].kernel + g.dims[1].kernel + g.dims[2].kernel);
+  at::parallel_for(0, channels, std::max<int64_t>(1, kContractionTaskWork / channel_work), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> a, b;
+    for (int64_t c = begin; c < end; ++c) {
+      // The dim that shrinks (forward: lengths to kernel sizes) or grows (backward) the most last,
+      // so the long rows of the plane are the vectorised inner loop: the forward contracts dims
+      // first to last, (i0, i1, i2) -> (o0, i1, i2) -> (o0, o1, i2) -> (o0, o1, o2), the backward
+      // last to first.
+      const acc_t* source = in + c * in_size;
+      int64_t shape[tap::kDims] = {sizes_in[0], sizes_in[1], sizes_in[2]};
+      for (int step = 0; step < tap::kDims; ++step) {
+        const int k = backward ? tap::kDims - 1 - step : step;
+        if (shape[k] == 1 && sizes_out[k] == 1 && matrices[k][0] == acc_t(1)) continue;  // a Conv1d/2d's added dim
+        int64_t outer = 1, inner = 1;
+        for (int m = 0; m < k; ++m) outer *= shape[m];
+        for (int m = k + 1; m < tap::kDims; ++m) inner *= shape[m];
+        b.resize(outer * sizes_out[k] * inner);
+        contract_middle(source, outer, shape[k], inner, matrices[k].data(), sizes_out[k], b.data());
+        shape[k] = sizes_out[k];
+        std::swap(a, b);
+        source = a.data();
+      }
+      for (int64_t i = 0; i < out_size; ++i) out[c * out_size + i] = source[i] / count;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> tap_mean(const at::Tensor& x, int64_t rows, at::IntArrayRef kernel_size,
+                                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                            c10::string_view padding_mode, bool absolute) {
+  auto [readable, channel_geometry] = channel_input(x, rows);
+  TORCH_CHECK(readable.device().is_cpu(), "x must be a CPU tensor for the CPU kernel");
+  const TapGeometry g = tap_geometry(x.sizes().slice(2), kernel_size, stride, padding, dilation, padding_mode);
+  const int64_t channels = channel_geometry.channels, plane = g.plane();
+  const auto acc = accumulation_type(x.scalar_type());
+  at::Tensor mean = at::empty(tap_mean_shape(channels, kernel_size), x.options().dtype(acc));
+  at::Tensor negative = at::zeros({channels}, x.options().dtype(at::kBool));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tap_mean_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t width = channels * plane;
+    // column_sums writes every element: no initialisation here.
+    std::unique_ptr<acc_t[]> columns(new acc_t[width]);
+    std::vector<uint8_t> negative_columns(absolute ? width : 0);
+    const scalar_t* data = readable.const_data_ptr<scalar_t>();
+    if (absolute) {
+      column_sums<true>(data, rows, width, columns.get(), negative_columns.data());
+    } else {
+      column_sums<false>(data, rows, width, columns.get(), negative_columns.data());
+    }
+    // S as (C, plane): channels_last columns are (plane, C).
+    if (channel_geometry.channels_last) {
+      std::unique_ptr<acc_t[]> transposed(new acc_t[width]);
+      std::vector<uint8_t> transposed_negative(absolute ? width : 0);
+      for (int64_t p = 0; p < plane; ++p) {
+        for (int64_t c = 0; c < channels; ++c) {
+          transposed[c * plane + p] = columns[p * channels + c];
+          if (absolute) transposed_negative[c * plane + p] = negative_columns[p * channels + c];
+        }
+      }
+      columns.swap(transposed);
+      negative_columns.swap(transposed_negative);
+    }
+    if (absolute) {
+      bool* flags = negative.mutable_data_ptr<bool>();
+      for (int64_t c = 0; c < channels; ++c) {
+        flags[c] = std::any_of(negative_columns.begin() + c * plane, negative_columns.begin() + (c + 1) * plane,
+                               [](uint8_t seen) { return seen != 0; });
+      }
+    }
+    const acc_t count = static_cast<acc_t>(rows) * static_cast<acc_t>(g.outputs());
+    contract_planes(columns.get(), channels, g, /*backward=*/false, count, mean.mutable_data_ptr<acc_t>());
+  });
+  return {mean, negative};
+}
+
+at::Tensor tap_mean_backward(const at::Tensor& grad, at::IntArrayRef spatial, int64_t rows,
+                             at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation, c10::string_view padding_mode) {
+  const TapGeometry g = tap_geometry(spatial, kernel_size, stride, padding, dilation, padding_mode);
+  check_tap_grad(grad, kernel_size, rows);
+  TORCH_CHECK(grad.device().is_cpu(), "grad must be a CPU tensor for the CPU kernel");
+  const at::Tensor grad_c = grad.contiguous();
+  const int64_t channels = grad.size(0);
+  at::Tensor plane = at::empty(tap_plane_shape(channels, spatial), grad.options());
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "tap_mean_backward_cpu", [&] {
+    const scalar_t count = static_cast<scalar_t>(rows) * static_cast<scalar_t>(g.outputs());
+    contract_planes(grad_c.const_data_ptr<scalar_t>(), channels, g, /*backward=*/true, count,
+                    plane.mutable_data_ptr<scalar_t>());
+  });
+  return plane;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(equinorm_kernels, CPU, m) {
+  m.impl("tap_mean", &tap_mean);
+  m.impl("tap_mean_backward", &tap_mean_backward);
+}
+
+}  // namespace cpu
+}  // namespace equinorm

@@ -1,0 +1,389 @@
+// Per-tap input statistics on the GPU (tap_mean and its backward; math in
+// csrc/shared/tap_mean_math.h).
+//
+// Forward, x[:rows] read once as a (rows, width) matrix with contiguous rows (width = C * plane,
+// NCHW or channels_last order):
+//   1. column sums: a thread per column adds its rows in order (|x|, and a negative flag, for
+//      abs_mean); blocks own 256 columns and, when the columns alone give few blocks, a slot of
+//      rows, whose partial sums
+//   2. a second kernel adds in slot order (only when there are several slots).
+//   3. the count tables: per spatial dim the (kernel, length) matrix of tap_reads, int32.
+//   4. a block per (channel, tap) adds the channel's plane weighted by the tap's counts, and
+//      the (channel, 0) block also ors the channel's negative flags.
+// Backward: the count tables, then a thread per (channel, plane position) adds the taps'
+// gradients times their counts, in tap order.
+//
+// Launches: forward 3 (4 with row slots), backward 2. No atomics; every sum has an order fixed by
+// the shape, so results are bit-identical across runs.
+#include <algorithm>
+
+#include "cuda/device_common.cuh"
+#include "shared/tap_mean_math.h"
+
+namespace equinorm {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kUnroll = 4;
+// Blocks the column sums aim for before they split the rows into slots.
+constexpr int64_t kTargetBlocks = 1024;
+constexpr int64_t kMaxSlots = 64;
+
+struct TapPlan {
+  int64_t width = 0;   // C * plane
+  int64_t slots = 1;   // row slots of the column sums
+  int64_t rows_per_slot = 0;
+  int64_t table_entries = 0;
+  size_t tables_bytes = 0, plane_bytes = 0, flags_bytes = 0, partial_bytes = 0, partial_flags_bytes = 0;
+  size_t workspace_bytes = 0;
+};
+
+size_t aligned(size_t bytes) { return static_cast<size_t>(round_up(static_cast<int64_t>(bytes), 16)); }
+
+int64_t table_entries(const TapMeanShape& shape) {
+  int64_t entries = 0;
+  for (const tap::TapDim& d : shape.dims) entries += d.kernel * d.length;
+  return entries;
+}
+
+int64_t plane_size(const TapMeanShape& shape) {
+  return shape.dims[0].length * shape.dims[1].length * shape.dims[2].length;
+}
+
+int64_t tap_count(const TapMeanShape& shape) {
+  return shape.dims[0].kernel * shape.dims[1].kernel * shape.dims[2].kernel;
+}
+
+int64_t output_count(const TapMeanShape& shape) {
+  return shape.dims[0].outputs * shape.dims[1].outputs * shape.dims[2].outputs;
+}
+
+TapPlan plan_tap_mean(const TapMeanShape& shape, size_t accumulation_bytes) {
+  TapPlan plan;
+  plan.width = shape.channels * plane_size(shape);
+  const int64_t column_blocks = ceil_div(plan.width, kThreads);
+  const int64_t slots = std::clamp<int64_t>(ceil_div(kTargetBlocks, column_blocks), 1, std::min(kMaxSlots, shape.rows));
+  plan.rows_per_slot = ceil_div(shape.rows, slots);
+  plan.slots = ceil_div(shape.rows, plan.rows_per_slot);
+  plan.table_entries = table_entries(shape);
+  plan.tables_bytes = aligned(static_cast<size_t>(plan.table_entries) * sizeof(int));
+  plan.plane_bytes = aligned(static_cast<size_t>(plan.width) * accumulation_bytes);
+  plan.flags_bytes = aligned(static_cast<size_t>(plan.width));
+  if (plan.slots > 1) {
+    plan.partial_bytes = aligned(static_cast<size_t>(plan.slots * plan.width) * accumulation_bytes);
+    plan.partial_flags_bytes = aligned(static_cast<size_t>(plan.slots * plan.width));
+  }
+  plan.workspace_bytes =
+      plan.tables_bytes + plan.plane_bytes + plan.flags_bytes + plan.partial_bytes + plan.partial_flags_bytes;
+  return plan;
+}
+
+bool valid_dims(const TapMeanShape& shape) {
+  for (const tap::TapDim& d : shape.dims) {
+    if (d.length < 1 || d.kernel < 1 || d.stride < 1 || d.dilation < 1 || d.before < 0 || d.after < 0 ||
+        d.outputs < 1) {
+      return false;
+    }
+  }
+  return shape.channels >= 1 && shape.mode >= tap::kZeros && shape.mode <= tap::kCircular &&
+         plane_size(shape) <= INT_MAX && tap_count(shape) <= INT_MAX;
+}
+
+// ---- device side ----
+
+// Sum over the block in a fixed order; the result is in thread 0.
+template <typename T>
+__device__ T block_total(T value) {
+  __shared__ T warp_sums[kThreads / kWarpSize];
+  value = group_sum(value, kWarpSize);
+  if (threadIdx.x % kWarpSize == 0) warp_sums[threadIdx.x / kWarpSize] = value;
+  __syncthreads();
+  T total = 0;
+  if (threadIdx.x == 0) {
+    for (int warp = 0; warp < kThreads / kWarpSize; ++warp) total += warp_sums[warp];
+  }
+  __syncthreads();  // warp_sums may be reused by the caller's next reduction
+  return total;
+}
+
+// Program (column block, slot): columns summed over the slot's rows into sums[slot, column].
+template <typename scalar_t, bool kAbsolute>
+__global__ void __launch_bounds__(kThreads) tap_column_sums_kernel(const scalar_t* __restrict__ x, int64_t rows,
+                                                                   int64_t width, int64_t rows_per_slot,
+                                                                   acc_type<scalar_t>* sums,
+                                                                   unsigned char* negative) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t column = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (column >= width) return;
+  const int64_t slot = blockIdx.y;
+  const int64_t first = slot * rows_per_slot;
+  const int64_t last = min(rows, first + rows_per_slot);
+  acc_t sum[kUnroll];
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) sum[u] = 0;
+  bool seen_negative = false;
+  int64_t row = first;
+  for (; row + kUnroll <= last; row += kUnroll) {  // kUnroll loads in flight
+    acc_t values[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) values[u] = load_acc(x + (row + u) * width + column);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (kAbsolute) {
+        seen_negative = seen_negative || values[u] < acc_t(0);
+        sum[u] += values[u] < acc_t(0) ? -values[u] : values[u];
+      } else {
+        sum[u] += values[u];
+      }
+    }
+  }
+  for (; row < last; ++row) {
+    const acc_t value = load_acc(x + row * width + column);
+    if (kAbsolute) {
+      seen_negative = seen_negative || value < acc_t(0);
+      sum[0] += value < acc_t(0) ? -value : value;
+    } else {
+      sum[0] += value;
+    }
+  }
+  acc_t total = sum[0];
+#pragma unroll
+  for (int u = 1; u < kUnroll; ++u) total += sum[u];
+  sums[slot * width + column] = total;
+  if (kAbsolute) negative[slot * width + column] = seen_negative ? 1 : 0;
+}
+
+// plane[column] = sums[0, column] + sums[1, column] + ..., in slot order (flags or-ed).
+template <typename acc_t, bool kAbsolute>
+__global__ void __launch_bounds__(kThreads) tap_finish_columns_kernel(const acc_t* sums,
+                                                                      const unsigned char* negative, int64_t width,
+                                                                      int64_t slots, acc_t* plane,
+                                                                      unsigned char* plane_negative) {
+  const int64_t column = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (column >= width) return;
+  acc_t total = 0;
+  unsigned char seen = 0;
+  for (int64_t slot = 0; slot < slots; ++slot) {
+    total += __ldcg(sums + slot * width + column);
+    if (kAbsolute) seen |= negative[slot * width + column];
+  }
+  plane[column] = total;
+  if (kAbsolute) plane_negative[column] = seen;
+}
+
+struct DimTables {
+  tap::TapDim dims[tap::kDims];
+  int mode;
+  int* tables;  // dim k's (kernel, length) matrix at offset[k]
+  int64_t offset[tap::kDims];
+};
+
+// tables[k][t * length + j] = tap_reads(dims[k], mode, t, j), for every dim k.
+__global__ void __launch_bounds__(kThreads) tap_count_tables_kernel(DimTables a, int64_t entries) {
+  const int64_t index = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (index >= entries) return;
+  int k = 0;
+  while (k + 1 < tap::kDims && index >= a.offset[k + 1]) ++k;
+  const tap::TapDim& d = a.dims[k];
+  const int64_t local = index - a.offset[k];
+  const int64_t t = local / d.length, j = local - t * d.length;
+  a.tables[index] = static_cast<int>(tap::tap_reads(d, a.mode, t, j));
+}
+
+struct PlaneGeometry {
+  int lengths[tap::kDims];
+  int kernels[tap::kDims];
+  int64_t offset[tap::kDims];  // of each dim's count table
+  int plane;
+  int taps;
+};
+
+// Block (channel, tap): the channel's plane weighted by the tap's counts, divided by count.
+template <typename acc_t, bool kAbsolute>
+__global__ void __launch_bounds__(kThreads) tap_sums_kernel(const acc_t* plane_sums,
+                                                            const unsigned char* plane_negative, const int* tables,
+                                                            PlaneGeometry g, int64_t channels, bool channels_last,
+                                                            acc_t count, acc_t* mean, unsigned char* negative) {
+  const int64_t channel = blockIdx.x;
+  const int tap = static_cast<int>(blockIdx.y);
+  const int t2 = tap % g.kernels[2], t1 = (tap / g.kernels[2]) % g.kernels[1];
+  const int t0 = tap / (g.kernels[2] * g.kernels[1]);
+  const int* row0 = tables + g.offset[0] + static_cast<int64_t>(t0) * g.lengths[0];
+  const int* row1 = tables + g.offset[1] + static_cast<int64_t>(t1) * g.lengths[1];
+  const int* row2 = tables + g.offset[2] + static_cast<int64_t>(t2) * g.lengths[2];
+  const bool flags = kAbsolute && tap == 0;
+  acc_t sum = 0;
+  int seen = 0;
+  for (int p = threadIdx.x; p < g.plane; p += kThreads) {
+    const int j2 = p % g.lengths[2], rest = p / g.lengths[2];
+    const int j1 = rest % g.lengths[1], j0 = rest / g.lengths[1];
+    const int reads = __ldg(row0 + j0) * __ldg(row1 + j1) * __ldg(row2 + j2);
+    const int64_t index = channels_last ? static_cast<int64_t>(p) * channels + channel : channel * g.plane + p;
+    if (reads != 0) sum += static_cast<acc_t>(reads) * __ldcg(plane_sums + index);
+    if (flags) seen |= plane_negative[index];
+  }
+  const acc_t total = block_total(sum);
+  if (threadIdx.x == 0) mean[channel * g.taps + tap] = total / count;
+  if (flags) {
+    const int any = block_total(seen);
+    if (threadIdx.x == 0) negative[channel] = any != 0 ? 1 : 0;
+  }
+}
+
+// Thread per (channel, plane position): the taps' gradients times their counts, in tap order.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) tap_grad_kernel(const acc_t* grad, const int* tables, PlaneGeometry g,
+                                                            acc_t count, acc_t* out) {
+  const int64_t channel = blockIdx.y;
+  const int p = static_cast<int>(blockIdx.x) * kThreads + static_cast<int>(threadIdx.x);
+  if (p >= g.plane) return;
+  const int j2 = p % g.lengths[2], rest = p / g.lengths[2];
+  const int j1 = rest % g.lengths[1], j0 = rest / g.lengths[1];
+  const acc_t* channel_grad = grad + channel * g.taps;
+  acc_t sum = 0;
+  int tap = 0;
+  for (int t0 = 0; t0 < g.kernels[0]; ++t0) {
+    const int reads0 = __ldg(tables + g.offset[0] + static_cast<int64_t>(t0) * g.lengths[0] + j0);
+    for (int t1 = 0; t1 < g.kernels[1]; ++t1) {
+      const int reads01 = reads0 * __ldg(tables + g.offset[1] + static_cast<int64_t>(t1) * g.lengths[1] + j1);
+      for (int t2 = 0; t2 < g.kernels[2]; ++t2, ++tap) {
+        const int reads = reads01 * __ldg(tables + g.offset[2] + static_cast<int64_t>(t2) * g.lengths[2] + j2);
+        if (reads != 0) sum += static_cast<acc_t>(reads) * __ldg(channel_grad + tap);
+      }
+    }
+  }
+  out[channel * g.plane + p] = sum / count;
+}
+
+DimTables dim_tables(const TapMeanShape& shape, int* tables) {
+  DimTables a{};
+  a.mode = shape.mode;
+  a.tables = tables;
+  int64_t offset = 0;
+  for (int k = 0; k < tap::kDims; ++k) {
+    a.dims[k] = shape.dims[k];
+    a.offset[k] = offset;
+    offset += shape.dims[k].kernel * shape.dims[k].length;
+  }
+  return a;
+}
+
+PlaneGeometry plane_geometry(const TapMeanShape& shape) {
+  PlaneGeometry g{};
+  int64_t offset = 0;
+  for (int k = 0; k < tap::kDims; ++k) {
+    g.lengths[k] = static_cast<int>(shape.dims[k].length);
+    g.kernels[k] = static_cast<int>(shape.dims[k].kernel);
+    g.offset[k] = offset;
+    offset += shape.dims[k].kernel * shape.dims[k].length;
+  }
+  g.plane = static_cast<int>(plane_size(shape));
+  g.taps = static_cast<int>(tap_count(shape));
+  return g;
+}
+
+cudaError_t launch_count_tables(const TapMeanShape& shape, int* tables, cudaStream_t stream) {
+  const int64_t entries = table_entries(shape);
+  EQUINORM_LAUNCH(static_cast<unsigned int>(ceil_div(entries, kThreads)), kThreads, 0, stream,
+                  tap_count_tables_kernel)(dim_tables(shape, tables), entries);
+  return cudaGetLastError();
+}
+
+template <typename scalar_t, bool kAbsolute>
+cudaError_t launch_typed(const TapPlan& plan, const TapMeanShape& shape, const void* x, void* mean, void* negative,
+                         char* workspace, cudaStream_t stream) {
+  using acc_t = acc_type<scalar_t>;
+  int* tables = reinterpret_cast<int*>(workspace);
+  acc_t* plane = reinterpret_cast<acc_t*>(workspace + plan.tables_bytes);
+  unsigned char* plane_negative =
+      reinterpret_cast<unsigned char*>(workspace + plan.tables_bytes + plan.plane_bytes);
+  char* partial_base = workspace + plan.tables_bytes + plan.plane_bytes + plan.flags_bytes;
+  acc_t* sums = plan.slots > 1 ? reinterpret_cast<acc_t*>(partial_base) : plane;
+  unsigned char* sums_negative =
+      plan.slots > 1 ? reinterpret_cast<unsigned char*>(partial_base + plan.partial_bytes) : plane_negative;
+  const unsigned int column_blocks = static_cast<unsigned int>(ceil_div(plan.width, kThreads));
+  EQUINORM_LAUNCH(dim3(column_blocks, static_cast<unsigned int>(plan.slots)), kThreads, 0, stream,
+                  tap_column_sums_kernel<scalar_t, kAbsolute>)(static_cast<const scalar_t*>(x), shape.rows,
+                                                               plan.width, plan.rows_per_slot, sums, sums_negative);
+  cudaError_t status = cudaGetLastError();
+  if (status != cudaSuccess) return status;
+  if (plan.slots > 1) {
+    EQUINORM_LAUNCH(column_blocks, kThreads, 0, stream, tap_finish_columns_kernel<acc_t, kAbsolute>)(
+        sums, sums_negative, plan.width, plan.slots, plane, plane_negative);
+    status = cudaGetLastError();
+    if (status != cudaSuccess) return status;
+  }
+  status = launch_count_tables(shape, tables, stream);
+  if (status != cudaSuccess) return status;
+  const acc_t count = static_cast<acc_t>(shape.rows) * static_cast<acc_t>(output_count(shape));
+  const dim3 grid(static_cast<unsigned int>(shape.channels), static_cast<unsigned int>(tap_count(shape)));
+  EQUINORM_LAUNCH(grid, kThreads, 0, stream, tap_sums_kernel<acc_t, kAbsolute>)(
+      plane, plane_negative, tables, plane_geometry(shape), shape.channels, shape.channels_last, count,
+      static_cast<acc_t*>(mean), static_cast<unsigned char*>(negative));
+  return cudaGetLastError();
+}
+
+bool fits_launch(const TapMeanShape& shape, const TapPlan& plan) {
+  return fits_grid(ceil_div(plan.width, kThreads)) && fits_grid(ceil_div(plan.table_entries, kThreads)) &&
+         shape.channels <= INT_MAX && tap_count(shape) <= 65535 && plan.slots <= 65535;
+}
+
+}  // namespace
+
+size_t tap_mean_workspace_bytes(const TapMeanShape& shape, ElementType type) {
+  if (!valid_dims(shape) || shape.rows < 1) return 0;
+  return plan_tap_mean(shape, accumulation_size(type)).workspace_bytes;
+}
+
+cudaError_t launch_tap_mean(const TapMeanShape& shape, ElementType type, const void* x, bool absolute, void* mean,
+                            void* negative, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  if (!valid_dims(shape) || shape.rows < 1 || x == nullptr || mean == nullptr || negative == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  const TapPlan plan = plan_tap_mean(shape, accumulation_size(type));
+  if (!fits_launch(shape, plan)) return cudaErrorInvalidConfiguration;
+  if (workspace == nullptr || workspace_bytes < plan.workspace_bytes) return cudaErrorInvalidValue;
+  char* base = static_cast<char*>(workspace);
+  return visit_element_type(type, [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    return absolute ? launch_typed<scalar_t, true>(plan, shape, x, mean, negative, base, stream)
+                    : launch_typed<scalar_t, false>(plan, shape, x, mean, negative, base, stream);
+  });
+}
+
+size_t tap_mean_backward_workspace_bytes(const TapMeanShape& shape) {
+  if (!valid_dims(shape)) return 0;
+  return aligned(static_cast<size_t>(table_entries(shape)) * sizeof(int));
+}
+
+cudaError_t launch_tap_mean_backward(const TapMeanShape& shape, ElementType type, const void* grad, void* plane,
+                                     void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  if (!valid_dims(shape) || shape.rows < 1 || grad == nullptr || plane == nullptr ||
+      (type != ElementType::kFloat && type != ElementType::kDouble)) {
+    return cudaErrorInvalidValue;
+  }
+  if (workspace == nullptr || workspace_bytes < tap_mean_backward_workspace_bytes(shape)) return cudaErrorInvalidValue;
+  const int64_t blocks = ceil_div(plane_size(shape), kThreads);
+  if (!fits_grid(blocks) || shape.channels > 65535 || !fits_grid(ceil_div(table_entries(shape), kThreads))) {
+    return cudaErrorInvalidConfiguration;
+  }
+  int* tables = static_cast<int*>(workspace);
+  cudaError_t status = launch_count_tables(shape, tables, stream);
+  if (status != cudaSuccess) return status;
+  const dim3 grid(static_cast<unsigned int>(blocks), static_cast<unsigned int>(shape.channels));
+  const PlaneGeometry g = plane_geometry(shape);
+  if (type == ElementType::kDouble) {
+    const double count = static_cast<double>(shape.rows) * static_cast<double>(output_count(shape));
+    EQUINORM_LAUNCH(grid, kThreads, 0, stream, tap_grad_kernel<double>)(static_cast<const double*>(grad), tables, g,
+                                                                         count, static_cast<double*>(plane));
+  } else {
+    const float count = static_cast<float>(shape.rows) * static_cast<float>(output_count(shape));
+    EQUINORM_LAUNCH(grid, kThreads, 0, stream, tap_grad_kernel<float>)(static_cast<const float*>(grad), tables, g,
+                                                                       count, static_cast<float*>(plane));
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace equinorm

@@ -1,0 +1,93 @@
+// tap_mean's arguments as the CPU and CUDA glue check them and the kernels take them: three
+// spatial dims (a Conv1d/2d input gets leading dims of length 1), the padding mode as an enum.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+
+#include "op_checks.h"
+#include "shared/tap_mean_math.h"
+
+namespace equinorm {
+
+struct TapGeometry {
+  tap::TapDim dims[tap::kDims];
+  int mode = tap::kZeros;
+  int64_t spatial_dims = 0;  // of the op's input: 1 to 3
+  int64_t plane() const { return dims[0].length * dims[1].length * dims[2].length; }
+  int64_t taps() const { return dims[0].kernel * dims[1].kernel * dims[2].kernel; }
+  int64_t outputs() const { return dims[0].outputs * dims[1].outputs * dims[2].outputs; }
+};
+
+inline int parse_padding_mode(c10::string_view mode) {
+  if (mode == "zeros") return tap::kZeros;
+  if (mode == "reflect") return tap::kReflect;
+  if (mode == "replicate") return tap::kReplicate;
+  TORCH_CHECK(mode == "circular", "padding_mode must be \"zeros\", \"reflect\", \"replicate\" or \"circular\", got \"",
+              std::string(mode), "\"");
+  return tap::kCircular;
+}
+
+// Checks the convolution arguments against the spatial sizes (kernel_size, stride and dilation
+// one value per dim, padding a (before, after) pair per dim).
+inline TapGeometry tap_geometry(at::IntArrayRef spatial, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation, c10::string_view padding_mode) {
+  const int64_t n = static_cast<int64_t>(spatial.size());
+  TORCH_CHECK(n >= 1 && n <= tap::kDims, "x must have 1 to 3 spatial dims, got ", n);
+  TORCH_CHECK(static_cast<int64_t>(kernel_size.size()) == n && static_cast<int64_t>(stride.size()) == n &&
+                  static_cast<int64_t>(dilation.size()) == n && static_cast<int64_t>(padding.size()) == 2 * n,
+              "kernel_size, stride and dilation need ", n, " values and padding ", 2 * n, " (before, after per dim)");
+  TapGeometry g;
+  g.mode = parse_padding_mode(padding_mode);
+  g.spatial_dims = n;
+  for (int64_t i = 0; i < n; ++i) {
+    tap::TapDim& d = g.dims[tap::kDims - n + i];
+    d.length = spatial[i];
+    d.kernel = kernel_size[i];
+    d.stride = stride[i];
+    d.dilation = dilation[i];
+    d.before = padding[2 * i];
+    d.after = padding[2 * i + 1];
+    TORCH_CHECK(d.length >= 1, "x must have a non-empty spatial extent, got ", spatial);
+    TORCH_CHECK(d.kernel >= 1 && d.stride >= 1 && d.dilation >= 1, "kernel_size, stride and dilation must be >= 1, got ",
+                kernel_size, ", ", stride, ", ", dilation);
+    TORCH_CHECK(d.before >= 0 && d.after >= 0, "padding must be >= 0, got ", padding);
+    TORCH_CHECK(g.mode != tap::kReflect || (d.before < d.length && d.after < d.length),
+                "padding must be smaller than the input size for padding_mode \"reflect\", got ", padding,
+                " for spatial size ", spatial);
+    TORCH_CHECK(g.mode != tap::kCircular || (d.before <= d.length && d.after <= d.length),
+                "padding must be at most the input size for padding_mode \"circular\", got ", padding,
+                " for spatial size ", spatial);
+    TORCH_CHECK(d.length + d.before + d.after >= d.dilation * (d.kernel - 1) + 1, "kernel_size ", kernel_size,
+                " (dilation ", dilation, ") is larger than the padded input ", spatial, " + padding ", padding);
+    d.outputs = tap::output_positions(d.length, d.kernel, d.stride, d.dilation, d.before, d.after);
+  }
+  return g;
+}
+
+// The output shape (C, *kernel_size).
+inline std::vector<int64_t> tap_mean_shape(int64_t channels, at::IntArrayRef kernel_size) {
+  std::vector<int64_t> shape{channels};
+  shape.insert(shape.end(), kernel_size.begin(), kernel_size.end());
+  return shape;
+}
+
+// The backward's input gradient plane shape (C, *spatial).
+inline std::vector<int64_t> tap_plane_shape(int64_t channels, at::IntArrayRef spatial) {
+  std::vector<int64_t> shape{channels};
+  shape.insert(shape.end(), spatial.begin(), spatial.end());
+  return shape;
+}
+
+inline void check_tap_grad(const at::Tensor& grad, at::IntArrayRef kernel_size, int64_t rows) {
+  check_floating(grad, "grad");
+  TORCH_CHECK(grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kDouble,
+              "grad must be float32 or float64 (the accumulation dtype), got ", grad.scalar_type());
+  TORCH_CHECK(grad.dim() == static_cast<int64_t>(kernel_size.size()) + 1 && grad.sizes().slice(1) == kernel_size,
+              "grad must have shape (C, *kernel_size) with kernel_size ", kernel_size, ", got ", grad.sizes());
+  TORCH_CHECK(grad.size(0) >= 1, "grad must have at least one channel");
+  TORCH_CHECK(rows >= 1, "rows must be >= 1, got ", rows);
+}
+
+}  // namespace equinorm

@@ -1,0 +1,112 @@
+"""tap_mean's fused ops: fake kernels, the autograd wrapper, and the backend function built on them.
+
+The compiled ops (``torch.ops.equinorm_kernels.tap_mean`` and ``tap_mean_backward``, schemas in
+csrc/ops.cpp) and their Triton counterparts (prefixed ``triton_``) are plain, non-differentiable
+ops; :class:`_TapMean` gives them autograd:
+
+    forward   x -> (C, *kernel) per-tap means, and per channel whether x[:rows] has a value < 0
+    backward  (C, *kernel) -> a (C, *spatial) plane, broadcast (never materialised) over the
+              samples that fed the means; for abs_mean it is multiplied by sign(x) (sign(0) = +1)
+              only where a channel had a negative value, so a non-negative input costs no pass
+              over x. With ``create_graph=True`` the backward is the reference's autograd.
+
+The specification is :mod:`equinorm_kernels.reference.tap_statistics`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .. import _checks, _tap_geometry
+from .._tap_geometry import TapGeometry
+
+
+def fake_tap_mean(x, rows, kernel_size, stride, padding, dilation, padding_mode, absolute):
+    mean = x.new_empty((x.shape[1], *kernel_size), dtype=_tap_geometry.accumulation_dtype(x))
+    return mean, x.new_empty((x.shape[1],), dtype=torch.bool)
+
+
+def fake_tap_mean_backward(grad, spatial, rows, kernel_size, stride, padding, dilation, padding_mode):
+    return grad.new_empty((grad.shape[0], *spatial))
+
+
+def register_fake_kernels(prefix: str = "") -> None:
+    """Register the fake kernels of ``equinorm_kernels::<prefix>tap_mean`` and its backward."""
+    torch.library.register_fake(f"equinorm_kernels::{prefix}tap_mean", fake_tap_mean)
+    torch.library.register_fake(f"equinorm_kernels::{prefix}tap_mean_backward", fake_tap_mean_backward)
+
+
+# implementation name ("compiled", "triton") -> (tap_mean op, tap_mean_backward op)
+_OPS: dict[str, tuple[Callable, Callable]] = {}
+
+
+def register_ops(name: str, forward: Callable, backward: Callable) -> None:
+    _OPS[name] = (forward, backward)
+
+
+def _op_geometry(geometry: TapGeometry) -> tuple:
+    return (list(geometry.kernel_size), list(geometry.stride), list(geometry.padding), list(geometry.dilation),
+            geometry.padding_mode)
+
+
+class _TapMean(torch.autograd.Function):
+    # The geometry travels as plain tuples, strings and bools: torch.compile traces those as constants.
+    @staticmethod
+    def forward(ctx, x, stats_fraction: float, kernel_size, stride, padding, dilation, padding_mode: str,
+                absolute: bool, implementation: str):
+        geometry = TapGeometry(kernel_size, stride, padding, dilation, padding_mode, absolute)
+        rows = _checks.stats_rows(x.shape[0], stats_fraction)
+        mean, negative = _OPS[implementation][0](x, rows, *_op_geometry(geometry), absolute)
+        # x itself, not its shape: sizes kept on ctx would be symbols of the forward's graph under
+        # torch.compile(dynamic=True), which the backward's graph cannot use.
+        ctx.save_for_backward(x, negative)
+        ctx.geometry, ctx.stats_fraction, ctx.implementation = geometry, float(stats_fraction), implementation
+        return mean
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, negative = ctx.saved_tensors
+        geometry = ctx.geometry
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable
+            from ..reference.tap_statistics import tap_mean_unchecked
+
+            with torch.enable_grad():
+                leaf = x.detach().requires_grad_(True)
+                out = tap_mean_unchecked(leaf, ctx.stats_fraction, geometry)
+                (grad_x,) = torch.autograd.grad(out, leaf, grad, create_graph=True)
+            return grad_x, *([None] * 8)
+        rows = _checks.stats_rows(x.shape[0], ctx.stats_fraction)
+        plane = _OPS[ctx.implementation][1](grad.contiguous(), list(x.shape[2:]), rows, *_op_geometry(geometry))
+        return _grad_input(plane, x, negative, ctx.stats_fraction, geometry.absolute), *([None] * 8)
+
+
+def _grad_input(plane: torch.Tensor, x: torch.Tensor, negative: torch.Tensor, stats_fraction: float,
+                absolute: bool) -> torch.Tensor:
+    """dL/dx from the (C, *spatial) plane: broadcast over the samples that fed the means (zero on
+    the others), times sign(x) in the channels that had a negative value (abs_mean)."""
+    trailing = (1,) * (x.dim() - 2)
+    per_element = plane.to(x.dtype).unsqueeze(0)
+    if stats_fraction < 1.0:
+        # A mask rather than a split at `rows`: no shape depends on it (torch.compile, dynamic=True).
+        fed = torch.arange(x.shape[0], device=x.device) < _checks.stats_rows(x.shape[0], stats_fraction)
+        per_element = per_element * fed.to(x.dtype).reshape((-1, 1, *trailing))
+    per_element = per_element.expand(x.shape)
+    # Under torch.compile the flags cannot steer Python, so the sign is always applied there; in
+    # eager mode only when some channel had a negative value (on CUDA reading the C flags waits
+    # for the forward's kernels).
+    if absolute and (torch.compiler.is_compiling() or bool(negative.any())):
+        flip = (x < 0) & negative.reshape((1, -1, *trailing))
+        per_element = torch.where(flip, -per_element, per_element)
+    return per_element
+
+
+def fused_tap_mean(implementation: str) -> Callable[[torch.Tensor, float, TapGeometry], torch.Tensor]:
+    def tap_mean(x: torch.Tensor, stats_fraction: float, geometry: TapGeometry) -> torch.Tensor:
+        return _TapMean.apply(
+            x, stats_fraction, geometry.kernel_size, geometry.stride, geometry.padding, geometry.dilation,
+            geometry.padding_mode, geometry.absolute, implementation,
+        )
+
+    return tap_mean
+
