@@ -90,7 +90,7 @@ def synchronized_statistic(local: torch.Tensor, count: int, process_group: dist.
     """The group's per-channel statistic from each process's own.
 
     Args:
-        local: (C,) this process's statistic, sum over its elements of f(x) divided by ``count``
+        local: (C,) (or per tap (C, *kernel)) this process's statistic, sum over its elements of f(x) divided by ``count``
             (any value when ``count`` is 0); float32 or float64. Differentiable.
         count: the number of elements per channel behind ``local`` (0 for an empty batch).
         process_group: the group to reduce over; every member must call this with the same C.
@@ -102,7 +102,8 @@ def synchronized_statistic(local: torch.Tensor, count: int, process_group: dist.
     Raises:
         ValueError: every process of the group passed ``count`` 0 (raised on each of them).
     """
-    return _SynchronizedStatistic.apply(local, count, process_group)
+    # Flat across processes: a per-tap statistic (C, *kernel) travels as C * K values.
+    return _SynchronizedStatistic.apply(local.reshape(-1), count, process_group).reshape(local.shape)
 
 
 class StatisticsSync:
@@ -123,12 +124,14 @@ class StatisticsSync:
                 "(was it destroyed?); call torch.distributed.init_process_group first"
             )
         rows = 0 if x.shape[0] == 0 else _checks.stats_rows(x.shape[0], stats_fraction)
-        count = rows * math.prod(x.shape[2:])
+        count = layer._statistic_count(x, rows)
         if rows == 0:
             # Nothing to average here; the other processes' samples decide. A sum over the empty x
             # (zeros) rather than new zeros: when x requires grad this process must still join
             # the backward's all-reduce, as every process with samples does.
-            local = x.sum(dim=(0, *range(2, x.dim())), dtype=_accumulation_dtype(x))
+            zeros = x.sum(dim=(0, *range(2, x.dim())), dtype=_accumulation_dtype(x))
+            shape = layer._statistic_shape()
+            local = zeros.reshape(zeros.shape[0], *(1,) * (len(shape) - 1)).expand(shape)
         else:
             local = layer._local_statistic(x, stats_fraction)
         mean = synchronized_statistic(local, count, self.process_group)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _checks
-from .functional import channel_mean, equinorm_forward, equinorm_weight
+from .functional import channel_mean, equinorm_forward, equinorm_weight, tap_mean
 
 
 @torch.no_grad()
@@ -67,6 +67,8 @@ class EquiNormLayer(nn.Module):
     _plain_class: type[nn.Module]
     # Set by equinorm_kernels.convert_sync_equinorm: training statistics over a process group.
     statistics_sync = None
+    # Conv layers with per_tap=True take exact per-tap statistics (tap_mean) instead of channel means.
+    per_tap = False
 
     def _init_equinorm(
         self, mode: str, momentum: float | None, stats_fraction: float, eps: float, backend: str,
@@ -145,9 +147,17 @@ class EquiNormLayer(nn.Module):
         return x, self.stats_fraction
 
     def _local_statistic(self, x: torch.Tensor, fraction: float) -> torch.Tensor:
-        """This process's channel statistic of ``x`` (N, C, *spatial), differentiable: what a
-        synchronised layer reduces over its group (see :mod:`equinorm_kernels.distributed`)."""
+        """This process's statistic of ``x`` (N, C, *spatial), differentiable: the channel means
+        (C,); what a synchronised layer reduces over its group (see :mod:`equinorm_kernels.distributed`)."""
         return channel_mean(x, stats_fraction=fraction, statistic=self.statistic, backend=self.backend)
+
+    def _statistic_count(self, x: torch.Tensor, rows: int) -> int:
+        """The number of values behind each entry of the statistic of ``x[:rows]``."""
+        return rows * math.prod(x.shape[2:])
+
+    def _statistic_shape(self) -> tuple[int, ...]:
+        """The shape of the statistic (and of ``running_mean``)."""
+        return tuple(self.running_mean.shape)
 
     @torch.no_grad()
     def _track(self, mean: torch.Tensor) -> None:
@@ -178,6 +188,9 @@ class EquiNormLayer(nn.Module):
         statistics_input, fraction = self._statistics_input(x, batched)
         if self.statistics_sync is not None:
             weight, mean = self.statistics_sync(self, statistics_input, fraction, ratio)
+        elif self.per_tap:  # the statistic, then the weight: the fused forward takes channel means
+            mean = self._local_statistic(statistics_input, fraction)
+            weight = self.normalized_weight(mean, ratio)
         else:
             # One fused call: the batch's channel means and the weight built from them (validated
             # before the means are tracked).
@@ -254,6 +267,8 @@ class EquiNormLayer(nn.Module):
     def extra_repr(self) -> str:
         options = f"mode={self.mode!r}, statistic={self.statistic!r}, momentum={self.momentum}, "
         options += f"stats_fraction={self.stats_fraction}, eps={self.eps}"
+        if self.per_tap:
+            options += ", per_tap=True"
         return f"{super().extra_repr()}, {options}, backend={self.backend!r}"
 
 
@@ -290,11 +305,36 @@ class _EquiNormConvNd(EquiNormLayer):
         eps: float = 1e-5,
         backend: str = "auto",
         statistic: str = "abs_mean",
+        per_tap: bool = False,
     ) -> None:
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
         )
         self._init_equinorm(mode, momentum, stats_fraction, eps, backend, statistic)
+        if not isinstance(per_tap, bool):
+            raise TypeError(f"per_tap must be a bool, got {type(per_tap).__name__}")
+        self.per_tap = per_tap
+        if per_tap:  # one running statistic per input channel and kernel tap
+            running = torch.ones((self._in_channels(), *self.kernel_size), dtype=self.running_mean.dtype,
+                                 device=self.running_mean.device)
+            self.register_buffer("running_mean", running)
+
+    def _local_statistic(self, x: torch.Tensor, fraction: float) -> torch.Tensor:
+        """Channel means (C,), or with ``per_tap`` the per-tap means (C, *kernel) of this convolution."""
+        if not self.per_tap:
+            return super()._local_statistic(x, fraction)
+        return tap_mean(x, self.kernel_size, self.stride, self.padding, self.dilation, self.padding_mode,
+                        stats_fraction=fraction, statistic=self.statistic, backend=self.backend)
+
+    def _statistic_count(self, x: torch.Tensor, rows: int) -> int:
+        if not self.per_tap:
+            return super()._statistic_count(x, rows)
+        padding = (0,) * self._spatial_dims if self.padding == "valid" else self.padding
+        if padding == "same":
+            return rows * math.prod(x.shape[2:])
+        spatial_out = [_output_size(n, k, s, p, d) for n, k, s, p, d in
+                       zip(x.shape[2:], self.kernel_size, self.stride, padding, self.dilation)]
+        return rows * math.prod(spatial_out)
 
     def _ratio_is_constant(self) -> bool:
         """rho = 1 for every input size: stride 1 and an output as large as the input."""
@@ -308,7 +348,7 @@ class _EquiNormConvNd(EquiNormLayer):
         )
 
     def _ratio(self, spatial_in: Sequence[int]) -> float:
-        if self._ratio_is_constant():
+        if self._ratio_is_constant() or self.per_tap:  # per-tap means are exact: no ratio
             return 1.0
         padding = (0,) * self._spatial_dims if self.padding == "valid" else self.padding
         spatial_out = [
@@ -323,7 +363,7 @@ class _EquiNormConvNd(EquiNormLayer):
         return math.prod(spatial_out) * math.prod(self.stride) / math.prod(spatial_in)
 
     def _fold_ratio(self, input_size: Sequence[int] | None) -> float:
-        if self._ratio_is_constant():
+        if self._ratio_is_constant() or self.per_tap:
             return 1.0
         if input_size is None:
             raise ValueError(
@@ -365,6 +405,12 @@ _LAYER_OPTIONS_DOC = """
             input's L1 mass, valid for inputs of any sign; on non-negative inputs it is the mean,
             bit for bit, with the same gradients, so results are the paper's. "mean": the paper's
             statistic, for non-negative inputs only (a negative channel mean is an error).
+        per_tap (conv layers): False (default): channel means and the ratio rho for stride and
+            padding, as the paper. True: per-tap means (:func:`equinorm_kernels.tap_mean`), one per
+            input channel and kernel tap, so that each output channel's outputs sum to zero over the
+            batch and its positive weights contribute exactly N x (output positions) for the
+            convolution actually run (zero padding, stride, dilation, any padding mode); no ratio;
+            ``running_mean`` is then (in, *kernel).
 
     Parameters ``weight`` (as ``{base}``), ``gain`` (out,) and ``bias`` (out,) (the affine after the
     normalization); buffer ``running_mean`` (in,), the running average of the statistic (of |x|

@@ -81,13 +81,13 @@ def assert_identical_across_processes(tensor: torch.Tensor, what: str) -> None:
             raise AssertionError(f"{what} differs between process {dist.get_rank()} and process {rank}")
 
 
-def small_equinorm_net(**options) -> nn.Module:
+def small_equinorm_net(per_tap: bool = False, **options) -> nn.Module:
     import equinorm_kernels as ek
 
     return nn.Sequential(
-        ek.EquiNormConv2d(3, 4, 3, padding=1, **options),
+        ek.EquiNormConv2d(3, 4, 3, padding=1, per_tap=per_tap, **options),
         nn.ReLU(),
-        ek.EquiNormConv2d(4, 6, 3, stride=2, padding=1, **options),
+        ek.EquiNormConv2d(4, 6, 3, stride=2, padding=1, per_tap=per_tap, **options),
         nn.ReLU(),
         nn.Flatten(),
         ek.EquiNormLinear(6 * 3 * 3, 5, **options),
@@ -104,13 +104,14 @@ def global_batch(total: int, dtype=torch.float32) -> tuple[torch.Tensor, torch.T
 
 # ---- workers --------------------------------------------------------------------------------------
 
-def check_sync_matches_one_process(rank: int, world_size: int, backend: str, compiled: bool) -> None:
+def check_sync_matches_one_process(rank: int, world_size: int, backend: str, compiled: bool,
+                                   per_tap: bool = False) -> None:
     """Outputs, input gradients, summed parameter gradients and running means, against one process."""
     import equinorm_kernels as ek
 
     sizes = split_sizes(world_size)
     torch.manual_seed(0)
-    reference = small_equinorm_net(backend=backend).double()
+    reference = small_equinorm_net(per_tap=per_tap, backend=backend).double()
     model = ek.convert_sync_equinorm(copy.deepcopy(reference))
     run = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager") if compiled else model
     x, loss_weights = global_batch(sum(sizes), torch.float64)
@@ -295,6 +296,7 @@ CHECKS = {
     "sync_auto": (check_sync_matches_one_process, ("auto", False)),
     "sync_reference": (check_sync_matches_one_process, ("reference", False)),
     "sync_compiled": (check_sync_matches_one_process, ("auto", True)),
+    "sync_per_tap": (check_sync_matches_one_process, ("auto", False, True)),
     "stats_fraction": (check_stats_fraction_per_process, ()),
     "bad_use": (check_bad_use, ()),
     "enorm_ddp": (check_enorm_ddp_bit_identical, ()),

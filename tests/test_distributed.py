@@ -15,9 +15,9 @@ import distributed_workers as workers
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
-TWO_PROCESS_CHECKS = ["sync_auto", "sync_reference", "sync_compiled", "stats_fraction", "bad_use", "enorm_ddp",
-                      "enorm_fsdp", "example"]  # fmt: skip
-THREE_PROCESS_CHECKS = ["sync_auto", "stats_fraction", "enorm_fsdp"]
+TWO_PROCESS_CHECKS = ["sync_auto", "sync_reference", "sync_compiled", "sync_per_tap", "stats_fraction", "bad_use",
+                      "enorm_ddp", "enorm_fsdp", "example"]  # fmt: skip
+THREE_PROCESS_CHECKS = ["sync_auto", "sync_per_tap", "stats_fraction", "enorm_fsdp"]
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,13 @@ def test_sync_statistics_equal_one_process_on_the_concatenated_batch(outcomes, w
     # Outputs, each process's input gradient, summed weight/gain/bias gradients, running means (identical
     # on every process); uneven batches, with three processes one of them empty.
     assert_passed(outcomes, world_size, "sync_auto")
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sync_per_tap_statistics_equal_one_process_on_the_concatenated_batch(outcomes, world_size):
+    # Per-tap means (C, *kernel) reduced over the group, a stride-2 layer among them; with three
+    # processes one of them has an empty batch.
+    assert_passed(outcomes, world_size, "sync_per_tap")
 
 
 def test_sync_statistics_on_the_reference_backend(outcomes):

@@ -21,7 +21,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNEL_TESTS = ["tests/test_ops_equinorm.py", "tests/test_ops_enorm.py", "tests/test_cpp_properties.py"]
+KERNEL_TESTS = [
+    "tests/test_ops_equinorm.py",
+    "tests/test_ops_enorm.py",
+    "tests/test_cpp_properties.py",
+    "tests/test_per_tap_means.py",
+    "tests/test_extreme_scales.py",
+    "tests/test_enorm_extreme_scales.py",
+]
 REPORT_PREFIX = "sanitizer-report"
 
 

@@ -612,7 +612,7 @@ def imagenet_resnet_spec(depth: int, width: int = 64, size: int = 224, num_class
     )  # fmt: skip
 
 
-# What a model case's goals are (the task's targets): EquiNorm within 5% of no normalization,
+# The model cases' goals: EquiNorm within 5% of no normalization,
 # 1.25x faster than BatchNorm and faster than GroupNorm, eager and compiled.
 MODEL_TARGET = Target(
     "equinorm within 5% of none (>= 1/1.05x), >= 1.25x batchnorm, >= 1x groupnorm; eager and compiled",

@@ -51,6 +51,13 @@ METHODS: tuple[Method, ...] = (
         "EquiNorm layers, statistics from the first quarter of the batch",
         model_options=MappingProxyType({"equinorm_options": {"stats_fraction": 0.25}}),
     ),
+    Method(
+        "equinorm-per-tap",
+        "equinorm",
+        "standard",
+        "EquiNorm conv layers with exact per-tap statistics (tap_mean) instead of channel means and the ratio",
+        model_options=MappingProxyType({"equinorm_options": {"per_tap": True}}),
+    ),
     Method("none", "none", "standard", "no normalization, standard initialisation"),
     Method("skipinit", "none", "skipinit", "no normalization, residual branches scaled by a zero-initialised scalar"),
     Method("fixup", "none", "fixup", "no normalization, Fixup initialisation and scalar biases (10x smaller lr)"),

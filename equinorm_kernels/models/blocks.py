@@ -62,14 +62,15 @@ def check_risotto_width(scheme: str, width: int, name: str) -> None:
 
 
 def check_equinorm_options(norm: str, equinorm_options: object) -> dict:
-    """The keyword options every EquiNorm layer gets (mode, stats_fraction, momentum, eps, backend)."""
+    """The keyword options every EquiNorm layer gets (mode, stats_fraction, momentum, eps, backend,
+    and per_tap for the conv layers)."""
     if equinorm_options is None:
         return {}
     if not isinstance(equinorm_options, dict):
         raise TypeError(f"equinorm_options must be a dict or None, got {type(equinorm_options).__name__}")
     if equinorm_options and norm != "equinorm":
         raise ValueError(f"equinorm_options are for norm='equinorm', got norm={norm!r}")
-    allowed = {"mode", "momentum", "stats_fraction", "eps", "backend"}
+    allowed = {"mode", "momentum", "stats_fraction", "eps", "backend", "per_tap"}
     unknown = sorted(set(equinorm_options) - allowed)
     if unknown:
         raise ValueError(f"equinorm_options accepts {sorted(allowed)}, got unknown {unknown}")
@@ -147,7 +148,9 @@ class LayerFactory:
 
     def _linear(self, in_width: int, out_width: int) -> nn.Module:
         if self.norm == "equinorm":
-            return EquiNormLinear(in_width, out_width, bias=self.bias, **self.equinorm_options)
+            # A Linear has one tap per input: its per-tap means are the channel means.
+            options = {name: value for name, value in self.equinorm_options.items() if name != "per_tap"}
+            return EquiNormLinear(in_width, out_width, bias=self.bias, **options)
         return nn.Linear(in_width, out_width, bias=self.bias)
 
 
