@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pure-PyTorch reference, torch.compile of the reference and the usual conv + norm layers.",
     )
     parser.add_argument("--quick", action="store_true",
-                        help="the target cases and a few sizes (about 30 s on 2 CPU cores)")  # fmt: skip
+                        help="the target cases and a few sizes (about 1.2 minutes on 2 CPU cores)")  # fmt: skip
     parser.add_argument("--device", help="cpu, cuda or cuda:N [cuda when available, else cpu]")
     parser.add_argument("--threads", type=positive_int, metavar="N", help=f"torch CPU threads [{torch.get_num_threads()}]")
     parser.add_argument("--families", nargs="+", choices=list(FAMILIES), metavar="FAMILY",
