@@ -20,8 +20,6 @@ without a graph break.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol

@@ -329,12 +329,17 @@ class _EquiNormConvNd(EquiNormLayer):
     def _statistic_count(self, x: torch.Tensor, rows: int) -> int:
         if not self.per_tap:
             return super()._statistic_count(x, rows)
+        return rows * math.prod(self._output_spatial(x.shape[2:]))
+
+    def _output_spatial(self, spatial_in: Sequence[int]) -> list[int]:
+        """The convolution's output spatial size for an input of ``spatial_in``."""
+        if self.padding == "same":
+            return list(spatial_in)
         padding = (0,) * self._spatial_dims if self.padding == "valid" else self.padding
-        if padding == "same":
-            return rows * math.prod(x.shape[2:])
-        spatial_out = [_output_size(n, k, s, p, d) for n, k, s, p, d in
-                       zip(x.shape[2:], self.kernel_size, self.stride, padding, self.dilation)]
-        return rows * math.prod(spatial_out)
+        return [
+            _output_size(n, k, s, p, d)
+            for n, k, s, p, d in zip(spatial_in, self.kernel_size, self.stride, padding, self.dilation)
+        ]
 
     def _ratio_is_constant(self) -> bool:
         """rho = 1 for every input size: stride 1 and an output as large as the input."""
@@ -350,11 +355,7 @@ class _EquiNormConvNd(EquiNormLayer):
     def _ratio(self, spatial_in: Sequence[int]) -> float:
         if self._ratio_is_constant() or self.per_tap:  # per-tap means are exact: no ratio
             return 1.0
-        padding = (0,) * self._spatial_dims if self.padding == "valid" else self.padding
-        spatial_out = [
-            _output_size(n, k, s, p, d)
-            for n, k, s, p, d in zip(spatial_in, self.kernel_size, self.stride, padding, self.dilation)
-        ]
+        spatial_out = self._output_spatial(spatial_in)
         if min(spatial_out) < 1:
             raise ValueError(
                 f"{type(self).__name__}: input spatial size {tuple(spatial_in)} is too small for kernel "

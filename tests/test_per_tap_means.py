@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import equinorm_kernels as ek
-from equinorm_kernels import reference
 from kernel_backends import fused_backend_params
 
 BACKENDS = [pytest.param("reference", "cpu", id="reference-cpu"), *fused_backend_params()]
