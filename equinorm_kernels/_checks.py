@@ -249,6 +249,19 @@ def weight_operands_look_valid(weight: torch.Tensor, mean: torch.Tensor, gain: t
     return math.isfinite(screen.item())
 
 
+def weight_transform_looks_valid(out: torch.Tensor, mean: torch.Tensor, means_may_be_negative: bool) -> bool:
+    """The screen of :func:`weight_operands_look_valid` read from the fused forward's result
+    ``out`` (w'') instead of its operands: a NaN or Inf in the weight, the gain or the means
+    always reaches w'' (each row's shift sums mu_c * w_dc over the whole row, and the gain scales
+    the row), so one read of w'' replaces reads of all three. Negative means leave w'' finite and
+    are screened separately where the statistic allows them.
+    """
+    screen = _screening_sum(out)
+    if means_may_be_negative:
+        screen = screen + _screening_sum(mean.detach().sqrt())
+    return math.isfinite(screen.item())
+
+
 def _non_finite_indices(tensor: torch.Tensor) -> torch.Tensor:
     return (~torch.isfinite(tensor.detach())).nonzero()
 

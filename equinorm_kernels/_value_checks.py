@@ -48,12 +48,24 @@ def check_channel_mean(mean: torch.Tensor, sample: torch.Tensor) -> None:
 
 
 def check_weight_operands(
-    weight: torch.Tensor, mean: torch.Tensor, gain: torch.Tensor | None, *, sample: torch.Tensor | None = None
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    gain: torch.Tensor | None,
+    *,
+    sample: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    statistic: str = "mean",
 ) -> None:
     """equinorm_weight's (and the fused forward's) checks: finite weight and gain, finite
-    non-negative means; ``sample``: the rows of x the means were computed from, if they were."""
+    non-negative means; ``sample``: the rows of x the means were computed from, if they were;
+    ``out``: w'' already computed from them (the fused forward), which screens all three in one
+    read; ``statistic``: how the means were taken ("abs_mean" means are never negative)."""
     if not _deferred(weight.device):
-        if _checks.weight_operands_look_valid(weight, mean, gain):
+        if out is not None:
+            looks_valid = _checks.weight_transform_looks_valid(out, mean, means_may_be_negative=statistic != "abs_mean")
+        else:
+            looks_valid = _checks.weight_operands_look_valid(weight, mean, gain)
+        if looks_valid:
             return
         if sample is not None:
             _checks.check_input_channel_means(sample, mean, "x")

@@ -131,7 +131,9 @@ def equinorm_forward(
     impl = resolve_backend(backend, weight.device)
     out, mean = impl.equinorm_forward(x, stats_fraction, weight, float(ratio), groups, mode, gain, float(eps), statistic)
     if _checks.value_checks_active():
-        _value_checks.check_weight_operands(weight, mean, gain, sample=_statistics_rows(x, stats_fraction))
+        _value_checks.check_weight_operands(
+            weight, mean, gain, sample=_statistics_rows(x, stats_fraction), out=out, statistic=statistic
+        )
     return out, mean.detach()
 
 

@@ -456,6 +456,8 @@ def _build_zoo_model(library: str, name: str) -> nn.Module:
 def _zoo_input_size(library: str, name: str, model: nn.Module) -> int:
     if "inception" in name:
         return 299
+    if library == "torchvision" and name.startswith("maxvit"):
+        return 224  # its 7 x 7 attention windows tile the feature maps of a 224 x 224 input only
     config = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     if library == "timm" and config.get("fixed_input_size"):
         return config["input_size"][-1]

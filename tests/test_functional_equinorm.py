@@ -175,6 +175,40 @@ def test_non_finite_input_is_rejected_by_the_fused_forward_naming_x(bad):
         equinorm_kernels.equinorm_forward(_x(), w)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("mode", ["single_pass", "exact"])
+@pytest.mark.parametrize("zero_input", [False, True], ids=["input", "zero-input"])
+@pytest.mark.parametrize(
+    "operand, bad",
+    [("weight", math.nan), ("weight", math.inf), ("weight", -math.inf), ("gain", math.nan), ("gain", math.inf),
+     ("gain on a zero row", -math.inf)],
+)
+def test_the_fused_forward_rejects_every_non_finite_weight_or_gain(backend, mode, zero_input, operand, bad):
+    # The fused forward screens w'' rather than its operands: each of them must still be named,
+    # also where the means are all zero or the bad gain multiplies a zero weight row.
+    x = torch.zeros(2, 3, 4, 4) if zero_input else _x()
+    w, gain = _weight(), torch.ones(4)
+    if operand == "weight":
+        w[1, 2, 0, 1] = bad
+    else:
+        gain[1] = bad
+        if operand == "gain on a zero row":
+            w[1] = 0.0
+    name = operand.split()[0]
+    with pytest.raises(ValueError, match=rf"^{name} contains NaN or Inf"):
+        equinorm_kernels.equinorm_forward(x, w, gain=gain, mode=mode, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_the_fused_forward_with_the_mean_statistic_rejects_a_negative_channel_mean(backend):
+    x = _x()
+    x[:, 1] = -x[:, 1]
+    with pytest.raises(ValueError, match=r"must be non-negative.*input channel 1 has mean"):
+        equinorm_kernels.equinorm_forward(x, _weight(), statistic="mean", backend=backend)
+    out, _ = equinorm_kernels.equinorm_forward(x, _weight(), statistic="abs_mean", backend=backend)
+    assert torch.isfinite(out).all()
+
+
 def test_non_finite_input_outside_the_statistics_samples_is_harmless():
     # Only the first ceil(f * N) samples feed the means.
     x = _x((4, 3, 2, 2))

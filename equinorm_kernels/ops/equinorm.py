@@ -259,10 +259,14 @@ class _EquiNormForward(torch.autograd.Function):
         ctx.negative_flags = _negative_flags(statistic, negative) if x.requires_grad else None
         _save_options(ctx, ratio, groups, mode, eps, implementation)
         ctx.mark_non_differentiable(mean)
+        # The means are not differentiable: no zero gradient is built for them in every backward.
+        ctx.set_materialize_grads(False)
         return out, mean
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean_unused):
+        if grad_out is None:  # w'' did not reach the loss
+            return (None,) * 10
         weight, mean, gain, stats, x = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
             weight_of = _reference_weight(ctx)
