@@ -20,7 +20,7 @@ from .backends import available_backends
 from . import reference
 from . import ops  # noqa: F401  (registers the compiled and Triton backends)
 from .functional import channel_mean, equinorm_forward, equinorm_weight, tap_mean
-from .layers import EquiNormConv1d, EquiNormConv2d, EquiNormConv3d, EquiNormLinear
+from .layers import ChannelAffine, EquiNormConv1d, EquiNormConv2d, EquiNormConv3d, EquiNormLinear
 from .convert import ConversionReport, convert
 from .distributed import convert_sync_equinorm
 from .enorm import ENorm
@@ -28,6 +28,7 @@ from .enorm import ENorm
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChannelAffine",
     "ConversionReport",
     "ENorm",
     "EquiNormConv1d",

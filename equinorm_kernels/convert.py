@@ -24,6 +24,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from . import _checks
 from ._non_negative import is_norm_with_activation, non_negative_nodes
 from .layers import (
+    ChannelAffine,
     EquiNormConv1d,
     EquiNormConv2d,
     EquiNormConv3d,
@@ -52,6 +53,15 @@ _MATCHING_BATCHNORM: dict[type[nn.Module], type[nn.Module]] = {
 }
 _PLAIN_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _FUNCTIONAL_BATCH_NORMS = (F.batch_norm, torch.batch_norm, torch.native_batch_norm)
+_ELEMENTWISE_ACTIVATION_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
+    nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus,
+)
+_ELEMENTWISE_ACTIVATION_FUNCTIONS = {
+    F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.celu, F.selu, torch.selu, F.gelu, F.silu, F.mish,
+    F.hardswish, F.hardsigmoid, F.hardtanh, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.softplus,
+}
+_ELEMENTWISE_ACTIVATION_METHODS = {"relu", "sigmoid", "tanh"}
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,8 @@ class _Pair:
     bn_name: str
     # Whether the conv's input is provably non-negative in the traced graph.
     input_non_negative: bool = False
+    # The elementwise activation between the conv and the BatchNorm, described; None when adjacent.
+    activation: str | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +95,9 @@ class ConvertedLayer:
     statistic: str  # "mean" or "abs_mean"
     why: str  # why that statistic
     kept_activation: str | None = None  # the activation (and drop) a norm-with-activation applied
+    # The elementwise activation between the conv and the norm (conv -> activation -> BatchNorm):
+    # the conv is normalised before it, and the norm's affine stays after it as a ChannelAffine.
+    activation_before_norm: str | None = None
 
 
 @dataclass
@@ -99,6 +114,8 @@ class ConversionReport:
         lines = [f"converted {len(self.converted)} layer(s), left {len(self.left_in_place)} in place"]
         for item in self.converted:
             kept = f", keeps {item.kept_activation}" if item.kept_activation else ""
+            if item.activation_before_norm:
+                kept += f", the norm read {item.activation_before_norm}'s output: its affine stays after it"
             lines.append(f"  {item.conv} + {item.norm} -> {item.layer}(statistic={item.statistic!r}): {item.why}{kept}")
         for item in self.left_in_place:
             lines.append(f"  left {item.where}: {item.reason}")
@@ -136,6 +153,11 @@ def convert(
     once in ``forward``. The conv's submodule becomes an :class:`EquiNormConv1d`/``2d``/``3d`` or
     :class:`EquiNormLinear` with the conv's hyperparameters, device and dtype; the BatchNorm's
     becomes ``nn.Identity()``. The model's class, forward code and other state are untouched.
+
+    A BatchNorm that normalises an elementwise activation of a conv's output (conv -> GELU ->
+    BatchNorm, as in ConvMixer) is converted too: the conv becomes the EquiNorm layer (identity
+    gain and bias, so it normalises what the activation reads), the activation stays, and the
+    BatchNorm becomes a :class:`equinorm_kernels.ChannelAffine` holding its weight and bias.
 
     Norm layers with their activation inside, BatchNorm subclasses with an ``act`` module applied
     after normalising (and an optional ``drop`` module before it; timm's ``BatchNormAct2d``), are
@@ -323,7 +345,7 @@ def _plan(
         if isinstance(found, _Pair):
             conv_input = calls[found.conv_name][0].args[0] if calls[found.conv_name][0].args else None
             from_input = isinstance(conv_input, fx.Node) and non_negative.get(conv_input, False)
-            pairs.append(_Pair(_join(prefix, found.conv_name), path, from_input))
+            pairs.append(_Pair(_join(prefix, found.conv_name), path, from_input, found.activation))
         else:
             left_in_place.append(_LeftInPlace(f"`{path}` ({type(module).__name__})", found))
     left_in_place.extend(_functional_batch_norms(graph))
@@ -366,17 +388,23 @@ def _match_pair(
         return _call_count_reason("it", len(bn_calls))
     bn_node = bn_calls[0]
     source = bn_node.args[0] if bn_node.args else bn_node.kwargs.get("input")
+    consumer, activation = bn_node, None
+    if not _is_convertible_conv_call(source, modules) and _is_elementwise_activation(source, modules):
+        activation_input = source.args[0] if source.args else source.kwargs.get("input")
+        if _is_convertible_conv_call(activation_input, modules) and list(source.users) == [bn_node]:
+            consumer, activation = source, _describe(source, modules)
+            source = activation_input
     if not _is_convertible_conv_call(source, modules):
         return (
             f"its input is {_describe(source, modules)}, not the output of an nn.Conv1d/2d/3d or nn.Linear "
-            f"module{_subclass_hint(source, modules)}"
+            f"module{_subclass_hint(source, modules)} (or an elementwise activation of one used only by it)"
         )
     conv_name = source.target
     conv = modules[conv_name]
-    problem = _conv_problem(conv_name, conv, bn, source, bn_node, modules, calls)
+    problem = _conv_problem(conv_name, conv, bn, source, consumer, modules, calls)
     if problem is None:
         problem = _module_state_problem((conv_name, conv), (bn_name, bn), read_attributes)
-    return _Pair(conv_name, bn_name) if problem is None else problem
+    return _Pair(conv_name, bn_name, activation=activation) if problem is None else problem
 
 
 def _conv_problem(
@@ -384,7 +412,7 @@ def _conv_problem(
     conv: nn.Module,
     bn: nn.Module,
     conv_node: fx.Node,
-    bn_node: fx.Node,
+    consumer: fx.Node,
     modules: dict[str, nn.Module],
     calls: dict[str, list[fx.Node]],
 ) -> str | None:
@@ -400,7 +428,7 @@ def _conv_problem(
     conv_calls = len(calls[conv_name])
     if conv_calls != 1:
         return _call_count_reason(f"its input `{conv_name}`", conv_calls)
-    other_users = [user for user in conv_node.users if user is not bn_node]
+    other_users = [user for user in conv_node.users if user is not consumer]
     if other_users:
         described = ", ".join(_describe(user, modules) for user in other_users)
         return f"the output of `{conv_name}` is also used by {described}"
@@ -422,6 +450,17 @@ def _module_state_problem(
         if read_directly:
             return f"forward reads `{read_directly[0]}` directly, which the replacement would change"
     return None
+
+
+def _is_elementwise_activation(node: object, modules: dict[str, nn.Module]) -> bool:
+    """An activation applied to each value on its own, so its output channels are its input's."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), _ELEMENTWISE_ACTIVATION_MODULES)
+    if node.op == "call_function":
+        return node.target in _ELEMENTWISE_ACTIVATION_FUNCTIONS
+    return node.op == "call_method" and node.target in _ELEMENTWISE_ACTIVATION_METHODS
 
 
 def _is_convertible_conv_call(node: object, modules: dict[str, nn.Module]) -> bool:
@@ -525,12 +564,24 @@ def _replace_pair(model: nn.Module, pair: _Pair, options: _Options) -> Converted
     conv = model.get_submodule(pair.conv_name)
     bn = model.get_submodule(pair.bn_name)
     statistic, why = _statistic_for(pair, options)
-    layer = _equinorm_layer(conv, bn, options, statistic)
+    layer = _equinorm_layer(conv, bn, options, statistic, takes_norm_affine=pair.activation is None)
     _replace_everywhere(model, conv, layer)
     after = _what_the_norm_applied_after(bn)
-    _replace_everywhere(model, bn, after.train(bn.training))
     kept = None if isinstance(after, nn.Identity) else repr(after).replace("\n", "").replace("  ", " ")
-    return ConvertedLayer(pair.conv_name, pair.bn_name, type(layer).__name__, statistic, why, kept)
+    if pair.activation is not None and bn.affine:
+        after = nn.Sequential(_norm_affine(bn), after) if kept else _norm_affine(bn)
+    _replace_everywhere(model, bn, after.train(bn.training))
+    return ConvertedLayer(pair.conv_name, pair.bn_name, type(layer).__name__, statistic, why, kept, pair.activation)
+
+
+@torch.no_grad()
+def _norm_affine(bn: nn.Module) -> ChannelAffine:
+    affine = ChannelAffine(bn.num_features, device=bn.weight.device, dtype=bn.weight.dtype)
+    affine.weight.copy_(bn.weight)
+    affine.bias.copy_(bn.bias)
+    affine.weight.requires_grad_(bn.weight.requires_grad)
+    affine.bias.requires_grad_(bn.bias.requires_grad)
+    return affine
 
 
 def _statistic_for(pair: _Pair, options: _Options) -> tuple[str, str]:
@@ -560,7 +611,9 @@ def _replace_everywhere(model: nn.Module, old: nn.Module, new: nn.Module) -> Non
         model.set_submodule(name, new)
 
 
-def _equinorm_layer(conv: nn.Module, bn: nn.Module, options: _Options, statistic: str) -> EquiNormLayer:
+def _equinorm_layer(
+    conv: nn.Module, bn: nn.Module, options: _Options, statistic: str, takes_norm_affine: bool
+) -> EquiNormLayer:
     momentum = bn.momentum if options.momentum == MOMENTUM_FROM_BATCHNORM else options.momentum
     layer_options = dict(
         statistic=statistic,
@@ -587,14 +640,18 @@ def _equinorm_layer(conv: nn.Module, bn: nn.Module, options: _Options, statistic
             **factory,
             **layer_options,
         )
-    _copy_parameters(layer, conv, bn)
+    _copy_parameters(layer, conv, bn if takes_norm_affine else None)
     return layer.train(conv.training)
 
 
 @torch.no_grad()
-def _copy_parameters(layer: EquiNormLayer, conv: nn.Module, bn: nn.Module) -> None:
+def _copy_parameters(layer: EquiNormLayer, conv: nn.Module, bn: nn.Module | None) -> None:
+    """The conv's weight; the norm's affine as gain and bias (the layer's identity affine when ``bn``
+    is None: a norm after an activation keeps its affine there)."""
     # A clone keeps the conv weight's memory format (channels_last models stay channels_last).
     layer.weight = nn.Parameter(balance_signs_(conv.weight.detach().clone()), requires_grad=conv.weight.requires_grad)
+    if bn is None:
+        return
     if bn.affine:
         layer.gain.copy_(bn.weight)
         layer.bias.copy_(bn.bias)

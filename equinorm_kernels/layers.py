@@ -59,6 +59,37 @@ def _check_layer_options(
     _checks.check_backend_name(backend)
 
 
+class ChannelAffine(nn.Module):
+    """A per-channel scale and shift, ``y = x * weight_c + bias_c``, over dim 1 of (N, C, *) inputs.
+
+    What :func:`equinorm_kernels.convert` leaves of a BatchNorm that normalised an activation's
+    output (conv -> activation -> BatchNorm): the conv before the activation is normalised by
+    EquiNorm, and the BatchNorm's learned affine stays where it was.
+
+    Args:
+        num_features: C.
+        device, dtype: of ``weight`` and ``bias`` (ones and zeros), both differentiable.
+    """
+
+    def __init__(self, num_features: int, device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        self.weight = nn.Parameter(torch.ones(num_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2 or x.shape[1] != self.weight.shape[0]:
+            raise ValueError(
+                f"ChannelAffine expects an input of shape (N, {self.weight.shape[0]}, *), got {tuple(x.shape)}"
+            )
+        broadcast = (-1,) + (1,) * (x.dim() - 2)
+        return torch.addcmul(self.bias.view(broadcast), x, self.weight.view(broadcast))
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}"
+
+
 class EquiNormLayer(nn.Module):
     """What the EquiNorm conv and linear layers share: options, gain, running mean, forward."""
 

@@ -408,10 +408,97 @@ def test_bad_convert_statistic_is_a_clear_error():
         ek.convert(MobileNetLike(), input_non_negative=1)
 
 
+class _Residual(nn.Module):
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return self.body(x) + x
+
+
+class ConvMixerLike(nn.Module):
+    """ConvMixer's norm after the activation: patch conv -> GELU -> BatchNorm, then residual
+    depthwise conv -> GELU -> BatchNorm and pointwise conv -> GELU -> BatchNorm."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, dim, 2, stride=2), nn.GELU(), nn.BatchNorm2d(dim))
+        self.mix = _Residual(nn.Sequential(nn.Conv2d(dim, dim, 3, groups=dim, padding="same"), nn.GELU(), nn.BatchNorm2d(dim)))
+        self.pointwise, self.bn = nn.Conv2d(dim, dim, 1), nn.BatchNorm2d(dim)
+        self.fc = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.bn(F.gelu(self.pointwise(self.mix(self.stem(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_norm_after_an_activation_normalises_the_conv_and_keeps_the_affine_after_it():
+    torch.manual_seed(0)
+    model = ConvMixerLike()
+    with torch.no_grad():
+        for bn in (model.stem[2], model.mix.body[2], model.bn):
+            bn.weight.uniform_(0.5, 2.0)
+            bn.bias.uniform_(-1.0, 1.0)
+    converted, report = ek.convert(model, return_report=True)
+    assert not report.left_in_place
+    assert {item.conv: item.activation_before_norm for item in report.converted} == {
+        "stem.0": "`stem.1` (GELU)", "mix.body.0": "`mix.body.1` (GELU)", "pointwise": "torch._C._nn.gelu(...)",
+    }
+    for conv, act, norm, bn in (("stem.0", "stem.1", "stem.2", model.stem[2]),
+                                ("mix.body.0", "mix.body.1", "mix.body.2", model.mix.body[2]), ("pointwise", None, "bn", model.bn)):
+        layer, affine = converted.get_submodule(conv), converted.get_submodule(norm)
+        assert isinstance(layer, ek.EquiNormConv2d)
+        assert torch.equal(layer.gain, torch.ones(8)) and torch.equal(layer.bias, torch.zeros(8))
+        assert isinstance(affine, ek.ChannelAffine)
+        assert torch.equal(affine.weight, bn.weight) and torch.equal(affine.bias, bn.bias)
+        if act is not None:
+            assert isinstance(converted.get_submodule(act), nn.GELU)
+    assert "the norm read `stem.1` (GELU)'s output: its affine stays after it" in str(report)
+    # What the converted stem computes, written out: EquiNorm's conv, the GELU, then the affine.
+    x = torch.randn(4, 3, 8, 8)
+    stem = converted.stem
+    expected = F.gelu(stem[0](x)) * model.stem[2].weight.view(1, -1, 1, 1) + model.stem[2].bias.view(1, -1, 1, 1)
+    torch.testing.assert_close(stem(x), expected)
+    _train_and_evaluate(converted, x, classes=5)
+
+
+def test_activation_output_used_elsewhere_is_not_a_pair():
+    class Branching(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.act, self.bn = nn.Conv2d(3, 4, 3), nn.SiLU(), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.act(self.conv(x))
+            return self.bn(y) + y
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted, report = ek.convert(Branching(), return_report=True)
+    assert not report.converted and type(converted.bn) is nn.BatchNorm2d
+    assert "its input is `act` (SiLU)" in report.left_in_place[0].reason
+
+
+def test_channel_affine_checks_its_input_and_arguments():
+    affine = ek.ChannelAffine(3)
+    with torch.no_grad():
+        affine.weight.copy_(torch.tensor([1.0, -2.0, 0.5]))
+        affine.bias.copy_(torch.tensor([0.0, 1.0, -1.0]))
+    x = torch.randn(2, 3, 4)
+    torch.testing.assert_close(affine(x), torch.stack([x[:, 0], -2.0 * x[:, 1] + 1.0, 0.5 * x[:, 2] - 1.0], dim=1))
+    with pytest.raises(ValueError, match=r"ChannelAffine expects an input of shape \(N, 3, \*\), got \(2, 4\)"):
+        affine(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="num_features must be a positive int, got 0"):
+        ek.ChannelAffine(0)
+
+
 # --- the real model zoos, where installed (the torch 2.14.1 CI environment) ------------------
-# timm has over a thousand models, most of them without BatchNorm or too large for a CPU test:
-# the families built on BatchNorm (BatchNormAct2d included) by default, all with
-# EQUINORM_KERNELS_ZOO=all.
+# timm has over a thousand models, most of them without BatchNorm or too large for a CPU test. By
+# default: TIMM_MODELS, the common families built on BatchNorm (BatchNormAct2d included), and
+# TIMM_MODULE_MODELS, the smallest model with BatchNorm of every other architecture module of timm
+# 1.0.31, so each model file's way of using BatchNorm is met once. EQUINORM_KERNELS_ZOO=all sweeps
+# every model.
 TIMM_MODELS = (
     "efficientnet_b0", "tf_efficientnet_b0", "efficientnetv2_rw_t", "mobilenetv2_100", "mobilenetv3_large_100",
     "mobilenetv3_small_100", "regnety_002", "regnetx_002", "densenet121", "cspresnet50", "cspdarknet53",
@@ -420,7 +507,18 @@ TIMM_MODELS = (
     "gernet_s", "repvgg_a2", "ese_vovnet19b_dw", "res2net50_26w_4s", "skresnet18", "hrnet_w18_small",
     "xception41", "inception_v3", "semnasnet_100", "mobileone_s0", "fastvit_t8",
 )
-MAX_ZOO_PARAMETERS = 100_000_000  # larger models take minutes per step on a CPU
+TIMM_MODULE_MODELS = (
+    "convmixer_768_32", "cpubone_nano", "cspnext_tiny", "efficientformer_l1", "efficientformerv2_s0",
+    "efficientvim_m1", "efficientvit_b0", "efficientvit_m0", "fasternet_t0", "halonet_h1", "hgnetv2_b0",
+    "iformer_t", "inception_next_atto", "inception_resnet_v2", "inception_v4", "lcnetv2_small",
+    "legacy_seresnet18", "legacy_xception", "levit_128s", "lowformer_b0", "mobilevit_xxs", "nasnetalarge",
+    "nextvit_small", "pnasnet5large", "repghostnet_050", "repvit_m1", "resnest14d", "resnetv2_18", "shvit_s1",
+    "starnet_s050", "swiftformer_xs", "test_coatnet", "tiny_vit_5m_224", "tresnet_m", "vgg11_bn",
+    "visformer_tiny", "vit_small_resnet50d_s16_224", "volo_d1_224", "xcit_nano_12_p8_224",
+)
+# Every torchvision model with BatchNorm is below this but regnet_y_128gf (644 M parameters, 14 GB of
+# memory and minutes per step on a CPU).
+MAX_ZOO_PARAMETERS = 200_000_000
 
 
 def _zoo_models():
@@ -437,7 +535,8 @@ def _zoo_models():
         import timm
 
         available = set(timm.list_models())
-        names = sorted(available) if everything else [name for name in TIMM_MODELS if name in available]
+        chosen = TIMM_MODELS + TIMM_MODULE_MODELS
+        names = sorted(available) if everything else [name for name in chosen if name in available]
         params += [pytest.param("timm", name, id=f"timm-{name}") for name in names]
     return params or [pytest.param(None, None, marks=pytest.mark.skip(reason="neither torchvision nor timm is installed"))]
 
@@ -461,7 +560,8 @@ def _zoo_input_size(library: str, name: str, model: nn.Module) -> int:
     config = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     if library == "timm" and config.get("fixed_input_size"):
         return config["input_size"][-1]
-    return 64
+    # Attention over fixed-size blocks (halonet's 8 x 8 halos, for example) needs its minimum input.
+    return max(64, config.get("min_input_size", (0,))[-1])
 
 
 @pytest.mark.parametrize("library, name", _zoo_models())
