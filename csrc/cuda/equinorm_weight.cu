@@ -2,10 +2,10 @@
 //
 // Launches per op:
 //   equinorm_weight     1 kernel.
-//   equinorm_forward    2 kernels: the channel means (channel_mean.cu; plus a memset of its
-//                       counters when a channel is split over several blocks), then this
-//                       transform. Every output channel needs every mean of its group, a
-//                       grid-wide dependency, so the transform starts at a kernel boundary.
+//   equinorm_forward    2 kernels: the channel means (channel_mean.cu; plus its finish when a
+//                       channel is split over several blocks), then this transform. Every
+//                       output channel needs every mean of its group, a grid-wide dependency,
+//                       so the transform starts at a kernel boundary.
 //   equinorm_backward   2 kernels: per output channel d, grad_weight, grad_gain and the row
 //                       of contributions to grad_mean (C/groups values, or C/groups x K for
 //                       per-tap means); then each value of grad_mean adds its group's rows in a
