@@ -673,6 +673,13 @@ PLANTED_BUGS = {
         "    block_negative = block_sum(static_cast<acc_t>(negative ? 1 : 0)) > 0;\n",
         "abs-mean-large-planes-nchw-float-rows5-offset0", ("WARNING: ThreadSanitizer: data race",), "block_sum",
     ),
+    # the same in the finish: lane 0 adds the other lanes' sums before they are stored
+    "finish-barrier-removed": PlantedBug(
+        "tsan", "channel_mean.cu",
+        "  lane_negative[slot_lane][channel_lane] = negative;\n  __syncthreads();\n",
+        "  lane_negative[slot_lane][channel_lane] = negative;\n",
+        "mean-segment-pieces-nchw-float-rows6-offset0", ("WARNING: ThreadSanitizer: data race",), "finish_kernel",
+    ),
     # memcheck's job, in shared memory: one element past the end of a __shared__ array, through a
     # pointer. UBSan's object-size check sees it before ASan does (an ASan-only build reports the
     # global-buffer-overflow on 'scratch').

@@ -339,28 +339,68 @@ def test_enorm_rescale_of_odd_rows_keeps_vector_loads(driver):
     assert plans(driver, ["enorm_rescale 64 147 2 0"])[0]["load_bytes"] == 16
 
 
-# ---- kernels whose launch plans are not host functions of launch_plans.h yet ----
+# ---- EquiNorm weight transform and backward: one team (a warp or the block) per output channel ----
+
+
+def equinorm_weights() -> list[tuple[str, tuple[int, ...], str, bool]]:
+    """(name, weight shape, dtype, channels_last) of the ResNet convs and Linear layers above."""
+    weights = []
+    for dtype in ELEMENT_BYTES:
+        for producer, consumer in CONV_PAIRS:
+            for weight in (producer, consumer):
+                for channels_last in (False, True):
+                    weights.append((f"conv-{weight}-{'cl' if channels_last else 'contiguous'}-{dtype}", weight, dtype,
+                                    channels_last))
+        for producer, consumer in LINEAR_PAIRS:
+            for weight in (producer, consumer):
+                weights.append((f"linear-{weight}-{dtype}", weight, dtype, False))
+    return weights
+
+
+def equinorm_request(shape: tuple[int, ...], dtype: str, channels_last: bool, per_tap: bool = False) -> str:
+    taps = math.prod(shape[2:])
+    return (f"equinorm_weight {shape[0]} {shape[1]} {taps} 1 {int(channels_last)} {int(per_tap)} "
+            f"{ELEMENT_BYTES[dtype]}")
+
+
+@pytest.fixture(scope="module")
+def weight_plans(driver):
+    weights = equinorm_weights()
+    return list(zip(weights, plans(driver, [equinorm_request(w, d, cl) for _, w, d, cl in weights])))
+
+
+def test_equinorm_weight_teams_cover_every_output_channel(weight_plans):
+    """Rows of up to 256 values go to warp teams (eight a block), longer ones to the block; every output
+    channel has its team, and no block is left without one."""
+    for (name, shape, _, channels_last), plan in weight_plans:
+        row = math.prod(shape[1:])
+        assert plan["team"] == (32 if row <= 256 else 256), name
+        assert plan["blocks"] * plan["rows_per_block"] >= shape[0] > (plan["blocks"] - 1) * plan["rows_per_block"], name
+        assert 1 <= plan["lanes_per_channel"] <= 32, name
 
 
 @pytest.mark.xfail(strict=True, reason="EquiNorm weight transform on Linear-shaped weights (one tap per input "
-                   "channel): no equinorm_weight plan in launch_plans.h; the kernel loads 2-byte scalars")
+                   "channel): the team's lanes take one element each, 2-byte loads for 16-bit weights, no vector loads")
 def test_equinorm_weight_linear_rows_load_16_bytes(driver):
-    plan = plans(driver, ["equinorm_weight 4096 4096 1 1 0 2"])[0]  # out, in/groups, taps, groups, channels_last, bytes
+    plan = plans(driver, [equinorm_request((4096, 4096), "float16", False)])[0]
     assert plan["load_bytes"] == 16
 
 
-@pytest.mark.xfail(strict=True, reason="EquiNorm backward on Linear-shaped weights writes and rereads a D x C "
-                   "float32 scratch (2.3x the necessary bytes): no equinorm_backward plan without it yet")
-def test_equinorm_backward_linear_reads_the_weight_once(driver):
-    plan = plans(driver, ["equinorm_backward 4096 4096 1 1 0 2"])[0]
-    assert plan["workspace_bytes"] < 4096 * 4096
+@pytest.mark.xfail(strict=True, reason="EquiNorm backward writes and rereads a D x C float64 scratch of grad_mean "
+                   "contributions (for a float16 Linear weight, 4x the weight's bytes): no plan without it yet")
+def test_equinorm_backward_scratch_is_smaller_than_the_weight(driver):
+    plan = plans(driver, [equinorm_request((4096, 4096), "float16", False)])[0]
+    assert plan["backward_workspace_bytes"] < 4096 * 4096 * ELEMENT_BYTES["float16"]
 
 
-@pytest.mark.xfail(strict=True, reason="EquiNorm weights with few output channels (D < 2 waves of warp teams): "
-                   "no equinorm_weight plan splits an output channel's row over blocks yet")
+@pytest.mark.xfail(strict=True, reason="EquiNorm weights with few output channels (one team per output channel): "
+                   "no plan splits an output channel's row over blocks, so 64 output channels make 64 blocks")
 def test_equinorm_weight_few_output_channels_fill_two_waves(driver):
-    plan = plans(driver, ["equinorm_weight 16 4096 9 1 0 2"])[0]
-    assert plan["blocks"] >= wave_blocks(plan)
+    plan = plans(driver, [equinorm_request((64, 4096, 3, 3), "float16", False)])[0]
+    assert plan["blocks"] >= 2 * MULTIPROCESSORS
+
+
+# ---- tap_mean: its plan is not a host function of launch_plans.h yet ----
 
 
 @pytest.mark.xfail(strict=True, reason="tap_mean's column sums (the (C, *spatial) plane over the samples): no "

@@ -339,5 +339,51 @@ inline RescalePlan plan_enorm_rescale(int64_t outer, int64_t row_values, int64_t
   return plan;
 }
 
+// ---- EquiNorm weight transform and its backward ----
+
+constexpr int kEquiNormThreads = 256;
+// Rows of at most this many values go to a warp team (eight rows a block), longer rows to the block.
+constexpr int64_t kWarpTeamMaxRow = 256;
+// The backward's grad_mean reduction: a block adds kReduceColumns channels, each over
+// kReduceSlices interleaved slices of its output channels.
+constexpr int kReduceColumns = 32;
+constexpr int kReduceSlices = 16;
+
+// One team of threads owns one output channel's row of group_channels x taps values; within it a
+// power-of-two group of lanes shares one input channel. Loads are one element each.
+struct EquiNormWeightPlan {
+  int threads = kEquiNormThreads;
+  int team = 32;               // a warp, or the whole block
+  int lanes_per_channel = 1;   // a power of two <= 32
+  int64_t rows_per_block = 0;
+  int64_t blocks = 0;
+  int64_t load_bytes = 0;
+  // backward: the (D, mean values per group) contributions to grad_mean, in float64, then their sum
+  int64_t mean_values = 0;     // grad_mean's values (C, or C x taps with per-tap means)
+  int64_t reduce_blocks = 0;
+  int64_t backward_workspace_bytes = 0;
+};
+
+inline EquiNormWeightPlan plan_equinorm_weight(int64_t out_channels, int64_t group_channels, int64_t taps,
+                                               int64_t groups, bool channels_last, bool per_tap_means,
+                                               int64_t element_bytes) {
+  EquiNormWeightPlan plan;
+  plan.team = group_channels * taps <= kWarpTeamMaxRow ? 32 : kEquiNormThreads;
+  // (c, t): neighbouring lanes take neighbouring taps of a channel. (t, c): neighbouring lanes
+  // take neighbouring channels, and a channel gets several lanes only when the channels alone
+  // cannot keep the team busy.
+  int64_t lanes = std::min<int64_t>(32, ceil_power_of_two(taps));
+  if (channels_last) lanes = std::min(lanes, floor_power_of_two(std::max<int64_t>(1, plan.team / group_channels)));
+  plan.lanes_per_channel = static_cast<int>(lanes);
+  plan.rows_per_block = plan.threads / plan.team;
+  plan.blocks = ceil_div(out_channels, plan.rows_per_block);
+  plan.load_bytes = element_bytes;
+  const int64_t mean_values_per_group = per_tap_means ? group_channels * taps : group_channels;
+  plan.mean_values = mean_values_per_group * groups;
+  plan.reduce_blocks = ceil_div(plan.mean_values, kReduceColumns);
+  plan.backward_workspace_bytes = out_channels * mean_values_per_group * static_cast<int64_t>(sizeof(double));
+  return plan;
+}
+
 }  // namespace cuda
 }  // namespace equinorm

@@ -9,6 +9,8 @@
 //   enorm_energy <group_channels> <entries> then per counted entry: <channels> <values>
 //       <channels_adjacent> <element_bytes>
 //   enorm_rescale <outer> <row_values> <element_bytes> <misalignment_bytes>
+//   equinorm_weight <out_channels> <group_channels> <taps> <groups> <channels_last> <per_tap_means>
+//       <element_bytes>
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -127,6 +129,25 @@ std::string enorm_rescale(std::istringstream& in) {
   return json.str();
 }
 
+std::string equinorm_weight(std::istringstream& in) {
+  int64_t out_channels, group_channels, taps, groups, channels_last, per_tap_means, element_bytes;
+  in >> out_channels >> group_channels >> taps >> groups >> channels_last >> per_tap_means >> element_bytes;
+  const EquiNormWeightPlan p = plan_equinorm_weight(out_channels, group_channels, taps, groups, channels_last != 0,
+                                                    per_tap_means != 0, element_bytes);
+  Json json;
+  json.field("kernel", "equinorm_weight")
+      .field("threads", p.threads)
+      .field("team", p.team)
+      .field("lanes_per_channel", p.lanes_per_channel)
+      .field("rows_per_block", p.rows_per_block)
+      .field("blocks", p.blocks)
+      .field("load_bytes", p.load_bytes)
+      .field("mean_values", p.mean_values)
+      .field("reduce_blocks", p.reduce_blocks)
+      .field("backward_workspace_bytes", p.backward_workspace_bytes);
+  return json.str();
+}
+
 }  // namespace
 
 int main() {
@@ -147,6 +168,8 @@ int main() {
       json = enorm_energy(in, machine);
     } else if (kind == "enorm_rescale") {
       json = enorm_rescale(in);
+    } else if (kind == "equinorm_weight") {
+      json = equinorm_weight(in);
     } else {
       std::fprintf(stderr, "unknown request %s\n", kind.c_str());
       return 2;
