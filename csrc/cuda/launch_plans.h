@@ -385,5 +385,40 @@ inline EquiNormWeightPlan plan_equinorm_weight(int64_t out_channels, int64_t gro
   return plan;
 }
 
+// ---- tap_mean: the column sums of x[:rows] seen as a (rows, C x plane) matrix ----
+
+constexpr int kTapMeanThreads = 256;
+// Loads a column thread has in flight (one element each, from kTapMeanUnroll rows).
+constexpr int kTapMeanUnroll = 4;
+// Blocks the column sums aim for before they split the rows into slots, and the most slots.
+constexpr int64_t kTapMeanTargetBlocks = 1024;
+constexpr int64_t kTapMeanMaxSlots = 64;
+
+// A thread per column adds its rows in order; blocks own kTapMeanThreads columns and, when the
+// columns alone give few blocks, a slot of rows, whose partials a second kernel adds in slot order.
+struct TapColumnPlan {
+  int threads = kTapMeanThreads;
+  int unroll = kTapMeanUnroll;
+  int64_t width = 0;           // C x plane
+  int64_t column_blocks = 0;
+  int64_t slots = 1;
+  int64_t rows_per_slot = 0;
+  int64_t blocks = 0;
+  int64_t load_bytes = 0;
+};
+
+inline TapColumnPlan plan_tap_mean_columns(int64_t rows, int64_t width, int64_t element_bytes) {
+  TapColumnPlan plan;
+  plan.width = width;
+  plan.column_blocks = ceil_div(width, plan.threads);
+  const int64_t slots =
+      std::clamp<int64_t>(ceil_div(kTapMeanTargetBlocks, plan.column_blocks), 1, std::min(kTapMeanMaxSlots, rows));
+  plan.rows_per_slot = ceil_div(rows, slots);
+  plan.slots = ceil_div(rows, plan.rows_per_slot);
+  plan.blocks = plan.column_blocks * plan.slots;
+  plan.load_bytes = element_bytes;
+  return plan;
+}
+
 }  // namespace cuda
 }  // namespace equinorm

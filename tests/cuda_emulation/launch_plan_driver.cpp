@@ -11,6 +11,7 @@
 //   enorm_rescale <outer> <row_values> <element_bytes> <misalignment_bytes>
 //   equinorm_weight <out_channels> <group_channels> <taps> <groups> <channels_last> <per_tap_means>
 //       <element_bytes>
+//   tap_mean_columns <rows> <width> <element_bytes>
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -148,6 +149,23 @@ std::string equinorm_weight(std::istringstream& in) {
   return json.str();
 }
 
+std::string tap_mean_columns(std::istringstream& in) {
+  int64_t rows, width, element_bytes;
+  in >> rows >> width >> element_bytes;
+  const TapColumnPlan p = plan_tap_mean_columns(rows, width, element_bytes);
+  Json json;
+  json.field("kernel", "tap_mean_columns")
+      .field("threads", p.threads)
+      .field("unroll", p.unroll)
+      .field("width", p.width)
+      .field("column_blocks", p.column_blocks)
+      .field("slots", p.slots)
+      .field("rows_per_slot", p.rows_per_slot)
+      .field("blocks", p.blocks)
+      .field("load_bytes", p.load_bytes);
+  return json.str();
+}
+
 }  // namespace
 
 int main() {
@@ -170,6 +188,8 @@ int main() {
       json = enorm_rescale(in);
     } else if (kind == "equinorm_weight") {
       json = equinorm_weight(in);
+    } else if (kind == "tap_mean_columns") {
+      json = tap_mean_columns(in);
     } else {
       std::fprintf(stderr, "unknown request %s\n", kind.c_str());
       return 2;
