@@ -30,10 +30,11 @@ test: install
 	$(PYTHON) -m pytest -q tests $(TEST_ARGS)
 
 # The CUDA kernels executed on the CPU: plain, ASan+UBSan and TSan builds (needs g++ and the CUDA
-# headers, no GPU and not the compiled extension); also part of `make test`.
+# headers, no GPU and not the compiled extension), and their launch plans against the machine model;
+# also part of `make test`.
 cuda-emulation: torch
 	@$(PYTHON) -c "import pytest" 2>/dev/null || $(PYTHON) -m pip install --quiet "pytest>=8"
-	$(PYTHON) -m pytest -q tests/test_cuda_emulation.py
+	$(PYTHON) -m pytest -q tests/test_cuda_emulation.py tests/test_cuda_launch_plans.py
 
 gpu-check:
 	@test -n "$(OUT)" || { echo "usage: make gpu-check OUT=<folder for its logs and results>"; exit 2; }

@@ -129,18 +129,31 @@ class KernelCase:
         return " ".join([self.op, self.name, *(f"{k}={v}" for k, v in fields.items())])
 
 
-# channel_mean: every reduction path. Planes >= 128 values are read in segments (one block per piece
-# of a channel; several pieces when a channel holds more than 32 KiB), shorter ones as columns (tiles
-# of whole channels, several row slots when a tile's strip holds more than 32 KiB).
+# channel_mean: every reduction path (plans: csrc/cuda/launch_plans.h). NCHW planes are read plane by
+# plane (a scalar head and tail around aligned vectors: 7x7, 17x17 and 10x13 planes have both), or
+# as columns of an (R, C * S) matrix when their planes are short and that gives 16-byte loads;
+# channels_last and (N, C) inputs as columns (tiles of whole channels, slots of rows). The cases run
+# on the H100 model and on smaller machines (MACHINES) whose plans split the same small shapes over
+# many slots, a finish level or two of them.
 CHANNEL_MEAN_SHAPES = {
     "wide-rows": (3, 300, 4, 4),
     "large-planes": (5, 3, 20, 20),
-    "odd-planes": (3, 2, 10, 13),  # 130 values: two-element loads
+    "odd-planes": (3, 2, 10, 13),  # 130 values: heads and tails around the vectors
+    "planes-7x7": (3, 5, 7, 7),
+    "planes-17x17": (2, 3, 17, 17),
     "segment-pieces": (6, 2, 40, 40),
     "small-planes": (4, 6, 3, 3),
     "column-slots": (16, 12, 8, 8),
     "odd": (3, 5, 7, 9),
     "linear": (2, 5000),
+    "many-slots": (130, 4, 16, 16),  # with MACHINES["many-slots"]: two finish levels in both layouts
+}
+MACHINES = {
+    "h100": {},
+    # two waves = 16 blocks of at least 64 bytes: every shape above splits its channels over slots
+    "small": dict(multiprocessors=2, min_block_bytes=64),
+    # 1056 blocks of at least 16 bytes: more than 64 slots per channel
+    "many-slots": dict(multiprocessors=132, min_block_bytes=16),
 }
 
 
@@ -158,7 +171,7 @@ def _signed_values(shape) -> torch.Tensor:
 
 
 def _channel_mean_case(shape_name: str, dtype_name: str, channels_last: bool, offset: int, all_rows: bool,
-                       statistic: str = "mean"):
+                       statistic: str = "mean", machine: str = "h100"):
     shape = CHANNEL_MEAN_SHAPES[shape_name]
     dtype = DTYPES[dtype_name]
     if statistic == "abs_mean":
@@ -188,10 +201,12 @@ def _channel_mean_case(shape_name: str, dtype_name: str, channels_last: bool, of
                   channels_last=int(channels_last or spatial == 1), offset=offset)
     if statistic == "abs_mean":
         fields["abs"] = 1
+    fields.update(MACHINES[machine])
     prefix = "abs-mean" if statistic == "abs_mean" else "mean"
+    suffix = "" if machine == "h100" else f"-{machine}"
     return KernelCase(
         "channel_mean",
-        f"{prefix}-{shape_name}-{layout}-{dtype_name}-rows{rows}-offset{offset}",
+        f"{prefix}-{shape_name}-{layout}-{dtype_name}-rows{rows}-offset{offset}{suffix}",
         fields,
         {"x": x},
         check,
@@ -202,6 +217,10 @@ def channel_mean_cases() -> list[KernelCase]:
     cases = []
     for shape_name, shape in CHANNEL_MEAN_SHAPES.items():
         for channels_last in ([False, True] if len(shape) == 4 else [False]):
+            if shape_name == "many-slots":
+                cases.append(_channel_mean_case(shape_name, "float", channels_last, 0, True, machine="many-slots"))
+                cases.append(_channel_mean_case(shape_name, "half", channels_last, 1, True, "abs_mean", "many-slots"))
+                continue
             for dtype_name in DTYPES:
                 cases.append(_channel_mean_case(shape_name, dtype_name, channels_last, 0, True))
             cases.append(_channel_mean_case(shape_name, "half", channels_last, 1, True))
@@ -209,6 +228,10 @@ def channel_mean_cases() -> list[KernelCase]:
             # abs_mean: the same paths with signed values; the flags over all rows and over one.
             cases.append(_channel_mean_case(shape_name, "float", channels_last, 0, True, "abs_mean"))
             cases.append(_channel_mean_case(shape_name, "half", channels_last, 1, False, "abs_mean"))
+            # many slots of the same shape: partial sums and flags through the finish
+            cases.append(_channel_mean_case(shape_name, "bfloat16", channels_last, 0, True, machine="small"))
+            cases.append(_channel_mean_case(shape_name, "half", channels_last, 1, True, "abs_mean", "small"))
+            cases.append(_channel_mean_case(shape_name, "double", channels_last, 1, True, "abs_mean", "small"))
     return cases
 
 
@@ -427,6 +450,8 @@ ENORM_PROGRAMS = {
     "repeated-tensor": EnormProgram([(6, 6), (6, 3), (2, 6)], [[rows(0), rows(1), columns(0), columns(2)]]),
     # long channels: energies in several slices, rescales over several blocks
     "slices": EnormProgram([(4, 4, 32, 32), (8, 4, 32, 32)], [[rows(0), columns(1)]]),
+    # a Linear consumer: its columns are adjacent channels, whose energies split over row slices
+    "linear-columns": EnormProgram([(16, 12), (300, 16), (16,)], [[rows(0), rows(2), columns(1)]]),
     "cycle": EnormProgram(
         [(8, 5), (8,), (6, 8), (6,), (7, 6), (7,), (3, 7)],
         [[rows(0), rows(1), columns(2)], [rows(2), rows(3), columns(4)], [rows(4), rows(5), columns(6)]],
@@ -440,7 +465,31 @@ ENORM_PROGRAMS = {
 }
 
 
-def _enorm_case(program_name: str, dtypes: list[torch.dtype], *, p: float = 2.0, c: float = 1.1, offset: int = 0):
+def _coefficient_power(d: torch.Tensor, power: int) -> torch.Tensor:
+    """d^power as csrc/shared/enorm_math.h computes it, in float64."""
+    return {1: d, -1: 1 / d, 2: d * d, -2: 1 / (d * d)}[power]
+
+
+def _rescaled_as_stored(tensors: list[torch.Tensor], group: list[Role], d: torch.Tensor) -> list[torch.Tensor]:
+    """The group's rescale from the kernel's own d: each value times its factor in float64, rounded to
+    the accumulation type and then to its dtype, in entry order. The kernels must match these bits."""
+    out = [t.clone() for t in tensors]
+    for r in group:
+        if r.power == 0:
+            continue
+        dtype = out[r.tensor].dtype
+        work = out[r.tensor].double()
+        factor = _coefficient_power(d, r.power)
+        if r.columns:
+            reference.enorm_scale_columns_(work, factor, groups=r.groups, columns_per_channel=r.columns_per_channel)
+        else:
+            reference.enorm_scale_rows_(work, factor)
+        out[r.tensor] = work.to(_accumulation(dtype)).to(dtype)
+    return out
+
+
+def _enorm_case(program_name: str, dtypes: list[torch.dtype], *, p: float = 2.0, c: float = 1.1, offset: int = 0,
+                machine: str = "h100"):
     program = ENORM_PROGRAMS[program_name]
     tensors = []
     for k, (shape, dtype) in enumerate(zip(program.shapes, dtypes)):
@@ -462,19 +511,25 @@ def _enorm_case(program_name: str, dtypes: list[torch.dtype], *, p: float = 2.0,
             rtol = max(ENORM_RTOL[tensor.dtype], coefficient_rtol)
             problems += _compare_relative(f"tensor {k}", output(f"tensor{k}", tensor), want, rtol)
         if wants_coefficients:
-            problems += _compare_relative("coefficients", output("coefficients", d), d, coefficient_rtol)
+            got_d = output("coefficients", d)
+            problems += _compare_relative("coefficients", got_d, d, coefficient_rtol)
+            if not program.is_cycle:
+                for k, want in enumerate(_rescaled_as_stored(tensors, program.groups[0], got_d)):
+                    if _to_bytes(output(f"tensor{k}", tensors[k])) != _to_bytes(want):
+                        problems.append(f"tensor {k}: not the bits of its values times d^power rounded once per type")
         if program.is_cycle:
             problems += _compare("deviations", output("deviations", deviations), deviations, coefficient_rtol)
         return problems
 
     dtype_names = "-".join(dict.fromkeys(DTYPE_NAMES[dtype] for dtype in dtypes))
+    suffix = "" if machine == "h100" else f"-{machine}"
     return KernelCase(
         "enorm",
-        f"enorm-{program_name}-{dtype_names}-p{p:g}-offset{offset}",
+        f"enorm-{program_name}-{dtype_names}-p{p:g}-offset{offset}{suffix}",
         dict(p=p, c=c, offset=offset, dtypes=",".join(DTYPE_NAMES[dtype] for dtype in dtypes),
              group_sizes=",".join(str(len(group)) for group in program.groups),
              entries=";".join(",".join(str(v) for v in entry) for entry in entries),
-             coefficients=int(wants_coefficients), deviations=int(program.is_cycle)),
+             coefficients=int(wants_coefficients), deviations=int(program.is_cycle), **MACHINES[machine]),
         {f"tensor{k}": t for k, t in enumerate(tensors)},
         check,
     )
@@ -488,6 +543,9 @@ def enorm_cases() -> list[KernelCase]:
             cases.append(_enorm_case(name, [dtype] * count))
         cases.append(_enorm_case(name, [torch.float16] * count, offset=1))
         cases.append(_enorm_case(name, [torch.float32] * count, offset=1))
+        # energies split over many slices and finish blocks, as on a large tensor
+        cases.append(_enorm_case(name, [torch.float32] * count, machine="small"))
+        cases.append(_enorm_case(name, [torch.bfloat16] * count, offset=1, machine="small"))
     mixed = list(DTYPES.values())
     for name in ("many-entries", "cycle"):
         cases.append(_enorm_case(name, [mixed[k % 4] for k in range(len(ENORM_PROGRAMS[name].shapes))]))
@@ -615,6 +673,13 @@ PLANTED_BUGS = {
         "    block_negative = block_sum(static_cast<acc_t>(negative ? 1 : 0)) > 0;\n",
         "abs-mean-large-planes-nchw-float-rows5-offset0", ("WARNING: ThreadSanitizer: data race",), "block_sum",
     ),
+    # the same in the finish: lane 0 adds the other lanes' sums before they are stored
+    "finish-barrier-removed": PlantedBug(
+        "tsan", "channel_mean.cu",
+        "  lane_negative[slot_lane][channel_lane] = negative;\n  __syncthreads();\n",
+        "  lane_negative[slot_lane][channel_lane] = negative;\n",
+        "mean-segment-pieces-nchw-float-rows6-offset0", ("WARNING: ThreadSanitizer: data race",), "finish_kernel",
+    ),
     # memcheck's job, in shared memory: one element past the end of a __shared__ array, through a
     # pointer. UBSan's object-size check sees it before ASan does (an ASan-only build reports the
     # global-buffer-overflow on 'scratch').
@@ -639,13 +704,13 @@ PLANTED_BUGS = {
         "  thread_sum += threadIdx.x % 2 ? __shfl_xor_sync(kFullWarpMask, thread_sum, 1)\n"
         "                                : __shfl_down_sync(kFullWarpMask, thread_sum, 1);\n" + _SEGMENT_TOTAL,
         "mean-large-planes-nchw-float-rows5-offset0",
-        ("reach shuffles at different call sites",), "segment_mean_kernel",
+        ("reach shuffles at different call sites",), "plane_mean_kernel",
     ),
-    # the GPU's misaligned-address trap: a plan that ignores x's alignment issues 16-byte loads at x + 2 bytes
+    # the GPU's misaligned-address trap: plane heads that ignore x's alignment put 16-byte loads at x + 2 bytes
     "load-ignores-alignment": PlantedBug(
         "plain", "channel_mean.cu",
-        "if (is_aligned(x, vec * element_bytes) && plan.spatial % vec == 0) {",
-        "if (plan.spatial % vec == 0) {",
+        "const uint64_t phase = static_cast<uint64_t>(reinterpret_cast<uintptr_t>(x) / sizeof(scalar_t));",
+        "const uint64_t phase = 0;",
         "mean-large-planes-nchw-half-rows5-offset1", ("at misaligned address",), "__ldg of 16-byte alignment",
     ),
     # half of each warp skips a shuffle the other half waits at, and waits at the barrier after it

@@ -2,9 +2,9 @@
 
 What ``make gpu-check`` runs under compute-sanitizer (memcheck, racecheck), where every call costs
 a hundred times its native time: few calls, small shapes, but each kernel variant at least once
-(scalar and vector loads, misaligned bases, channels split over blocks with the last-block
-finish, warp and block teams, groups, Linear weights, each dtype, ENorm groups). The suite runs
-it natively wherever the CUDA extension and a GPU are present; the thorough comparisons are in
+(scalar and vector loads, misaligned bases, channels split over blocks with the finish kernel,
+warp and block teams, groups, Linear weights, each dtype, ENorm groups). The suite runs it natively
+wherever the CUDA extension and a GPU are present; the thorough comparisons are in
 test_ops_equinorm.py and test_ops_enorm.py.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _input(shape, dtype, *, channels_last=False, misaligned=False):
         ((3, 5, 7, 7), torch.float32, False, False),    # a plane that is no multiple of the vector width
         ((2, 64, 16, 16), torch.float16, False, False),  # vector loads
         ((2, 64, 16, 16), torch.float16, False, True),   # a misaligned base: scalar head, vector body
-        ((1, 4, 128, 128), torch.float32, False, False),  # channels split over blocks, last-block finish
+        ((1, 4, 128, 128), torch.float32, False, False),  # channels split over blocks, finish kernel
         ((8, 128, 14, 14), torch.bfloat16, True, False),  # channels_last, several slots
         ((5, 37), torch.float64, False, False),          # (N, C)
     ],

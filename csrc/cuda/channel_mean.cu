@@ -2,27 +2,29 @@
 // "abs_mean" statistic) the mean of |x[:rows]|. |v| is v for v >= 0 and both add in the same order,
 // so on non-negative inputs the two give the same bits. With kAbs each thread also notes whether
 // it read a value < 0, and the flags follow the sums' path: ORed over the block (a fixed tree, one
-// writer per channel), stored per slot beside the partial sums, ORed again by the finishing block.
+// writer per channel), stored per slot beside the partial sums, ORed again by the finish.
 //
 // x is read as (R, C, S): R rows of C channels of S contiguous values (NCHW: R = rows,
-// S = spatial; channels_last: R = rows * spatial, S = 1). Two schedules, both reading x once:
+// S = spatial; channels_last: R = rows * spatial, S = 1). Two schedules, both reading x once, both
+// planned by plan_channel_mean (cuda/launch_plans.h):
 //
-// - segment (S >= kColumnModeMinSpatial, NCHW with large planes): a block owns one piece of one
-//   channel's R * S values, walks them in plane order with 16-byte loads (when S and x allow) so
-//   a warp reads contiguous bytes, and reduces them to one partial sum.
-// - column (small S: channels_last, or NCHW with small planes): x is an (R, C * S) matrix whose
-//   rows are contiguous. A block owns a tile of whole channels' columns and a slot of rows; its
-//   threads read the tile row by row (tile_rows rows of tile_columns values per step, contiguous
-//   when the tile spans all columns), 16-byte loads where alignment allows, and keep one
-//   accumulator per value they load, so every thread's columns stay fixed. The block then adds
-//   its tile rows in a fixed tree and each channel's S columns, giving one partial per channel.
+// - columns (channels_last, (N, C), and NCHW with small planes when that gives 16-byte loads): x is
+//   an (R, C * S) matrix whose rows are contiguous. A block owns a tile of whole channels' columns
+//   and a slot of rows; its threads read the tile row by row (tile_rows rows of tile_columns values
+//   per step, contiguous when the tile spans all columns), vector loads where alignment allows, and
+//   keep one accumulator per value they load, so every thread's columns stay fixed. The block then
+//   adds its tile rows in a fixed tree and each channel's S columns, giving one partial per channel.
+// - planes (NCHW otherwise): a block owns one channel and a slot of its planes' values. Each plane
+//   is a scalar head up to its first vector-aligned element, plane_vectors aligned vector loads and
+//   a scalar tail; the vectors of consecutive planes form one index space the block's threads walk
+//   (a warp reads contiguous bytes), then the heads and tails. So planes of any length (7x7, 17x17,
+//   147x147) and any base alignment keep 16-byte loads on their bodies.
 //
-// Launches: one kernel, preceded by a memset of the finishing counters when a channel's values
-// are split over several blocks. Each block stores its partials, then takes a ticket on its
-// tile's (or channel's) integer counter; the last block to arrive adds that tile's partials in
-// slot order and writes the means. Nothing is added with float atomics and every split depends on
-// the shape and x's alignment only, so the means are bit-identical across runs. Accumulation is
-// in float (double for double data).
+// Launches: one kernel when a channel's values fit one block; otherwise it stores one partial per
+// (slot, channel) and finish_kernel adds them, 64 slots per block, in one level per factor of 64
+// (two levels up to 4096 slots). Nothing is added with float atomics, no counter is shared between
+// blocks, and every split depends on the shape and x's alignment only, so the means are
+// bit-identical across runs. Accumulation is in float (double for double data).
 #include <algorithm>
 
 #include "cuda/device_common.cuh"
@@ -31,112 +33,16 @@ namespace equinorm {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
-// Lets ptxas use up to 64 registers: the unrolled loads stay in registers instead of spilling.
-constexpr int kMinBlocksPerSM = 4;
-// Loads a thread has in flight before it adds them.
-constexpr int kUnroll = 4;
-// Planes at least this long are read in segments; shorter ones as columns of an (R, C * S) matrix.
-constexpr int64_t kColumnModeMinSpatial = 128;
-// Columns of a column tile, when the matrix is wider: a warp still reads >= 256 contiguous bytes.
-constexpr int64_t kTargetTileColumns = 128;
-// Bytes a block should stream at least, so that the partial sums stay few.
-constexpr int64_t kBlockBytes = 32 * 1024;
-// Partial sums one finishing block adds at most (channels of its tile x slots).
-constexpr int64_t kFinishBudget = 16 * 1024;
-constexpr int64_t kMaxSlots = 1024;
+constexpr int kThreads = kChannelMeanThreads;
+constexpr int kMinBlocksPerSM = kChannelMeanBlocksPerMultiprocessor;
+constexpr int kUnroll = kChannelMeanUnroll;
 
-// How x is cut into blocks; a function of the shape, the element size and x's alignment only.
-struct ChannelPlan {
-  bool column_mode = false;
-  int vec = 1;                 // elements per load
-  int64_t rows = 0;            // R
-  int64_t spatial = 0;         // S
-  int64_t columns = 0;         // C * S (column mode)
-  int64_t tile_columns = 0;    // column mode: a multiple of S
-  int64_t tile_rows = 0;       // column mode: rows a block reads per step
-  int64_t rows_per_slot = 0;   // column mode: a multiple of tile_rows
-  int64_t piece_elements = 0;  // segment mode: a multiple of vec
-  int64_t slots = 1;           // partial sums per channel; 1: blocks write the means directly
-  int64_t counters = 0;        // finishing counters (tiles or channels)
-  int64_t blocks = 0;
-  size_t partial_bytes = 0;
-  size_t negative_bytes = 0;  // one flag per (slot, channel), for the "abs_mean" statistic
-  size_t workspace_bytes = 0;
-};
-
-void plan_columns(ChannelPlan& plan, int64_t channels, int64_t element_bytes, const void* x) {
-  const int64_t columns = channels * plan.spatial;
-  plan.columns = columns;
-  for (int64_t vec = kMaxLoadBytes / element_bytes; vec >= 1; vec /= 2) {
-    if (!is_aligned(x, vec * element_bytes)) continue;
-    const int64_t budget = kThreads * vec;  // values one step of the block reads
-    if (columns <= kTargetTileColumns) {
-      // One tile of whole rows: each step reads tile_rows * columns contiguous values, a multiple
-      // of vec so that every step starts aligned.
-      const int64_t row_align = vec / greatest_common_divisor(columns, vec);
-      plan.tile_columns = columns;
-      plan.tile_rows = budget / columns / row_align * row_align;
-    } else {
-      // Tiles of whole channels, each row segment starting aligned.
-      if (columns % vec != 0) continue;
-      const int64_t unit = plan.spatial / greatest_common_divisor(plan.spatial, vec) * vec;
-      plan.tile_columns = std::max<int64_t>(1, kTargetTileColumns / unit) * unit;
-      if (plan.tile_columns > budget) continue;
-      plan.tile_rows = budget / plan.tile_columns;
-    }
-    if (plan.tile_rows < 1) continue;
-    plan.vec = static_cast<int>(vec);
-    break;
-  }
-  const int64_t tiles = ceil_div(columns, plan.tile_columns);
-  const int64_t tile_channels = plan.tile_columns / plan.spatial;
-  const int64_t row_steps = ceil_div(plan.rows, plan.tile_rows);
-  const int64_t strip_bytes = plan.rows * plan.tile_columns * element_bytes;
-  const int64_t most_slots =
-      std::min({kMaxSlots, std::max<int64_t>(1, kFinishBudget / tile_channels), row_steps});
-  const int64_t slots = std::clamp<int64_t>(ceil_div(strip_bytes, kBlockBytes), 1, most_slots);
-  plan.rows_per_slot = ceil_div(row_steps, slots) * plan.tile_rows;
-  plan.slots = ceil_div(plan.rows, plan.rows_per_slot);
-  plan.counters = tiles;
-  plan.blocks = tiles * plan.slots;
-}
-
-void plan_segments(ChannelPlan& plan, int64_t channels, int64_t element_bytes, const void* x) {
-  for (int64_t vec = kMaxLoadBytes / element_bytes; vec >= 1; vec /= 2) {
-    if (is_aligned(x, vec * element_bytes) && plan.spatial % vec == 0) {
-      plan.vec = static_cast<int>(vec);
-      break;
-    }
-  }
-  const int64_t channel_elements = plan.rows * plan.spatial;
-  const int64_t pieces = std::clamp<int64_t>(ceil_div(channel_elements * element_bytes, kBlockBytes), 1,
-                                             std::min(kMaxSlots, kFinishBudget));
-  plan.piece_elements = round_up(ceil_div(channel_elements, pieces), plan.vec);
-  plan.slots = ceil_div(channel_elements, plan.piece_elements);
-  plan.counters = channels;
-  plan.blocks = channels * plan.slots;
-}
-
-ChannelPlan plan_channel_mean(const ChannelMeanShape& shape, ElementType type, const void* x) {
-  ChannelPlan plan;
-  const int64_t element_bytes = static_cast<int64_t>(element_size(type));
-  plan.spatial = shape.channels_last ? 1 : shape.spatial;
-  plan.rows = shape.channels_last ? shape.rows * shape.spatial : shape.rows;
-  plan.column_mode = plan.spatial < kColumnModeMinSpatial;
-  if (plan.column_mode) {
-    plan_columns(plan, shape.channels, element_bytes, x);
-  } else {
-    plan_segments(plan, shape.channels, element_bytes, x);
-  }
-  if (plan.slots > 1) {
-    plan.partial_bytes = static_cast<size_t>(round_up(
-        plan.slots * shape.channels * static_cast<int64_t>(accumulation_size(type)), 16));
-    plan.negative_bytes = static_cast<size_t>(round_up(plan.slots * shape.channels, 16));
-    plan.workspace_bytes =
-        plan.partial_bytes + plan.negative_bytes + static_cast<size_t>(plan.counters) * sizeof(unsigned int);
-  }
-  return plan;
+ChannelMeanPlan plan_for(const ChannelMeanShape& shape, ElementType type, const void* x,
+                         const MachineModel& machine) {
+  const auto misalignment = static_cast<int64_t>(reinterpret_cast<uintptr_t>(x) % kMaxLoadBytes);
+  return plan_channel_mean(shape.rows, shape.channels, shape.spatial, shape.channels_last,
+                           static_cast<int64_t>(element_size(type)), static_cast<int64_t>(accumulation_size(type)),
+                           misalignment, machine);
 }
 
 bool valid_shape(const ChannelMeanShape& shape) {
@@ -145,15 +51,14 @@ bool valid_shape(const ChannelMeanShape& shape) {
 
 // ---- device side ----
 
-// Where a block's result goes: the means directly (slots == 1), or a partial sum per
-// (slot, channel) plus a counter per finishing group.
+// Where a block's result goes: the means directly (slots == 1), or a partial sum per (slot, channel)
+// at partials[slot * channels + channel], the finish's input.
 template <typename acc_t>
 struct MeanOutput {
   acc_t* mean;
   bool* negative;  // kAbs only
   acc_t* partials;
   unsigned char* partial_negative;  // kAbs only, laid out as partials
-  unsigned int* counters;
   acc_t count;  // values per channel
   int64_t slots;
 };
@@ -167,10 +72,24 @@ struct ColumnArgs {
 };
 
 template <typename acc_t>
-struct SegmentArgs {
+struct PlaneArgs {
   int64_t channels, spatial;
-  int64_t channel_elements, piece_elements;
+  int64_t plane_vectors, plane_scalars;  // per plane
+  int64_t vectors, scalars;              // per channel
+  int64_t slot_vectors, slot_scalars;
   MeanOutput<acc_t> output;
+};
+
+template <typename acc_t>
+struct FinishArgs {
+  const acc_t* partials;
+  const unsigned char* partial_negative;  // kAbs only
+  int64_t channels, slots;
+  acc_t* next;                    // the next level's partials, or null: this level writes the means
+  unsigned char* next_negative;
+  acc_t* mean;
+  bool* negative;
+  acc_t count;
 };
 
 // The statistic's term for one value: v, or |v| (kAbs), noting in `negative` a value < 0.
@@ -198,39 +117,17 @@ __device__ acc_t block_sum(acc_t value) {
   return total;
 }
 
-// Call after the block's partial sums are stored; true in every thread of the block that arrives
-// last among the `arrivals` blocks sharing `counter`, once every other block's partials are visible.
-__device__ bool arrives_last(unsigned int* counter, int64_t arrivals) {
-  __shared__ bool last;
-  __threadfence();  // this thread's partials reach device scope before the block is counted
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    last = atomicAdd(counter, 1u) == static_cast<unsigned int>(arrivals - 1);
-    __threadfence();  // the other blocks' partials are read after their tickets
-  }
-  __syncthreads();
-  return last;
-}
-
-// mean[k] = (sum over slots s of partials[k * channel_stride + s * slot_stride]) / count for
-// k < channels: slots split over a power-of-two group of lanes, then a butterfly, a fixed order.
-template <typename acc_t>
-__device__ void finish_means(const acc_t* partials, int64_t channel_stride, int64_t slot_stride, int channels,
-                             int64_t slots, acc_t count, acc_t* mean) {
-  int lanes = kWarpSize;
-  while (lanes > 1 && (lanes * channels > kThreads || lanes / 2 >= slots)) lanes /= 2;
-  const int groups = kThreads / lanes;
-  const int group = threadIdx.x / lanes, lane = threadIdx.x % lanes;
-  for (int first = 0; first < channels; first += groups) {  // the same trip count in every thread
-    const int channel = first + group;
-    acc_t sum = 0;
-    if (channel < channels) {
-      const acc_t* source = partials + channel * channel_stride;
-#pragma unroll 4
-      for (int64_t slot = lane; slot < slots; slot += lanes) sum += __ldcg(source + slot * slot_stride);
-    }
-    sum = group_sum(sum, lanes);
-    if (channel < channels && lane == 0) mean[channel] = sum / count;
+// Thread 0's block total and flag, to the means (one slot) or to the slot's partial.
+template <bool kAbs, typename acc_t>
+__device__ void store_block_result(const MeanOutput<acc_t>& out, int64_t channels, int64_t channel, int64_t slot,
+                                   acc_t total, bool negative) {
+  if (threadIdx.x != 0) return;
+  if (out.slots == 1) {
+    out.mean[channel] = total / out.count;
+    if constexpr (kAbs) out.negative[channel] = negative;
+  } else {
+    out.partials[slot * channels + channel] = total;
+    if constexpr (kAbs) out.partial_negative[slot * channels + channel] = negative ? 1 : 0;
   }
 }
 
@@ -338,56 +235,55 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
       if constexpr (kAbs) out.partial_negative[slot * a.channels + first_channel + k] = any_negative;
     }
   }
-  if (out.slots == 1 || !arrives_last(out.counters + tile, out.slots)) return;
-  finish_means(out.partials + first_channel, 1, a.channels, tile_channels, out.slots, out.count,
-               out.mean + first_channel);
-  if constexpr (kAbs) {
-    for (int k = threadIdx.x; k < tile_channels; k += kThreads) {
-      unsigned char any_negative = 0;
-      for (int64_t s = 0; s < out.slots; ++s) any_negative |= __ldcg(out.partial_negative + s * a.channels + first_channel + k);
-      out.negative[first_channel + k] = any_negative != 0;
-    }
-  }
 }
 
 template <typename scalar_t, int kVec, bool kAbs>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
-    segment_mean_kernel(const scalar_t* __restrict__ x, SegmentArgs<acc_type<scalar_t>> a) {
+    plane_mean_kernel(const scalar_t* __restrict__ x, PlaneArgs<acc_type<scalar_t>> a) {
   using acc_t = acc_type<scalar_t>;
   const MeanOutput<acc_t>& out = a.output;
   const int64_t channel = blockIdx.x / out.slots;
-  const int64_t piece = blockIdx.x - channel * out.slots;
-  const int64_t end = min(a.channel_elements, (piece + 1) * a.piece_elements);
+  const int64_t slot = blockIdx.x - channel * out.slots;
+  // x's place within a kVec-element alignment unit: a plane starting at element `start` has a head
+  // of (-(phase + start)) mod kVec values before its first aligned one.
+  const uint64_t phase = static_cast<uint64_t>(reinterpret_cast<uintptr_t>(x) / sizeof(scalar_t));
+  auto plane_start = [&](int64_t sample) { return (sample * a.channels + channel) * a.spatial; };
+  auto head = [&](int64_t start) {
+    return static_cast<int64_t>((0 - (phase + static_cast<uint64_t>(start))) & (kVec - 1));
+  };
 
-  // index runs over the channel's values in plane order; (sample, offset) follows it without a
-  // division per step. S, the piece bounds and index are multiples of kVec, so no load straddles
-  // two planes or the piece's end.
-  constexpr int64_t kStep = static_cast<int64_t>(kThreads) * kVec;
-  const int64_t step_samples = kStep / a.spatial;
-  const int64_t step_offset = kStep - step_samples * a.spatial;
-  int64_t index = piece * a.piece_elements + threadIdx.x * kVec;
-  int64_t sample = index / a.spatial;
-  int64_t offset = index - sample * a.spatial;
+  // index runs over the channel's vectors in plane order; (sample, vector) follows it without a
+  // division per step.
+  const int64_t end = min(a.vectors, (slot + 1) * a.slot_vectors);
+  int64_t index = slot * a.slot_vectors + threadIdx.x;
+  int64_t sample = index / a.plane_vectors;
+  int64_t vector = index - sample * a.plane_vectors;
+  const int64_t step_samples = kThreads / a.plane_vectors;
+  const int64_t step_vectors = kThreads - step_samples * a.plane_vectors;
+  auto advance = [&] {
+    index += kThreads;
+    sample += step_samples;
+    vector += step_vectors;
+    if (vector >= a.plane_vectors) {
+      vector -= a.plane_vectors;
+      ++sample;
+    }
+  };
+  auto body = [&] {
+    const int64_t start = plane_start(sample);
+    return x + start + head(start) + vector * kVec;
+  };
 
   acc_t sums[kUnroll];
   bool negative = false;
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) sums[u] = 0;
-  auto advance = [&] {
-    index += kStep;
-    sample += step_samples;
-    offset += step_offset;
-    if (offset >= a.spatial) {
-      offset -= a.spatial;
-      ++sample;
-    }
-  };
   // Whole rounds: kUnroll loads in flight, no bounds to test.
-  while (index + (kUnroll - 1) * kStep < end) {
+  while (index + (kUnroll - 1) * kThreads < end) {
     scalar_t values[kUnroll][kVec];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      load_vector<kVec>(x + (sample * a.channels + channel) * a.spatial + offset, values[u]);
+      load_vector<kVec>(body(), values[u]);
       advance();
     }
 #pragma unroll
@@ -399,10 +295,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   acc_t tail = 0;  // fewer than kUnroll loads left
   while (index < end) {
     scalar_t values[kVec];
-    load_vector<kVec>(x + (sample * a.channels + channel) * a.spatial + offset, values);
+    load_vector<kVec>(body(), values);
     advance();
 #pragma unroll
     for (int v = 0; v < kVec; ++v) tail += statistic_term<kAbs>(to_acc(values[v]), negative);
+  }
+  // The heads and tails of the slot's share of planes: scalar j of a plane is its value j of the
+  // head, or j - head into the tail behind the vectors.
+  const int64_t scalars_end = min(a.scalars, (slot + 1) * a.slot_scalars);
+  for (int64_t j = slot * a.slot_scalars + threadIdx.x; j < scalars_end; j += kThreads) {
+    const int64_t scalar_sample = j / a.plane_scalars, e = j - scalar_sample * a.plane_scalars;
+    const int64_t start = plane_start(scalar_sample), plane_head = head(start);
+    const int64_t offset = e < plane_head ? e : e + a.plane_vectors * kVec;
+    tail += statistic_term<kAbs>(load_acc(x + start + offset), negative);
   }
 
   acc_t thread_sum = sums[0];
@@ -417,29 +322,48 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     __syncthreads();
   }
   const acc_t total = block_sum(thread_sum);
+  store_block_result<kAbs>(out, a.channels, channel, slot, total, block_negative);
+}
 
-  if (out.slots == 1) {
-    if (threadIdx.x == 0) {
-      out.mean[channel] = total / out.count;
-      if constexpr (kAbs) out.negative[channel] = block_negative;
+// One finish level: kFinishChannels channels per block, each with kFinishLanes lanes that add every
+// kFinishLanes-th of the block's (up to kFinishSlotsPerBlock) slots; the lanes' sums are then added
+// in lane order. A warp reads 32 adjacent channels of one slot.
+template <typename acc_t, bool kAbs>
+__global__ void __launch_bounds__(kFinishChannels * kFinishLanes) finish_kernel(FinishArgs<acc_t> a) {
+  __shared__ acc_t lane_sums[kFinishLanes][kFinishChannels];
+  __shared__ unsigned char lane_negative[kFinishLanes][kFinishChannels];
+  const int64_t channel_blocks = (a.channels + kFinishChannels - 1) / kFinishChannels;
+  const int64_t group = blockIdx.x / channel_blocks;
+  const int channel_lane = threadIdx.x % kFinishChannels, slot_lane = threadIdx.x / kFinishChannels;
+  const int64_t channel = (blockIdx.x - group * channel_blocks) * kFinishChannels + channel_lane;
+  const int64_t last = min(a.slots, (group + 1) * kFinishSlotsPerBlock);
+  acc_t sum = 0;
+  unsigned char negative = 0;
+  if (channel < a.channels) {
+    for (int64_t slot = group * kFinishSlotsPerBlock + slot_lane; slot < last; slot += kFinishLanes) {
+      sum += a.partials[slot * a.channels + channel];
+      if constexpr (kAbs) negative |= a.partial_negative[slot * a.channels + channel];
     }
-    return;
   }
-  if (threadIdx.x == 0) {
-    out.partials[channel * out.slots + piece] = total;
-    if constexpr (kAbs) out.partial_negative[channel * out.slots + piece] = block_negative ? 1 : 0;
+  lane_sums[slot_lane][channel_lane] = sum;
+  lane_negative[slot_lane][channel_lane] = negative;
+  __syncthreads();
+  if (slot_lane != 0 || channel >= a.channels) return;
+  for (int lane = 1; lane < kFinishLanes; ++lane) {
+    sum += lane_sums[lane][channel_lane];
+    negative |= lane_negative[lane][channel_lane];
   }
-  if (!arrives_last(out.counters + channel, out.slots)) return;
-  finish_means(out.partials + channel * out.slots, out.slots, 1, 1, out.slots, out.count, out.mean + channel);
-  if (kAbs && threadIdx.x == 0) {
-    unsigned char any_negative = 0;
-    for (int64_t s = 0; s < out.slots; ++s) any_negative |= __ldcg(out.partial_negative + channel * out.slots + s);
-    out.negative[channel] = any_negative != 0;
+  if (a.next != nullptr) {
+    a.next[group * a.channels + channel] = sum;
+    if constexpr (kAbs) a.next_negative[group * a.channels + channel] = negative;
+  } else {
+    a.mean[channel] = sum / a.count;
+    if constexpr (kAbs) a.negative[channel] = negative != 0;
   }
 }
 
 template <typename scalar_t, bool kAbs>
-cudaError_t launch_typed(const ChannelPlan& plan, const ChannelMeanShape& shape, const void* x, void* mean,
+cudaError_t launch_typed(const ChannelMeanPlan& plan, const ChannelMeanShape& shape, const void* x, void* mean,
                          bool* negative, void* workspace, cudaStream_t stream) {
   using acc_t = acc_type<scalar_t>;
   MeanOutput<acc_t> out{};
@@ -447,43 +371,66 @@ cudaError_t launch_typed(const ChannelPlan& plan, const ChannelMeanShape& shape,
   out.negative = negative;
   out.count = static_cast<acc_t>(shape.rows * shape.spatial);
   out.slots = plan.slots;
+  // Workspace: two partial buffers, then two flag buffers; finish levels read one and write the other.
+  char* base = static_cast<char*>(workspace);
+  const size_t flag_bytes = (plan.workspace_bytes - 2 * plan.partial_bytes) / 2;
+  acc_t* partials[2] = {reinterpret_cast<acc_t*>(base), reinterpret_cast<acc_t*>(base + plan.partial_bytes)};
+  unsigned char* flags[2] = {reinterpret_cast<unsigned char*>(base + 2 * plan.partial_bytes),
+                             reinterpret_cast<unsigned char*>(base + 2 * plan.partial_bytes + flag_bytes)};
   if (plan.slots > 1) {
-    out.partials = static_cast<acc_t*>(workspace);
-    out.partial_negative = reinterpret_cast<unsigned char*>(static_cast<char*>(workspace) + plan.partial_bytes);
-    out.counters = reinterpret_cast<unsigned int*>(static_cast<char*>(workspace) + plan.partial_bytes +
-                                                   plan.negative_bytes);
-    const cudaError_t status =
-        cudaMemsetAsync(out.counters, 0, static_cast<size_t>(plan.counters) * sizeof(unsigned int), stream);
-    if (status != cudaSuccess) return status;
+    out.partials = partials[0];
+    out.partial_negative = flags[0];
   }
   const scalar_t* data = static_cast<const scalar_t*>(x);
-  return visit_vector_width<scalar_t>(plan.vec, [&](auto width) {
+  const cudaError_t status = visit_vector_width<scalar_t>(plan.vec, [&](auto width) {
     constexpr int kVec = decltype(width)::value;
     const unsigned int blocks = static_cast<unsigned int>(plan.blocks);
-    if (plan.column_mode) {
+    if (plan.mode == ChannelMeanMode::kColumns) {
       ColumnArgs<acc_t> args{plan.rows,         plan.columns,       plan.spatial,
                              shape.channels,    plan.tile_columns,  plan.rows_per_slot,
                              static_cast<int>(plan.tile_rows), out};
       EQUINORM_LAUNCH(blocks, kThreads, 0, stream, column_mean_kernel<scalar_t, kVec, kAbs>)(data, args);
     } else {
-      SegmentArgs<acc_t> args{shape.channels, plan.spatial, plan.rows * plan.spatial, plan.piece_elements, out};
-      EQUINORM_LAUNCH(blocks, kThreads, 0, stream, segment_mean_kernel<scalar_t, kVec, kAbs>)(data, args);
+      PlaneArgs<acc_t> args{shape.channels,
+                            plan.spatial,
+                            plan.plane_vectors,
+                            plan.plane_scalars,
+                            plan.rows * plan.plane_vectors,
+                            plan.rows * plan.plane_scalars,
+                            plan.slot_vectors,
+                            plan.slot_scalars,
+                            out};
+      EQUINORM_LAUNCH(blocks, kThreads, 0, stream, plane_mean_kernel<scalar_t, kVec, kAbs>)(data, args);
     }
     return cudaGetLastError();
   });
+  if (status != cudaSuccess) return status;
+  for (int level = 0; level < plan.finish_levels; ++level) {
+    const bool last = level + 1 == plan.finish_levels;
+    FinishArgs<acc_t> args{partials[level % 2], flags[level % 2], shape.channels, plan.finish[level].slots,
+                           last ? nullptr : partials[(level + 1) % 2], last ? nullptr : flags[(level + 1) % 2],
+                           out.mean, negative, out.count};
+    const auto blocks = static_cast<unsigned int>(plan.finish[level].blocks);
+    EQUINORM_LAUNCH(blocks, kFinishChannels * kFinishLanes, 0, stream, finish_kernel<acc_t, kAbs>)(args);
+    const cudaError_t finished = cudaGetLastError();
+    if (finished != cudaSuccess) return finished;
+  }
+  return cudaSuccess;
 }
 
 }  // namespace
 
-size_t channel_mean_workspace_bytes(const ChannelMeanShape& shape, ElementType type, const void* x) {
+size_t channel_mean_workspace_bytes(const ChannelMeanShape& shape, ElementType type, const void* x,
+                                    const MachineModel& machine) {
   if (!valid_shape(shape)) return 0;
-  return plan_channel_mean(shape, type, x).workspace_bytes;
+  return plan_for(shape, type, x, machine).workspace_bytes;
 }
 
 cudaError_t launch_channel_mean(const ChannelMeanShape& shape, ElementType type, const void* x, void* mean,
-                                bool* negative, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+                                bool* negative, void* workspace, size_t workspace_bytes, cudaStream_t stream,
+                                const MachineModel& machine) {
   if (!valid_shape(shape) || x == nullptr || mean == nullptr) return cudaErrorInvalidValue;
-  const ChannelPlan plan = plan_channel_mean(shape, type, x);
+  const ChannelMeanPlan plan = plan_for(shape, type, x, machine);
   if (!fits_grid(plan.blocks)) return cudaErrorInvalidConfiguration;
   if (workspace_bytes < plan.workspace_bytes || (plan.workspace_bytes > 0 && workspace == nullptr)) {
     return cudaErrorInvalidValue;

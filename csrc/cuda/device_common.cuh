@@ -29,8 +29,6 @@ namespace cuda {
 
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullWarpMask = 0xffffffffu;
-// Widest global load, in bytes.
-constexpr int kMaxLoadBytes = 16;
 
 // float for the 16- and 32-bit types, double for double.
 template <typename scalar_t>
@@ -109,34 +107,7 @@ __device__ __forceinline__ T group_sum(T value, int width) {
   return value;
 }
 
-// ---- host helpers ----
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-inline int64_t round_up(int64_t a, int64_t multiple) { return ceil_div(a, multiple) * multiple; }
-
-inline int64_t greatest_common_divisor(int64_t a, int64_t b) {
-  while (b != 0) {
-    const int64_t r = a % b;
-    a = b;
-    b = r;
-  }
-  return a;
-}
-
-// Largest power of two <= value (value >= 1).
-inline int64_t floor_power_of_two(int64_t value) {
-  int64_t power = 1;
-  while (power * 2 <= value) power *= 2;
-  return power;
-}
-
-// Smallest power of two >= value.
-inline int64_t ceil_power_of_two(int64_t value) {
-  int64_t power = 1;
-  while (power < value) power *= 2;
-  return power;
-}
+// ---- host helpers (the arithmetic of the plans is in cuda/launch_plans.h) ----
 
 inline bool is_aligned(const void* pointer, int64_t bytes) {
   return reinterpret_cast<uintptr_t>(pointer) % static_cast<uintptr_t>(bytes) == 0;

@@ -1,17 +1,20 @@
 // ENorm's fused rescaling on the GPU (formulas: csrc/shared/enorm_math.h; program format:
-// csrc/enorm_plan.h). Groups are balanced one after the other, each from the tensors as the
-// previous groups left them, as the CPU op does.
+// csrc/enorm_plan.h; launch plans: cuda/launch_plans.h). Groups are balanced one after the other,
+// each from the tensors as the previous groups left them, as the CPU op does.
 //
-// Launches: one memset of the groups' counters per op call, then two kernels per group:
+// Launches per group, no memset:
 //   energy    a power-of-two group of lanes owns one channel of one counted entry (lanes take
 //             neighbouring values of the channel, or neighbouring channels take neighbouring
 //             lanes when the channels are adjacent in memory, so loads coalesce in both layouts)
 //             and adds |v|^p over a slice of the channel's values; the butterfly total is stored
-//             per (entry, slice, channel). The last block of the group (integer ticket) adds each
-//             channel's row and column energies in entry and slice order, computes d, the factors
-//             d^power and max |d - 1|.
+//             per (entry, slice, channel). Slices split long channels over blocks until the group
+//             fills two waves, so a Linear's columns are no longer one thread's walk each.
+//   finish    32 channels per block, 8 lanes each, add every channel's row and column energies in
+//             entry and slice order and compute d, the factors d^power and max |d - 1| (an
+//             integer atomicMax on the non-negative doubles' bits: exact, whatever the order).
 //   rescale   every entry of the group, each value multiplied by its channel's factor, in
-//             storage order (coalesced). Entries naming the same tensor go to separate launches.
+//             storage order, vectors of up to 16 bytes, the channel found once per vector.
+//             Entries naming the same tensor go to separate launches.
 // No float atomics: every sum runs in an order fixed by the shapes, so d is bit-identical across
 // runs. Energies are added, and values rescaled, in double (em::energy_math_t) for every dtype.
 #include <algorithm>
@@ -27,18 +30,12 @@ namespace {
 
 namespace em = equinorm::math;
 
-constexpr int kThreads = 256;
+constexpr int kThreads = kEnormThreads;
+constexpr int kMinBlocksPerSM = kEnormBlocksPerMultiprocessor;
 // Entries one launch takes (kernel parameters); longer lists are split over several launches.
 constexpr int kMaxLaunchEntries = 16;
 // Powers a factor is kept for: -2, -1, 1, 2 (power 0 leaves a tensor unchanged).
 constexpr int kPowers = 4;
-// Blocks an energy launch aims at, values a slice holds at least, partials the finishing block
-// adds at most: slices split long channels when there are few, within the finishing budget.
-constexpr int64_t kTargetEnergyBlocks = 256;
-constexpr int64_t kMinSliceValues = 2048;
-constexpr int64_t kFinishBudget = 16 * 1024;
-// Values one rescale block covers (whole outer rows).
-constexpr int64_t kRescaleBlockValues = 4096;
 constexpr int kUnroll = 4;
 
 __host__ __device__ inline int power_slot(int power) { return power < 0 ? power + 2 : power + 1; }
@@ -64,13 +61,18 @@ struct EnergyView {
 struct EnergyLaunch {
   EnergyView views[kMaxLaunchEntries];
   int count;
-  double p, c;
+  double p;
   int64_t channels;
   double* partials;             // (partial rows, channels)
+  double* deviation;            // cleared by the group's first launch (the finish takes its max), or null
+};
+
+struct FinishLaunch {
+  double p, c;
+  int64_t channels;
+  const double* partials;
   int64_t row_partial_rows;     // partial rows [0, this) are row energies, the rest column energies
   int64_t partial_rows;
-  unsigned int* counter;
-  unsigned int group_blocks;    // blocks of every energy launch of the group
   double* coefficients;         // (channels,)
   double* factors;              // (kPowers, channels)
   double* deviation;            // (1,) or null
@@ -81,6 +83,7 @@ struct RescaleView {
   ElementType type;
   bool columns;
   int power;
+  int vec;
   int64_t outer, outer_stride, outer_per_group, channels_per_group;
   int64_t channel_divisor, channel_modulus;  // columns: i = (r / divisor) % modulus, r the offset in the row
   int64_t rows_per_block;
@@ -148,52 +151,8 @@ __device__ double dispatch_channel_energy(const EnergyView& v, int64_t base, int
   return 0;
 }
 
-// Sum of partials[row * channels] over rows [first, last), split over `lanes` lanes, fixed order.
-__device__ double sum_partial_rows(const double* partials, int64_t channels, int64_t first, int64_t last, int lane,
-                                   int lanes) {
-  double sum = 0;
-  for (int64_t row = first + lane; row < last; row += lanes) sum += __ldcg(partials + row * channels);
-  return group_sum(sum, lanes);
-}
-
-// The last energy block of a group: d, the factors and max |d - 1| from every partial.
-__device__ void finish_coefficients(const EnergyLaunch& a) {
-  int lanes = kWarpSize;
-  while (lanes > 1 && (lanes * a.channels > kThreads || lanes / 2 >= a.partial_rows)) lanes /= 2;
-  const int groups = kThreads / lanes;
-  const int group = threadIdx.x / lanes, lane = threadIdx.x % lanes;
-  double deviation = 0;
-  for (int64_t first = 0; first < a.channels; first += groups) {  // the same trip count in every thread
-    const int64_t j = first + group;
-    const bool active = j < a.channels;
-    const double* column = a.partials + (active ? j : 0);
-    const double rows = sum_partial_rows(column, a.channels, 0, active ? a.row_partial_rows : 0, lane, lanes);
-    const double cols =
-        sum_partial_rows(column, a.channels, a.row_partial_rows, active ? a.partial_rows : 0, lane, lanes);
-    if (active && lane == 0) {
-      const double d = em::enorm_coefficient(rows, cols, a.p, a.c);
-      a.coefficients[j] = d;
-      for (int power = -2; power <= 2; ++power) {
-        if (power != 0) a.factors[power_slot(power) * a.channels + j] = em::coefficient_power(d, power);
-      }
-      deviation = fmax(deviation, fabs(d - 1));
-    }
-  }
-  if (a.deviation == nullptr) return;
-  __shared__ double warp_max[kThreads / kWarpSize];
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    deviation = fmax(deviation, __shfl_xor_sync(kFullWarpMask, deviation, offset));
-  }
-  if (threadIdx.x % kWarpSize == 0) warp_max[threadIdx.x / kWarpSize] = deviation;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double largest = 0;
-    for (int w = 0; w < kThreads / kWarpSize; ++w) largest = fmax(largest, warp_max[w]);
-    *a.deviation = largest;
-  }
-}
-
-__global__ void __launch_bounds__(kThreads) enorm_energy_kernel(const __grid_constant__ EnergyLaunch a) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) enorm_energy_kernel(const __grid_constant__ EnergyLaunch a) {
+  if (a.deviation != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *a.deviation = 0;
   const EnergyView& v = a.views[entry_of_block(a.views, a.count)];
   const int64_t block = blockIdx.x - v.first_block;
   const int64_t channel_block = block / v.slices, slice = block - channel_block * v.slices;
@@ -214,53 +173,141 @@ __global__ void __launch_bounds__(kThreads) enorm_energy_kernel(const __grid_con
   const int64_t end = active ? min(v.values, begin + v.slice_values) : 0;
   const double energy = group_sum(dispatch_channel_energy(v, base, begin, end, lane, a.p), v.lanes);
   if (active && lane == 0) a.partials[(v.partial_row + slice) * a.channels + j] = energy;
-
-  __shared__ bool last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    last = atomicAdd(a.counter, 1u) == a.group_blocks - 1;
-    __threadfence();
-  }
-  __syncthreads();
-  if (last) finish_coefficients(a);
 }
 
-template <typename scalar_t>
+// kFinishChannels channels per block, kFinishLanes lanes each adding every kFinishLanes-th partial
+// row; the lanes' sums are then added in lane order, so a warp reads 32 adjacent channels of a row.
+__global__ void __launch_bounds__(kFinishChannels * kFinishLanes) enorm_finish_kernel(const FinishLaunch a) {
+  __shared__ double lane_rows[kFinishLanes][kFinishChannels];
+  __shared__ double lane_columns[kFinishLanes][kFinishChannels];
+  const int channel_lane = threadIdx.x % kFinishChannels, row_lane = threadIdx.x / kFinishChannels;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kFinishChannels + channel_lane;
+  double rows = 0, cols = 0;
+  if (j < a.channels) {
+    for (int64_t r = row_lane; r < a.row_partial_rows; r += kFinishLanes) rows += a.partials[r * a.channels + j];
+    for (int64_t r = a.row_partial_rows + row_lane; r < a.partial_rows; r += kFinishLanes) {
+      cols += a.partials[r * a.channels + j];
+    }
+  }
+  lane_rows[row_lane][channel_lane] = rows;
+  lane_columns[row_lane][channel_lane] = cols;
+  __syncthreads();
+  if (row_lane != 0) return;  // warp 0 goes on, all its lanes together
+  double deviation = 0;
+  if (j < a.channels) {
+    for (int lane = 1; lane < kFinishLanes; ++lane) {
+      rows += lane_rows[lane][channel_lane];
+      cols += lane_columns[lane][channel_lane];
+    }
+    const double d = em::enorm_coefficient(rows, cols, a.p, a.c);
+    a.coefficients[j] = d;
+    for (int power = -2; power <= 2; ++power) {
+      if (power != 0) a.factors[power_slot(power) * a.channels + j] = em::coefficient_power(d, power);
+    }
+    deviation = fabs(d - 1);
+  }
+  if (a.deviation == nullptr) return;
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    deviation = fmax(deviation, __shfl_xor_sync(kFullWarpMask, deviation, offset));
+  }
+  // Non-negative doubles order as their bits do, so the integer maximum is the exact one.
+  if (channel_lane == 0) {
+    unsigned long long bits;
+    memcpy(&bits, &deviation, sizeof(bits));
+    atomicMax(reinterpret_cast<unsigned long long*>(a.deviation), bits);
+  }
+}
+
+// kVec consecutive values of one row: stored whole, as load_vector reads them.
+template <int kVec, typename scalar_t>
+__device__ __forceinline__ void store_vector(scalar_t* target, const scalar_t (&values)[kVec]) {
+  using Word = typename LoadWord<sizeof(scalar_t) * kVec>::type;
+  Word word;
+  memcpy(&word, values, sizeof(Word));
+  *reinterpret_cast<Word*>(target) = word;
+}
+
+// The block's rows, kVec values per load (rows are a multiple of kVec long and start aligned), each
+// thread kUnroll loads in flight. A vector's channel is found once: along a row the channel index
+// i = (r / divisor) % modulus steps by one every `divisor` values.
+template <typename scalar_t, int kVec>
 __device__ void rescale_rows(const RescaleView& v, const double* factors, int64_t channels) {
   using acc_t = acc_type<scalar_t>;
   using math_t = em::energy_math_t;
   const int64_t first_row = (blockIdx.x - v.first_block) * v.rows_per_block;
   const int64_t rows = min(v.rows_per_block, v.outer - first_row);
   // A block covers fewer than 2^31 values (checked on the host): 32-bit index arithmetic.
-  const unsigned count = static_cast<unsigned>(rows * v.outer_stride);
-  const unsigned row_size = static_cast<unsigned>(v.outer_stride);
+  const unsigned vectors = static_cast<unsigned>(rows * v.outer_stride / kVec);
+  const unsigned row_vectors = static_cast<unsigned>(v.outer_stride / kVec);
   const unsigned divisor = static_cast<unsigned>(v.channel_divisor), modulus = static_cast<unsigned>(v.channel_modulus);
   scalar_t* data = static_cast<scalar_t*>(v.data) + first_row * v.outer_stride;
   const double* factor = factors + power_slot(v.power) * channels;
-  for (unsigned k = threadIdx.x; k < count; k += kThreads) {
-    const unsigned row = k / row_size;
+  auto rescale = [&](unsigned k, scalar_t (&values)[kVec]) {
+    const unsigned row = k / row_vectors;
     const int64_t o = first_row + row;
-    int64_t j = o;
-    if (v.columns) j = (o / v.outer_per_group) * v.channels_per_group + ((k - row * row_size) / divisor) % modulus;
-    data[k] = from_acc<scalar_t>(static_cast<acc_t>(static_cast<math_t>(to_acc(data[k])) * __ldg(factor + j)));
+    const unsigned r = (k - row * row_vectors) * kVec;  // offset of the vector's first value in its row
+    const int64_t group_first = v.columns ? (o / v.outer_per_group) * v.channels_per_group : o;
+    unsigned i = (r / divisor) % modulus, step = r % divisor;
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      const double f = __ldg(factor + (v.columns ? group_first + i : o));
+      values[e] = from_acc<scalar_t>(static_cast<acc_t>(static_cast<math_t>(to_acc(values[e])) * f));
+      if (++step == divisor) {
+        step = 0;
+        if (++i == modulus) i = 0;
+      }
+    }
+  };
+  unsigned k = threadIdx.x;
+  for (; k + (kRescaleUnroll - 1) * kThreads < vectors; k += kRescaleUnroll * kThreads) {
+    scalar_t values[kRescaleUnroll][kVec];
+#pragma unroll
+    for (int u = 0; u < kRescaleUnroll; ++u) load_vector<kVec>(data + (k + u * kThreads) * kVec, values[u]);
+#pragma unroll
+    for (int u = 0; u < kRescaleUnroll; ++u) {
+      rescale(k + u * kThreads, values[u]);
+      store_vector<kVec>(data + (k + u * kThreads) * kVec, values[u]);
+    }
+  }
+  for (; k < vectors; k += kThreads) {
+    scalar_t values[kVec];
+    load_vector<kVec>(data + k * kVec, values);
+    rescale(k, values);
+    store_vector<kVec>(data + k * kVec, values);
   }
 }
 
-__global__ void __launch_bounds__(kThreads) enorm_rescale_kernel(const __grid_constant__ RescaleLaunch a) {
+template <typename scalar_t>
+__device__ void dispatch_rescale_width(const RescaleView& v, const double* factors, int64_t channels) {
+  switch (v.vec) {
+    case 8:
+      if constexpr (max_vector_width<scalar_t>() >= 8) rescale_rows<scalar_t, 8>(v, factors, channels);
+      break;
+    case 4:
+      if constexpr (max_vector_width<scalar_t>() >= 4) rescale_rows<scalar_t, 4>(v, factors, channels);
+      break;
+    case 2:
+      if constexpr (max_vector_width<scalar_t>() >= 2) rescale_rows<scalar_t, 2>(v, factors, channels);
+      break;
+    default:
+      rescale_rows<scalar_t, 1>(v, factors, channels);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) enorm_rescale_kernel(const __grid_constant__ RescaleLaunch a) {
   const RescaleView& v = a.views[entry_of_block(a.views, a.count)];
   switch (v.type) {
     case ElementType::kHalf:
-      rescale_rows<__half>(v, a.factors, a.channels);
+      dispatch_rescale_width<__half>(v, a.factors, a.channels);
       break;
     case ElementType::kBFloat16:
-      rescale_rows<__nv_bfloat16>(v, a.factors, a.channels);
+      dispatch_rescale_width<__nv_bfloat16>(v, a.factors, a.channels);
       break;
     case ElementType::kFloat:
-      rescale_rows<float>(v, a.factors, a.channels);
+      dispatch_rescale_width<float>(v, a.factors, a.channels);
       break;
     case ElementType::kDouble:
-      rescale_rows<double>(v, a.factors, a.channels);
+      dispatch_rescale_width<double>(v, a.factors, a.channels);
       break;
   }
 }
@@ -282,45 +329,44 @@ EnergyView energy_view(const EnormEntry& e) {
   v.inner = e.inner;
   v.inner_stride = e.inner_stride;
   v.values = v.outer_count * v.inner;
-  // Channels adjacent in memory: neighbouring lanes take neighbouring channels; otherwise they
-  // take neighbouring values of one channel.
-  int64_t lanes = std::min<int64_t>(kWarpSize, ceil_power_of_two(v.values));
-  if (v.channel_stride == 1) lanes = std::min(lanes, floor_power_of_two(std::max<int64_t>(1, kThreads / v.channels)));
-  v.lanes = static_cast<int>(lanes);
   return v;
 }
 
-// The counted entries of a group with their slices: rows first, then columns, each in entry order.
-struct EnergyPlan {
+// The counted entries of a group with their slices (plan_enorm_energy): rows first, then columns,
+// each in entry order.
+struct GroupEnergy {
   std::vector<EnergyView> views;
   int64_t row_partial_rows = 0;
   int64_t partial_rows = 0;
   int64_t blocks = 0;
+  int64_t finish_blocks = 0;
 };
 
-EnergyPlan plan_energy(const EnormEntry* group, int64_t size) {
-  EnergyPlan plan;
+GroupEnergy plan_energy(const EnormEntry* group, int64_t size, const MachineModel& machine) {
+  GroupEnergy energy;
+  std::vector<EnergyEntry> shapes;
   for (const bool columns : {false, true}) {
     for (int64_t k = 0; k < size; ++k) {
-      if (group[k].counted && group[k].columns == columns) plan.views.push_back(energy_view(group[k]));
+      if (!group[k].counted || group[k].columns != columns) continue;
+      const EnergyView v = energy_view(group[k]);
+      energy.views.push_back(v);
+      shapes.push_back({v.channels, v.values, v.channel_stride == 1, static_cast<int64_t>(element_size(v.type))});
     }
   }
-  const int64_t channels = plan.views.empty() ? 1 : plan.views.front().channels;
-  const int64_t slice_cap =
-      std::max<int64_t>(1, kFinishBudget / (channels * std::max<int64_t>(1, static_cast<int64_t>(plan.views.size()))));
-  for (EnergyView& v : plan.views) {
-    const int64_t channel_blocks = ceil_div(v.channels, kThreads / v.lanes);
-    v.slices = std::clamp<int64_t>(kTargetEnergyBlocks / channel_blocks, 1,
-                                   std::min(slice_cap, std::max<int64_t>(1, v.values / kMinSliceValues)));
-    v.slice_values = ceil_div(v.values, v.slices);
-    v.slices = ceil_div(v.values, v.slice_values);
-    v.partial_row = plan.partial_rows;
-    plan.partial_rows += v.slices;
-    if (!v.columns) plan.row_partial_rows = plan.partial_rows;
-    v.first_block = plan.blocks;  // within the group; rebased per launch
-    plan.blocks += channel_blocks * v.slices;
+  const EnergyPlan plan = plan_enorm_energy(shapes, entry_channels(group[0]), machine);
+  for (size_t k = 0; k < energy.views.size(); ++k) {
+    EnergyView& v = energy.views[k];
+    v.lanes = plan.entries[k].lanes;
+    v.slices = plan.entries[k].slices;
+    v.slice_values = plan.entries[k].slice_values;
+    v.partial_row = energy.partial_rows;
+    energy.partial_rows += v.slices;
+    if (!v.columns) energy.row_partial_rows = energy.partial_rows;
+    v.first_block = energy.blocks;  // within the group; rebased per launch
+    energy.blocks += plan.entries[k].blocks;
   }
-  return plan;
+  energy.finish_blocks = plan.finish_blocks;
+  return energy;
 }
 
 RescaleView rescale_view(const EnormEntry& e) {
@@ -337,7 +383,11 @@ RescaleView rescale_view(const EnormEntry& e) {
   v.channel_divisor = e.columns && e.inner_stride == 1 ? e.channel_stride : 1;
   v.channel_modulus = e.columns && e.inner_stride == 1 ? e.channels_per_group : e.inner_stride;
   if (!e.columns) v.channel_modulus = 1;
-  v.rows_per_block = std::max<int64_t>(1, kRescaleBlockValues / e.outer_stride);
+  const auto misalignment = static_cast<int64_t>(reinterpret_cast<uintptr_t>(e.data) % kMaxLoadBytes);
+  const RescalePlan plan = plan_enorm_rescale(e.outer, e.outer_stride, static_cast<int64_t>(element_size(e.type)),
+                                              misalignment);
+  v.vec = plan.vec;
+  v.rows_per_block = plan.rows_per_block;
   return v;
 }
 
@@ -352,47 +402,52 @@ bool valid_entry(const EnormEntry& e) {
 }
 
 struct WorkspaceLayout {
-  size_t counters = 0, partials = 0, factors = 0, coefficients = 0, total = 0;
+  size_t partials = 0, factors = 0, coefficients = 0, total = 0;
 };
 
-WorkspaceLayout workspace_layout(const EnormEntry* entries, const int64_t* group_sizes, int64_t group_count) {
+WorkspaceLayout workspace_layout(const EnormEntry* entries, const int64_t* group_sizes, int64_t group_count,
+                                 const MachineModel& machine) {
   int64_t most_channels = 1, most_partials = 1;
   for (int64_t g = 0, first = 0; g < group_count; first += group_sizes[g], ++g) {
-    const EnergyPlan plan = plan_energy(entries + first, group_sizes[g]);
+    const GroupEnergy energy = plan_energy(entries + first, group_sizes[g], machine);
     const int64_t channels = entry_channels(entries[first]);
     most_channels = std::max(most_channels, channels);
-    most_partials = std::max(most_partials, plan.partial_rows * channels);
+    most_partials = std::max(most_partials, energy.partial_rows * channels);
   }
   auto aligned = [](size_t bytes) { return (bytes + 255) / 256 * 256; };
   WorkspaceLayout layout;
-  layout.counters = 0;
-  layout.partials = aligned(static_cast<size_t>(group_count) * sizeof(unsigned int));
+  layout.partials = 0;
   layout.factors = layout.partials + aligned(static_cast<size_t>(most_partials) * sizeof(double));
   layout.coefficients = layout.factors + aligned(static_cast<size_t>(kPowers * most_channels) * sizeof(double));
   layout.total = layout.coefficients + aligned(static_cast<size_t>(most_channels) * sizeof(double));
   return layout;
 }
 
-cudaError_t launch_energy(const EnergyPlan& plan, EnergyLaunch args, cudaStream_t stream) {
-  args.row_partial_rows = plan.row_partial_rows;
-  args.partial_rows = plan.partial_rows;
-  args.group_blocks = static_cast<unsigned int>(plan.blocks);
-  for (size_t first = 0; first < plan.views.size(); first += kMaxLaunchEntries) {
-    const size_t count = std::min<size_t>(kMaxLaunchEntries, plan.views.size() - first);
-    const int64_t block_offset = plan.views[first].first_block;
-    const int64_t end_block = first + count < plan.views.size() ? plan.views[first + count].first_block : plan.blocks;
+// The group's energy launches (at most kMaxLaunchEntries entries each), then its finish.
+cudaError_t launch_energy(const GroupEnergy& energy, EnergyLaunch args, FinishLaunch finish, cudaStream_t stream) {
+  for (size_t first = 0; first < energy.views.size(); first += kMaxLaunchEntries) {
+    const size_t count = std::min<size_t>(kMaxLaunchEntries, energy.views.size() - first);
+    const int64_t block_offset = energy.views[first].first_block;
+    const int64_t end_block =
+        first + count < energy.views.size() ? energy.views[first + count].first_block : energy.blocks;
     args.count = static_cast<int>(count);
     for (size_t k = 0; k < count; ++k) {
-      args.views[k] = plan.views[first + k];
+      args.views[k] = energy.views[first + k];
       args.views[k].first_block -= block_offset;
     }
+    if (first > 0) args.deviation = nullptr;  // cleared once, before the finish
     const int64_t blocks = end_block - block_offset;
     if (!fits_grid(blocks)) return cudaErrorInvalidConfiguration;
     EQUINORM_LAUNCH(static_cast<unsigned int>(blocks), kThreads, 0, stream, enorm_energy_kernel)(args);
     const cudaError_t status = cudaGetLastError();
     if (status != cudaSuccess) return status;
   }
-  return cudaSuccess;
+  finish.row_partial_rows = energy.row_partial_rows;
+  finish.partial_rows = energy.partial_rows;
+  if (!fits_grid(energy.finish_blocks)) return cudaErrorInvalidConfiguration;
+  EQUINORM_LAUNCH(static_cast<unsigned int>(energy.finish_blocks), kFinishChannels * kFinishLanes, 0, stream,
+                  enorm_finish_kernel)(finish);
+  return cudaGetLastError();
 }
 
 cudaError_t launch_rescale(const EnormEntry* group, int64_t size, int64_t channels, const double* factors,
@@ -428,17 +483,18 @@ cudaError_t launch_rescale(const EnormEntry* group, int64_t size, int64_t channe
 
 }  // namespace
 
-size_t enorm_workspace_bytes(const EnormEntry* entries, const int64_t* group_sizes, int64_t group_count) {
+size_t enorm_workspace_bytes(const EnormEntry* entries, const int64_t* group_sizes, int64_t group_count,
+                             const MachineModel& machine) {
   if (entries == nullptr || group_sizes == nullptr || group_count < 1) return 0;
   for (int64_t g = 0; g < group_count; ++g) {
     if (group_sizes[g] < 1) return 0;
   }
-  return workspace_layout(entries, group_sizes, group_count).total;
+  return workspace_layout(entries, group_sizes, group_count, machine).total;
 }
 
 cudaError_t launch_enorm(const EnormEntry* entries, const int64_t* group_sizes, int64_t group_count, double p,
                          double c, double* coefficients, double* deviations, void* workspace, size_t workspace_bytes,
-                         cudaStream_t stream) {
+                         cudaStream_t stream, const MachineModel& machine) {
   if (entries == nullptr || group_sizes == nullptr || group_count < 1 || workspace == nullptr) {
     return cudaErrorInvalidValue;
   }
@@ -453,30 +509,34 @@ cudaError_t launch_enorm(const EnormEntry* entries, const int64_t* group_sizes, 
     }
     if (!counts_rows || !counts_columns) return cudaErrorInvalidValue;
   }
-  const WorkspaceLayout layout = workspace_layout(entries, group_sizes, group_count);
+  const WorkspaceLayout layout = workspace_layout(entries, group_sizes, group_count, machine);
   if (workspace_bytes < layout.total) return cudaErrorInvalidValue;
   char* base = static_cast<char*>(workspace);
-  unsigned int* counters = reinterpret_cast<unsigned int*>(base + layout.counters);
-  cudaError_t status = cudaMemsetAsync(counters, 0, static_cast<size_t>(group_count) * sizeof(unsigned int), stream);
-  if (status != cudaSuccess) return status;
 
   for (int64_t g = 0, first = 0; g < group_count; first += group_sizes[g], ++g) {
     const EnormEntry* group = entries + first;
     const int64_t channels = entry_channels(group[0]);
-    EnergyLaunch args{};
-    args.p = p;
-    args.c = c;
-    args.channels = channels;
-    args.partials = reinterpret_cast<double*>(base + layout.partials);
-    args.counter = counters + g;
-    args.factors = reinterpret_cast<double*>(base + layout.factors);
+    double* partials = reinterpret_cast<double*>(base + layout.partials);
+    double* factors = reinterpret_cast<double*>(base + layout.factors);
+    double* deviation = deviations != nullptr ? deviations + g : nullptr;
+    EnergyLaunch energy{};
+    energy.p = p;
+    energy.channels = channels;
+    energy.partials = partials;
+    energy.deviation = deviation;
+    FinishLaunch finish{};
+    finish.p = p;
+    finish.c = c;
+    finish.channels = channels;
+    finish.partials = partials;
+    finish.factors = factors;
     const bool last_group = g + 1 == group_count;
-    args.coefficients = last_group && coefficients != nullptr ? coefficients
-                                                              : reinterpret_cast<double*>(base + layout.coefficients);
-    args.deviation = deviations != nullptr ? deviations + g : nullptr;
-    status = launch_energy(plan_energy(group, group_sizes[g]), args, stream);
+    finish.coefficients = last_group && coefficients != nullptr ? coefficients
+                                                                : reinterpret_cast<double*>(base + layout.coefficients);
+    finish.deviation = deviation;
+    cudaError_t status = launch_energy(plan_energy(group, group_sizes[g], machine), energy, finish, stream);
     if (status != cudaSuccess) return status;
-    status = launch_rescale(group, group_sizes[g], channels, args.factors, stream);
+    status = launch_rescale(group, group_sizes[g], channels, factors, stream);
     if (status != cudaSuccess) return status;
   }
   return cudaSuccess;

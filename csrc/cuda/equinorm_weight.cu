@@ -2,10 +2,10 @@
 //
 // Launches per op:
 //   equinorm_weight     1 kernel.
-//   equinorm_forward    2 kernels: the channel means (channel_mean.cu; plus a memset of its
-//                       counters when a channel is split over several blocks), then this
-//                       transform. Every output channel needs every mean of its group, a
-//                       grid-wide dependency, so the transform starts at a kernel boundary.
+//   equinorm_forward    2 kernels: the channel means (channel_mean.cu; plus its finish when a
+//                       channel is split over several blocks), then this transform. Every
+//                       output channel needs every mean of its group, a grid-wide dependency,
+//                       so the transform starts at a kernel boundary.
 //   equinorm_backward   2 kernels: per output channel d, grad_weight, grad_gain and the row
 //                       of contributions to grad_mean (C/groups values, or C/groups x K for
 //                       per-tap means); then each value of grad_mean adds its group's rows in a
@@ -41,16 +41,10 @@ __device__ __forceinline__ scalar_t from_weight_math(em::weight_math_t value) {
   return from_acc<scalar_t>(static_cast<acc_type<scalar_t>>(value));
 }
 
-constexpr int kThreads = 256;
-// Rows of at most this many values go to a warp, longer rows to a whole block.
-constexpr int64_t kWarpTeamMaxRow = 256;
+// Plans (teams, lanes, blocks, the grad_mean reduction): plan_equinorm_weight in cuda/launch_plans.h.
+constexpr int kThreads = kEquiNormThreads;
 // Values a team adds at once at most (the forward's first pass).
 constexpr int kMaxTeamSums = 6;
-
-// grad_mean reduction: a block adds kReduceColumns channels, each over kReduceSlices interleaved
-// slices of its output channels.
-constexpr int kReduceColumns = 32;
-constexpr int kReduceSlices = 16;
 constexpr int kReduceThreads = kReduceColumns * kReduceSlices;
 constexpr int kReduceUnroll = 4;
 
@@ -340,9 +334,12 @@ bool valid_shape(const WeightShape& s) {
          s.out_channels % s.groups == 0 && s.group_channels * s.taps >= 2;
 }
 
-int team_size(const WeightShape& s) { return s.group_channels * s.taps <= kWarpTeamMaxRow ? kWarpSize : kThreads; }
+EquiNormWeightPlan plan_for(const WeightShape& s, ElementType type) {
+  return plan_equinorm_weight(s.out_channels, s.group_channels, s.taps, s.groups, s.channels_last, s.per_tap_means,
+                              static_cast<int64_t>(element_size(type)));
+}
 
-RowGeometry row_geometry(const WeightShape& s, int team) {
+RowGeometry row_geometry(const WeightShape& s, const EquiNormWeightPlan& plan) {
   RowGeometry g{};
   g.out_channels = s.out_channels;
   g.group_channels = s.group_channels;
@@ -350,26 +347,19 @@ RowGeometry row_geometry(const WeightShape& s, int team) {
   g.outputs_per_group = s.out_channels / s.groups;
   g.channel_stride = s.channels_last ? 1 : s.taps;
   g.tap_stride = s.channels_last ? s.group_channels : 1;
-  // (c, t): neighbouring lanes take neighbouring taps of a channel. (t, c): neighbouring lanes
-  // take neighbouring channels, and a channel gets several lanes only when the channels alone
-  // cannot keep the team busy.
-  int64_t lanes = std::min<int64_t>(kWarpSize, ceil_power_of_two(s.taps));
-  if (s.channels_last) lanes = std::min(lanes, floor_power_of_two(std::max<int64_t>(1, team / s.group_channels)));
-  g.lanes_per_channel = static_cast<int>(lanes);
+  g.lanes_per_channel = plan.lanes_per_channel;
   g.per_tap_means = s.per_tap_means;
   return g;
 }
 
-int64_t team_blocks(const WeightShape& s, int team) { return ceil_div(s.out_channels, kThreads / team); }
-
 template <typename scalar_t>
-cudaError_t launch_forward_typed(const WeightShape& shape, const void* weight, const void* mean, const void* gain,
-                                 double ratio, double eps, bool exact, void* out, void* stats, cudaStream_t stream) {
+cudaError_t launch_forward_typed(const WeightShape& shape, const EquiNormWeightPlan& plan, const void* weight,
+                                 const void* mean, const void* gain, double ratio, double eps, bool exact, void* out,
+                                 void* stats, cudaStream_t stream) {
   using acc_t = em::weight_math_t;
   using operand_t = acc_type<scalar_t>;
-  const int team = team_size(shape);
   ForwardArgs<scalar_t> args{};
-  args.geometry = row_geometry(shape, team);
+  args.geometry = row_geometry(shape, plan);
   args.weight = static_cast<const scalar_t*>(weight);
   args.mean = static_cast<const operand_t*>(mean);
   args.gain = static_cast<const operand_t*>(gain);
@@ -378,10 +368,9 @@ cudaError_t launch_forward_typed(const WeightShape& shape, const void* weight, c
   args.ratio = static_cast<acc_t>(ratio);
   args.eps = static_cast<acc_t>(eps);
   args.exact = exact;
-  const int64_t blocks = team_blocks(shape, team);
-  if (!fits_grid(blocks)) return cudaErrorInvalidConfiguration;
-  const unsigned int grid = static_cast<unsigned int>(blocks);
-  if (team == kWarpSize) {
+  if (!fits_grid(plan.blocks)) return cudaErrorInvalidConfiguration;
+  const unsigned int grid = static_cast<unsigned int>(plan.blocks);
+  if (plan.team == kWarpSize) {
     EQUINORM_LAUNCH(grid, kThreads, 0, stream, equinorm_weight_kernel<scalar_t, kWarpSize>)(args);
   } else {
     EQUINORM_LAUNCH(grid, kThreads, 0, stream, equinorm_weight_kernel<scalar_t, kThreads>)(args);
@@ -390,14 +379,14 @@ cudaError_t launch_forward_typed(const WeightShape& shape, const void* weight, c
 }
 
 template <typename scalar_t>
-cudaError_t launch_backward_typed(const WeightShape& shape, const void* grad_out, const void* weight,
-                                  const void* mean, const void* gain, const void* stats, void* grad_weight,
-                                  void* grad_mean, void* grad_gain, void* workspace, cudaStream_t stream) {
+cudaError_t launch_backward_typed(const WeightShape& shape, const EquiNormWeightPlan& plan, const void* grad_out,
+                                  const void* weight, const void* mean, const void* gain, const void* stats,
+                                  void* grad_weight, void* grad_mean, void* grad_gain, void* workspace,
+                                  cudaStream_t stream) {
   using acc_t = em::weight_math_t;
   using operand_t = acc_type<scalar_t>;
-  const int team = team_size(shape);
   BackwardArgs<scalar_t> args{};
-  args.geometry = row_geometry(shape, team);
+  args.geometry = row_geometry(shape, plan);
   args.grad = static_cast<const scalar_t*>(grad_out);
   args.weight = static_cast<const scalar_t*>(weight);
   args.mean = static_cast<const operand_t*>(mean);
@@ -406,21 +395,19 @@ cudaError_t launch_backward_typed(const WeightShape& shape, const void* grad_out
   args.grad_weight = static_cast<scalar_t*>(grad_weight);
   args.grad_gain = static_cast<operand_t*>(grad_gain);
   args.mean_terms = static_cast<acc_t*>(workspace);
-  const int64_t blocks = team_blocks(shape, team);
-  const int64_t mean_values = args.geometry.mean_values_per_group() * shape.groups;
-  const int64_t reduce_blocks = ceil_div(mean_values, kReduceColumns);
-  if (!fits_grid(blocks) || !fits_grid(reduce_blocks)) return cudaErrorInvalidConfiguration;
-  const unsigned int grid = static_cast<unsigned int>(blocks);
-  if (team == kWarpSize) {
+  if (!fits_grid(plan.blocks) || !fits_grid(plan.reduce_blocks)) return cudaErrorInvalidConfiguration;
+  const unsigned int grid = static_cast<unsigned int>(plan.blocks);
+  if (plan.team == kWarpSize) {
     EQUINORM_LAUNCH(grid, kThreads, 0, stream, equinorm_backward_kernel<scalar_t, kWarpSize>)(args);
   } else {
     EQUINORM_LAUNCH(grid, kThreads, 0, stream, equinorm_backward_kernel<scalar_t, kThreads>)(args);
   }
   const cudaError_t status = cudaGetLastError();
   if (status != cudaSuccess) return status;
-  EQUINORM_LAUNCH(static_cast<unsigned int>(reduce_blocks), kReduceThreads, 0, stream, sum_mean_terms_kernel<acc_t>)(
-      args.mean_terms, args.geometry.mean_values_per_group(), shape.out_channels / shape.groups, mean_values,
-      static_cast<acc_t*>(grad_mean));
+  EQUINORM_LAUNCH(static_cast<unsigned int>(plan.reduce_blocks), kReduceThreads, 0, stream,
+                  sum_mean_terms_kernel<acc_t>)(args.mean_terms, args.geometry.mean_values_per_group(),
+                                                shape.out_channels / shape.groups, plan.mean_values,
+                                                static_cast<acc_t*>(grad_mean));
   return cudaGetLastError();
 }
 
@@ -435,14 +422,15 @@ cudaError_t launch_equinorm_weight(const WeightShape& shape, ElementType type, c
   }
   return visit_element_type(type, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
-    return launch_forward_typed<scalar_t>(shape, weight, mean, gain, ratio, eps, exact, out, stats, stream);
+    return launch_forward_typed<scalar_t>(shape, plan_for(shape, type), weight, mean, gain, ratio, eps, exact, out,
+                                          stats, stream);
   });
 }
 
 size_t equinorm_backward_workspace_bytes(const WeightShape& shape, ElementType type) {
   if (!valid_shape(shape)) return 0;
-  const int64_t mean_values = shape.per_tap_means ? shape.group_channels * shape.taps : shape.group_channels;
-  return static_cast<size_t>(shape.out_channels * mean_values) * sizeof(em::weight_math_t);
+  static_assert(sizeof(em::weight_math_t) == sizeof(double), "the plan sizes the contributions as float64");
+  return static_cast<size_t>(plan_for(shape, type).backward_workspace_bytes);
 }
 
 cudaError_t launch_equinorm_backward(const WeightShape& shape, ElementType type, const void* grad_out,
@@ -456,8 +444,8 @@ cudaError_t launch_equinorm_backward(const WeightShape& shape, ElementType type,
   }
   return visit_element_type(type, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
-    return launch_backward_typed<scalar_t>(shape, grad_out, weight, mean, gain, stats, grad_weight, grad_mean,
-                                           grad_gain, workspace, stream);
+    return launch_backward_typed<scalar_t>(shape, plan_for(shape, type), grad_out, weight, mean, gain, stats,
+                                           grad_weight, grad_mean, grad_gain, workspace, stream);
   });
 }
 

@@ -13,6 +13,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "cuda/launch_plans.h"
 #include "shared/tap_mean_math.h"
 
 namespace equinorm {
@@ -32,13 +33,16 @@ struct ChannelMeanShape {
 };
 
 // Bytes of device workspace launch_channel_mean needs (0 when none); depends on x's alignment.
-size_t channel_mean_workspace_bytes(const ChannelMeanShape& shape, ElementType type, const void* x);
+size_t channel_mean_workspace_bytes(const ChannelMeanShape& shape, ElementType type, const void* x,
+                                    const MachineModel& machine = kHopper);
 
 // Writes mean (channels,). Bit-identical results across runs for the same shape and alignment.
 // With `negative` (channels,): the "abs_mean" statistic, mean of |x|, and
 // negative[c] set to true for every channel that has a value < 0; nullptr: the plain mean.
+// The plan is plan_channel_mean (cuda/launch_plans.h) for `machine`.
 cudaError_t launch_channel_mean(const ChannelMeanShape& shape, ElementType type, const void* x, void* mean,
-                                bool* negative, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+                                bool* negative, void* workspace, size_t workspace_bytes, cudaStream_t stream,
+                                const MachineModel& machine = kHopper);
 
 // ---- EquiNorm weight transform ----
 
@@ -112,14 +116,15 @@ struct EnormEntry {
 };
 
 // Bytes of device workspace launch_enorm needs for these groups (group_sizes[g] entries each).
-size_t enorm_workspace_bytes(const EnormEntry* entries, const int64_t* group_sizes, int64_t group_count);
+size_t enorm_workspace_bytes(const EnormEntry* entries, const int64_t* group_sizes, int64_t group_count,
+                             const MachineModel& machine = kHopper);
 
 // Balances the groups in order, each from the tensors as the previous groups left them.
 // coefficients (the last group's channel count, may be null): that group's d. deviations
 // (group_count, may be null): max |d - 1| of each group. Both float64 on the device.
 cudaError_t launch_enorm(const EnormEntry* entries, const int64_t* group_sizes, int64_t group_count, double p,
                          double c, double* coefficients, double* deviations, void* workspace, size_t workspace_bytes,
-                         cudaStream_t stream);
+                         cudaStream_t stream, const MachineModel& machine = kHopper);
 
 }  // namespace cuda
 }  // namespace equinorm

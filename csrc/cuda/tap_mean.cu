@@ -24,11 +24,9 @@ namespace equinorm {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kUnroll = 4;
-// Blocks the column sums aim for before they split the rows into slots.
-constexpr int64_t kTargetBlocks = 1024;
-constexpr int64_t kMaxSlots = 64;
+// The column sums' plan: plan_tap_mean_columns in cuda/launch_plans.h.
+constexpr int kThreads = kTapMeanThreads;
+constexpr int kUnroll = kTapMeanUnroll;
 
 struct TapPlan {
   int64_t width = 0;   // C * plane
@@ -59,13 +57,13 @@ int64_t output_count(const TapMeanShape& shape) {
   return shape.dims[0].outputs * shape.dims[1].outputs * shape.dims[2].outputs;
 }
 
-TapPlan plan_tap_mean(const TapMeanShape& shape, size_t accumulation_bytes) {
+TapPlan plan_tap_mean(const TapMeanShape& shape, size_t element_bytes, size_t accumulation_bytes) {
   TapPlan plan;
-  plan.width = shape.channels * plane_size(shape);
-  const int64_t column_blocks = ceil_div(plan.width, kThreads);
-  const int64_t slots = std::clamp<int64_t>(ceil_div(kTargetBlocks, column_blocks), 1, std::min(kMaxSlots, shape.rows));
-  plan.rows_per_slot = ceil_div(shape.rows, slots);
-  plan.slots = ceil_div(shape.rows, plan.rows_per_slot);
+  const TapColumnPlan columns = plan_tap_mean_columns(shape.rows, shape.channels * plane_size(shape),
+                                                      static_cast<int64_t>(element_bytes));
+  plan.width = columns.width;
+  plan.rows_per_slot = columns.rows_per_slot;
+  plan.slots = columns.slots;
   plan.table_entries = table_entries(shape);
   plan.tables_bytes = aligned(static_cast<size_t>(plan.table_entries) * sizeof(int));
   plan.plane_bytes = aligned(static_cast<size_t>(plan.width) * accumulation_bytes);
@@ -333,7 +331,7 @@ bool fits_launch(const TapMeanShape& shape, const TapPlan& plan) {
 
 size_t tap_mean_workspace_bytes(const TapMeanShape& shape, ElementType type) {
   if (!valid_dims(shape) || shape.rows < 1) return 0;
-  return plan_tap_mean(shape, accumulation_size(type)).workspace_bytes;
+  return plan_tap_mean(shape, element_size(type), accumulation_size(type)).workspace_bytes;
 }
 
 cudaError_t launch_tap_mean(const TapMeanShape& shape, ElementType type, const void* x, bool absolute, void* mean,
@@ -341,7 +339,7 @@ cudaError_t launch_tap_mean(const TapMeanShape& shape, ElementType type, const v
   if (!valid_dims(shape) || shape.rows < 1 || x == nullptr || mean == nullptr || negative == nullptr) {
     return cudaErrorInvalidValue;
   }
-  const TapPlan plan = plan_tap_mean(shape, accumulation_size(type));
+  const TapPlan plan = plan_tap_mean(shape, element_size(type), accumulation_size(type));
   if (!fits_launch(shape, plan)) return cudaErrorInvalidConfiguration;
   if (workspace == nullptr || workspace_bytes < plan.workspace_bytes) return cudaErrorInvalidValue;
   char* base = static_cast<char*>(workspace);

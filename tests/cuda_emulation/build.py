@@ -1,5 +1,6 @@
 """Builds kernel_runner: csrc/cuda/*.cu compiled by g++ as C++ with cuda_emulation.h pre-included,
-linked with kernel_runner.cpp, in one of three flavours (plain, ASan + UBSan, TSan).
+linked with kernel_runner.cpp, in one of three flavours (plain, ASan + UBSan, TSan); and
+launch_plan_driver, which prints the kernels' launch plans (csrc/cuda/launch_plans.h) as JSON.
 
 Objects and binaries are cached under build/cuda_emulation (git-ignored), named by a hash of
 everything that goes into them: compiler, flags, the source and every header it can include. A
@@ -23,6 +24,8 @@ ROOT = HERE.parent.parent
 CSRC = ROOT / "csrc"
 LAYER = HERE / "cuda_emulation.h"
 RUNNER_SOURCE = HERE / "kernel_runner.cpp"
+PLAN_DRIVER_SOURCE = HERE / "launch_plan_driver.cpp"
+PLANS_HEADER = CSRC / "cuda" / "launch_plans.h"
 KERNEL_SOURCES = sorted((CSRC / "cuda").glob("*.cu"))
 CACHE = ROOT / "build" / "cuda_emulation"
 CACHE_KEEP_S = 7 * 24 * 3600
@@ -195,6 +198,21 @@ def _prune(used: set[Path]) -> None:
             with contextlib.suppress(FileNotFoundError):  # another session may prune at the same time
                 if path.stat().st_mtime < stale_before:
                     path.unlink()
+
+
+def build_plan_driver() -> Path:
+    """launch_plan_driver: the plans of csrc/cuda/launch_plans.h (plain C++, no CUDA header needed) as JSON."""
+    compiler = shutil.which("g++")
+    if compiler is None:
+        raise BuildError("g++ not found on PATH")
+    flags = ("-std=c++17", "-O1", "-Wall", "-Werror")
+    key = _digest(compiler, *flags, PLANS_HEADER.read_text(), PLAN_DRIVER_SOURCE.read_text())
+    driver = CACHE / "bin" / f"launch_plan_driver-{key}"
+    if not driver.exists():
+        driver.parent.mkdir(parents=True, exist_ok=True)
+        _run([compiler, *flags, "-I", str(CSRC), str(PLAN_DRIVER_SOURCE)], driver)
+    _prune({driver})
+    return driver
 
 
 def planted(source_name: str, original: str, replacement: str) -> tuple[str, str]:

@@ -8,12 +8,13 @@
 // Usage: kernel_runner <manifest> <output directory>
 // A manifest line is "<op> <case name> key=value ...". Buffers are raw files in memory order, inputs
 // named relative to the manifest, outputs written as <output directory>/<case name>.<key>.bin.
-//   channel_mean  dtype rows channels spatial channels_last offset x [abs=1] -> mean [negative]
+//   channel_mean  dtype rows channels spatial channels_last offset x [abs=1] [multiprocessors=<n>
+//                 min_block_bytes=<n>] -> mean [negative]
 //   equinorm      dtype out_channels group_channels taps groups channels_last exact ratio eps
 //                 per_tap_means offset weight mean gain [grad]  -> out stats [grad_weight grad_mean grad_gain]
 //   enorm         p c offset dtypes=<dtype>,... tensor<k>=<file> group_sizes=<n>,... entries=<11 ints>;...
-//                 coefficients=0|1 deviations=0|1  -> tensor<k> (each tensor after the op) [coefficients]
-//                 [deviations]
+//                 coefficients=0|1 deviations=0|1 [multiprocessors=<n> min_block_bytes=<n>]
+//                 -> tensor<k> (each tensor after the op) [coefficients] [deviations]
 //   tap_mean      dtype rows channels channels_last mode absolute offset dims=<L,k,s,d,before,after,outputs>;x3
 //                 x [grad]  -> mean negative [plane]
 // An enorm entry: tensor columns power counted groups outer channels_per_group inner outer_stride
@@ -138,6 +139,15 @@ void check(cudaError_t status, const char* launcher) {
   }
 }
 
+// The machine the plans are made for: the launchers' default, or a smaller one named by the case
+// (multiprocessors, min_block_bytes) so that small shapes take the many-block paths.
+equinorm::cuda::MachineModel machine(const Case& c) {
+  equinorm::cuda::MachineModel model = equinorm::cuda::kHopper;
+  if (c.has("multiprocessors")) model.multiprocessors = c.integer("multiprocessors");
+  if (c.has("min_block_bytes")) model.min_block_bytes = c.integer("min_block_bytes");
+  return model;
+}
+
 Outputs run_channel_mean(const Case& c) {
   const TypeInfo info = type_info(c.text("dtype"));
   const equinorm::cuda::ChannelMeanShape shape{c.integer("rows"), c.integer("channels"), c.integer("spatial"),
@@ -145,14 +155,15 @@ Outputs run_channel_mean(const Case& c) {
   const size_t offset = static_cast<size_t>(c.integer("offset"));
   const Buffer x(c.input(c.text("x")), offset * info.element_bytes);
   const Buffer mean(static_cast<size_t>(shape.channels) * info.accumulation_bytes, offset * info.accumulation_bytes);
-  const size_t workspace_bytes = equinorm::cuda::channel_mean_workspace_bytes(shape, info.type, x.data());
+  const equinorm::cuda::MachineModel model = machine(c);
+  const size_t workspace_bytes = equinorm::cuda::channel_mean_workspace_bytes(shape, info.type, x.data(), model);
   const Buffer workspace(workspace_bytes, 0);
   const bool abs_statistic = c.has("abs") && c.integer("abs") != 0;
   const Buffer negative(abs_statistic ? static_cast<size_t>(shape.channels) : 0, 0);
   check(equinorm::cuda::launch_channel_mean(shape, info.type, x.data(), mean.data(),
                                             abs_statistic ? static_cast<bool*>(negative.data()) : nullptr,
                                             workspace_bytes > 0 ? workspace.data() : nullptr, workspace_bytes,
-                                            nullptr),
+                                            nullptr, model),
         "launch_channel_mean");
   if (abs_statistic) return {{"mean", mean.contents()}, {"negative", negative.contents()}};
   return {{"mean", mean.contents()}};
@@ -245,14 +256,16 @@ Outputs run_enorm(const Case& c) {
                                : last_group_first_entry.outer;
   const Buffer coefficients(static_cast<size_t>(channels) * sizeof(double), 0);
   const Buffer deviations(static_cast<size_t>(groups) * sizeof(double), 0);
-  const size_t workspace_bytes = equinorm::cuda::enorm_workspace_bytes(entries.data(), group_sizes.data(), groups);
+  const equinorm::cuda::MachineModel model = machine(c);
+  const size_t workspace_bytes =
+      equinorm::cuda::enorm_workspace_bytes(entries.data(), group_sizes.data(), groups, model);
   const Buffer workspace(workspace_bytes, 0);
   // enorm_group_ asks for the coefficients only, enorm_cycle_ for the deviations only.
   const bool wants_coefficients = c.integer("coefficients") != 0, wants_deviations = c.integer("deviations") != 0;
   check(equinorm::cuda::launch_enorm(entries.data(), group_sizes.data(), groups, c.real("p"), c.real("c"),
                                      wants_coefficients ? static_cast<double*>(coefficients.data()) : nullptr,
                                      wants_deviations ? static_cast<double*>(deviations.data()) : nullptr,
-                                     workspace.data(), workspace_bytes, nullptr),
+                                     workspace.data(), workspace_bytes, nullptr, model),
         "launch_enorm");
   Outputs results;
   if (wants_coefficients) results.emplace_back("coefficients", coefficients.contents());

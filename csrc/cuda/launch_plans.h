@@ -1,0 +1,424 @@
+// How each CUDA kernel cuts its work into blocks: the machine model the plans are sized for, and
+// host functions (plain C++, no CUDA or torch header) that return every launch parameter of a
+// shape. The launchers run exactly these plans; tests/test_cuda_launch_plans.py checks them over
+// real network shapes through tests/cuda_emulation/launch_plan_driver.cpp.
+//
+// The model (H100/H200): a memory-bound kernel reaches the copy bandwidth only when
+// - every multiprocessor has work for the whole run: at least kWaves waves of blocks at the
+//   kernel's guaranteed occupancy (its __launch_bounds__ minimum), so the last wave's tail is short;
+// - each multiprocessor keeps enough loads in flight to cover the memory latency (Little's law:
+//   about 4.3 TB/s x 1 us / 132 multiprocessors = 32 KiB);
+// - loads are 16 bytes wide on the aligned body of every contiguous run, scalar only on its head
+//   and tail;
+// - no thread walks a loop whose length grows with a tensor dimension while others idle.
+// A block still streams at least min_block_bytes, below which its fixed costs (launch, partial
+// sums, the finish) outweigh its loads: small tensors get fewer blocks than two waves.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace equinorm {
+namespace cuda {
+
+struct MachineModel {
+  int64_t multiprocessors = 132;
+  int64_t waves = 2;
+  int64_t min_block_bytes = 8 * 1024;
+  int64_t bytes_in_flight_per_multiprocessor = 32 * 1024;
+};
+// The machine every launcher plans for unless told otherwise (tests shrink it to keep shapes small).
+inline constexpr MachineModel kHopper{};
+
+// Widest global load, in bytes.
+constexpr int kMaxLoadBytes = 16;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline int64_t round_up(int64_t a, int64_t multiple) { return ceil_div(a, multiple) * multiple; }
+
+inline int64_t greatest_common_divisor(int64_t a, int64_t b) {
+  while (b != 0) {
+    const int64_t r = a % b;
+    a = b;
+    b = r;
+  }
+  return a;
+}
+
+// Largest power of two <= value (value >= 1).
+inline int64_t floor_power_of_two(int64_t value) {
+  int64_t power = 1;
+  while (power * 2 <= value) power *= 2;
+  return power;
+}
+
+// Smallest power of two >= value.
+inline int64_t ceil_power_of_two(int64_t value) {
+  int64_t power = 1;
+  while (power < value) power *= 2;
+  return power;
+}
+
+// Blocks that fill `waves` waves of the machine at `blocks_per_multiprocessor`.
+inline int64_t wave_blocks(const MachineModel& machine, int64_t blocks_per_multiprocessor) {
+  return machine.multiprocessors * blocks_per_multiprocessor * machine.waves;
+}
+
+// ---- channel_mean ----
+
+constexpr int kChannelMeanThreads = 256;
+// The kernels' __launch_bounds__ minimum: up to 64 registers, so the unrolled loads stay in registers.
+constexpr int kChannelMeanBlocksPerMultiprocessor = 4;
+// Loads a thread has in flight before it adds them.
+constexpr int kChannelMeanUnroll = 4;
+// NCHW planes shorter than this are read as columns of an (R, C * S) matrix when that gives
+// full-width loads; longer ones (and short ones where it does not) plane by plane.
+constexpr int64_t kColumnModeMaxSpatial = 128;
+// Columns of a column tile, when the matrix is wider: a warp still reads >= 256 contiguous bytes.
+constexpr int64_t kTargetTileColumns = 128;
+// The finish adds partial sums in blocks of 32 channels x 8 lanes, each block at most this many
+// slots; more slots take another level.
+constexpr int kFinishChannels = 32;
+constexpr int kFinishLanes = 8;
+constexpr int64_t kFinishSlotsPerBlock = 64;
+
+enum class ChannelMeanMode { kColumns, kPlanes };
+
+// One level of the finish: `slots` partial rows of every channel reduced to `groups` rows (1: the means).
+struct FinishLevel {
+  int64_t slots = 0;
+  int64_t groups = 0;
+  int64_t blocks = 0;
+};
+
+struct ChannelMeanPlan {
+  ChannelMeanMode mode = ChannelMeanMode::kColumns;
+  int threads = kChannelMeanThreads;
+  int blocks_per_multiprocessor = kChannelMeanBlocksPerMultiprocessor;
+  int unroll = kChannelMeanUnroll;
+  int vec = 1;                 // elements per load of the body
+  int64_t rows = 0;            // R: x is (R, C, S)
+  int64_t channels = 0;
+  int64_t spatial = 0;         // S
+  // columns mode: x as an (R, C * S) matrix; a block owns a tile of whole channels' columns and a
+  // slot of rows, read tile_rows rows per step
+  int64_t columns = 0;
+  int64_t tile_columns = 0;
+  int64_t tile_rows = 0;
+  int64_t rows_per_slot = 0;
+  int64_t tiles = 0;
+  // planes mode: every plane is a scalar head (up to its first vec-aligned element), plane_vectors
+  // aligned vectors and a scalar tail; plane_scalars = head + tail, the same for every plane. A
+  // block owns one channel and a slot of its R * plane_vectors vectors and R * plane_scalars scalars.
+  int64_t plane_vectors = 0;
+  int64_t plane_scalars = 0;
+  int64_t slot_vectors = 0;
+  int64_t slot_scalars = 0;
+  int64_t slots = 1;           // partial sums per channel; 1: blocks write the means directly
+  int64_t blocks = 0;
+  FinishLevel finish[4];       // levels, in launch order
+  int finish_levels = 0;
+  int64_t load_bytes = 0;      // bytes of one body load (vec x element)
+  size_t partial_bytes = 0;    // each of the two partial buffers (sums, then flags)
+  size_t workspace_bytes = 0;
+};
+
+inline void plan_channel_mean_columns(ChannelMeanPlan& plan, int64_t element_bytes, int64_t misalignment_bytes,
+                                      const MachineModel& machine) {
+  const int64_t columns = plan.channels * plan.spatial;
+  plan.mode = ChannelMeanMode::kColumns;
+  plan.columns = columns;
+  plan.vec = 1;
+  for (int64_t vec = kMaxLoadBytes / element_bytes; vec >= 1; vec /= 2) {
+    if (misalignment_bytes % (vec * element_bytes) != 0) continue;
+    const int64_t budget = plan.threads * vec;  // values one step of the block reads
+    int64_t tile_columns = 0, tile_rows = 0;
+    if (columns <= kTargetTileColumns) {
+      // One tile of whole rows: each step reads tile_rows * columns contiguous values, a multiple
+      // of vec so that every step starts aligned.
+      const int64_t row_align = vec / greatest_common_divisor(columns, vec);
+      tile_columns = columns;
+      tile_rows = budget / columns / row_align * row_align;
+    } else {
+      // Tiles of whole channels, each row segment starting aligned.
+      if (columns % vec != 0) continue;
+      const int64_t unit = plan.spatial / greatest_common_divisor(plan.spatial, vec) * vec;
+      tile_columns = std::max<int64_t>(1, kTargetTileColumns / unit) * unit;
+      if (tile_columns > budget) continue;
+      tile_rows = budget / tile_columns;
+    }
+    if (tile_rows < 1) continue;
+    plan.vec = static_cast<int>(vec);
+    plan.tile_columns = tile_columns;
+    plan.tile_rows = tile_rows;
+    break;
+  }
+  if (plan.tile_columns == 0) return;  // no tile fits a block step (long NCHW planes): not a column plan
+  plan.tiles = ceil_div(columns, plan.tile_columns);
+  const int64_t row_steps = ceil_div(plan.rows, plan.tile_rows);
+  const int64_t strip_bytes = plan.rows * plan.tile_columns * element_bytes;
+  // Two waves over all tiles, as long as a slot keeps min_block_bytes.
+  const int64_t wanted = ceil_div(wave_blocks(machine, plan.blocks_per_multiprocessor), plan.tiles);
+  const int64_t most = std::min(row_steps, std::max<int64_t>(1, strip_bytes / machine.min_block_bytes));
+  const int64_t slots = std::clamp<int64_t>(wanted, 1, most);
+  // Rounded down, so that the slots are at least as many as wanted.
+  plan.rows_per_slot = std::max<int64_t>(1, row_steps / slots) * plan.tile_rows;
+  plan.slots = ceil_div(plan.rows, plan.rows_per_slot);
+  plan.blocks = plan.tiles * plan.slots;
+}
+
+inline void plan_channel_mean_planes(ChannelMeanPlan& plan, int64_t element_bytes, const MachineModel& machine) {
+  plan.mode = ChannelMeanMode::kPlanes;
+  // The widest vector of which every plane holds at least one after its head of < vec values.
+  plan.vec = 1;
+  for (int64_t vec = kMaxLoadBytes / element_bytes; vec > 1; vec /= 2) {
+    if (plan.spatial >= 2 * vec - 1) {
+      plan.vec = static_cast<int>(vec);
+      break;
+    }
+  }
+  plan.plane_vectors = (plan.spatial - (plan.vec - 1)) / plan.vec;
+  plan.plane_scalars = plan.spatial - plan.plane_vectors * plan.vec;
+  const int64_t vectors = plan.rows * plan.plane_vectors, scalars = plan.rows * plan.plane_scalars;
+  const int64_t channel_bytes = plan.rows * plan.spatial * element_bytes;
+  const int64_t wanted = ceil_div(wave_blocks(machine, plan.blocks_per_multiprocessor), plan.channels);
+  const int64_t most = std::max<int64_t>(1, channel_bytes / machine.min_block_bytes);
+  const int64_t slots = std::clamp<int64_t>(wanted, 1, std::min(most, vectors));
+  plan.slot_vectors = std::max<int64_t>(1, vectors / slots);  // rounded down: at least `slots` slots
+  plan.slots = ceil_div(vectors, plan.slot_vectors);
+  plan.slot_scalars = ceil_div(scalars, plan.slots);
+  plan.blocks = plan.channels * plan.slots;
+}
+
+inline void plan_channel_mean_finish(ChannelMeanPlan& plan) {
+  plan.finish_levels = 0;
+  for (int64_t slots = plan.slots; slots > 1;) {
+    FinishLevel& level = plan.finish[plan.finish_levels++];
+    level.slots = slots;
+    level.groups = ceil_div(slots, kFinishSlotsPerBlock);
+    level.blocks = ceil_div(plan.channels, kFinishChannels) * level.groups;
+    slots = level.groups;
+  }
+}
+
+// x (rows, channels, spatial) NCHW, or rows * spatial positions of `channels` contiguous values
+// (channels_last, and (N, C) with spatial 1); misalignment_bytes = x's address modulo 16.
+inline ChannelMeanPlan plan_channel_mean(int64_t rows, int64_t channels, int64_t spatial, bool channels_last,
+                                         int64_t element_bytes, int64_t accumulation_bytes, int64_t misalignment_bytes,
+                                         const MachineModel& machine = kHopper) {
+  ChannelMeanPlan plan;
+  plan.channels = channels;
+  plan.spatial = channels_last ? 1 : spatial;
+  plan.rows = channels_last ? rows * spatial : rows;
+  if (channels_last || plan.spatial < kColumnModeMaxSpatial) {
+    plan_channel_mean_columns(plan, element_bytes, misalignment_bytes, machine);
+  }
+  const bool full_width = plan.tile_columns > 0 && plan.vec * element_bytes == kMaxLoadBytes;
+  if (!channels_last && (plan.spatial >= kColumnModeMaxSpatial || !full_width)) {
+    ChannelMeanPlan planes = plan;
+    plan_channel_mean_planes(planes, element_bytes, machine);
+    // A plane too short for a vector reads as columns, whatever their width.
+    if (planes.vec > 1 || plan.spatial >= kColumnModeMaxSpatial) plan = planes;
+  }
+  plan_channel_mean_finish(plan);
+  plan.load_bytes = plan.vec * element_bytes;
+  if (plan.slots > 1) {
+    // Two buffers of slots x channels partial sums (a finish level reads one, writes the other),
+    // then two of flags.
+    plan.partial_bytes = static_cast<size_t>(round_up(plan.slots * channels * accumulation_bytes, 256));
+    const size_t flag_bytes = static_cast<size_t>(round_up(plan.slots * channels, 256));
+    plan.workspace_bytes = 2 * plan.partial_bytes + 2 * flag_bytes;
+  }
+  return plan;
+}
+
+// ---- ENorm: energies of one group, their finish, the rescale ----
+
+constexpr int kEnormThreads = 256;
+// The energy and rescale kernels' __launch_bounds__ minimum.
+constexpr int kEnormBlocksPerMultiprocessor = 4;
+// Vectors a rescale thread loads before it stores them.
+constexpr int kRescaleUnroll = 4;
+// Values one rescale block covers at least (whole outer rows).
+constexpr int64_t kRescaleBlockValues = 4096;
+// The finish takes kFinishChannels channels per block with kFinishLanes lanes each (as channel_mean's).
+
+// One counted entry of a group as the energy kernel reads it: `channels` channels of `values`
+// values each, neighbouring channels adjacent in memory (channels_last convs and Linear columns)
+// or each channel's values a run.
+struct EnergyEntry {
+  int64_t channels = 0;
+  int64_t values = 0;
+  bool channels_adjacent = false;
+  int64_t element_bytes = 4;
+};
+
+struct EnergySlices {
+  int lanes = 1;               // per channel, a power of two <= 32
+  int64_t channel_blocks = 0;  // blocks that cover every channel once
+  int64_t slices = 1;          // of each channel's values, each a block of its own
+  int64_t slice_values = 0;
+  int64_t blocks = 0;          // channel_blocks x slices
+};
+
+struct EnergyPlan {
+  int threads = kEnormThreads;
+  int blocks_per_multiprocessor = kEnormBlocksPerMultiprocessor;
+  std::vector<EnergySlices> entries;
+  int64_t partial_rows = 0;    // sum of the slices: the finish adds that many partials per channel
+  int64_t blocks = 0;
+  int64_t finish_blocks = 0;
+};
+
+// Adjacent channels take neighbouring lanes (a warp reads 32 channels' values side by side);
+// otherwise up to 32 lanes share one channel's run.
+inline int energy_lanes(const EnergyEntry& e) {
+  int64_t lanes = std::min<int64_t>(32, ceil_power_of_two(e.values));
+  if (e.channels_adjacent) {
+    lanes = std::min(lanes, floor_power_of_two(std::max<int64_t>(1, kEnormThreads / e.channels)));
+  }
+  return static_cast<int>(lanes);
+}
+
+// Each entry's channels split into slices of their values, so that every block of the group
+// streams about the same bytes: the group's bytes over two waves, min_block_bytes at least. A
+// Linear consumer's columns (256 adjacent channels a block) then take as many slices as its
+// producer's rows (8 channels a block) take blocks' worth of bytes, and no block walks a whole column.
+inline EnergyPlan plan_enorm_energy(const std::vector<EnergyEntry>& entries, int64_t group_channels,
+                                    const MachineModel& machine = kHopper) {
+  EnergyPlan plan;
+  int64_t group_bytes = 0;
+  for (const EnergyEntry& e : entries) group_bytes += e.channels * e.values * e.element_bytes;
+  const int64_t block_bytes =
+      std::max(machine.min_block_bytes, group_bytes / wave_blocks(machine, plan.blocks_per_multiprocessor));
+  for (const EnergyEntry& e : entries) {
+    EnergySlices slices;
+    slices.lanes = energy_lanes(e);
+    const int64_t block_channels = std::min<int64_t>(e.channels, kEnormThreads / slices.lanes);
+    slices.channel_blocks = ceil_div(e.channels, block_channels);
+    const int64_t channel_block_bytes = block_channels * e.values * e.element_bytes;
+    const int64_t count = std::clamp<int64_t>(ceil_div(channel_block_bytes, block_bytes), 1, e.values);
+    slices.slice_values = ceil_div(e.values, count);
+    slices.slices = ceil_div(e.values, slices.slice_values);
+    slices.blocks = slices.channel_blocks * slices.slices;
+    plan.partial_rows += slices.slices;
+    plan.blocks += slices.blocks;
+    plan.entries.push_back(slices);
+  }
+  plan.finish_blocks = ceil_div(group_channels, kFinishChannels);
+  return plan;
+}
+
+// One rescaled entry: `outer` rows of `row_values` contiguous values.
+struct RescalePlan {
+  int threads = kEnormThreads;
+  int blocks_per_multiprocessor = kEnormBlocksPerMultiprocessor;
+  int unroll = kRescaleUnroll;
+  int vec = 1;
+  int64_t rows_per_block = 0;
+  int64_t blocks = 0;
+  int64_t load_bytes = 0;
+};
+
+// Vectors never straddle two rows (the row length is a multiple of vec) and start aligned.
+inline RescalePlan plan_enorm_rescale(int64_t outer, int64_t row_values, int64_t element_bytes,
+                                      int64_t misalignment_bytes) {
+  RescalePlan plan;
+  for (int64_t vec = kMaxLoadBytes / element_bytes; vec >= 1; vec /= 2) {
+    if (row_values % vec == 0 && misalignment_bytes % (vec * element_bytes) == 0) {
+      plan.vec = static_cast<int>(vec);
+      break;
+    }
+  }
+  plan.rows_per_block = std::max<int64_t>(1, kRescaleBlockValues / row_values);
+  plan.blocks = ceil_div(outer, plan.rows_per_block);
+  plan.load_bytes = plan.vec * element_bytes;
+  return plan;
+}
+
+// ---- EquiNorm weight transform and its backward ----
+
+constexpr int kEquiNormThreads = 256;
+// Rows of at most this many values go to a warp team (eight rows a block), longer rows to the block.
+constexpr int64_t kWarpTeamMaxRow = 256;
+// The backward's grad_mean reduction: a block adds kReduceColumns channels, each over
+// kReduceSlices interleaved slices of its output channels.
+constexpr int kReduceColumns = 32;
+constexpr int kReduceSlices = 16;
+
+// One team of threads owns one output channel's row of group_channels x taps values; within it a
+// power-of-two group of lanes shares one input channel. Loads are one element each.
+struct EquiNormWeightPlan {
+  int threads = kEquiNormThreads;
+  int team = 32;               // a warp, or the whole block
+  int lanes_per_channel = 1;   // a power of two <= 32
+  int64_t rows_per_block = 0;
+  int64_t blocks = 0;
+  int64_t load_bytes = 0;
+  // backward: the (D, mean values per group) contributions to grad_mean, in float64, then their sum
+  int64_t mean_values = 0;     // grad_mean's values (C, or C x taps with per-tap means)
+  int64_t reduce_blocks = 0;
+  int64_t backward_workspace_bytes = 0;
+};
+
+inline EquiNormWeightPlan plan_equinorm_weight(int64_t out_channels, int64_t group_channels, int64_t taps,
+                                               int64_t groups, bool channels_last, bool per_tap_means,
+                                               int64_t element_bytes) {
+  EquiNormWeightPlan plan;
+  plan.team = group_channels * taps <= kWarpTeamMaxRow ? 32 : kEquiNormThreads;
+  // (c, t): neighbouring lanes take neighbouring taps of a channel. (t, c): neighbouring lanes
+  // take neighbouring channels, and a channel gets several lanes only when the channels alone
+  // cannot keep the team busy.
+  int64_t lanes = std::min<int64_t>(32, ceil_power_of_two(taps));
+  if (channels_last) lanes = std::min(lanes, floor_power_of_two(std::max<int64_t>(1, plan.team / group_channels)));
+  plan.lanes_per_channel = static_cast<int>(lanes);
+  plan.rows_per_block = plan.threads / plan.team;
+  plan.blocks = ceil_div(out_channels, plan.rows_per_block);
+  plan.load_bytes = element_bytes;
+  const int64_t mean_values_per_group = per_tap_means ? group_channels * taps : group_channels;
+  plan.mean_values = mean_values_per_group * groups;
+  plan.reduce_blocks = ceil_div(plan.mean_values, kReduceColumns);
+  plan.backward_workspace_bytes = out_channels * mean_values_per_group * static_cast<int64_t>(sizeof(double));
+  return plan;
+}
+
+// ---- tap_mean: the column sums of x[:rows] seen as a (rows, C x plane) matrix ----
+
+constexpr int kTapMeanThreads = 256;
+// Loads a column thread has in flight (one element each, from kTapMeanUnroll rows).
+constexpr int kTapMeanUnroll = 4;
+// Blocks the column sums aim for before they split the rows into slots, and the most slots.
+constexpr int64_t kTapMeanTargetBlocks = 1024;
+constexpr int64_t kTapMeanMaxSlots = 64;
+
+// A thread per column adds its rows in order; blocks own kTapMeanThreads columns and, when the
+// columns alone give few blocks, a slot of rows, whose partials a second kernel adds in slot order.
+struct TapColumnPlan {
+  int threads = kTapMeanThreads;
+  int unroll = kTapMeanUnroll;
+  int64_t width = 0;           // C x plane
+  int64_t column_blocks = 0;
+  int64_t slots = 1;
+  int64_t rows_per_slot = 0;
+  int64_t blocks = 0;
+  int64_t load_bytes = 0;
+};
+
+inline TapColumnPlan plan_tap_mean_columns(int64_t rows, int64_t width, int64_t element_bytes) {
+  TapColumnPlan plan;
+  plan.width = width;
+  plan.column_blocks = ceil_div(width, plan.threads);
+  const int64_t slots =
+      std::clamp<int64_t>(ceil_div(kTapMeanTargetBlocks, plan.column_blocks), 1, std::min(kTapMeanMaxSlots, rows));
+  plan.rows_per_slot = ceil_div(rows, slots);
+  plan.slots = ceil_div(rows, plan.rows_per_slot);
+  plan.blocks = plan.column_blocks * plan.slots;
+  plan.load_bytes = element_bytes;
+  return plan;
+}
+
+}  // namespace cuda
+}  // namespace equinorm
