@@ -53,7 +53,7 @@ STRIDE_ARGUMENTS: dict[str, tuple[str, ...]] = {
     "_finish_channel_means_kernel": ("channels",),
     "_equinorm_weight_kernel": ("group_channels", "taps"),
     "_equinorm_backward_kernel": ("group_channels", "taps"),
-    "_sum_mean_terms_kernel": ("group_channels",),
+    "_row_sums_kernel": ("rows", "width", "columns"),
     "_channel_energy_kernel": ("outer_stride", "channel_stride", "inner_stride"),
     "_coefficients_kernel": ("channels",),
     "_rescale_kernel": ("outer_stride", "channel_stride"),

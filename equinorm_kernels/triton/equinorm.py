@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from ..reference.equinorm import WEIGHT_MATH_DTYPE
+from ._row_sums import launch_row_sums
 from ._runtime import (
     accumulation_dtype,
     autotune,
@@ -47,19 +48,13 @@ from ._runtime import (
     float64_bits,
     float64_from_bits,
     on_device,
+    size_hint,
     wrap_triton,
 )
+from .launch_plans import channels_last_channel_sum_plan, planar_channel_sum_plan, weight_row_plan
 
 STATS_COLUMNS = 5  # shift, scale, positive mass, mean mass, used exact (csrc/shared/equinorm_math.h)
 
-# Channel sums: a program reads at least this many elements of its channel (NCHW) or positions
-# of its channel block (channels_last) before the sum is split over more programs.
-_ELEMENTS_PER_SPLIT = 1 << 14
-_POSITIONS_PER_SPLIT = 1 << 8
-_MAX_SPLITS = 128
-# Largest (channels x taps) tile a weight-row program holds at once.
-_ROW_TILE = 2048
-_MAX_TAP_BLOCK = 64
 # Offsets within a weight row are int32 (offsets of rows and planes are int64).
 _MAX_ROW_VALUES = 2**31 - 1
 # M_d's lower clamp, so a group whose means are all 0 gets a finite shift (as mean_mass in csrc/shared).
@@ -201,16 +196,16 @@ def _parse_exact_mode(mode: str) -> bool:
 
 def _row_tile(g: _WeightGeometry) -> tuple[int, int]:
     """(BLOCK_C, BLOCK_T): the channels x taps tile a weight-row program loads at once."""
-    block_t = min(triton.next_power_of_2(g.taps), _MAX_TAP_BLOCK)
-    block_c = min(triton.next_power_of_2(g.group_channels), max(1, _ROW_TILE // block_t))
-    return block_c, block_t
+    plan = weight_row_plan(g.out_channels, g.group_channels, g.taps)
+    return plan.block_channels, plan.block_taps
 
 
 # Launch configurations, the default first: elements loaded per step (TILE) and warps.
 _CHANNEL_SUM_CONFIGS = [
     triton.Config({"TILE": tile}, num_warps=warps) for tile, warps in ((2048, 4), (1024, 4), (4096, 8), (2048, 8))
 ]
-_ROW_CONFIGS = [triton.Config({}, num_warps=warps) for warps in (4, 2, 8)]
+# No 2-warp row configuration: it needs more than 255 registers per thread in float64 and spills.
+_ROW_CONFIGS = [triton.Config({}, num_warps=warps) for warps in (4, 8)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,20 +214,23 @@ _ROW_CONFIGS = [triton.Config({}, num_warps=warps) for warps in (4, 2, 8)]
 # stores whether its values had one < 0, and the channel's flag is the OR over its programs.
 # ---------------------------------------------------------------------------------------------
 
-@autotune(_CHANNEL_SUM_CONFIGS, key=["channels", "spatial", "rows_per_split"])
+@autotune(_CHANNEL_SUM_CONFIGS, key=["channels", "spatial"])
 @triton.jit
 def _planar_channel_sums_kernel(
-    x_ptr, sums_ptr, negative_ptr, rows, channels, spatial, rows_per_split, count,
+    x_ptr, sums_ptr, negative_ptr, rows, channels, spatial, rows_per_split, segment, spatial_splits, count,
     FINAL: tl.constexpr, ABS: tl.constexpr, BLOCK_S: tl.constexpr, TILE: tl.constexpr,
 ):
-    """NCHW x: program (c, k) sums channel c over samples [k * rows_per_split, ...) into
-    sums[k, c]; with FINAL (one split) it writes the mean itself."""
+    """NCHW x: program (c, k) sums channel c over samples [(k // spatial_splits) * rows_per_split, ...)
+    and positions [(k % spatial_splits) * segment, ...) into sums[k, c]; with FINAL (one split) it
+    writes the mean itself."""
     BLOCK_N: tl.constexpr = TILE // BLOCK_S
     channel = tl.program_id(0)
     split = tl.program_id(1)
     acc_t = sums_ptr.dtype.element_ty
-    first = split * rows_per_split
+    first = (split // spatial_splits) * rows_per_split
     last = tl.minimum(first + rows_per_split, rows)
+    first_position = (split % spatial_splits) * segment
+    last_position = tl.minimum(first_position + segment, spatial)
     plane = x_ptr + channel.to(tl.int64) * spatial
     sample_stride = tl.cast(channels, tl.int64) * spatial
     samples = tl.arange(0, BLOCK_N)
@@ -241,9 +239,9 @@ def _planar_channel_sums_kernel(
     lowest = tl.full([BLOCK_N, BLOCK_S], 0, acc_t)
     for n0 in range(first, last, BLOCK_N):
         n = n0 + samples
-        for s0 in range(0, spatial, BLOCK_S):
+        for s0 in range(first_position, last_position, BLOCK_S):
             s = s0 + positions
-            mask = (n < last)[:, None] & (s < spatial)[None, :]
+            mask = (n < last)[:, None] & (s < last_position)[None, :]
             values = tl.load(plane + n.to(tl.int64)[:, None] * sample_stride + s[None, :], mask=mask, other=0)
             values = values.to(acc_t)
             if ABS:
@@ -258,7 +256,7 @@ def _planar_channel_sums_kernel(
         tl.store(negative_ptr + split.to(tl.int64) * channels + channel, (tl.min(lowest) < 0).to(tl.uint8))
 
 
-@autotune(_CHANNEL_SUM_CONFIGS, key=["channels", "positions", "positions_per_split"])
+@autotune(_CHANNEL_SUM_CONFIGS, key=["channels"])
 @triton.jit
 def _channels_last_channel_sums_kernel(
     x_ptr, sums_ptr, negative_ptr, channels, positions, positions_per_split, count,
@@ -297,45 +295,56 @@ def _channels_last_channel_sums_kernel(
 @triton.jit
 def _finish_channel_means_kernel(
     sums_ptr, mean_ptr, split_negative_ptr, negative_ptr, channels, splits, count, ABS: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """mean[c] = (sums[0, c] + sums[1, c] + ...) / count, added in split order; with ABS,
-    negative[c] = OR over the splits' flags."""
+    """mean[c] = (sums[0, c] + sums[1, c] + ...) / count, BLOCK_K splits per step, reduced once at
+    the end (a fixed order); with ABS, negative[c] = OR over the splits' flags."""
     acc_t = mean_ptr.dtype.element_ty
-    cs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = cs < channels
-    total = tl.full([BLOCK], 0, acc_t)
-    negative = tl.full([BLOCK], 0, tl.uint8)
-    for k in range(splits):
-        total += tl.load(sums_ptr + tl.cast(k, tl.int64) * channels + cs, mask=mask, other=0)
+    ks = tl.arange(0, BLOCK_K)
+    total = tl.full([BLOCK_K, BLOCK_C], 0, acc_t)
+    negative = tl.full([BLOCK_K, BLOCK_C], 0, tl.uint8)
+    for k0 in range(0, splits, BLOCK_K):
+        k = k0 + ks
+        tile_mask = (k < splits)[:, None] & mask[None, :]
+        offsets = k.to(tl.int64)[:, None] * channels + cs[None, :]
+        total += tl.load(sums_ptr + offsets, mask=tile_mask, other=0)
         if ABS:
-            negative |= tl.load(split_negative_ptr + tl.cast(k, tl.int64) * channels + cs, mask=mask, other=0)
-    tl.store(mean_ptr + cs, total / tl.cast(count, acc_t), mask=mask)
+            negative |= tl.load(split_negative_ptr + offsets, mask=tile_mask, other=0)
+    tl.store(mean_ptr + cs, tl.sum(total, axis=0) / tl.cast(count, acc_t), mask=mask)
     if ABS:
-        tl.store(negative_ptr + cs, negative, mask=mask)
+        tl.store(negative_ptr + cs, (tl.max(negative, axis=0) != 0).to(tl.uint8), mask=mask)
+
+
+def channel_sum_plan(x: torch.Tensor, channels_last: bool, rows: int, per_program: int | None = None):
+    """The launch plan of the channel sums of x[:rows] (see :mod:`.launch_plans`); sizes are
+    taken as their hints under torch.compile, so the plan guards nothing."""
+    channels = x.shape[1]
+    spatial = size_hint(x.numel()) // (size_hint(x.shape[0]) * channels)
+    if channels_last:
+        return channels_last_channel_sum_plan(size_hint(rows) * spatial, channels, per_program)
+    return planar_channel_sum_plan(size_hint(rows), channels, spatial, per_program)
 
 
 def _launch_channel_means(
-    x: torch.Tensor, channels_last: bool, rows: int, mean: torch.Tensor, splits: int | None = None,
+    x: torch.Tensor, channels_last: bool, rows: int, mean: torch.Tensor, per_program: int | None = None,
     negative: torch.Tensor | None = None,
-) -> None:
+):
     """Writes mean (C,) of x[:rows], or with ``negative`` (C,) uint8 the mean of |x[:rows]| and the
-    flags of the channels that had a value < 0; ``splits`` (programs per channel) is for tests only."""
+    flags of the channels that had a value < 0; returns the plan it launched. ``per_program``
+    (elements per program) is for tests, to reach the split paths with small inputs."""
     channels = x.shape[1]
     spatial = x.numel() // (x.shape[0] * channels)
     count = rows * spatial
+    plan = channel_sum_plan(x, channels_last, rows, per_program)
+    # The split count is recomputed from rows, so a symbolic batch size gives a symbolic grid; one
+    # program per channel writes the mean itself only when that holds for every batch size.
     if channels_last:
-        positions = rows * spatial
-        if splits is None:
-            splits = min(_MAX_SPLITS, triton.cdiv(positions, _POSITIONS_PER_SPLIT))
-        per_split = triton.cdiv(positions, splits)
-        splits = triton.cdiv(positions, per_split)
+        splits = triton.cdiv(count, plan.positions_per_split)
     else:
-        if splits is None:
-            splits = min(_MAX_SPLITS, rows, triton.cdiv(rows * spatial, _ELEMENTS_PER_SPLIT))
-        per_split = triton.cdiv(rows, min(splits, rows))
-        splits = triton.cdiv(rows, per_split)
-    final = splits == 1
+        splits = triton.cdiv(rows, plan.rows_per_split) * plan.spatial_splits
+    final = isinstance(splits, int) and splits == 1
     abs_statistic = negative is not None
     sums = mean if final else torch.empty((splits, channels), dtype=mean.dtype, device=mean.device)
     if not abs_statistic:
@@ -345,23 +354,22 @@ def _launch_channel_means(
     else:
         split_negative = torch.empty((splits, channels), dtype=torch.uint8, device=mean.device)
     if channels_last:
-        block_c = min(triton.next_power_of_2(channels), 128)
-        wrap_triton(_channels_last_channel_sums_kernel)[(triton.cdiv(channels, block_c), splits)](
-            x, sums, split_negative, channels, positions, per_split, count, FINAL=final, ABS=abs_statistic,
-            BLOCK_C=block_c,
+        wrap_triton(_channels_last_channel_sums_kernel)[(plan.channel_blocks, splits)](
+            x, sums, split_negative, channels, count, plan.positions_per_split, count, FINAL=final,
+            ABS=abs_statistic, BLOCK_C=plan.block_channels,
         )
     else:
-        block_s = min(triton.next_power_of_2(spatial), 1024)
         wrap_triton(_planar_channel_sums_kernel)[(channels, splits)](
-            x, sums, split_negative, rows, channels, spatial, per_split, count, FINAL=final, ABS=abs_statistic,
-            BLOCK_S=block_s,
+            x, sums, split_negative, rows, channels, spatial, plan.rows_per_split, plan.segment,
+            plan.spatial_splits, count, FINAL=final, ABS=abs_statistic, BLOCK_S=plan.block_positions,
         )
     if not final:
-        block = min(triton.next_power_of_2(channels), 1024)
-        wrap_triton(_finish_channel_means_kernel)[(triton.cdiv(channels, block),)](
+        finish = plan.finish
+        wrap_triton(_finish_channel_means_kernel)[(triton.cdiv(channels, finish.block_channels),)](
             sums, mean, split_negative, negative if abs_statistic else mean, channels, splits, count,
-            ABS=abs_statistic, BLOCK=block,
+            ABS=abs_statistic, BLOCK_C=finish.block_channels, BLOCK_K=finish.block_splits,
         )
+    return plan
 
 
 def _parse_abs_statistic(statistic: str) -> bool:
@@ -594,21 +602,6 @@ def _equinorm_backward_kernel(
             tl.store(terms + cs, term, mask=cs < group_channels)
 
 
-@triton.jit
-def _sum_mean_terms_kernel(mean_terms_ptr, grad_mean_ptr, channels, group_channels, outputs_per_group,
-                           BLOCK: tl.constexpr):
-    """grad_mean[j] = sum over the output channels d of j's group, in order, of mean_terms[d, c]."""
-    acc_t = grad_mean_ptr.dtype.element_ty
-    js = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = js < channels
-    group = js // group_channels
-    first = (group * outputs_per_group).to(tl.int64) * group_channels + js % group_channels
-    total = tl.full([BLOCK], 0, acc_t)
-    for k in range(outputs_per_group):
-        total += tl.load(mean_terms_ptr + first + tl.cast(k, tl.int64) * group_channels, mask=mask, other=0)
-    tl.store(grad_mean_ptr + js, total, mask=mask)
-
-
 def _launch_weight_transform(weight, g: _WeightGeometry, mean, gain, out, stats, ratio, exact, eps) -> None:
     block_c, block_t = _row_tile(g)
     wrap_triton(_equinorm_weight_kernel)[(g.out_channels,)](
@@ -651,7 +644,6 @@ def _weight_backward(grad_out, weight, mean, gain, stats, groups):
     grad_weight = _empty_like_weight(weight, g, weight.dtype)
     grad_gain = torch.empty((g.out_channels,), dtype=acc, device=weight.device)
     values_per_group = g.group_channels * g.taps if per_tap else g.group_channels
-    mean_values = values_per_group * g.groups
     grad_mean = torch.empty(mean.shape, dtype=WEIGHT_MATH_DTYPE, device=weight.device)
     mean_terms = torch.empty((g.out_channels, values_per_group), dtype=WEIGHT_MATH_DTYPE, device=weight.device)
     block_c, block_t = _row_tile(g)
@@ -660,10 +652,8 @@ def _weight_backward(grad_out, weight, mean, gain, stats, groups):
         g.group_channels, g.taps, g.outputs_per_group, g.channel_stride, g.tap_stride,
         PER_TAP=per_tap, BLOCK_C=block_c, BLOCK_T=block_t,
     )
-    block = min(triton.next_power_of_2(mean_values), 1024)
-    wrap_triton(_sum_mean_terms_kernel)[(triton.cdiv(mean_values, block),)](
-        mean_terms, grad_mean, mean_values, values_per_group, g.outputs_per_group, BLOCK=block,
-    )
+    # dL/dmu_j: the sum over the output channels of j's group, split over chunks of them.
+    launch_row_sums(mean_terms, grad_mean.view(-1), g.groups, g.outputs_per_group, values_per_group)
     return grad_weight, grad_mean, grad_gain
 
 
