@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import wrap_triton
+from ._runtime import size_hint, wrap_triton
 from .launch_plans import RowSumPlan, row_sum_plan
 
 
@@ -40,20 +40,24 @@ def _row_sums_kernel(
     tl.store(out_ptr + tl.cast(chunk, tl.int64) * columns + js, tl.sum(acc, axis=0), mask=column_valid)
 
 
-def launch_row_sums(x: torch.Tensor, out: torch.Tensor, batches: int, rows: int, width: int,
+def launch_row_sums(x: torch.Tensor, out: torch.Tensor, batches: int, rows: int | torch.SymInt, width: int,
                     plan: RowSumPlan | None = None) -> RowSumPlan:
     """Writes out (batches * width,) = the row sums of x viewed as (batches, rows, width) (contiguous),
-    in out's dtype; returns the plan it launched (``plan`` overrides the default, for tests)."""
-    plan = plan or row_sum_plan(batches, rows, width, out.element_size())
-    if plan.chunks == 1:
+    in out's dtype; returns the plan it launched (``plan`` overrides the default, for tests).
+
+    ``rows`` may be symbolic (a split count that follows the batch size under torch.compile): the
+    plan comes from its hint and the grid from ``rows`` itself, so any value gets a correct launch."""
+    plan = plan or row_sum_plan(batches, size_hint(rows), width, out.element_size())
+    chunks = triton.cdiv(rows, plan.chunk_rows)
+    if isinstance(chunks, int) and chunks == 1:
         wrap_triton(_row_sums_kernel)[(plan.column_blocks, 1)](
             x, out, rows, width, plan.columns, plan.chunk_rows, BLOCK_R=plan.block_rows, BLOCK_C=plan.block_columns)
         return plan
-    partial = torch.empty((plan.chunks, plan.columns), dtype=out.dtype, device=out.device)
-    wrap_triton(_row_sums_kernel)[(plan.column_blocks, plan.chunks)](
+    partial = torch.empty((chunks, plan.columns), dtype=out.dtype, device=out.device)
+    wrap_triton(_row_sums_kernel)[(plan.column_blocks, chunks)](
         x, partial, rows, width, plan.columns, plan.chunk_rows, BLOCK_R=plan.block_rows, BLOCK_C=plan.block_columns)
     # The finish is the same kernel over the (chunks, columns) scratch, in one chunk.
-    wrap_triton(_row_sums_kernel)[(plan.finish_programs, 1)](
-        partial, out, plan.chunks, plan.columns, plan.columns, plan.chunks,
+    wrap_triton(_row_sums_kernel)[(triton.cdiv(plan.columns, plan.finish_block_columns), 1)](
+        partial, out, chunks, plan.columns, plan.columns, chunks,
         BLOCK_R=plan.finish_block_rows, BLOCK_C=plan.finish_block_columns)
     return plan

@@ -16,12 +16,13 @@ channels_last (other strides are copied); weight (D, C/groups, *kernel) contiguo
 float64 operands, else float32), which the channel sums use; the weight transform and its backward
 compute in float64, the dtype of stats (D, 5) and grad_mean (csrc/shared/equinorm_math.h says why).
 
-Launches per call:
-    channel_mean      1 (2 when x is large enough to split each channel's sum over several programs)
+Launches per call (how each kernel is cut into programs: :mod:`.launch_plans`):
+    channel_mean      1, or 3 to 4 when x is large enough to split each channel's sum over several
+                      programs: the partial sums, their fixed-order total (:mod:`._row_sums`), the means
     equinorm_weight   1
-    equinorm_forward  2 (3 for a large x): channel sums, [their fixed-order total], weight transform
-    equinorm_backward 2: one program per output channel, then the fixed-order sum over output
-                      channels of each input channel's gradient
+    equinorm_forward  channel_mean's launches, then the weight transform
+    equinorm_backward 2 to 3: one program per output channel, then the fixed-order sum over output
+                      channels of each input channel's gradient terms, in chunks when they are many
 
 No result depends on float atomics or on the launch order of programs: every cross-program sum
 goes through a workspace and is added in a fixed order, so a launch configuration always gives
@@ -51,9 +52,10 @@ from ._runtime import (
     size_hint,
     wrap_triton,
 )
-from .launch_plans import channels_last_channel_sum_plan, planar_channel_sum_plan, weight_row_plan
+from .launch_plans import CHANNEL_SUM_TILE, channels_last_channel_sum_plan, planar_channel_sum_plan, weight_row_plan
 
 STATS_COLUMNS = 5  # shift, scale, positive mass, mean mass, used exact (csrc/shared/equinorm_math.h)
+_FINISH_BLOCK = 1024
 
 # Offsets within a weight row are int32 (offsets of rows and planes are int64).
 _MAX_ROW_VALUES = 2**31 - 1
@@ -200,9 +202,11 @@ def _row_tile(g: _WeightGeometry) -> tuple[int, int]:
     return plan.block_channels, plan.block_taps
 
 
-# Launch configurations, the default first: elements loaded per step (TILE) and warps.
+# Launch configurations, the default first: elements loaded per step (TILE, never below the plans'
+# CHANNEL_SUM_TILE, which bounds a planar tile's width) and warps.
 _CHANNEL_SUM_CONFIGS = [
-    triton.Config({"TILE": tile}, num_warps=warps) for tile, warps in ((2048, 4), (1024, 4), (4096, 8), (2048, 8))
+    triton.Config({"TILE": tile}, num_warps=warps)
+    for tile, warps in ((CHANNEL_SUM_TILE, 4), (4096, 4), (4096, 8), (CHANNEL_SUM_TILE, 8))
 ]
 # No 2-warp row configuration: it needs more than 255 registers per thread in float64 and spills.
 _ROW_CONFIGS = [triton.Config({}, num_warps=warps) for warps in (4, 8)]
@@ -250,10 +254,15 @@ def _planar_channel_sums_kernel(
             acc += values
     total = tl.sum(acc)
     if FINAL:
-        total = total / tl.cast(count, acc_t)
-    tl.store(sums_ptr + split.to(tl.int64) * channels + channel, total)
-    if ABS:
-        tl.store(negative_ptr + split.to(tl.int64) * channels + channel, (tl.min(lowest) < 0).to(tl.uint8))
+        tl.store(sums_ptr + channel, total / tl.cast(count, acc_t))
+        if ABS:
+            tl.store(negative_ptr + channel, (tl.min(lowest) < 0).to(tl.uint8))
+    else:
+        # Row `split` of the (splits, C or 2C) scratch: the sums, then with ABS the flags as 0/1.
+        row = sums_ptr + split.to(tl.int64) * (2 * channels if ABS else channels)
+        tl.store(row + channel, total)
+        if ABS:
+            tl.store(row + channels + channel, (tl.min(lowest) < 0).to(acc_t))
 
 
 @autotune(_CHANNEL_SUM_CONFIGS, key=["channels"])
@@ -284,47 +293,45 @@ def _channels_last_channel_sums_kernel(
             values = tl.where(values < 0, -values, values)
         acc += values
     total = tl.sum(acc, axis=0)
+    negative = tl.min(lowest, axis=0) < 0
     if FINAL:
-        total = total / tl.cast(count, acc_t)
-    tl.store(sums_ptr + split.to(tl.int64) * channels + cs, total, mask=channel_mask)
-    if ABS:
-        negative = (tl.min(lowest, axis=0) < 0).to(tl.uint8)
-        tl.store(negative_ptr + split.to(tl.int64) * channels + cs, negative, mask=channel_mask)
+        tl.store(sums_ptr + cs, total / tl.cast(count, acc_t), mask=channel_mask)
+        if ABS:
+            tl.store(negative_ptr + cs, negative.to(tl.uint8), mask=channel_mask)
+    else:
+        # Row `split` of the (splits, C or 2C) scratch: the sums, then with ABS the flags as 0/1.
+        row = sums_ptr + split.to(tl.int64) * (2 * channels if ABS else channels)
+        tl.store(row + cs, total, mask=channel_mask)
+        if ABS:
+            tl.store(row + channels + cs, negative.to(acc_t), mask=channel_mask)
 
 
 @triton.jit
-def _finish_channel_means_kernel(
-    sums_ptr, mean_ptr, split_negative_ptr, negative_ptr, channels, splits, count, ABS: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """mean[c] = (sums[0, c] + sums[1, c] + ...) / count, BLOCK_K splits per step, reduced once at
-    the end (a fixed order); with ABS, negative[c] = OR over the splits' flags."""
+def _finish_channel_means_kernel(totals_ptr, mean_ptr, negative_ptr, channels, count, ABS: tl.constexpr,
+                                 BLOCK: tl.constexpr):
+    """mean[c] = totals[c] / count; with ABS, negative[c] = whether any split flagged channel c
+    (totals[C + c], the sum of the splits' 0/1 flags, is positive)."""
     acc_t = mean_ptr.dtype.element_ty
-    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = cs < channels
-    ks = tl.arange(0, BLOCK_K)
-    total = tl.full([BLOCK_K, BLOCK_C], 0, acc_t)
-    negative = tl.full([BLOCK_K, BLOCK_C], 0, tl.uint8)
-    for k0 in range(0, splits, BLOCK_K):
-        k = k0 + ks
-        tile_mask = (k < splits)[:, None] & mask[None, :]
-        offsets = k.to(tl.int64)[:, None] * channels + cs[None, :]
-        total += tl.load(sums_ptr + offsets, mask=tile_mask, other=0)
-        if ABS:
-            negative |= tl.load(split_negative_ptr + offsets, mask=tile_mask, other=0)
-    tl.store(mean_ptr + cs, tl.sum(total, axis=0) / tl.cast(count, acc_t), mask=mask)
+    tl.store(mean_ptr + cs, tl.load(totals_ptr + cs, mask=mask, other=0) / tl.cast(count, acc_t), mask=mask)
     if ABS:
-        tl.store(negative_ptr + cs, (tl.max(negative, axis=0) != 0).to(tl.uint8), mask=mask)
+        flagged = tl.load(totals_ptr + channels + cs, mask=mask, other=0) > 0
+        tl.store(negative_ptr + cs, flagged.to(tl.uint8), mask=mask)
 
 
-def channel_sum_plan(x: torch.Tensor, channels_last: bool, rows: int, per_program: int | None = None):
+def channel_sum_plan(x: torch.Tensor, channels_last: bool, rows: int, per_program: int | None = None,
+                     flags: bool = False):
     """The launch plan of the channel sums of x[:rows] (see :mod:`.launch_plans`); sizes are
     taken as their hints under torch.compile, so the plan guards nothing."""
     channels = x.shape[1]
     spatial = size_hint(x.numel()) // (size_hint(x.shape[0]) * channels)
+    sums_size = 8 if x.dtype == torch.float64 else 4
     if channels_last:
-        return channels_last_channel_sum_plan(size_hint(rows) * spatial, channels, per_program)
-    return planar_channel_sum_plan(size_hint(rows), channels, spatial, per_program)
+        return channels_last_channel_sum_plan(size_hint(rows) * spatial, channels, per_program, flags=flags,
+                                              element_size=sums_size)
+    return planar_channel_sum_plan(size_hint(rows), channels, spatial, per_program, flags=flags,
+                                   element_size=sums_size)
 
 
 def _launch_channel_means(
@@ -337,7 +344,7 @@ def _launch_channel_means(
     channels = x.shape[1]
     spatial = x.numel() // (x.shape[0] * channels)
     count = rows * spatial
-    plan = channel_sum_plan(x, channels_last, rows, per_program)
+    plan = channel_sum_plan(x, channels_last, rows, per_program, flags=negative is not None)
     # The split count is recomputed from rows, so a symbolic batch size gives a symbolic grid; one
     # program per channel writes the mean itself only when that holds for every batch size.
     if channels_last:
@@ -346,28 +353,26 @@ def _launch_channel_means(
         splits = triton.cdiv(rows, plan.rows_per_split) * plan.spatial_splits
     final = isinstance(splits, int) and splits == 1
     abs_statistic = negative is not None
-    sums = mean if final else torch.empty((splits, channels), dtype=mean.dtype, device=mean.device)
-    if not abs_statistic:
-        split_negative = sums  # never read or written without ABS
-    elif final:
-        split_negative = negative
-    else:
-        split_negative = torch.empty((splits, channels), dtype=torch.uint8, device=mean.device)
+    flags = negative if abs_statistic else mean  # never read or written without ABS
+    # Split sums go to a (splits, C) scratch, (splits, 2C) with the flags, added by a row sum.
+    row_width = 2 * channels if abs_statistic else channels
+    sums = mean if final else torch.empty((splits, row_width), dtype=mean.dtype, device=mean.device)
     if channels_last:
         wrap_triton(_channels_last_channel_sums_kernel)[(plan.channel_blocks, splits)](
-            x, sums, split_negative, channels, count, plan.positions_per_split, count, FINAL=final,
+            x, sums, flags, channels, count, plan.positions_per_split, count, FINAL=final,
             ABS=abs_statistic, BLOCK_C=plan.block_channels,
         )
     else:
         wrap_triton(_planar_channel_sums_kernel)[(channels, splits)](
-            x, sums, split_negative, rows, channels, spatial, plan.rows_per_split, plan.segment,
+            x, sums, flags, rows, channels, spatial, plan.rows_per_split, plan.segment,
             plan.spatial_splits, count, FINAL=final, ABS=abs_statistic, BLOCK_S=plan.block_positions,
         )
     if not final:
-        finish = plan.finish
-        wrap_triton(_finish_channel_means_kernel)[(triton.cdiv(channels, finish.block_channels),)](
-            sums, mean, split_negative, negative if abs_statistic else mean, channels, splits, count,
-            ABS=abs_statistic, BLOCK_C=finish.block_channels, BLOCK_K=finish.block_splits,
+        totals = torch.empty((row_width,), dtype=mean.dtype, device=mean.device)
+        launch_row_sums(sums, totals, 1, splits, row_width, plan=plan.finish)
+        block = min(triton.next_power_of_2(channels), _FINISH_BLOCK)
+        wrap_triton(_finish_channel_means_kernel)[(triton.cdiv(channels, block),)](
+            totals, mean, flags, channels, count, ABS=abs_statistic, BLOCK=block,
         )
     return plan
 

@@ -13,8 +13,8 @@ machine model, stated here as constants:
 - a program reads at least a few tiles (4096 elements) so the launch and the partial-sum scratch
   stay small next to the data, and at most 65536 elements of one reduction, so no program's serial
   loop grows with a tensor dimension: bigger tensors get more programs, not longer ones;
-- a split sum is finished in a fixed order (partial sums in a scratch, then a second launch that
-  adds them tile by tile), so results are bit-identical from run to run.
+- a split sum is finished in a fixed order (partial sums in a scratch, then the row-sum kernel
+  adds them, itself in chunks when they are many), so results are bit-identical from run to run.
 
 Sizes may be symbolic under ``torch.compile``: launchers pass :func:`._runtime.size_hint` values,
 so a plan never guards a graph on the batch size.
@@ -29,6 +29,9 @@ PROGRAMS_PER_SM = 4            # resident reduction programs per SM (4 warps, 16
 WAVES = 2
 TARGET_PROGRAMS = SMS * PROGRAMS_PER_SM * WAVES   # 1056
 TILE_BYTES = 16 * 1024         # one program's register tile, loaded per loop step
+# Bytes the resident programs must have requested at once to keep HBM busy (Little's law: about
+# 3.3 TB/s times about 0.5 us of latency).
+MIN_BYTES_IN_FLIGHT = 3 * 512 * 1024
 MIN_ELEMENTS_PER_PROGRAM = 4096
 MAX_ELEMENTS_PER_PROGRAM = 1 << 16
 
@@ -41,8 +44,8 @@ MIN_CHUNK_ROWS = 16            # no chunk shorter than this: its scratch would c
 MAX_CHUNKS = 256               # the finish adds at most this many partial rows per column
 
 # ---- channel sums and energies ------------------------------------------------------------------
+CHANNEL_SUM_TILE = 2048        # elements a channel-sum program loads per step (the default and smallest configuration)
 CHANNELS_LAST_BLOCK_CHANNELS = 128
-PLANAR_BLOCK_POSITIONS = 1024
 ENERGY_BLOCK_CHANNELS = 32
 ENERGY_TILE_ELEMENTS = 2048
 ROW_TILE_ELEMENTS = 2048       # (channels x taps) tile of a weight-row program
@@ -111,7 +114,8 @@ def row_sum_plan(batches: int, rows: int, width: int, element_size: int = 8, chu
     column_blocks = cdiv(columns, block_columns)
     if chunk_rows is None:
         wanted_chunks = cdiv(TARGET_PROGRAMS, column_blocks)
-        chunk_rows = min(SHORT_CHUNK_ROWS, max(MIN_CHUNK_ROWS, cdiv(rows, wanted_chunks)))
+        # Rounded down, so the chunks are at least as many as wanted.
+        chunk_rows = min(SHORT_CHUNK_ROWS, max(MIN_CHUNK_ROWS, rows // wanted_chunks))
         if cdiv(rows, chunk_rows) > MAX_CHUNKS:
             chunk_rows = max(LONG_CHUNK_ROWS, cdiv(rows, MAX_CHUNKS))
     chunk_rows = max(1, min(chunk_rows, rows))
@@ -140,7 +144,7 @@ class PlanarChannelSumPlan:
     segment: int
     spatial_splits: int
     block_positions: int
-    finish: FinishPlan
+    finish: RowSumPlan  # adds the (splits, C) partial sums, (splits, 2C) with the negative flags
 
     @property
     def splits(self) -> int:
@@ -166,7 +170,7 @@ class ChannelsLastChannelSumPlan:
     channel_blocks: int
     positions_per_split: int
     splits: int
-    finish: FinishPlan
+    finish: RowSumPlan  # adds the (splits, C) partial sums, (splits, 2C) with the negative flags
 
     @property
     def programs(self) -> int:
@@ -177,31 +181,16 @@ class ChannelsLastChannelSumPlan:
         return self.positions_per_split * min(self.block_channels, self.channels)
 
 
-@dataclass(frozen=True)
-class FinishPlan:
-    """The fixed-order total of ``splits`` partial sums per channel: programs of ``block_channels``
-    channels, each adding ``block_splits`` partial rows per step (none when ``splits == 1``)."""
-
-    channels: int
-    splits: int
-    block_channels: int
-    block_splits: int
-
-    @property
-    def programs(self) -> int:
-        return cdiv(self.channels, self.block_channels) if self.splits > 1 else 0
+def _finish_plan(channels: int, splits: int, flags: bool, element_size: int) -> RowSumPlan:
+    return row_sum_plan(1, splits, channels * (2 if flags else 1), element_size)
 
 
-def finish_plan(channels: int, splits: int) -> FinishPlan:
-    block_channels = min(next_power_of_2(channels), FINISH_BLOCK_COLUMNS)
-    block_splits = min(next_power_of_2(splits), max(1, ENERGY_TILE_ELEMENTS // block_channels))
-    return FinishPlan(channels, splits, block_channels, block_splits)
-
-
-def planar_channel_sum_plan(rows: int, channels: int, spatial: int, per_program: int | None = None) -> PlanarChannelSumPlan:
+def planar_channel_sum_plan(rows: int, channels: int, spatial: int, per_program: int | None = None, *,
+                            flags: bool = False, element_size: int = 4) -> PlanarChannelSumPlan:
     """NCHW channel sums of x[:rows] (rows, channels, spatial): split over samples and over the
     plane, so a few large planes (a detection input) still give two waves; ``per_program`` forces
-    the elements per program (tests)."""
+    the elements per program (tests). ``flags``: negative flags are summed with the partial sums;
+    ``element_size``: of the sums (4 for float32, 8 for float64)."""
     per_program = per_program or elements_per_program(rows * channels * spatial)
     if spatial >= per_program:
         rows_per_split, spatial_splits = 1, cdiv(spatial, per_program)
@@ -209,14 +198,16 @@ def planar_channel_sum_plan(rows: int, channels: int, spatial: int, per_program:
     else:
         rows_per_split, spatial_splits, segment = max(1, per_program // spatial), 1, spatial
     sample_splits = cdiv(rows, rows_per_split)
-    block_positions = min(next_power_of_2(segment), PLANAR_BLOCK_POSITIONS)
+    # One sample per split: the whole tile runs along the plane (a tile of 2 x 1024 would be half masked).
+    longest = CHANNEL_SUM_TILE if rows_per_split == 1 else CHANNEL_SUM_TILE // 2
+    block_positions = min(next_power_of_2(segment), longest)
     splits = sample_splits * spatial_splits
     return PlanarChannelSumPlan(channels, rows, spatial, rows_per_split, sample_splits, segment, spatial_splits,
-                                block_positions, finish_plan(channels, splits))
+                                block_positions, _finish_plan(channels, splits, flags, element_size))
 
 
-def channels_last_channel_sum_plan(positions: int, channels: int,
-                                   per_program: int | None = None) -> ChannelsLastChannelSumPlan:
+def channels_last_channel_sum_plan(positions: int, channels: int, per_program: int | None = None, *,
+                                   flags: bool = False, element_size: int = 4) -> ChannelsLastChannelSumPlan:
     """channels_last channel sums over ``positions`` C-vectors (rows x spatial): channel blocks
     of up to 128 and as many position splits as two waves need, uncapped."""
     per_program = per_program or elements_per_program(positions * channels)
@@ -224,7 +215,7 @@ def channels_last_channel_sum_plan(positions: int, channels: int,
     positions_per_split = min(positions, max(1, per_program // min(block_channels, channels)))
     splits = cdiv(positions, positions_per_split)
     return ChannelsLastChannelSumPlan(channels, positions, block_channels, cdiv(channels, block_channels),
-                                      positions_per_split, splits, finish_plan(channels, splits))
+                                      positions_per_split, splits, _finish_plan(channels, splits, flags, element_size))
 
 
 # ---------------------------------------------------------------------------------------------
