@@ -11,8 +11,8 @@ kernel launch intercepted; specialises each launch with Triton's own launcher co
 each distinct specialisation, with every autotuning configuration, for each architecture (Triton
 ships ptxas, so no GPU is needed). Each compiled kernel is also checked for stride arguments
 multiplied in 32 bits, which would wrap offsets past 2**31, and for its registers and spills (ptxas
--v on its PTX): a kernel that spills fails unless TOLERATED_SPILLS names it with a reason, and never
-past SPILL_LIMIT bytes. The summary prints each kernel's register range and largest spill per
+-v on its PTX): a spill over SMALL_SPILL bytes fails unless TOLERATED_SPILLS names the kernel with
+a reason, and one over SPILL_LIMIT always does. The summary prints each kernel's register range and largest spill per
 architecture.
 
 Needs Triton's compiled mode: run it without TRITON_INTERPRET.
@@ -532,10 +532,32 @@ def resources(compiled: CompiledKernel, arch: int) -> Resources:
                      int(spills.group(1)) if spills else 0, int(spills.group(2)) if spills else 0)
 
 
-# Kernels allowed to spill, by name: (most bytes, why that is acceptable). Any other spill, or a
-# larger one, fails the check; a spill over SPILL_LIMIT is never accepted.
+# Spills: ptxas leaves a scalar or two in local memory in many variants even far below the register
+# limit (4 to 16 B at 32 to 128 registers; the weight kernel's 8 B at 32 registers stays without
+# Triton's --regAllocOptLevel=2): one or two L1-resident values per thread, not register pressure,
+# accepted in every kernel. Larger spills
+# fail unless TOLERATED_SPILLS names the kernel with a reason; none past SPILL_LIMIT is accepted.
+SMALL_SPILL = 16
 SPILL_LIMIT = 128
-TOLERATED_SPILLS: dict[str, tuple[int, str]] = {}
+TOLERATED_SPILLS: dict[str, tuple[int, str]] = {
+    "_equinorm_weight_kernel": (
+        64,
+        "float64 scalars of the exact positive mass kept in local memory: stored once before its loop "
+        "and loaded once after (SASS of the float32 (4, 3, 3, 3) exact variant); up to 36 B stored and "
+        "52 B loaded by the 32 x 64 float64 tile on sm_90 (128 registers)",
+    ),
+    "_equinorm_backward_kernel": (
+        48,
+        "loop-invariant float64 scalars kept in local memory: stored once per program and reloaded "
+        "4 B per channel-block step from L1 (SASS of the float64 channels_last (4, 3, 3, 3) variant, "
+        "32 registers); up to 48 B loaded",
+    ),
+}
+
+
+def spill_allowance(kernel_name: str) -> int:
+    """The most bytes ``kernel_name`` may spill (stored or loaded) and still pass."""
+    return min(max(SMALL_SPILL, TOLERATED_SPILLS.get(kernel_name, (0, ""))[0]), SPILL_LIMIT)
 
 
 def _compile_one(index: int, arch: int) -> tuple[str, float, Resources | None]:
@@ -553,10 +575,8 @@ def _compile_one(index: int, arch: int) -> tuple[str, float, Resources | None]:
     status = "ok"
     if narrow:
         status = f"FAILED: stride multiplied in 32 bits: {narrow[0]}"
-    elif used.spilled:
-        tolerated, _ = TOLERATED_SPILLS.get(launch.name, (0, ""))
-        if used.spilled > min(tolerated, SPILL_LIMIT):
-            status = f"FAILED: spills {used.spill_stores} B stored, {used.spill_loads} B loaded"
+    elif used.spilled > spill_allowance(launch.name):
+        status = f"FAILED: spills {used.spill_stores} B stored, {used.spill_loads} B loaded"
     return status, time.perf_counter() - start, used
 
 

@@ -5,11 +5,12 @@ each reads, how a sum is split and finished) and launches exactly that, so a pla
 for every real shape without a GPU (tests/test_triton_launch_plans.py). The plans aim at one
 machine model, stated here as constants:
 
-- an H100/H200 has 132 SMs; a reduction kernel of 4 warps with a 16 KiB register tile keeps about
-  4 programs resident per SM, so 132 x 4 = 528 programs fill the GPU once, and the plans ask for at
-  least two waves (1056 programs) whenever the tensor holds enough work for that: one wave leaves
-  SMs idle while the last programs finish, and a program needs several tiles in flight to hide
-  memory latency;
+- an H100/H200 has 132 SMs, and the model counts 4 resident reduction programs per SM (4 warps
+  each, tiles of at most 16 KiB), so 132 x 4 = 528 programs fill the GPU once; the plans ask for at
+  least two waves (1056 programs) whenever the tensor holds enough work for that, because with one
+  wave the SMs whose programs finish first sit idle until the last ones do;
+- the resident programs' loads of one loop step together cover HBM's latency
+  (MIN_BYTES_IN_FLIGHT);
 - a program reads at least a few tiles (4096 elements) so the launch and the partial-sum scratch
   stay small next to the data, and at most 65536 elements of one reduction, so no program's serial
   loop grows with a tensor dimension: bigger tensors get more programs, not longer ones;
