@@ -130,6 +130,20 @@ def test_energy_plans_fill_the_machine_with_bounded_chunks(dtype):
             _assert_bytes_in_flight(plan.programs, step * ELEMENT_SIZES[dtype], label)
 
 
+def test_a_smaller_last_batch_keeps_the_tuning_keys():
+    """With autotuning on, the channel-sum kernels are tuned per tile shape (their block sizes and
+    flags), which the plan keeps when only the batch size changes."""
+    for rows, channels, spatial in _inputs():
+        if rows < 8:
+            continue
+        last = rows - 3  # a dataset whose size is not a multiple of the batch size
+        if spatial > 1:
+            full, partial = (plans.planar_channel_sum_plan(n, channels, spatial) for n in (rows, last))
+            assert full.block_positions == partial.block_positions, (rows, channels, spatial)
+        full, partial = (plans.channels_last_channel_sum_plan(n * spatial, channels) for n in (rows, last))
+        assert full.block_channels == partial.block_channels, (rows, channels, spatial)
+
+
 def test_shapes_that_used_serial_loops_get_two_waves():
     """A 4096 x 4096 Linear's backward sum over output channels (once 4 programs looping over 4096
     rows each), a detection input's NCHW channel sums (once 6 programs) and channels_last sums
@@ -241,7 +255,8 @@ def test_energies_in_chunks_match_the_reference(p, per_program):
     g = _generator(5)
     cases = [
         (torch.randn(12, 3, 3, 3, generator=g, dtype=torch.float64), 2, 1),
-        (torch.randn(10, 4, 3, 3, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last), 1, 1),
+        (torch.randn(10, 4, 3, 3, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last),
+         1, 1),
         (torch.randn(9, 24, generator=g, dtype=torch.float64), 1, 4),
     ]
     chunk_counts = set()

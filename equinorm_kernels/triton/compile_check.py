@@ -283,7 +283,8 @@ def _split_reductions(recorder: LaunchRecorder, dtypes) -> None:
                 readable, channels_last = equinorm._channel_input(x, rows)
                 for per_program in (None, 5, 13, 48):
                     mean = torch.empty(shape[1], dtype=_runtime.accumulation_dtype(dtype))
-                    with recorder.sample(f"{dtype} channel sums {shape} {layout} rows={rows} per_program={per_program}"):
+                    with recorder.sample(f"{dtype} channel sums {shape} {layout} rows={rows} "
+                                         f"per_program={per_program}"):
                         equinorm._launch_channel_means(readable, channels_last, rows, mean, per_program=per_program)
                     negative = torch.zeros(shape[1], dtype=torch.uint8)
                     with recorder.sample(f"{dtype} channel abs sums {shape} {layout} rows={rows} "

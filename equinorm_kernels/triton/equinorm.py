@@ -210,7 +210,9 @@ def _row_tile(g: _WeightGeometry) -> tuple[int, int]:
 
 
 # Launch configurations, the default first: elements loaded per step (TILE, never below the plans'
-# CHANNEL_SUM_TILE, which bounds a planar tile's width) and warps.
+# CHANNEL_SUM_TILE, which bounds a planar tile's width) and warps. With autotuning, a kernel is
+# tuned once per tile shape (its power-of-2 blocks, from the plan) and variant, never per batch
+# size: a smaller last batch or a new layer of the same tile shape reuses the choice.
 _CHANNEL_SUM_CONFIGS = [
     triton.Config({"TILE": tile}, num_warps=warps)
     for tile, warps in ((CHANNEL_SUM_TILE, 4), (4096, 4), (4096, 8), (CHANNEL_SUM_TILE, 8))
@@ -226,7 +228,7 @@ _ROW_CONFIGS = [triton.Config({}, num_warps=warps) for warps in (4, 8)]
 # stores whether its values had one < 0, and the channel's flag is the OR over its programs.
 # ---------------------------------------------------------------------------------------------
 
-@autotune(_CHANNEL_SUM_CONFIGS, key=["channels", "spatial"])
+@autotune(_CHANNEL_SUM_CONFIGS, key=["BLOCK_S", "FINAL", "ABS"])
 @triton.jit
 def _planar_channel_sums_kernel(
     x_ptr, sums_ptr, negative_ptr, rows, channels, spatial, rows_per_split, segment, spatial_splits, count,
@@ -273,7 +275,7 @@ def _planar_channel_sums_kernel(
             tl.store(row + channels + channel, (tl.min(lowest) < 0).to(acc_t))
 
 
-@autotune(_CHANNEL_SUM_CONFIGS, key=["channels"])
+@autotune(_CHANNEL_SUM_CONFIGS, key=["BLOCK_C", "FINAL", "ABS"])
 @triton.jit
 def _channels_last_channel_sums_kernel(
     x_ptr, sums_ptr, negative_ptr, channels, positions, positions_per_split, count,
@@ -463,7 +465,7 @@ def _exact_positive_mass(row, mean, shift, group_channels, taps, channel_stride,
     return tl.sum(acc)
 
 
-@autotune(_ROW_CONFIGS, key=["group_channels", "taps"])
+@autotune(_ROW_CONFIGS, key=["BLOCK_C", "BLOCK_T", "PER_TAP"])
 @triton.jit
 def _equinorm_weight_kernel(
     weight_ptr, mean_ptr, gain_ptr, out_ptr, stats_ptr,
@@ -538,7 +540,7 @@ def _equinorm_weight_kernel(
     tl.store(stats + 4, tl.where(use_exact, 1, 0).to(acc_t))
 
 
-@autotune(_ROW_CONFIGS, key=["group_channels", "taps"])
+@autotune(_ROW_CONFIGS, key=["BLOCK_C", "BLOCK_T", "PER_TAP"])
 @triton.jit
 def _equinorm_backward_kernel(
     grad_ptr, weight_ptr, mean_ptr, gain_ptr, stats_ptr, grad_weight_ptr, grad_gain_ptr, mean_terms_ptr,

@@ -41,11 +41,11 @@ ROW_SUM_BLOCK_COLUMNS = 128    # columns per first-stage program
 FINISH_BLOCK_COLUMNS = 256     # columns per finishing program
 SHORT_CHUNK_ROWS = 64          # rows per chunk while the chunks stay few enough to finish
 LONG_CHUNK_ROWS = 256          # rows per chunk of a very tall matrix
-MIN_CHUNK_ROWS = 16            # no chunk shorter than this: its scratch would cost more than its rows
+MIN_CHUNK_ROWS = 16            # the partial-sum scratch adds at most 1/16 of the data read
 MAX_CHUNKS = 256               # the finish adds at most this many partial rows per column
 
 # ---- channel sums and energies ------------------------------------------------------------------
-CHANNEL_SUM_TILE = 2048        # elements a channel-sum program loads per step (the default and smallest configuration)
+CHANNEL_SUM_TILE = 2048        # elements a channel-sum program loads per step (default, smallest config)
 CHANNELS_LAST_BLOCK_CHANNELS = 128
 ENERGY_BLOCK_CHANNELS = 32
 ENERGY_TILE_ELEMENTS = 2048
@@ -106,7 +106,8 @@ class RowSumPlan:
         return 1 if self.chunks == 1 else 2
 
 
-def row_sum_plan(batches: int, rows: int, width: int, element_size: int = 8, chunk_rows: int | None = None) -> RowSumPlan:
+def row_sum_plan(batches: int, rows: int, width: int, element_size: int = 8,
+                 chunk_rows: int | None = None) -> RowSumPlan:
     """The plan of the row sums of ``batches`` (rows, width) matrices of ``element_size``-byte
     values; ``chunk_rows`` forces the chunk height (tests use it to reach the two-stage path)."""
     columns = batches * width
