@@ -1,7 +1,8 @@
 """The Triton kernels' launch plans (equinorm_kernels/triton/launch_plans.py) over real shapes, and
 the kernels they launch on the split paths.
 
-Plans: ResNet-18/50 layers at batch 1 to 256, Linear layers up to 8192 x 8192, a detection input
+Plans (channel sums, dL/dmu row sums, ENorm energies, tap_mean's column sums): ResNet-18/50
+layers at batch 1 to 256, Linear layers up to 8192 x 8192, a detection input
 (2, 3, 800, 1333), in float16/bfloat16/float32 and both layouts, against the machine model stated in
 launch_plans: at least two waves over 132 SMs (1056 programs) where the tensor holds that much
 work, enough bytes requested at once, and per-program work bounded whatever the tensor's size.
@@ -128,6 +129,18 @@ def test_energy_plans_fill_the_machine_with_bounded_chunks(dtype):
             _assert_waves(plan.programs, channels * reduction, plans.MIN_ELEMENTS_PER_PROGRAM, label)
             step = min(plan.block_channels, channels) * min(plan.block_values, plan.chunk)
             _assert_bytes_in_flight(plan.programs, step * ELEMENT_SIZES[dtype], label)
+
+
+def test_tap_column_sum_plans_fill_the_machine_with_bounded_programs():
+    """tap_mean reads x[:rows] as a (rows, C x plane) matrix and sums its columns."""
+    for rows, channels, spatial in _inputs():
+        width = channels * spatial
+        label = f"tap_mean columns of ({rows}, {width})"
+        plan = plans.tap_column_sum_plan(rows, width)
+        assert plan.splits * plan.rows_per_split >= rows and plan.splits <= plans.MAX_CHUNKS, label
+        assert plan.elements_per_program <= plans.MAX_ELEMENTS_PER_PROGRAM, label
+        min_per_program = min(plans.MIN_ELEMENTS_PER_PROGRAM, plan.block_columns)
+        _assert_waves(plan.programs, rows * width, min_per_program, label)
 
 
 def test_a_smaller_last_batch_keeps_the_tuning_keys():

@@ -221,6 +221,53 @@ def channels_last_channel_sum_plan(positions: int, channels: int, per_program: i
 
 
 # ---------------------------------------------------------------------------------------------
+# tap_mean's column sums of x[:rows] seen as a (rows, C x plane) matrix
+# ---------------------------------------------------------------------------------------------
+
+TAP_BLOCK_COLUMNS = 256
+TAP_BLOCK_ROWS = 8
+
+
+@dataclass(frozen=True)
+class ColumnSumPlan:
+    """``column_blocks x splits`` programs; program (b, k) adds rows [k * rows_per_split, ...) of
+    ``block_columns`` columns, ``block_rows`` rows per step; a finishing launch adds the splits in
+    order when there are several."""
+
+    rows: int
+    width: int
+    rows_per_split: int
+    splits: int
+    column_blocks: int
+    block_rows: int = TAP_BLOCK_ROWS
+    block_columns: int = TAP_BLOCK_COLUMNS
+
+    @property
+    def programs(self) -> int:
+        return self.column_blocks * self.splits
+
+    @property
+    def elements_per_program(self) -> int:
+        return self.rows_per_split * min(self.block_columns, self.width)
+
+
+def tap_column_sum_plan(rows: int, width: int, splits: int | None = None) -> ColumnSumPlan:
+    """Row splits for two waves when the columns alone give fewer programs, at most
+    MAX_ELEMENTS_PER_PROGRAM per program and MAX_CHUNKS splits for the finish; ``splits`` forces the
+    count (tests)."""
+    column_blocks = cdiv(width, TAP_BLOCK_COLUMNS)
+    if splits is None:
+        longest = MAX_ELEMENTS_PER_PROGRAM // TAP_BLOCK_COLUMNS
+        wanted = min(rows, MAX_CHUNKS, max(cdiv(TARGET_PROGRAMS, column_blocks), cdiv(rows, longest)))
+        rows_per_split = max(1, rows // wanted)  # rounded down: at least the splits wanted
+        if cdiv(rows, rows_per_split) > MAX_CHUNKS:
+            rows_per_split = cdiv(rows, MAX_CHUNKS)
+    else:
+        rows_per_split = cdiv(rows, max(1, min(splits, rows)))
+    return ColumnSumPlan(rows, width, rows_per_split, cdiv(rows, rows_per_split), column_blocks)
+
+
+# ---------------------------------------------------------------------------------------------
 # ENorm energies: per channel, the sum of |v|^p over `reduction` values
 # ---------------------------------------------------------------------------------------------
 
