@@ -391,7 +391,8 @@ def test_backward_in_low_precision(device, dtype):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "linear"])
 @pytest.mark.parametrize("rows", [5, 3])
 def test_channel_sums_split_over_programs(device, layout, rows):
-    """The sums of one channel cut over 1 to 4 programs (fixed-order total) give the reference mean."""
+    """The sums of one channel cut over several programs (over samples, over the plane, or both;
+    fixed-order total) give the reference mean."""
     shape = (5, 3, 4, 6) if layout != "linear" else (5, 7)
     x = torch.rand(shape, generator=_generator(2), dtype=torch.float64)
     x = _layout(x, layout).to(device)
@@ -402,21 +403,40 @@ def test_channel_sums_split_over_programs(device, layout, rows):
     signed[:, 0] = signed[:, 0].abs()  # channel 0 has no negative value
     expected_abs = signed.cpu()[:rows].abs().transpose(0, 1).reshape(shape[1], -1).mean(dim=1)
     expected_negative = (signed.cpu()[:rows] < 0).transpose(0, 1).reshape(shape[1], -1).any(dim=1)
-    for splits in (1, 2, 3, 4):
+    split_counts = set()
+    # 5 elements per program cut a 4x6 plane into 5 segments; 48 take two samples per split.
+    for per_program in (None, 5, 13, 48):
         mean = torch.empty(shape[1], dtype=torch.float64, device=device)
-        triton_equinorm._launch_channel_means(readable, channels_last, rows, mean, splits=splits)
+        plan = triton_equinorm._launch_channel_means(readable, channels_last, rows, mean, per_program=per_program)
+        split_counts.add(plan.splits)
         assert_matches_reference(mean.cpu(), expected, expected, torch.float64)
         negative = torch.zeros(shape[1], dtype=torch.uint8, device=device)
-        triton_equinorm._launch_channel_means(signed, channels_last, rows, mean, splits=splits, negative=negative)
+        triton_equinorm._launch_channel_means(signed, channels_last, rows, mean, per_program=per_program,
+                                              negative=negative)
         assert_matches_reference(mean.cpu(), expected_abs, expected_abs, torch.float64)
         assert torch.equal(negative.cpu().bool(), expected_negative)
+    assert 1 in split_counts and len(split_counts) >= 2, split_counts
+
+
+@needs_triton
+@on_each_device
+def test_planar_sums_split_within_a_plane_and_over_samples(device):
+    """A few large planes (a detection input) are cut over the plane as well as the samples."""
+    x = torch.rand((3, 2, 17, 19), generator=_generator(4), dtype=torch.float64).to(device)
+    expected = x.cpu().mean(dim=(0, 2, 3))
+    for per_program, spatial_splits, rows_per_split in ((100, 4, 1), (700, 1, 2)):
+        mean = torch.empty(2, dtype=torch.float64, device=device)
+        plan = triton_equinorm._launch_channel_means(x, False, 3, mean, per_program=per_program)
+        assert (plan.spatial_splits, plan.rows_per_split) == (spatial_splits, rows_per_split)
+        assert_matches_reference(mean.cpu(), expected, expected, torch.float64)
 
 
 @needs_triton
 @on_each_device
 def test_large_input_takes_the_split_path(device):
     x = torch.rand((3, 2, 80, 80), generator=_generator(4), dtype=torch.float32)  # 19200 values per channel
-    assert 3 * 80 * 80 > triton_equinorm._ELEMENTS_PER_SPLIT
+    plan = triton_equinorm.channel_sum_plan(x, False, 3)
+    assert plan.splits > 1
     mean, _ = _op("channel_mean")(x.to(device), 3, "mean")
     assert_matches_reference(mean.cpu(), None, x.double().mean(dim=(0, 2, 3)), torch.float32)
     signed = x - 0.5
@@ -437,7 +457,7 @@ def test_every_autotuning_configuration_computes_the_same_means(device):
         tile = config.kwargs["TILE"]
         mean = torch.empty(5, dtype=torch.float64, device=device)
         triton_equinorm._planar_channel_sums_kernel.fn[(5, 1)](
-            x, mean, mean, 3, 5, 42, 3, 126, FINAL=True, ABS=False, BLOCK_S=64, TILE=tile, num_warps=config.num_warps)
+            x, mean, mean, 3, 5, 42, 3, 42, 1, 126, FINAL=True, ABS=False, BLOCK_S=64, TILE=tile, num_warps=config.num_warps)
         assert_matches_reference(mean.cpu(), expected, expected, torch.float64)
         triton_equinorm._channels_last_channel_sums_kernel.fn[(1, 1)](
             channels_last_x, mean, mean, 5, 126, 126, 126, FINAL=True, ABS=False, BLOCK_C=8, TILE=tile,

@@ -95,6 +95,20 @@ def autotune(configs: list[triton.Config], *, key: list[str]) -> Callable:
     return decorate
 
 
+# What a size with no example value (an unbacked symbol) is planned as: a mid-sized batch.
+_UNKNOWN_SIZE_HINT = 64
+
+
+def size_hint(size: int | torch.SymInt) -> int:
+    """``size`` as a plain int for a launch plan, without guarding on it: a symbolic size (a batch
+    size under ``torch.compile(dynamic=True)``) gives its example value. A plan built from hints
+    must stay correct for every value of the size (the launchers derive grids from the size itself)."""
+    if isinstance(size, torch.SymInt):
+        hint = size.node.hint
+        return int(hint) if hint is not None else _UNKNOWN_SIZE_HINT
+    return int(size)
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 for float64 operands, float32 for float16/bfloat16/float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32

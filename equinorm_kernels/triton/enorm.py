@@ -11,9 +11,11 @@ Same signatures as csrc/ops.cpp (prefixed ``triton_``) and semantics as csrc/cpu
 records of six ints (tensor index, axis 0 rows / 1 columns, power of d, counted, conv groups,
 columns per channel). Not differentiable.
 
-Launches per group: one per counted entry (its per-channel energies, summed in float64 for every
-dtype, as csrc/shared/enorm_math.h says why), one for the coefficients d (energies added in entry order in float64, and
-the group's largest |d - 1|), one per entry with a power other than 0 (the in-place rescale).
+Launches per group: one or two per counted entry (its per-channel energies, summed in float64 for
+every dtype, as csrc/shared/enorm_math.h says why, in chunks that :func:`.launch_plans.energy_plan`
+sizes for two waves over the GPU, then the chunks added in order), one for the coefficients d
+(energies added in entry order in float64, and the group's largest |d - 1|), one per entry with a
+power other than 0 (the in-place rescale).
 Groups run in order: a tensor rescaled by one group is read by the next with its new values.
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._row_sums import launch_row_sums
 from ._runtime import (
     cast_rounded,
     check,
@@ -35,12 +38,10 @@ from ._runtime import (
     on_device,
     wrap_triton,
 )
+from .launch_plans import EnergyPlan, energy_plan, row_sum_plan
 
 ENTRY_FIELDS = 6  # csrc/enorm_plan.h
 
-# Largest (channels x values) tile an energy program holds at once.
-_ENERGY_TILE = 2048
-_MAX_INNER_BLOCK = 256
 _RESCALE_BLOCK = 1024
 _COEFFICIENT_BLOCK = 1024
 
@@ -173,27 +174,32 @@ def _energy_term(values, p, EXPONENT: tl.constexpr):
 @triton.jit
 def _channel_energy_kernel(
     values_ptr, energy_ptr, channels, channels_per_group, outer_per_group, inner,
-    outer_stride, channel_stride, inner_stride, p_bits,
-    EXPONENT: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr,
+    outer_stride, channel_stride, inner_stride, chunk, p_bits,
+    EXPONENT: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
-    """energy[j] = sum of |v|^p over channel j's values (the outer indices of its group x inner),
-    in float64."""
-    acc = tl.full([BLOCK_J, BLOCK_T], 0, tl.float64)
+    """energy[k, j] = sum of |v|^p over chunk k of channel j's values, in float64: its values are
+    indexed q = r * inner + t over the outer indices r of its group and the inner values t, and
+    chunk k holds q in [k * chunk, (k + 1) * chunk)."""
+    acc = tl.full([BLOCK_J, BLOCK_Q], 0, tl.float64)
     exponent = float64_from_bits(p_bits, acc.dtype)
+    split = tl.program_id(1)
     js = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
     channel_valid = js < channels
     group = js // channels_per_group
     first_outer = (group * outer_per_group).to(tl.int64)
     base = first_outer * outer_stride + (js % channels_per_group).to(tl.int64) * channel_stride
-    ts = tl.arange(0, BLOCK_T)
-    for r in range(outer_per_group):
-        row = base + tl.cast(r, tl.int64) * outer_stride
-        for t0 in range(0, inner, BLOCK_T):
-            t = t0 + ts
-            mask = channel_valid[:, None] & (t < inner)[None, :]
-            values = tl.load(values_ptr + row[:, None] + t.to(tl.int64)[None, :] * inner_stride, mask=mask, other=0)
-            acc += _energy_term(values.to(acc.dtype), exponent, EXPONENT)
-    tl.store(energy_ptr + js, tl.sum(acc, axis=1), mask=channel_valid)
+    reduction = tl.cast(outer_per_group, tl.int64) * inner
+    first = tl.cast(split, tl.int64) * chunk
+    last = tl.minimum(first + chunk, reduction)
+    qs = tl.arange(0, BLOCK_Q).to(tl.int64)
+    for q0 in range(first, last, BLOCK_Q):
+        q = q0 + qs
+        r = q // inner
+        offsets = r * outer_stride + (q - r * inner) * inner_stride
+        mask = channel_valid[:, None] & (q < last)[None, :]
+        values = tl.load(values_ptr + base[:, None] + offsets[None, :], mask=mask, other=0)
+        acc += _energy_term(values.to(acc.dtype), exponent, EXPONENT)
+    tl.store(energy_ptr + tl.cast(split, tl.int64) * channels + js, tl.sum(acc, axis=1), mask=channel_valid)
 
 
 @triton.jit
@@ -261,18 +267,26 @@ def _exponent_kind(p: float) -> int:
     return 2 if p == 2.0 else 1 if p == 1.0 else 0
 
 
-def _launch_energy(t: torch.Tensor, e: _Entry, p: float, energy: torch.Tensor) -> None:
+def _launch_energy(t: torch.Tensor, e: _Entry, p: float, energy: torch.Tensor,
+                   per_program: int | None = None) -> EnergyPlan:
+    """Writes energy (C,) float64 of entry ``e``: chunks of each channel's values summed in parallel,
+    then added in chunk order; returns the plan (``per_program`` forces its chunking, for tests)."""
     if e.columns:
         channels_per_group, outer_per_group, channel_stride = e.channels_per_group, e.outer_per_group, e.channel_stride
     else:  # rows: outer index o is channel o
         channels_per_group, outer_per_group, channel_stride = e.outer, 1, e.outer_stride
-    block_t = min(triton.next_power_of_2(e.inner), _MAX_INNER_BLOCK)
-    block_j = min(triton.next_power_of_2(e.channels), max(1, _ENERGY_TILE // block_t))
-    wrap_triton(_channel_energy_kernel)[(triton.cdiv(e.channels, block_j),)](
-        t, energy, e.channels, channels_per_group, outer_per_group, e.inner,
-        e.outer_stride, channel_stride, e.inner_stride, float64_bits(p),
-        EXPONENT=_exponent_kind(p), BLOCK_J=block_j, BLOCK_T=block_t,
+    plan = energy_plan(e.channels, outer_per_group * e.inner, per_program)
+    partial = energy if plan.chunks == 1 else torch.empty(
+        (plan.chunks, e.channels), dtype=torch.float64, device=energy.device)
+    wrap_triton(_channel_energy_kernel)[(plan.channel_blocks, plan.chunks)](
+        t, partial, e.channels, channels_per_group, outer_per_group, e.inner,
+        e.outer_stride, channel_stride, e.inner_stride, plan.chunk, float64_bits(p),
+        EXPONENT=_exponent_kind(p), BLOCK_J=plan.block_channels, BLOCK_Q=plan.block_values,
     )
+    if plan.chunks > 1:  # at most MAX_CHUNKS partial rows: one finishing launch adds them in order
+        launch_row_sums(partial, energy, 1, plan.chunks, e.channels,
+                        plan=row_sum_plan(1, plan.chunks, e.channels, chunk_rows=plan.chunks))
+    return plan
 
 
 def _launch_rescale(t: torch.Tensor, e: _Entry, d: torch.Tensor) -> None:

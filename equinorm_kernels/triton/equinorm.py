@@ -16,12 +16,13 @@ channels_last (other strides are copied); weight (D, C/groups, *kernel) contiguo
 float64 operands, else float32), which the channel sums use; the weight transform and its backward
 compute in float64, the dtype of stats (D, 5) and grad_mean (csrc/shared/equinorm_math.h says why).
 
-Launches per call:
-    channel_mean      1 (2 when x is large enough to split each channel's sum over several programs)
+Launches per call (how each kernel is cut into programs: :mod:`.launch_plans`):
+    channel_mean      1, or 3 to 4 when x is large enough to split each channel's sum over several
+                      programs: the partial sums, their fixed-order total (:mod:`._row_sums`), the means
     equinorm_weight   1
-    equinorm_forward  2 (3 for a large x): channel sums, [their fixed-order total], weight transform
-    equinorm_backward 2: one program per output channel, then the fixed-order sum over output
-                      channels of each input channel's gradient
+    equinorm_forward  channel_mean's launches, then the weight transform
+    equinorm_backward 2 to 3: one program per output channel, then the fixed-order sum over output
+                      channels of each input channel's gradient terms, in chunks when they are many
 
 No result depends on float atomics or on the launch order of programs: every cross-program sum
 goes through a workspace and is added in a fixed order, so a launch configuration always gives
@@ -37,6 +38,7 @@ import triton
 import triton.language as tl
 
 from ..reference.equinorm import WEIGHT_MATH_DTYPE
+from ._row_sums import launch_row_sums
 from ._runtime import (
     accumulation_dtype,
     autotune,
@@ -47,19 +49,21 @@ from ._runtime import (
     float64_bits,
     float64_from_bits,
     on_device,
+    size_hint,
     wrap_triton,
+)
+from .launch_plans import (
+    CHANNEL_SUM_TILE,
+    ChannelsLastChannelSumPlan,
+    PlanarChannelSumPlan,
+    channels_last_channel_sum_plan,
+    planar_channel_sum_plan,
+    weight_row_plan,
 )
 
 STATS_COLUMNS = 5  # shift, scale, positive mass, mean mass, used exact (csrc/shared/equinorm_math.h)
+_FINISH_BLOCK = 1024
 
-# Channel sums: a program reads at least this many elements of its channel (NCHW) or positions
-# of its channel block (channels_last) before the sum is split over more programs.
-_ELEMENTS_PER_SPLIT = 1 << 14
-_POSITIONS_PER_SPLIT = 1 << 8
-_MAX_SPLITS = 128
-# Largest (channels x taps) tile a weight-row program holds at once.
-_ROW_TILE = 2048
-_MAX_TAP_BLOCK = 64
 # Offsets within a weight row are int32 (offsets of rows and planes are int64).
 _MAX_ROW_VALUES = 2**31 - 1
 # M_d's lower clamp, so a group whose means are all 0 gets a finite shift (as mean_mass in csrc/shared).
@@ -201,16 +205,21 @@ def _parse_exact_mode(mode: str) -> bool:
 
 def _row_tile(g: _WeightGeometry) -> tuple[int, int]:
     """(BLOCK_C, BLOCK_T): the channels x taps tile a weight-row program loads at once."""
-    block_t = min(triton.next_power_of_2(g.taps), _MAX_TAP_BLOCK)
-    block_c = min(triton.next_power_of_2(g.group_channels), max(1, _ROW_TILE // block_t))
-    return block_c, block_t
+    plan = weight_row_plan(g.out_channels, g.group_channels, g.taps)
+    return plan.block_channels, plan.block_taps
 
 
-# Launch configurations, the default first: elements loaded per step (TILE) and warps.
+# Launch configurations, the default first: elements loaded per step (TILE, never below the plans'
+# CHANNEL_SUM_TILE, which bounds a planar tile's width) and warps. With autotuning, a kernel is
+# tuned once per tile shape (its power-of-2 blocks, from the plan) and variant, never per batch
+# size: a smaller last batch or a new layer of the same tile shape reuses the choice.
 _CHANNEL_SUM_CONFIGS = [
-    triton.Config({"TILE": tile}, num_warps=warps) for tile, warps in ((2048, 4), (1024, 4), (4096, 8), (2048, 8))
+    triton.Config({"TILE": tile}, num_warps=warps)
+    for tile, warps in ((CHANNEL_SUM_TILE, 4), (4096, 4), (4096, 8), (CHANNEL_SUM_TILE, 8))
 ]
-_ROW_CONFIGS = [triton.Config({}, num_warps=warps) for warps in (4, 2, 8)]
+# No 2-warp row configuration: a float64 row tile of 32 x 64 needs all 255 registers per thread
+# there and the backward spills 740 B on sm_80 (180 B on sm_90); with 4 warps it spills nothing.
+_ROW_CONFIGS = [triton.Config({}, num_warps=warps) for warps in (4, 8)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,20 +228,23 @@ _ROW_CONFIGS = [triton.Config({}, num_warps=warps) for warps in (4, 2, 8)]
 # stores whether its values had one < 0, and the channel's flag is the OR over its programs.
 # ---------------------------------------------------------------------------------------------
 
-@autotune(_CHANNEL_SUM_CONFIGS, key=["channels", "spatial", "rows_per_split"])
+@autotune(_CHANNEL_SUM_CONFIGS, key=["BLOCK_S", "FINAL", "ABS"])
 @triton.jit
 def _planar_channel_sums_kernel(
-    x_ptr, sums_ptr, negative_ptr, rows, channels, spatial, rows_per_split, count,
+    x_ptr, sums_ptr, negative_ptr, rows, channels, spatial, rows_per_split, segment, spatial_splits, count,
     FINAL: tl.constexpr, ABS: tl.constexpr, BLOCK_S: tl.constexpr, TILE: tl.constexpr,
 ):
-    """NCHW x: program (c, k) sums channel c over samples [k * rows_per_split, ...) into
-    sums[k, c]; with FINAL (one split) it writes the mean itself."""
+    """NCHW x: program (c, k) sums channel c over samples [(k // spatial_splits) * rows_per_split, ...)
+    and positions [(k % spatial_splits) * segment, ...) into sums[k, c]; with FINAL (one split) it
+    writes the mean itself."""
     BLOCK_N: tl.constexpr = TILE // BLOCK_S
     channel = tl.program_id(0)
     split = tl.program_id(1)
     acc_t = sums_ptr.dtype.element_ty
-    first = split * rows_per_split
+    first = (split // spatial_splits) * rows_per_split
     last = tl.minimum(first + rows_per_split, rows)
+    first_position = (split % spatial_splits) * segment
+    last_position = tl.minimum(first_position + segment, spatial)
     plane = x_ptr + channel.to(tl.int64) * spatial
     sample_stride = tl.cast(channels, tl.int64) * spatial
     samples = tl.arange(0, BLOCK_N)
@@ -241,9 +253,9 @@ def _planar_channel_sums_kernel(
     lowest = tl.full([BLOCK_N, BLOCK_S], 0, acc_t)
     for n0 in range(first, last, BLOCK_N):
         n = n0 + samples
-        for s0 in range(0, spatial, BLOCK_S):
+        for s0 in range(first_position, last_position, BLOCK_S):
             s = s0 + positions
-            mask = (n < last)[:, None] & (s < spatial)[None, :]
+            mask = (n < last)[:, None] & (s < last_position)[None, :]
             values = tl.load(plane + n.to(tl.int64)[:, None] * sample_stride + s[None, :], mask=mask, other=0)
             values = values.to(acc_t)
             if ABS:
@@ -252,13 +264,18 @@ def _planar_channel_sums_kernel(
             acc += values
     total = tl.sum(acc)
     if FINAL:
-        total = total / tl.cast(count, acc_t)
-    tl.store(sums_ptr + split.to(tl.int64) * channels + channel, total)
-    if ABS:
-        tl.store(negative_ptr + split.to(tl.int64) * channels + channel, (tl.min(lowest) < 0).to(tl.uint8))
+        tl.store(sums_ptr + channel, total / tl.cast(count, acc_t))
+        if ABS:
+            tl.store(negative_ptr + channel, (tl.min(lowest) < 0).to(tl.uint8))
+    else:
+        # Row `split` of the (splits, C or 2C) scratch: the sums, then with ABS the flags as 0/1.
+        row = sums_ptr + split.to(tl.int64) * tl.cast(channels, tl.int64) * (2 if ABS else 1)
+        tl.store(row + channel, total)
+        if ABS:
+            tl.store(row + channels + channel, (tl.min(lowest) < 0).to(acc_t))
 
 
-@autotune(_CHANNEL_SUM_CONFIGS, key=["channels", "positions", "positions_per_split"])
+@autotune(_CHANNEL_SUM_CONFIGS, key=["BLOCK_C", "FINAL", "ABS"])
 @triton.jit
 def _channels_last_channel_sums_kernel(
     x_ptr, sums_ptr, negative_ptr, channels, positions, positions_per_split, count,
@@ -286,82 +303,88 @@ def _channels_last_channel_sums_kernel(
             values = tl.where(values < 0, -values, values)
         acc += values
     total = tl.sum(acc, axis=0)
+    negative = tl.min(lowest, axis=0) < 0
     if FINAL:
-        total = total / tl.cast(count, acc_t)
-    tl.store(sums_ptr + split.to(tl.int64) * channels + cs, total, mask=channel_mask)
-    if ABS:
-        negative = (tl.min(lowest, axis=0) < 0).to(tl.uint8)
-        tl.store(negative_ptr + split.to(tl.int64) * channels + cs, negative, mask=channel_mask)
+        tl.store(sums_ptr + cs, total / tl.cast(count, acc_t), mask=channel_mask)
+        if ABS:
+            tl.store(negative_ptr + cs, negative.to(tl.uint8), mask=channel_mask)
+    else:
+        # Row `split` of the (splits, C or 2C) scratch: the sums, then with ABS the flags as 0/1.
+        row = sums_ptr + split.to(tl.int64) * tl.cast(channels, tl.int64) * (2 if ABS else 1)
+        tl.store(row + cs, total, mask=channel_mask)
+        if ABS:
+            tl.store(row + channels + cs, negative.to(acc_t), mask=channel_mask)
 
 
 @triton.jit
-def _finish_channel_means_kernel(
-    sums_ptr, mean_ptr, split_negative_ptr, negative_ptr, channels, splits, count, ABS: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """mean[c] = (sums[0, c] + sums[1, c] + ...) / count, added in split order; with ABS,
-    negative[c] = OR over the splits' flags."""
+def _finish_channel_means_kernel(totals_ptr, mean_ptr, negative_ptr, channels, count, ABS: tl.constexpr,
+                                 BLOCK: tl.constexpr):
+    """mean[c] = totals[c] / count; with ABS, negative[c] = whether any split flagged channel c
+    (totals[C + c], the sum of the splits' 0/1 flags, is positive)."""
     acc_t = mean_ptr.dtype.element_ty
     cs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = cs < channels
-    total = tl.full([BLOCK], 0, acc_t)
-    negative = tl.full([BLOCK], 0, tl.uint8)
-    for k in range(splits):
-        total += tl.load(sums_ptr + tl.cast(k, tl.int64) * channels + cs, mask=mask, other=0)
-        if ABS:
-            negative |= tl.load(split_negative_ptr + tl.cast(k, tl.int64) * channels + cs, mask=mask, other=0)
-    tl.store(mean_ptr + cs, total / tl.cast(count, acc_t), mask=mask)
+    tl.store(mean_ptr + cs, tl.load(totals_ptr + cs, mask=mask, other=0) / tl.cast(count, acc_t), mask=mask)
     if ABS:
-        tl.store(negative_ptr + cs, negative, mask=mask)
+        flagged = tl.load(totals_ptr + channels + cs, mask=mask, other=0) > 0
+        tl.store(negative_ptr + cs, flagged.to(tl.uint8), mask=mask)
+
+
+def channel_sum_plan(x: torch.Tensor, channels_last: bool, rows: int, per_program: int | None = None,
+                     flags: bool = False) -> PlanarChannelSumPlan | ChannelsLastChannelSumPlan:
+    """The launch plan of the channel sums of x[:rows] (see :mod:`.launch_plans`); sizes are
+    taken as their hints under torch.compile, so the plan guards nothing."""
+    channels = x.shape[1]
+    spatial = size_hint(x.numel()) // (size_hint(x.shape[0]) * channels)
+    sums_size = 8 if x.dtype == torch.float64 else 4
+    if channels_last:
+        return channels_last_channel_sum_plan(size_hint(rows) * spatial, channels, per_program, flags=flags,
+                                              element_size=sums_size)
+    return planar_channel_sum_plan(size_hint(rows), channels, spatial, per_program, flags=flags,
+                                   element_size=sums_size)
 
 
 def _launch_channel_means(
-    x: torch.Tensor, channels_last: bool, rows: int, mean: torch.Tensor, splits: int | None = None,
+    x: torch.Tensor, channels_last: bool, rows: int, mean: torch.Tensor, per_program: int | None = None,
     negative: torch.Tensor | None = None,
-) -> None:
+) -> PlanarChannelSumPlan | ChannelsLastChannelSumPlan:
     """Writes mean (C,) of x[:rows], or with ``negative`` (C,) uint8 the mean of |x[:rows]| and the
-    flags of the channels that had a value < 0; ``splits`` (programs per channel) is for tests only."""
+    flags of the channels that had a value < 0; returns the plan it launched. ``per_program``
+    (elements per program) is for tests, to reach the split paths with small inputs."""
     channels = x.shape[1]
     spatial = x.numel() // (x.shape[0] * channels)
     count = rows * spatial
+    plan = channel_sum_plan(x, channels_last, rows, per_program, flags=negative is not None)
+    # The split count is recomputed from rows, so a symbolic batch size gives a symbolic grid; one
+    # program per channel writes the mean itself only when that holds for every batch size.
     if channels_last:
-        positions = rows * spatial
-        if splits is None:
-            splits = min(_MAX_SPLITS, triton.cdiv(positions, _POSITIONS_PER_SPLIT))
-        per_split = triton.cdiv(positions, splits)
-        splits = triton.cdiv(positions, per_split)
+        splits = triton.cdiv(count, plan.positions_per_split)
     else:
-        if splits is None:
-            splits = min(_MAX_SPLITS, rows, triton.cdiv(rows * spatial, _ELEMENTS_PER_SPLIT))
-        per_split = triton.cdiv(rows, min(splits, rows))
-        splits = triton.cdiv(rows, per_split)
-    final = splits == 1
+        splits = triton.cdiv(rows, plan.rows_per_split) * plan.spatial_splits
+    final = isinstance(splits, int) and splits == 1
     abs_statistic = negative is not None
-    sums = mean if final else torch.empty((splits, channels), dtype=mean.dtype, device=mean.device)
-    if not abs_statistic:
-        split_negative = sums  # never read or written without ABS
-    elif final:
-        split_negative = negative
-    else:
-        split_negative = torch.empty((splits, channels), dtype=torch.uint8, device=mean.device)
+    flags = negative if abs_statistic else mean  # never read or written without ABS
+    # Split sums go to a (splits, C) scratch, (splits, 2C) with the flags, added by a row sum.
+    row_width = 2 * channels if abs_statistic else channels
+    sums = mean if final else torch.empty((splits, row_width), dtype=mean.dtype, device=mean.device)
     if channels_last:
-        block_c = min(triton.next_power_of_2(channels), 128)
-        wrap_triton(_channels_last_channel_sums_kernel)[(triton.cdiv(channels, block_c), splits)](
-            x, sums, split_negative, channels, positions, per_split, count, FINAL=final, ABS=abs_statistic,
-            BLOCK_C=block_c,
+        wrap_triton(_channels_last_channel_sums_kernel)[(plan.channel_blocks, splits)](
+            x, sums, flags, channels, count, plan.positions_per_split, count, FINAL=final,
+            ABS=abs_statistic, BLOCK_C=plan.block_channels,
         )
     else:
-        block_s = min(triton.next_power_of_2(spatial), 1024)
         wrap_triton(_planar_channel_sums_kernel)[(channels, splits)](
-            x, sums, split_negative, rows, channels, spatial, per_split, count, FINAL=final, ABS=abs_statistic,
-            BLOCK_S=block_s,
+            x, sums, flags, rows, channels, spatial, plan.rows_per_split, plan.segment,
+            plan.spatial_splits, count, FINAL=final, ABS=abs_statistic, BLOCK_S=plan.block_positions,
         )
     if not final:
-        block = min(triton.next_power_of_2(channels), 1024)
+        totals = torch.empty((row_width,), dtype=mean.dtype, device=mean.device)
+        launch_row_sums(sums, totals, 1, splits, row_width, plan=plan.finish)
+        block = min(triton.next_power_of_2(channels), _FINISH_BLOCK)
         wrap_triton(_finish_channel_means_kernel)[(triton.cdiv(channels, block),)](
-            sums, mean, split_negative, negative if abs_statistic else mean, channels, splits, count,
-            ABS=abs_statistic, BLOCK=block,
+            totals, mean, flags, channels, count, ABS=abs_statistic, BLOCK=block,
         )
+    return plan
 
 
 def _parse_abs_statistic(statistic: str) -> bool:
@@ -442,7 +465,7 @@ def _exact_positive_mass(row, mean, shift, group_channels, taps, channel_stride,
     return tl.sum(acc)
 
 
-@autotune(_ROW_CONFIGS, key=["group_channels", "taps"])
+@autotune(_ROW_CONFIGS, key=["BLOCK_C", "BLOCK_T", "PER_TAP"])
 @triton.jit
 def _equinorm_weight_kernel(
     weight_ptr, mean_ptr, gain_ptr, out_ptr, stats_ptr,
@@ -517,7 +540,7 @@ def _equinorm_weight_kernel(
     tl.store(stats + 4, tl.where(use_exact, 1, 0).to(acc_t))
 
 
-@autotune(_ROW_CONFIGS, key=["group_channels", "taps"])
+@autotune(_ROW_CONFIGS, key=["BLOCK_C", "BLOCK_T", "PER_TAP"])
 @triton.jit
 def _equinorm_backward_kernel(
     grad_ptr, weight_ptr, mean_ptr, gain_ptr, stats_ptr, grad_weight_ptr, grad_gain_ptr, mean_terms_ptr,
@@ -594,21 +617,6 @@ def _equinorm_backward_kernel(
             tl.store(terms + cs, term, mask=cs < group_channels)
 
 
-@triton.jit
-def _sum_mean_terms_kernel(mean_terms_ptr, grad_mean_ptr, channels, group_channels, outputs_per_group,
-                           BLOCK: tl.constexpr):
-    """grad_mean[j] = sum over the output channels d of j's group, in order, of mean_terms[d, c]."""
-    acc_t = grad_mean_ptr.dtype.element_ty
-    js = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = js < channels
-    group = js // group_channels
-    first = (group * outputs_per_group).to(tl.int64) * group_channels + js % group_channels
-    total = tl.full([BLOCK], 0, acc_t)
-    for k in range(outputs_per_group):
-        total += tl.load(mean_terms_ptr + first + tl.cast(k, tl.int64) * group_channels, mask=mask, other=0)
-    tl.store(grad_mean_ptr + js, total, mask=mask)
-
-
 def _launch_weight_transform(weight, g: _WeightGeometry, mean, gain, out, stats, ratio, exact, eps) -> None:
     block_c, block_t = _row_tile(g)
     wrap_triton(_equinorm_weight_kernel)[(g.out_channels,)](
@@ -651,7 +659,6 @@ def _weight_backward(grad_out, weight, mean, gain, stats, groups):
     grad_weight = _empty_like_weight(weight, g, weight.dtype)
     grad_gain = torch.empty((g.out_channels,), dtype=acc, device=weight.device)
     values_per_group = g.group_channels * g.taps if per_tap else g.group_channels
-    mean_values = values_per_group * g.groups
     grad_mean = torch.empty(mean.shape, dtype=WEIGHT_MATH_DTYPE, device=weight.device)
     mean_terms = torch.empty((g.out_channels, values_per_group), dtype=WEIGHT_MATH_DTYPE, device=weight.device)
     block_c, block_t = _row_tile(g)
@@ -660,10 +667,8 @@ def _weight_backward(grad_out, weight, mean, gain, stats, groups):
         g.group_channels, g.taps, g.outputs_per_group, g.channel_stride, g.tap_stride,
         PER_TAP=per_tap, BLOCK_C=block_c, BLOCK_T=block_t,
     )
-    block = min(triton.next_power_of_2(mean_values), 1024)
-    wrap_triton(_sum_mean_terms_kernel)[(triton.cdiv(mean_values, block),)](
-        mean_terms, grad_mean, mean_values, values_per_group, g.outputs_per_group, BLOCK=block,
-    )
+    # dL/dmu_j: the sum over the output channels of j's group, split over chunks of them.
+    launch_row_sums(mean_terms, grad_mean.view(-1), g.groups, g.outputs_per_group, values_per_group)
     return grad_weight, grad_mean, grad_gain
 
 

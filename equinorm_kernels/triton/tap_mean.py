@@ -22,15 +22,10 @@ import triton.language as tl
 
 from ._runtime import accumulation_dtype, check, check_device, define_op, on_device, wrap_triton
 from .equinorm import _channel_input
+from .launch_plans import tap_column_sum_plan
 
 _PADDING_MODES = {"zeros": 0, "reflect": 1, "replicate": 2, "circular": 3}
 _DIMS = 3
-# Column sums: a program holds BLOCK_R x BLOCK_W values; it has a row split of its own when the
-# columns alone give fewer than _TARGET_PROGRAMS programs.
-_BLOCK_W = 256
-_BLOCK_R = 8
-_TARGET_PROGRAMS = 512
-_MAX_SPLITS = 64
 _PLANE_BLOCK = 1024
 
 
@@ -243,17 +238,15 @@ def _column_sums(readable: torch.Tensor, rows: int, width: int, absolute: bool, 
     """S (width,) and its negative flags (int8, width) from x[:rows] seen as (rows, width);
     ``splits`` (row splits) is for tests only."""
     acc = accumulation_dtype(readable.dtype)
-    blocks = triton.cdiv(width, _BLOCK_W)
-    if splits is None:
-        splits = max(1, min(_MAX_SPLITS, rows, triton.cdiv(_TARGET_PROGRAMS, blocks)))
-    per_split = triton.cdiv(rows, min(splits, rows))
-    splits = triton.cdiv(rows, per_split)
+    plan = tap_column_sum_plan(rows, width, splits)
+    splits, per_split = plan.splits, plan.rows_per_split
     plane = torch.empty((width,), dtype=acc, device=readable.device)
     plane_negative = torch.zeros((width,), dtype=torch.int8, device=readable.device)
     sums = plane if splits == 1 else torch.empty((splits, width), dtype=acc, device=readable.device)
     negative = plane_negative if splits == 1 else torch.zeros((splits, width), dtype=torch.int8, device=readable.device)
-    wrap_triton(_column_sums_kernel)[(blocks, splits)](
-        readable, sums, negative, rows, width, per_split, ABSOLUTE=absolute, BLOCK_R=_BLOCK_R, BLOCK_W=_BLOCK_W,
+    wrap_triton(_column_sums_kernel)[(plan.column_blocks, splits)](
+        readable, sums, negative, rows, width, per_split, ABSOLUTE=absolute, BLOCK_R=plan.block_rows,
+        BLOCK_W=plan.block_columns,
     )
     if splits > 1:
         block = 1024
