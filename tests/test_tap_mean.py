@@ -105,6 +105,21 @@ def test_conv2d_taps_match_unfold(backend, device, geometry, mode, statistic):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("backend,device", _backends(every=False))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("geometry", ["3x3-pad1", "stride3-5x3", "dilation2"])
+def test_wide_rows_of_several_samples_match_unfold(backend, device, geometry, mode, dtype):
+    """Rows of 16 values or more and several samples (the CPU kernel adds them inside its first
+    contraction), with a stats_fraction that leaves a sample out."""
+    kernel, stride, padding, dilation = GEOMETRIES_2D[geometry]
+    x = _signed_input((5, 3, 11, 19), seed=11, dtype=dtype)
+    got = _run(backend, device, x, kernel, stride, padding, dilation, mode, stats_fraction=0.7)
+    want = _unfold_tap_mean(x.double(), kernel, stride, padding, dilation, mode, rows=4)
+    tolerance = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.double(), want, **tolerance)
+
+
 # (x shape, kernel, stride, padding, dilation): Conv1d and Conv3d, and nn.Conv's "same"/"valid"
 CONV_CASES = {
     "conv1d": ((4, 3, 11), (5,), (2,), (2,), (1,)),

@@ -26,6 +26,7 @@ KERNEL_TESTS = [
     "tests/test_ops_enorm.py",
     "tests/test_cpp_properties.py",
     "tests/test_per_tap_means.py",
+    "tests/test_tap_mean.py",
     "tests/test_extreme_scales.py",
     "tests/test_enorm_extreme_scales.py",
 ]
