@@ -38,8 +38,6 @@ constexpr int64_t kWideRow = 4096;
 constexpr int64_t kColumnBlock = 8192;
 // Multiply-adds one task of the count-matrix contraction should at least do.
 constexpr int64_t kContractionTaskWork = 1 << 20;
-// Samples are added by the contraction itself only when its rows are at least this long.
-constexpr int64_t kMinInnerToAddSamples = 16;
 
 // One value as the sums take it: |v| for kAbsolute (its sign noted in `negative`), else v.
 template <bool kAbsolute, typename acc_t, typename scalar_t>
@@ -177,11 +175,6 @@ void contract_middle(const acc_t* in, int64_t outer, int64_t rows_in, int64_t in
   }
 }
 
-// A Conv1d/2d input's leading dims of length 1 with kernel 1: their contraction is the identity.
-inline bool is_added_dim(const tap::TapDim& d, int mode) {
-  return d.length == 1 && d.kernel == 1 && tap::tap_reads(d, mode, 0, 0) == 1;
-}
-
 // A forward count matrix (kernel, length) with its periodic part told apart. Away from the
 // padding, every output position of a dim reads through the same taps, so column j of the matrix
 // depends only on j mod stride there: `pattern` holds those columns (kernel, stride), and columns
@@ -221,19 +214,13 @@ PeriodicCounts<acc_t> periodic_counts(const tap::TapDim& d, int mode) {
   return counts;
 }
 
-// Where the samples of a contraction's input lie: `count` blocks `stride` values apart, added up.
-struct Samples {
-  int64_t count = 1;
-  int64_t stride = 0;
-};
-
 // out (outer, kernel, inner) = the count matrix applied along the middle dim of in (outer, length,
-// inner) summed over the samples, reading `in` once: the interior rows of each residue are first
-// added up (column sums, one add per value), and each residue's sum then goes through its pattern
-// column; border rows go through their own columns. `residue_sums` is scratch.
+// inner), reading `in` once: the interior rows of each residue are first added up (column sums, one
+// add per value), and each residue's sum then goes through its pattern column; border rows go
+// through their own columns. `residue_sums` is scratch.
 template <typename acc_t>
 void contract_counts(const acc_t* in, int64_t outer, int64_t inner, const PeriodicCounts<acc_t>& counts, acc_t* out,
-                     std::vector<acc_t>& residue_sums, Samples samples = {}) {
+                     std::vector<acc_t>& residue_sums) {
   const int64_t kernel = counts.kernel, length = counts.length, period = counts.period;
   residue_sums.resize(period * inner);
   const auto apply_column = [&](acc_t* target, const acc_t* column, int64_t column_stride, const acc_t* values) {
@@ -244,23 +231,21 @@ void contract_counts(const acc_t* in, int64_t outer, int64_t inner, const Period
     }
   };
   for (int64_t o = 0; o < outer; ++o) {
+    const acc_t* plane = in + o * length * inner;
     acc_t* target = out + o * kernel * inner;
     std::fill(target, target + kernel * inner, acc_t(0));
     std::fill(residue_sums.begin(), residue_sums.end(), acc_t(0));
-    for (int64_t n = 0; n < samples.count; ++n) {
-      const acc_t* plane = in + n * samples.stride + o * length * inner;
-      for (int64_t residue = 0; residue < period; ++residue) {
-        const int64_t first = counts.interior_begin + ((residue - counts.interior_begin) % period + period) % period;
-        if (first >= counts.interior_end) continue;
-        const int64_t rows = (counts.interior_end - first + period - 1) / period;
-        acc_t* sums = residue_sums.data() + residue * inner;
-        add_block<false>(sums, nullptr, plane + first * inner, period * inner, 0, rows, 0, inner);
-      }
-      for (int64_t j = 0; j < length; ++j) {
-        if (j == counts.interior_begin) j = counts.interior_end;
-        if (j >= length) break;
-        apply_column(target, counts.matrix.data() + j, length, plane + j * inner);
-      }
+    for (int64_t residue = 0; residue < period; ++residue) {
+      const int64_t first = counts.interior_begin + ((residue - counts.interior_begin) % period + period) % period;
+      if (first >= counts.interior_end) continue;
+      const int64_t rows = (counts.interior_end - first + period - 1) / period;
+      acc_t* sums = residue_sums.data() + (first % period) * inner;
+      add_block<false>(sums, nullptr, plane + first * inner, period * inner, 0, rows, 0, inner);
+    }
+    for (int64_t j = 0; j < length; ++j) {
+      if (j == counts.interior_begin) j = counts.interior_end;
+      if (j >= length) break;
+      apply_column(target, counts.matrix.data() + j, length, plane + j * inner);
     }
     for (int64_t residue = 0; residue < period; ++residue) {
       apply_column(target, counts.pattern.data() + residue, period, residue_sums.data() + residue * inner);
@@ -300,11 +285,8 @@ void contract_counts_along_rows(const acc_t* in, int64_t outer, const PeriodicCo
 
 // The forward: every channel's plane (C, *spatial) contracted along each dim with its count matrix,
 // first dim to last (the long rows of the plane stay the vectorised inner loop), divided by count.
-// With several samples (planes `samples.stride` apart), the first contraction adds them up: x is
-// read once and no (C, *spatial) sum is written.
 template <typename acc_t>
-void contract_tap_sums(const acc_t* plane, int64_t channels, const TapGeometry& g, acc_t count, acc_t* out,
-                       Samples samples = {}) {
+void contract_tap_sums(const acc_t* plane, int64_t channels, const TapGeometry& g, acc_t count, acc_t* out) {
   std::vector<PeriodicCounts<acc_t>> counts;
   int64_t shape[tap::kDims], out_size = 1;
   for (int k = 0; k < tap::kDims; ++k) {
@@ -315,26 +297,22 @@ void contract_tap_sums(const acc_t* plane, int64_t channels, const TapGeometry& 
   const int64_t in_size = shape[0] * shape[1] * shape[2];
   // One pass over the plane and small passes over what is left: threads only for planes big
   // enough to repay waking them. A task contracts its channels together, one dim at a time.
-  const int64_t channel_work =
-      samples.count * in_size + out_size * (g.dims[0].kernel + g.dims[1].kernel + g.dims[2].kernel);
+  const int64_t channel_work = in_size + out_size * (g.dims[0].kernel + g.dims[1].kernel + g.dims[2].kernel);
   at::parallel_for(0, channels, std::max<int64_t>(1, kContractionTaskWork / channel_work), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> a, b, residue_sums;
     const acc_t* source = plane + begin * in_size;
     int64_t sizes[tap::kDims] = {shape[0], shape[1], shape[2]};
-    Samples step_samples = samples;  // the first contraction's input only
     for (int k = 0; k < tap::kDims; ++k) {
-      if (is_added_dim(g.dims[k], g.mode)) continue;
+      if (sizes[k] == 1 && counts[k].kernel == 1 && counts[k].matrix[0] == acc_t(1)) continue;  // a Conv1d/2d's added dim
       int64_t outer = end - begin, inner = 1;
       for (int m = 0; m < k; ++m) outer *= sizes[m];
       for (int m = k + 1; m < tap::kDims; ++m) inner *= sizes[m];
       b.resize(outer * counts[k].kernel * inner);
-      TORCH_INTERNAL_ASSERT(inner > 1 || step_samples.count == 1, "samples are added by a vectorised contraction");
       if (inner == 1) {
         contract_counts_along_rows(source, outer, counts[k], b.data());
       } else {
-        contract_counts(source, outer, inner, counts[k], b.data(), residue_sums, step_samples);
+        contract_counts(source, outer, inner, counts[k], b.data(), residue_sums);
       }
-      step_samples = Samples{};
       sizes[k] = counts[k].kernel;
       std::swap(a, b);
       source = a.data();
@@ -364,7 +342,7 @@ void spread_tap_gradient(const acc_t* grad, int64_t channels, const TapGeometry&
       const acc_t* source = grad + c * in_size;
       int64_t shape[tap::kDims] = {sizes_in[0], sizes_in[1], sizes_in[2]};
       for (int k = tap::kDims - 1; k >= 0; --k) {
-        if (is_added_dim(g.dims[k], g.mode)) continue;
+        if (shape[k] == 1 && sizes_out[k] == 1 && matrices[k][0] == acc_t(1)) continue;  // a Conv1d/2d's added dim
         int64_t outer = 1, inner = 1;
         for (int m = 0; m < k; ++m) outer *= shape[m];
         for (int m = k + 1; m < tap::kDims; ++m) inner *= shape[m];
@@ -377,16 +355,6 @@ void spread_tap_gradient(const acc_t* grad, int64_t channels, const TapGeometry&
       for (int64_t i = 0; i < out_size; ++i) out[c * out_size + i] = source[i] / count;
     }
   });
-}
-
-// The length of the rows the first contraction adds: the plane's size after its first contracted
-// dim (1 for a Conv1d input).
-inline int64_t first_contraction_inner(const TapGeometry& g) {
-  int k = 0;
-  while (k < tap::kDims - 1 && is_added_dim(g.dims[k], g.mode)) ++k;
-  int64_t inner = 1;
-  for (int m = k + 1; m < tap::kDims; ++m) inner *= g.dims[m].length;
-  return inner;
 }
 
 // ``data`` when its type is the accumulation type (float, double), else null.
@@ -414,12 +382,10 @@ std::tuple<at::Tensor, at::Tensor> tap_mean(const at::Tensor& x, int64_t rows, a
     const int64_t width = channels * plane;
     const scalar_t* data = readable.const_data_ptr<scalar_t>();
     const acc_t count = static_cast<acc_t>(rows) * static_cast<acc_t>(g.outputs());
-    // NCHW float samples are contracted where they lie, added up by the first contraction (when its
-    // rows are long enough to vectorise), so no (C, *spatial) sum is written and read back.
-    const acc_t* samples_in_place = in_accumulation_type<acc_t>(data);
-    if (samples_in_place != nullptr && !absolute && !channel_geometry.channels_last &&
-        (rows == 1 || first_contraction_inner(g) >= kMinInnerToAddSamples)) {
-      contract_tap_sums(samples_in_place, channels, g, count, mean.mutable_data_ptr<acc_t>(), Samples{rows, width});
+    // One NCHW sample's plane is its own sum: contracted where it lies, never copied.
+    const acc_t* single_plane = in_accumulation_type<acc_t>(data);
+    if (single_plane != nullptr && rows == 1 && !absolute && !channel_geometry.channels_last) {
+      contract_tap_sums(single_plane, channels, g, count, mean.mutable_data_ptr<acc_t>());
       return;
     }
     // column_sums writes every element: no initialisation here.
