@@ -574,14 +574,19 @@ def _replace_pair(model: nn.Module, pair: _Pair, options: _Options) -> Converted
     return ConvertedLayer(pair.conv_name, pair.bn_name, type(layer).__name__, statistic, why, kept, pair.activation)
 
 
-@torch.no_grad()
 def _norm_affine(bn: nn.Module) -> ChannelAffine:
     affine = ChannelAffine(bn.num_features, device=bn.weight.device, dtype=bn.weight.dtype)
-    affine.weight.copy_(bn.weight)
-    affine.bias.copy_(bn.bias)
-    affine.weight.requires_grad_(bn.weight.requires_grad)
-    affine.bias.requires_grad_(bn.bias.requires_grad)
+    _take_affine(affine.weight, affine.bias, bn)
     return affine
+
+
+@torch.no_grad()
+def _take_affine(scale: nn.Parameter, shift: nn.Parameter, bn: nn.Module) -> None:
+    """The affine BatchNorm ``bn``'s weight and bias, values and requires_grad, into scale and shift."""
+    scale.copy_(bn.weight)
+    shift.copy_(bn.bias)
+    scale.requires_grad_(bn.weight.requires_grad)
+    shift.requires_grad_(bn.bias.requires_grad)
 
 
 def _statistic_for(pair: _Pair, options: _Options) -> tuple[str, str]:
@@ -653,10 +658,7 @@ def _copy_parameters(layer: EquiNormLayer, conv: nn.Module, bn: nn.Module | None
     if bn is None:
         return
     if bn.affine:
-        layer.gain.copy_(bn.weight)
-        layer.bias.copy_(bn.bias)
-        layer.gain.requires_grad_(bn.weight.requires_grad)
-        layer.bias.requires_grad_(bn.bias.requires_grad)
+        _take_affine(layer.gain, layer.bias, bn)
     else:
         # A BatchNorm without affine learns no scale or shift; the identity affine stays frozen to match.
         layer.gain.requires_grad_(False)

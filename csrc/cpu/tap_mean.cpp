@@ -186,6 +186,11 @@ struct PeriodicCounts {
   std::vector<acc_t> pattern;  // (kernel, period)
   int64_t kernel = 1, length = 1, period = 1;
   int64_t interior_begin = 0, interior_end = 0;
+
+  // The first interior column of a residue (interior_end or beyond when it has none).
+  int64_t first_interior(int64_t residue) const {
+    return interior_begin + ((residue - interior_begin) % period + period) % period;
+  }
 };
 
 template <typename acc_t>
@@ -236,10 +241,10 @@ void contract_counts(const acc_t* in, int64_t outer, int64_t inner, const Period
     std::fill(target, target + kernel * inner, acc_t(0));
     std::fill(residue_sums.begin(), residue_sums.end(), acc_t(0));
     for (int64_t residue = 0; residue < period; ++residue) {
-      const int64_t first = counts.interior_begin + ((residue - counts.interior_begin) % period + period) % period;
+      const int64_t first = counts.first_interior(residue);
       if (first >= counts.interior_end) continue;
       const int64_t rows = (counts.interior_end - first + period - 1) / period;
-      acc_t* sums = residue_sums.data() + (first % period) * inner;
+      acc_t* sums = residue_sums.data() + residue * inner;
       add_block<false>(sums, nullptr, plane + first * inner, period * inner, 0, rows, 0, inner);
     }
     for (int64_t j = 0; j < length; ++j) {
@@ -263,7 +268,7 @@ void contract_counts_along_rows(const acc_t* in, int64_t outer, const PeriodicCo
     acc_t* target = out + o * kernel;
     std::fill(target, target + kernel, acc_t(0));
     for (int64_t residue = 0; residue < period; ++residue) {
-      int64_t j = counts.interior_begin + ((residue - counts.interior_begin) % period + period) % period;
+      int64_t j = counts.first_interior(residue);
       acc_t sums[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
       for (; j + 3 * period < counts.interior_end; j += 4 * period) {
         sums[0] += row[j];
