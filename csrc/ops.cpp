@@ -33,20 +33,32 @@
 //   (C, *spatial) gradient of every sample that fed the means (before any sign of x).
 #include <torch/library.h>
 
+#include <vector>
+
+namespace {
+// The ops that read the layer input x take it in any layout (csrc/op_checks.h: NCHW and
+// channels_last are read where they lie, other strides through one copy). The tag tells
+// torch.compile so: without it Inductor gives x the strides it had when traced, and a conv output
+// that it keeps channels_last is transposed back for every call.
+const std::vector<at::Tag> kReadsAnyLayout = {at::Tag::flexible_layout};
+}  // namespace
+
 TORCH_LIBRARY(equinorm_kernels, m) {
-  m.def("channel_mean(Tensor x, SymInt rows, str statistic) -> (Tensor mean, Tensor negative)");
+  m.def("channel_mean(Tensor x, SymInt rows, str statistic) -> (Tensor mean, Tensor negative)", kReadsAnyLayout);
   m.def(
       "equinorm_weight(Tensor weight, Tensor mean, Tensor gain, float ratio, int groups, str mode, float eps)"
       " -> (Tensor out, Tensor stats)");
   m.def(
       "equinorm_forward(Tensor x, SymInt rows, Tensor weight, Tensor gain, float ratio, int groups, str mode,"
-      " float eps, str statistic) -> (Tensor out, Tensor mean, Tensor stats, Tensor negative)");
+      " float eps, str statistic) -> (Tensor out, Tensor mean, Tensor stats, Tensor negative)",
+      kReadsAnyLayout);
   m.def(
       "equinorm_backward(Tensor grad_out, Tensor weight, Tensor mean, Tensor gain, Tensor stats, int groups)"
       " -> (Tensor grad_weight, Tensor grad_mean, Tensor grad_gain)");
   m.def(
       "tap_mean(Tensor x, SymInt rows, int[] kernel_size, int[] stride, int[] padding, int[] dilation,"
-      " str padding_mode, bool absolute) -> (Tensor mean, Tensor negative)");
+      " str padding_mode, bool absolute) -> (Tensor mean, Tensor negative)",
+      kReadsAnyLayout);
   m.def(
       "tap_mean_backward(Tensor grad, SymInt[] spatial, SymInt rows, int[] kernel_size, int[] stride,"
       " int[] padding, int[] dilation, str padding_mode) -> Tensor");
