@@ -109,7 +109,9 @@ class _DeviceFlags:
     def record(self, screened: dict[str, torch.Tensor]) -> None:
         # max |value| is NaN or Inf exactly when a value is (no overflow, unlike a sum), and
         # adding 0 * screen leaves a slot at 0 for finite screens and NaN otherwise, for good.
-        for name, screen in zip(screened, torch._foreach_norm(list(screened.values()), math.inf)):
+        # Detached: a screen of an operand that requires grad must not pull the flags into the graph.
+        screens = torch._foreach_norm([tensor.detach() for tensor in screened.values()], math.inf)
+        for name, screen in zip(screened, screens):
             self.slots[name].add_(screen, alpha=0)
         if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return  # event queries are illegal while capturing; a later eager call reports

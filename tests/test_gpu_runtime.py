@@ -112,6 +112,24 @@ def test_training_and_eval_steps_never_synchronise(backend, device, gpu_check_po
     ek.check_values()  # every input was good: nothing to report
 
 
+@pytest.mark.parametrize("backend, device", _step_params())
+def test_per_tap_layers_on_signed_inputs_never_synchronise(backend, device, gpu_check_policy):
+    # Signed inputs: the backward needs sign(x) in the flagged channels, and must learn which
+    # channels are flagged without reading them back from the device.
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        ek.EquiNormConv2d(3, 8, 3, padding=1, per_tap=True, backend=backend),
+        ek.EquiNormConv2d(8, 8, 3, stride=2, padding=1, per_tap=True, backend=backend),
+    ).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.rand(4, 3, 8, 8, device=device) - 0.5
+    _train_step(model, optimizer, x)
+    with FailOnHostSync():
+        for _ in range(3):
+            _train_step(model, optimizer, x)
+    ek.check_values()
+
+
 @pytest.mark.parametrize("device", devices())
 def test_an_enorm_cycle_never_synchronises(device):
     torch.manual_seed(0)

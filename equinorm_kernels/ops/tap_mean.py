@@ -8,7 +8,9 @@ ops; :class:`_TapMean` gives them autograd:
     backward  (C, *kernel) -> a (C, *spatial) plane, broadcast (never materialised) over the
               samples that fed the means; for abs_mean it is multiplied by sign(x) (sign(0) = +1)
               only where a channel had a negative value, so a non-negative input costs no pass
-              over x. With ``create_graph=True`` the backward is the reference's autograd.
+              over x; the flags are read on the host without waiting for the device
+              (:class:`~equinorm_kernels.ops.equinorm.NegativeFlags`). With ``create_graph=True``
+              the backward is the reference's autograd.
 
 The specification is :mod:`equinorm_kernels.reference.tap_statistics`.
 """
@@ -20,6 +22,7 @@ import torch
 
 from .. import _checks, _tap_geometry
 from .._tap_geometry import TapGeometry
+from .equinorm import NegativeFlags
 
 
 def fake_tap_mean(x, rows, kernel_size, stride, padding, dilation, padding_mode, absolute):
@@ -62,6 +65,7 @@ class _TapMean(torch.autograd.Function):
         # torch.compile(dynamic=True), which the backward's graph cannot use.
         ctx.save_for_backward(x, negative)
         ctx.geometry, ctx.stats_fraction, ctx.implementation = geometry, float(stats_fraction), implementation
+        ctx.negative_flags = NegativeFlags(negative) if absolute and x.requires_grad else None
         return mean
 
     @staticmethod
@@ -78,13 +82,14 @@ class _TapMean(torch.autograd.Function):
             return grad_x, *([None] * 8)
         rows = _checks.stats_rows(x.shape[0], ctx.stats_fraction)
         plane = _OPS[ctx.implementation][1](grad.contiguous(), list(x.shape[2:]), rows, *_op_geometry(geometry))
-        return _grad_input(plane, x, negative, ctx.stats_fraction, geometry.absolute), *([None] * 8)
+        return _grad_input(plane, x, negative, ctx.stats_fraction, ctx.negative_flags), *([None] * 8)
 
 
 def _grad_input(plane: torch.Tensor, x: torch.Tensor, negative: torch.Tensor, stats_fraction: float,
-                absolute: bool) -> torch.Tensor:
+                flags: NegativeFlags | None) -> torch.Tensor:
     """dL/dx from the (C, *spatial) plane: broadcast over the samples that fed the means (zero on
-    the others), times sign(x) in the channels that had a negative value (abs_mean)."""
+    the others), times sign(x) in the channels that had a negative value (abs_mean: ``flags``,
+    the forward's flags, None for the mean)."""
     trailing = (1,) * (x.dim() - 2)
     per_element = plane.to(x.dtype).unsqueeze(0)
     if stats_fraction < 1.0:
@@ -92,10 +97,12 @@ def _grad_input(plane: torch.Tensor, x: torch.Tensor, negative: torch.Tensor, st
         fed = torch.arange(x.shape[0], device=x.device) < _checks.stats_rows(x.shape[0], stats_fraction)
         per_element = per_element * fed.to(x.dtype).reshape((-1, 1, *trailing))
     per_element = per_element.expand(x.shape)
-    # Under torch.compile the flags cannot steer Python, so the sign is always applied there; in
-    # eager mode only when some channel had a negative value (on CUDA reading the C flags waits
-    # for the forward's kernels).
-    if absolute and (torch.compiler.is_compiling() or bool(negative.any())):
+    if flags is None:
+        return per_element
+    # x is read only when some channel had a negative value, or when that is not known on the
+    # host without waiting for the device (then the device flags pick the channels).
+    host = flags.on_host()
+    if host is None or any(host):
         flip = (x < 0) & negative.reshape((1, -1, *trailing))
         per_element = torch.where(flip, -per_element, per_element)
     return per_element
