@@ -462,6 +462,15 @@ ENORM_PROGRAMS = {
         channels_last=(0, 1),
     ),
     "zero-energy": EnormProgram([(4, 3), (2, 4)], [[rows(0), columns(1)]], zeroed=((0, (1,)), (1, (slice(None), 2)))),
+    # rows of 147 values (a 3x7x7 stem conv), a bias, 3x3 columns: no row is a whole number of vectors, so
+    # rescale vectors span rows and channels, around a scalar head (offset 1) and tail; two rescale blocks
+    # of 16-byte vectors in float32
+    "odd-rows": EnormProgram([(40, 3, 7, 7), (40,), (9, 40, 3, 3)], [[rows(0), rows(1), columns(2)]]),
+    # 13 adjacent channels of a channels_last consumer, and a Linear's 7 adjacent channels: vectors that
+    # span taps (or rows) and restart the channel index inside them
+    "odd-channels-last": EnormProgram([(13, 3, 7, 7), (13,), (5, 13, 3, 3)], [[rows(0), rows(1), columns(2)]],
+                                      channels_last=(0, 2)),
+    "odd-linear": EnormProgram([(7, 13), (7,), (300, 7)], [[rows(0), rows(1), columns(2)]]),
 }
 
 

@@ -333,10 +333,23 @@ def test_enorm_rescale_loads_16_bytes_and_keeps_them_in_flight(driver):
         assert in_flight >= BYTES_IN_FLIGHT_PER_MULTIPROCESSOR, request
 
 
-@pytest.mark.xfail(strict=True, reason="ENorm rescale of rows whose length is no multiple of the vector width (a "
-                   "3x7x7 stem conv, biases): no scalar head and tail yet, the whole entry falls back to scalar loads")
 def test_enorm_rescale_of_odd_rows_keeps_vector_loads(driver):
+    """Rows whose length is no multiple of the vector width (a 3x7x7 stem conv, biases) and bases past a
+    16-byte boundary: 16-byte loads on the aligned body, fewer than one vector's values in each of the
+    scalar head and tail, every value in exactly one of them, every body vector in one block."""
     assert plans(driver, ["enorm_rescale 64 147 2 0"])[0]["load_bytes"] == 16
+    for outer, row, element_bytes, misalignment in [(64, 147, 2, 0), (64, 147, 2, 2), (1000, 1, 2, 6), (3, 5, 4, 4),
+                                                    (512, 27, 4, 8), (7, 3, 8, 8), (2, 3, 2, 14)]:
+        request = f"enorm_rescale {outer} {row} {element_bytes} {misalignment}"
+        plan = plans(driver, [request])[0]
+        vec = plan["vec"]
+        assert plan["load_bytes"] == vec * element_bytes == 16, request
+        assert plan["head"] < vec and plan["tail"] < vec, request
+        assert plan["head"] + plan["body_vectors"] * vec + plan["tail"] == plan["values"] == outer * row, request
+        if plan["values"] > plan["head"]:  # the body starts at the 16-byte boundary
+            assert (misalignment + plan["head"] * element_bytes) % 16 == 0, request
+        assert (plan["blocks"] - 1) * plan["block_vectors"] < max(1, plan["body_vectors"]), request
+        assert plan["body_vectors"] <= plan["blocks"] * plan["block_vectors"], request
 
 
 # ---- EquiNorm weight transform and backward: one team (a warp or the block) per output channel ----

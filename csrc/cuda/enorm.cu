@@ -13,8 +13,9 @@
 //             entry and slice order and compute d, the factors d^power and max |d - 1| (an
 //             integer atomicMax on the non-negative doubles' bits: exact, whatever the order).
 //   rescale   every entry of the group, each value multiplied by its channel's factor, in
-//             storage order, vectors of up to 16 bytes, the channel found once per vector.
-//             Entries naming the same tensor go to separate launches.
+//             storage order: a scalar head up to the first 16-byte boundary, 16-byte vectors
+//             (which may span rows), a scalar tail. A vector's first channel is found once, the
+//             others stepped to. Entries naming the same tensor go to separate launches.
 // No float atomics: every sum runs in an order fixed by the shapes, so d is bit-identical across
 // runs. Energies are added, and values rescaled, in double (em::energy_math_t) for every dtype.
 #include <algorithm>
@@ -84,9 +85,10 @@ struct RescaleView {
   bool columns;
   int power;
   int vec;
-  int64_t outer, outer_stride, outer_per_group, channels_per_group;
+  int64_t row_values;  // values of a row (outer_stride); the entry is `outer` rows, one contiguous run
+  int64_t outer_per_group, channels_per_group;
   int64_t channel_divisor, channel_modulus;  // columns: i = (r / divisor) % modulus, r the offset in the row
-  int64_t rows_per_block;
+  int64_t head, body_vectors, tail, block_vectors, blocks;  // plan_enorm_rescale
   int64_t first_block;
 };
 
@@ -218,7 +220,7 @@ __global__ void __launch_bounds__(kFinishChannels * kFinishLanes) enorm_finish_k
   }
 }
 
-// kVec consecutive values of one row: stored whole, as load_vector reads them.
+// kVec consecutive values: stored whole, as load_vector reads them.
 template <int kVec, typename scalar_t>
 __device__ __forceinline__ void store_vector(scalar_t* target, const scalar_t (&values)[kVec]) {
   using Word = typename LoadWord<sizeof(scalar_t) * kVec>::type;
@@ -227,35 +229,84 @@ __device__ __forceinline__ void store_vector(scalar_t* target, const scalar_t (&
   *reinterpret_cast<Word*>(target) = word;
 }
 
-// The block's rows, kVec values per load (rows are a multiple of kVec long and start aligned), each
-// thread kUnroll loads in flight. A vector's channel is found once: along a row the channel index
-// i = (r / divisor) % modulus steps by one every `divisor` values.
-template <typename scalar_t, int kVec>
-__device__ void rescale_rows(const RescaleView& v, const double* factors, int64_t channels) {
+// The factor of one value and of the values after it: located once (divisions), then stepped value
+// by value. Along a row the columns' channel index i = (r / divisor) % modulus steps by one every
+// `divisor` values; a row's end starts the next row at channel 0 (and, every outer_per_group rows,
+// the next conv group's channels).
+struct RescaleCursor {
+  int64_t row, group_first;
+  unsigned r, i, step, group_row;
+
+  __device__ RescaleCursor(const RescaleView& v, int64_t first_row, unsigned offset_in_row) {
+    const unsigned row_values = static_cast<unsigned>(v.row_values);
+    const unsigned rows_on = offset_in_row / row_values;
+    row = first_row + rows_on;
+    r = offset_in_row - rows_on * row_values;
+    const unsigned divisor = static_cast<unsigned>(v.channel_divisor);
+    i = (r / divisor) % static_cast<unsigned>(v.channel_modulus);
+    step = r % divisor;
+    const int64_t group = v.columns ? row / v.outer_per_group : row;
+    group_first = group * v.channels_per_group;
+    group_row = static_cast<unsigned>(row - group * v.outer_per_group);
+  }
+
+  __device__ int64_t factor_index(const RescaleView& v) const { return v.columns ? group_first + i : row; }
+
+  __device__ void advance(const RescaleView& v) {
+    if (++r == static_cast<unsigned>(v.row_values)) {
+      r = i = step = 0;
+      ++row;
+      if (++group_row == static_cast<unsigned>(v.outer_per_group)) {
+        group_row = 0;
+        group_first += v.channels_per_group;
+      }
+    } else if (++step == static_cast<unsigned>(v.channel_divisor)) {
+      step = 0;
+      if (++i == static_cast<unsigned>(v.channel_modulus)) i = 0;
+    }
+  }
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t rescaled(scalar_t value, double factor) {
   using acc_t = acc_type<scalar_t>;
   using math_t = em::energy_math_t;
-  const int64_t first_row = (blockIdx.x - v.first_block) * v.rows_per_block;
-  const int64_t rows = min(v.rows_per_block, v.outer - first_row);
-  // A block covers fewer than 2^31 values (checked on the host): 32-bit index arithmetic.
-  const unsigned vectors = static_cast<unsigned>(rows * v.outer_stride / kVec);
-  const unsigned row_vectors = static_cast<unsigned>(v.outer_stride / kVec);
-  const unsigned divisor = static_cast<unsigned>(v.channel_divisor), modulus = static_cast<unsigned>(v.channel_modulus);
-  scalar_t* data = static_cast<scalar_t*>(v.data) + first_row * v.outer_stride;
+  return from_acc<scalar_t>(static_cast<acc_t>(static_cast<math_t>(to_acc(value)) * factor));
+}
+
+// The value at index n of the entry, on its own (head and tail).
+template <typename scalar_t>
+__device__ void rescale_scalar(const RescaleView& v, const double* factor, int64_t n) {
+  scalar_t* data = static_cast<scalar_t*>(v.data);
+  const int64_t row = n / v.row_values;
+  const RescaleCursor cursor(v, row, static_cast<unsigned>(n - row * v.row_values));
+  data[n] = rescaled(data[n], __ldg(factor + cursor.factor_index(v)));
+}
+
+// The block's block_vectors aligned vectors of the body, each thread kRescaleUnroll loads in flight;
+// the first block also rescales the head, the last the tail.
+template <typename scalar_t, int kVec>
+__device__ void rescale_run(const RescaleView& v, const double* factors, int64_t channels) {
   const double* factor = factors + power_slot(v.power) * channels;
+  const int64_t block = blockIdx.x - v.first_block;
+  if (block == 0 && threadIdx.x < v.head) rescale_scalar<scalar_t>(v, factor, threadIdx.x);
+  const int64_t tail_first = v.head + v.body_vectors * kVec;
+  if (block == v.blocks - 1 && threadIdx.x < v.tail) {
+    rescale_scalar<scalar_t>(v, factor, tail_first + threadIdx.x);
+  }
+  const int64_t first_vector = block * v.block_vectors;
+  // A block covers fewer than 2^31 values and a row is shorter than 2^31: 32-bit offsets from its first row.
+  const unsigned vectors = static_cast<unsigned>(min(v.block_vectors, v.body_vectors - first_vector));
+  const int64_t block_first = v.head + first_vector * kVec;
+  const int64_t first_row = block_first / v.row_values;
+  const unsigned first_offset = static_cast<unsigned>(block_first - first_row * v.row_values);
+  scalar_t* data = static_cast<scalar_t*>(v.data) + block_first;
   auto rescale = [&](unsigned k, scalar_t (&values)[kVec]) {
-    const unsigned row = k / row_vectors;
-    const int64_t o = first_row + row;
-    const unsigned r = (k - row * row_vectors) * kVec;  // offset of the vector's first value in its row
-    const int64_t group_first = v.columns ? (o / v.outer_per_group) * v.channels_per_group : o;
-    unsigned i = (r / divisor) % modulus, step = r % divisor;
+    RescaleCursor cursor(v, first_row, first_offset + k * kVec);
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
-      const double f = __ldg(factor + (v.columns ? group_first + i : o));
-      values[e] = from_acc<scalar_t>(static_cast<acc_t>(static_cast<math_t>(to_acc(values[e])) * f));
-      if (++step == divisor) {
-        step = 0;
-        if (++i == modulus) i = 0;
-      }
+      values[e] = rescaled(values[e], __ldg(factor + cursor.factor_index(v)));
+      cursor.advance(v);
     }
   };
   unsigned k = threadIdx.x;
@@ -281,16 +332,16 @@ template <typename scalar_t>
 __device__ void dispatch_rescale_width(const RescaleView& v, const double* factors, int64_t channels) {
   switch (v.vec) {
     case 8:
-      if constexpr (max_vector_width<scalar_t>() >= 8) rescale_rows<scalar_t, 8>(v, factors, channels);
+      if constexpr (max_vector_width<scalar_t>() >= 8) rescale_run<scalar_t, 8>(v, factors, channels);
       break;
     case 4:
-      if constexpr (max_vector_width<scalar_t>() >= 4) rescale_rows<scalar_t, 4>(v, factors, channels);
+      if constexpr (max_vector_width<scalar_t>() >= 4) rescale_run<scalar_t, 4>(v, factors, channels);
       break;
     case 2:
-      if constexpr (max_vector_width<scalar_t>() >= 2) rescale_rows<scalar_t, 2>(v, factors, channels);
+      if constexpr (max_vector_width<scalar_t>() >= 2) rescale_run<scalar_t, 2>(v, factors, channels);
       break;
     default:
-      rescale_rows<scalar_t, 1>(v, factors, channels);
+      rescale_run<scalar_t, 1>(v, factors, channels);
   }
 }
 
@@ -375,8 +426,7 @@ RescaleView rescale_view(const EnormEntry& e) {
   v.type = e.type;
   v.columns = e.columns;
   v.power = e.power;
-  v.outer = e.outer;
-  v.outer_stride = e.outer_stride;
+  v.row_values = e.outer_stride;
   v.outer_per_group = e.columns ? e.outer / e.groups : 1;
   v.channels_per_group = e.columns ? e.channels_per_group : 1;
   // (c, t) storage: a channel's values are a run of inner; (t, c): channels alternate.
@@ -387,15 +437,19 @@ RescaleView rescale_view(const EnormEntry& e) {
   const RescalePlan plan = plan_enorm_rescale(e.outer, e.outer_stride, static_cast<int64_t>(element_size(e.type)),
                                               misalignment);
   v.vec = plan.vec;
-  v.rows_per_block = plan.rows_per_block;
+  v.head = plan.head;
+  v.body_vectors = plan.body_vectors;
+  v.tail = plan.tail;
+  v.block_vectors = plan.block_vectors;
+  v.blocks = plan.blocks;
   return v;
 }
 
 bool valid_entry(const EnormEntry& e) {
   if (e.data == nullptr || e.outer < 1 || e.inner < 1 || e.outer_stride < 1 || e.power < -2 || e.power > 2) return false;
-  // The kernels index a channel's values and a rescale block's values in 32 bits.
+  // The kernels index a channel's values, and a rescale block's values from its first row, in 32 bits.
   const int64_t channel_values = e.columns ? (e.groups >= 1 ? e.outer / e.groups : 0) * e.inner : e.inner;
-  if (channel_values > INT_MAX || std::max(kRescaleBlockValues, e.outer_stride) > INT_MAX) return false;
+  if (channel_values > INT_MAX || e.outer_stride > INT_MAX) return false;
   if (!e.columns) return true;
   return e.groups >= 1 && e.outer % e.groups == 0 && e.channels_per_group >= 1 && e.channel_stride >= 1 &&
          e.inner_stride >= 1 && (e.inner_stride == 1 || e.channel_stride == 1);
@@ -475,7 +529,7 @@ cudaError_t launch_rescale(const EnormEntry* group, int64_t size, int64_t channe
     }
     RescaleView v = rescale_view(group[k]);
     v.first_block = blocks;
-    blocks += ceil_div(v.outer, v.rows_per_block);
+    blocks += v.blocks;
     args.views[args.count++] = v;
   }
   return flush();

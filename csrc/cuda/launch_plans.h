@@ -242,8 +242,6 @@ constexpr int kEnormThreads = 256;
 constexpr int kEnormBlocksPerMultiprocessor = 4;
 // Vectors a rescale thread loads before it stores them.
 constexpr int kRescaleUnroll = 4;
-// Values one rescale block covers at least (whole outer rows).
-constexpr int64_t kRescaleBlockValues = 4096;
 // The finish takes kFinishChannels channels per block with kFinishLanes lanes each (as channel_mean's).
 
 // One counted entry of a group as the energy kernel reads it: `channels` channels of `values`
@@ -312,30 +310,39 @@ inline EnergyPlan plan_enorm_energy(const std::vector<EnergyEntry>& entries, int
   return plan;
 }
 
-// One rescaled entry: `outer` rows of `row_values` contiguous values.
+// One rescaled entry: `outer` rows of `row_values` values, stored as one contiguous run. The run
+// is a scalar head (up to its first 16-byte boundary), body_vectors aligned vectors of vec values,
+// and a scalar tail (fewer than vec values), whatever the row length: vectors may span rows, the
+// kernel steps each value's channel along. A block owns block_vectors vectors of the body, so every
+// thread has its kRescaleUnroll loads in flight; the first block also takes the head, the last the tail.
 struct RescalePlan {
   int threads = kEnormThreads;
   int blocks_per_multiprocessor = kEnormBlocksPerMultiprocessor;
   int unroll = kRescaleUnroll;
   int vec = 1;
-  int64_t rows_per_block = 0;
+  int64_t values = 0;
+  int64_t head = 0;
+  int64_t body_vectors = 0;
+  int64_t tail = 0;
+  int64_t block_vectors = 0;
   int64_t blocks = 0;
   int64_t load_bytes = 0;
 };
 
-// Vectors never straddle two rows (the row length is a multiple of vec) and start aligned.
 inline RescalePlan plan_enorm_rescale(int64_t outer, int64_t row_values, int64_t element_bytes,
                                       int64_t misalignment_bytes) {
   RescalePlan plan;
-  for (int64_t vec = kMaxLoadBytes / element_bytes; vec >= 1; vec /= 2) {
-    if (row_values % vec == 0 && misalignment_bytes % (vec * element_bytes) == 0) {
-      plan.vec = static_cast<int>(vec);
-      break;
-    }
-  }
-  plan.rows_per_block = std::max<int64_t>(1, kRescaleBlockValues / row_values);
-  plan.blocks = ceil_div(outer, plan.rows_per_block);
-  plan.load_bytes = plan.vec * element_bytes;
+  plan.values = outer * row_values;
+  // A base that is not a whole number of elements past a boundary cannot reach one: all scalars.
+  plan.vec = misalignment_bytes % element_bytes == 0 ? static_cast<int>(kMaxLoadBytes / element_bytes) : 1;
+  const int64_t vector_bytes = plan.vec * element_bytes;
+  const int64_t to_boundary = (vector_bytes - misalignment_bytes % vector_bytes) % vector_bytes;
+  plan.head = std::min(plan.values, to_boundary / element_bytes);
+  plan.body_vectors = (plan.values - plan.head) / plan.vec;
+  plan.tail = plan.values - plan.head - plan.body_vectors * plan.vec;
+  plan.block_vectors = static_cast<int64_t>(plan.threads) * plan.unroll;
+  plan.blocks = std::max<int64_t>(1, ceil_div(plan.body_vectors, plan.block_vectors));
+  plan.load_bytes = vector_bytes;
   return plan;
 }
 

@@ -125,7 +125,11 @@ std::string enorm_rescale(std::istringstream& in) {
       .field("unroll", p.unroll)
       .field("vec", p.vec)
       .field("load_bytes", p.load_bytes)
-      .field("rows_per_block", p.rows_per_block)
+      .field("values", p.values)
+      .field("head", p.head)
+      .field("body_vectors", p.body_vectors)
+      .field("tail", p.tail)
+      .field("block_vectors", p.block_vectors)
       .field("blocks", p.blocks);
   return json.str();
 }
