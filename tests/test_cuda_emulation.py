@@ -471,6 +471,10 @@ ENORM_PROGRAMS = {
     "odd-channels-last": EnormProgram([(13, 3, 7, 7), (13,), (5, 13, 3, 3)], [[rows(0), rows(1), columns(2)]],
                                       channels_last=(0, 2)),
     "odd-linear": EnormProgram([(7, 13), (7,), (300, 7)], [[rows(0), rows(1), columns(2)]]),
+    # energies of adjacent channels in vectors: a channels_last consumer's rows of 16 channels and a grouped
+    # 1x1 conv's of 8, with (offset 1) scalar head and tail channels around the vectors
+    "adjacent-vectors": EnormProgram([(16, 3, 3, 3), (5, 16, 3, 3), (16, 8, 1, 1)],
+                                     [[rows(0), columns(1), columns(2, groups=2)]], channels_last=(0, 1)),
 }
 
 
