@@ -711,6 +711,27 @@ PLANTED_BUGS = {
         "for (; k <= last; k += lanes) sums[0] +=",
         "enorm-conv-pair-float-p2-offset0", ("ERROR: AddressSanitizer: heap-buffer-overflow",), "channel_energy",
     ),
+    # the same for the energies' vector paths and the rescale's scalar tail: a run's head and tail read
+    # one value too many, adjacent channels' vectors one row too many, the tail rescales one value too many
+    "run-scalars-past-end": PlantedBug(
+        "asan", "enorm.cu",
+        "for (unsigned q = lane; q < head + (values - tail_first); q += lanes) {",
+        "for (unsigned q = lane; q <= head + (values - tail_first); q += lanes) {",
+        "enorm-odd-rows-half-p2-offset1", ("ERROR: AddressSanitizer: heap-buffer-overflow",), "run_channel_energy",
+    ),
+    "adjacent-vectors-past-end": PlantedBug(
+        "asan", "enorm.cu",
+        "  for (; k < last; k += lanes) {\n    scalar_t loaded[kVec];\n    load_vector<kVec>(data + offset(k), loaded);",
+        "  for (; k <= last; k += lanes) {\n    scalar_t loaded[kVec];\n    load_vector<kVec>(data + offset(k), loaded);",
+        "enorm-adjacent-vectors-half-p2-offset0", ("ERROR: AddressSanitizer: heap-buffer-overflow",),
+        "adjacent_channels_energy",
+    ),
+    "rescale-tail-past-end": PlantedBug(
+        "asan", "enorm.cu",
+        "if (block == v.blocks - 1 && threadIdx.x < v.tail) {",
+        "if (block == v.blocks - 1 && threadIdx.x <= v.tail) {",
+        "enorm-odd-linear-float-p2-offset0", ("ERROR: AddressSanitizer: heap-buffer-overflow",), "rescale_scalar",
+    ),
     # the layer's own checks, in the plain build
     "shuffle-in-divergent-branch": PlantedBug(
         "plain", "channel_mean.cu", _SEGMENT_TOTAL,
