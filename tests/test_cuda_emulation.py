@@ -462,6 +462,19 @@ ENORM_PROGRAMS = {
         channels_last=(0, 1),
     ),
     "zero-energy": EnormProgram([(4, 3), (2, 4)], [[rows(0), columns(1)]], zeroed=((0, (1,)), (1, (slice(None), 2)))),
+    # rows of 147 values (a 3x7x7 stem conv), a bias, 3x3 columns: no row is a whole number of vectors, so
+    # rescale vectors span rows and channels, around a scalar head (offset 1) and tail; two rescale blocks
+    # of 16-byte vectors in float32
+    "odd-rows": EnormProgram([(40, 3, 7, 7), (40,), (9, 40, 3, 3)], [[rows(0), rows(1), columns(2)]]),
+    # 13 adjacent channels of a channels_last consumer, and a Linear's 7 adjacent channels: vectors that
+    # span taps (or rows) and restart the channel index inside them
+    "odd-channels-last": EnormProgram([(13, 3, 7, 7), (13,), (5, 13, 3, 3)], [[rows(0), rows(1), columns(2)]],
+                                      channels_last=(0, 2)),
+    "odd-linear": EnormProgram([(7, 13), (7,), (300, 7)], [[rows(0), rows(1), columns(2)]]),
+    # energies of adjacent channels in vectors: a channels_last consumer's rows of 16 channels and a grouped
+    # 1x1 conv's of 8, with (offset 1) scalar head and tail channels around the vectors
+    "adjacent-vectors": EnormProgram([(16, 3, 3, 3), (5, 16, 3, 3), (16, 8, 1, 1)],
+                                     [[rows(0), columns(1), columns(2, groups=2)]], channels_last=(0, 1)),
 }
 
 
@@ -697,6 +710,27 @@ PLANTED_BUGS = {
         "for (; k < last; k += lanes) sums[0] +=",
         "for (; k <= last; k += lanes) sums[0] +=",
         "enorm-conv-pair-float-p2-offset0", ("ERROR: AddressSanitizer: heap-buffer-overflow",), "channel_energy",
+    ),
+    # the same for the energies' vector paths and the rescale's scalar tail: a run's head and tail read
+    # one value too many, adjacent channels' vectors one row too many, the tail rescales one value too many
+    "run-scalars-past-end": PlantedBug(
+        "asan", "enorm.cu",
+        "for (unsigned q = lane; q < head + (values - tail_first); q += lanes) {",
+        "for (unsigned q = lane; q <= head + (values - tail_first); q += lanes) {",
+        "enorm-odd-rows-half-p2-offset1", ("ERROR: AddressSanitizer: heap-buffer-overflow",), "run_channel_energy",
+    ),
+    "adjacent-vectors-past-end": PlantedBug(
+        "asan", "enorm.cu",
+        "  for (; k < last; k += lanes) {\n    scalar_t loaded[kVec];\n    load_vector<kVec>(data + offset(k), loaded);",
+        "  for (; k <= last; k += lanes) {\n    scalar_t loaded[kVec];\n    load_vector<kVec>(data + offset(k), loaded);",
+        "enorm-adjacent-vectors-half-p2-offset0", ("ERROR: AddressSanitizer: heap-buffer-overflow",),
+        "adjacent_channels_energy",
+    ),
+    "rescale-tail-past-end": PlantedBug(
+        "asan", "enorm.cu",
+        "if (block == v.blocks - 1 && threadIdx.x < v.tail) {",
+        "if (block == v.blocks - 1 && threadIdx.x <= v.tail) {",
+        "enorm-odd-linear-float-p2-offset0", ("ERROR: AddressSanitizer: heap-buffer-overflow",), "rescale_scalar",
     ),
     # the layer's own checks, in the plain build
     "shuffle-in-divergent-branch": PlantedBug(

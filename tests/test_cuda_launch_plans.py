@@ -10,7 +10,8 @@ asserts one property of the model stated in launch_plans.h for every plan:
 - bytes in flight: resident blocks x threads x unrolled loads x load width covers the memory
   latency at the copy bandwidth (32 KiB per multiprocessor);
 - vector loads: 16-byte loads on the aligned body of every contiguous run, whatever the plane
-  length or the base's alignment (heads and tails are scalar);
+  length or the base's alignment (heads and tails are scalar); ENorm's energies of a contiguous
+  conv's columns (runs of a few taps) load one element each, with as many bytes in flight;
 - no serial loop that grows with a tensor dimension: the finish adds at most 64 slots per block in
   at most two levels, and a thread's share of the loads is the tensor's spread over all blocks.
 
@@ -241,7 +242,11 @@ class EnormGroup:
         return sum(c * v for c, v, _ in self.entries()) * ELEMENT_BYTES[self.dtype]
 
     def request(self) -> str:
-        items = " ".join(f"{c} {v} {int(a)} {ELEMENT_BYTES[self.dtype]}" for c, v, a in self.entries())
+        """Layouts as the driver takes them: the rows are a run per channel (2), the columns adjacent (1) or
+        runs of the kernel's taps (0)."""
+        layouts = [2] + [int(a) for _, _, a in self.entries()[1:]]
+        items = " ".join(f"{c} {v} {layout} {ELEMENT_BYTES[self.dtype]}"
+                         for (c, v, _), layout in zip(self.entries(), layouts))
         return f"enorm_energy {self.channels} {len(self.entries())} {items}"
 
 
@@ -296,8 +301,10 @@ def test_enorm_energy_blocks_stream_balanced_bytes(energy_plans):
     problems = []
     for group, plan in energy_plans:
         fair = max(MIN_BLOCK_BYTES, group.bytes // wave_blocks(plan))
-        for (channels, values, _), lanes, slice_values in zip(group.entries(), plan["lanes"], plan["slice_values"]):
-            block_bytes = min(channels, plan["threads"] // lanes) * slice_values * ELEMENT_BYTES[group.dtype]
+        for (channels, values, _), lanes, unit_channels, slice_values in zip(
+                group.entries(), plan["lanes"], plan["unit_channels"], plan["slice_values"]):
+            block_channels = min(channels, plan["threads"] // lanes * unit_channels)
+            block_bytes = block_channels * slice_values * ELEMENT_BYTES[group.dtype]
             if block_bytes > 2 * fair:
                 problems.append(f"{group.name}: a block streams {block_bytes} bytes where {fair} is fair")
         if plan["partial_rows"] > len(group.entries()) * wave_blocks(plan):
@@ -307,12 +314,18 @@ def test_enorm_energy_blocks_stream_balanced_bytes(energy_plans):
     assert not problems, "\n".join(problems[:30])
 
 
-@pytest.mark.xfail(strict=True, reason="ENorm energies load one element per lane (kUnroll loads of 2-4 bytes in "
-                   "flight per thread): no vector loads in the energy kernel yet")
 def test_enorm_energies_keep_enough_bytes_in_flight(energy_plans):
+    """Every entry: resident blocks x threads x loads in flight x load width. Rows (a run per channel) and
+    adjacent columns (Linear, 1x1 and channels_last convs) load 16 bytes; runs of a few taps (3x3 columns
+    of a contiguous conv) load one element, with more of them in flight."""
     for group, plan in energy_plans:
-        in_flight = plan["blocks_per_multiprocessor"] * plan["threads"] * 4 * ELEMENT_BYTES[group.dtype]
-        assert in_flight >= BYTES_IN_FLIGHT_PER_MULTIPROCESSOR, group.name
+        for k, (layout, unroll, load_bytes) in enumerate(zip(plan["layouts"], plan["unroll"], plan["load_bytes"])):
+            in_flight = plan["blocks_per_multiprocessor"] * plan["threads"] * unroll * load_bytes
+            assert in_flight >= BYTES_IN_FLIGHT_PER_MULTIPROCESSOR, f"{group.name} entry {k}"
+            assert load_bytes == (ELEMENT_BYTES[group.dtype] if layout == "strided" else 16), f"{group.name} entry {k}"
+        assert plan["layouts"][0] == "run", group.name
+        adjacent = group.entries()[1][2]
+        assert plan["layouts"][1] == ("adjacent" if adjacent else "strided"), group.name
 
 
 def rescale_requests() -> list[tuple[str, int, str]]:
@@ -333,10 +346,23 @@ def test_enorm_rescale_loads_16_bytes_and_keeps_them_in_flight(driver):
         assert in_flight >= BYTES_IN_FLIGHT_PER_MULTIPROCESSOR, request
 
 
-@pytest.mark.xfail(strict=True, reason="ENorm rescale of rows whose length is no multiple of the vector width (a "
-                   "3x7x7 stem conv, biases): no scalar head and tail yet, the whole entry falls back to scalar loads")
 def test_enorm_rescale_of_odd_rows_keeps_vector_loads(driver):
+    """Rows whose length is no multiple of the vector width (a 3x7x7 stem conv, biases) and bases past a
+    16-byte boundary: 16-byte loads on the aligned body, fewer than one vector's values in each of the
+    scalar head and tail, every value in exactly one of them, every body vector in one block."""
     assert plans(driver, ["enorm_rescale 64 147 2 0"])[0]["load_bytes"] == 16
+    for outer, row, element_bytes, misalignment in [(64, 147, 2, 0), (64, 147, 2, 2), (1000, 1, 2, 6), (3, 5, 4, 4),
+                                                    (512, 27, 4, 8), (7, 3, 8, 8), (2, 3, 2, 14)]:
+        request = f"enorm_rescale {outer} {row} {element_bytes} {misalignment}"
+        plan = plans(driver, [request])[0]
+        vec = plan["vec"]
+        assert plan["load_bytes"] == vec * element_bytes == 16, request
+        assert plan["head"] < vec and plan["tail"] < vec, request
+        assert plan["head"] + plan["body_vectors"] * vec + plan["tail"] == plan["values"] == outer * row, request
+        if plan["values"] > plan["head"]:  # the body starts at the 16-byte boundary
+            assert (misalignment + plan["head"] * element_bytes) % 16 == 0, request
+        assert (plan["blocks"] - 1) * plan["block_vectors"] < max(1, plan["body_vectors"]), request
+        assert plan["body_vectors"] <= plan["blocks"] * plan["block_vectors"], request
 
 
 # ---- EquiNorm weight transform and backward: one team (a warp or the block) per output channel ----

@@ -3,20 +3,24 @@
 // each from the tensors as the previous groups left them, as the CPU op does.
 //
 // Launches per group, no memset:
-//   energy    a power-of-two group of lanes owns one channel of one counted entry (lanes take
-//             neighbouring values of the channel, or neighbouring channels take neighbouring
-//             lanes when the channels are adjacent in memory, so loads coalesce in both layouts)
-//             and adds |v|^p over a slice of the channel's values; the butterfly total is stored
-//             per (entry, slice, channel). Slices split long channels over blocks until the group
-//             fills two waves, so a Linear's columns are no longer one thread's walk each.
+//   energy    a power-of-two group of lanes owns a unit of one counted entry and adds |v|^p
+//             over a slice of its values; the butterfly totals are stored per (entry, slice,
+//             channel). A unit is one channel whose values are a run (rows: 16-byte vectors
+//             along it, a scalar head up to its first 16-byte boundary and a scalar tail), the
+//             16 bytes of adjacent channels of every row (Linear columns, channels_last and 1x1
+//             convs: a row's first channels up to its 16-byte boundary and last few are
+//             scalar units), or one channel read an element a load (runs of a few taps),
+//             neighbouring units on neighbouring lanes where adjacent, so loads coalesce.
+//             Slices split long channels over blocks until the group fills two waves.
 //   finish    32 channels per block, 8 lanes each, add every channel's row and column energies in
 //             entry and slice order and compute d, the factors d^power and max |d - 1| (an
 //             integer atomicMax on the non-negative doubles' bits: exact, whatever the order).
 //   rescale   every entry of the group, each value multiplied by its channel's factor, in
-//             storage order, vectors of up to 16 bytes, the channel found once per vector.
-//             Entries naming the same tensor go to separate launches.
-// No float atomics: every sum runs in an order fixed by the shapes, so d is bit-identical across
-// runs. Energies are added, and values rescaled, in double (em::energy_math_t) for every dtype.
+//             storage order: a scalar head up to the first 16-byte boundary, 16-byte vectors
+//             (which may span rows), a scalar tail. A vector's first channel is found once, the
+//             others stepped to. Entries naming the same tensor go to separate launches.
+// No float atomics: every sum runs in an order fixed by the shapes (and where a tensor's base
+// sits past a 16-byte boundary), so d is bit-identical across runs. Energies are added, and values rescaled, in double (em::energy_math_t) for every dtype.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -36,23 +40,30 @@ constexpr int kMinBlocksPerSM = kEnormBlocksPerMultiprocessor;
 constexpr int kMaxLaunchEntries = 16;
 // Powers a factor is kept for: -2, -1, 1, 2 (power 0 leaves a tensor unchanged).
 constexpr int kPowers = 4;
-constexpr int kUnroll = 4;
+// Values of the widest vector (16 bytes of 2-byte elements): the most channels a lane group owns.
+constexpr int kMaxVec = 8;
 
 __host__ __device__ inline int power_slot(int power) { return power < 0 ? power + 2 : power + 1; }
 
 // An entry as the energy kernel reads it: channel j's values are (o, t) for o < outer_count,
-// t < inner, at data + base(j) + o * outer_stride + t * inner_stride.
+// t < inner, at data + base(j) + o * outer_stride + t * inner_stride. Its lane groups (units) own
+// one channel each, or (kAdjacent) a row's head channels, vectors of vec channels, tail channels.
 struct EnergyView {
   const void* data;
   ElementType type;
   bool columns;
+  EnergyLayout layout;         // plan_enorm_energy's: how the units load
+  int vec;                     // values of a vector load (kRun, kAdjacent)
   int64_t channels;            // of the group
   int64_t channels_per_group;  // columns: per conv group
   int64_t outer_count;         // outer indices a channel reads (rows: 1)
   int64_t outer_stride, channel_stride, inner, inner_stride;
   int64_t values;              // outer_count * inner
-  int64_t slice_values;        // values per slice
-  int lanes;                   // per channel, a power of two <= 32
+  int64_t head, body, tail;    // kAdjacent: a row's units
+  int64_t units;
+  int64_t slice_values;        // values per slice (kRun: slice_vectors vectors)
+  int64_t slice_vectors;
+  int lanes;                   // per unit, a power of two <= 32
   int64_t slices;
   int64_t first_block;         // of this entry in the launch
   int64_t partial_row;         // first row of its slices in the (slots, channels) partials
@@ -84,9 +95,10 @@ struct RescaleView {
   bool columns;
   int power;
   int vec;
-  int64_t outer, outer_stride, outer_per_group, channels_per_group;
+  int64_t row_values;  // values of a row (outer_stride); the entry is `outer` rows, one contiguous run
+  int64_t outer_per_group, channels_per_group;
   int64_t channel_divisor, channel_modulus;  // columns: i = (r / divisor) % modulus, r the offset in the row
-  int64_t rows_per_block;
+  int64_t head, body_vectors, tail, block_vectors, blocks;  // plan_enorm_rescale
   int64_t first_block;
 };
 
@@ -106,14 +118,31 @@ __device__ int entry_of_block(const View (&views)[kMaxLaunchEntries], int count)
 }
 
 template <typename scalar_t>
-__device__ double channel_energy(const EnergyView& v, int64_t base, int64_t begin, int64_t end, int lane,
-                                 double p) {
+__device__ __forceinline__ scalar_t load_element(const scalar_t* source) {
+  scalar_t value[1];
+  load_vector<1>(source, value);
+  return value[0];
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ em::energy_math_t term(scalar_t value, em::energy_math_t exponent) {
+  return em::energy_term(static_cast<em::energy_math_t>(to_acc(value)), exponent);
+}
+
+// One channel's values [begin, end), one element a load, kLoads loads in flight (as many bytes as
+// a vector thread's kEnergyUnroll 16-byte loads need to cover the latency: kEnergyScalarBytes).
+template <typename scalar_t>
+__device__ double strided_channel_energy(const EnergyView& v, int64_t base, int64_t begin, int64_t end, int lane,
+                                         double p) {
   using acc_t = em::energy_math_t;
+  constexpr int kLoads = kEnergyScalarBytes / static_cast<int>(sizeof(scalar_t)) > kEnergyUnroll
+                             ? kEnergyScalarBytes / static_cast<int>(sizeof(scalar_t))
+                             : kEnergyUnroll;
   const scalar_t* data = static_cast<const scalar_t*>(v.data) + base;
   const acc_t exponent = static_cast<acc_t>(p);
-  acc_t sums[kUnroll];
+  acc_t sums[kEnergyUnroll];
 #pragma unroll
-  for (int u = 0; u < kUnroll; ++u) sums[u] = 0;
+  for (int u = 0; u < kEnergyUnroll; ++u) sums[u] = 0;
   // A channel's values are fewer than 2^31 (checked on the host): 32-bit index arithmetic.
   const unsigned inner = static_cast<unsigned>(v.inner), lanes = static_cast<unsigned>(v.lanes);
   const unsigned last = static_cast<unsigned>(end);
@@ -122,57 +151,173 @@ __device__ double channel_energy(const EnergyView& v, int64_t base, int64_t begi
     return static_cast<int64_t>(o) * v.outer_stride + static_cast<int64_t>(index - o * inner) * v.inner_stride;
   };
   unsigned k = static_cast<unsigned>(begin) + lane;
-  for (; k + (kUnroll - 1) * lanes < last; k += kUnroll * lanes) {
-    acc_t values[kUnroll];
+  for (; k + (kLoads - 1) * lanes < last; k += kLoads * lanes) {
+    scalar_t values[kLoads];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) values[u] = static_cast<acc_t>(load_acc(data + offset(k + u * lanes)));
+    for (int u = 0; u < kLoads; ++u) values[u] = load_element(data + offset(k + u * lanes));
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) sums[u] += em::energy_term(values[u], exponent);
+    for (int u = 0; u < kLoads; ++u) sums[u % kEnergyUnroll] += term(values[u], exponent);
   }
   for (; k < last; k += lanes) sums[0] += em::energy_term(static_cast<acc_t>(load_acc(data + offset(k))), exponent);
   acc_t total = sums[0];
 #pragma unroll
-  for (int u = 1; u < kUnroll; ++u) total += sums[u];
+  for (int u = 1; u < kEnergyUnroll; ++u) total += sums[u];
   return static_cast<double>(total);
 }
 
-__device__ double dispatch_channel_energy(const EnergyView& v, int64_t base, int64_t begin, int64_t end, int lane,
-                                          double p) {
+// One channel's run of values (rows): a scalar head up to its first kVec-aligned value and a
+// scalar tail, both added by the first slice, and the slice's share of the aligned vectors between.
+template <typename scalar_t, int kVec>
+__device__ double run_channel_energy(const EnergyView& v, int64_t base, int64_t slice, int lane, double p) {
+  using acc_t = em::energy_math_t;
+  const scalar_t* run = static_cast<const scalar_t*>(v.data) + base;
+  const acc_t exponent = static_cast<acc_t>(p);
+  const unsigned values = static_cast<unsigned>(v.values), lanes = static_cast<unsigned>(v.lanes);
+  const unsigned phase = static_cast<unsigned>(reinterpret_cast<uintptr_t>(run) / sizeof(scalar_t) % kVec);
+  const unsigned head = min(values, (kVec - phase) % kVec);
+  const unsigned vectors = (values - head) / kVec;
+  const unsigned tail_first = head + vectors * kVec;
+  acc_t sums[kEnergyUnroll];
+#pragma unroll
+  for (int u = 0; u < kEnergyUnroll; ++u) sums[u] = 0;
+  if (slice == 0) {
+    for (unsigned q = lane; q < head + (values - tail_first); q += lanes) {
+      sums[0] += em::energy_term(static_cast<acc_t>(load_acc(run + (q < head ? q : tail_first + (q - head)))), exponent);
+    }
+  }
+  const scalar_t* body = run + head;
+  const unsigned first = static_cast<unsigned>(slice * v.slice_vectors);
+  const unsigned last = min(vectors, first + static_cast<unsigned>(v.slice_vectors));
+  unsigned k = first + lane;
+  for (; k + (kEnergyUnroll - 1) * lanes < last; k += kEnergyUnroll * lanes) {
+    scalar_t loaded[kEnergyUnroll][kVec];
+#pragma unroll
+    for (int u = 0; u < kEnergyUnroll; ++u) load_vector<kVec>(body + (k + u * lanes) * kVec, loaded[u]);
+#pragma unroll
+    for (int u = 0; u < kEnergyUnroll; ++u) {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) sums[u] += term(loaded[u][e], exponent);
+    }
+  }
+  for (; k < last; k += lanes) {
+    scalar_t loaded[kVec];
+    load_vector<kVec>(body + k * kVec, loaded);
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) sums[0] += term(loaded[e], exponent);
+  }
+  acc_t total = sums[0];
+#pragma unroll
+  for (int u = 1; u < kEnergyUnroll; ++u) total += sums[u];
+  return static_cast<double>(total);
+}
+
+// kVec adjacent channels' values [begin, end), one vector of the kVec channels a load.
+template <typename scalar_t, int kVec>
+__device__ void adjacent_channels_energy(const EnergyView& v, int64_t base, int64_t begin, int64_t end, int lane,
+                                         double p, double (&energies)[kMaxVec]) {
+  using acc_t = em::energy_math_t;
+  const scalar_t* data = static_cast<const scalar_t*>(v.data) + base;
+  const acc_t exponent = static_cast<acc_t>(p);
+  acc_t sums[kVec];
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) sums[e] = 0;
+  const unsigned inner = static_cast<unsigned>(v.inner), lanes = static_cast<unsigned>(v.lanes);
+  const unsigned last = static_cast<unsigned>(end);
+  auto offset = [&](unsigned index) {
+    const unsigned o = index / inner;
+    return static_cast<int64_t>(o) * v.outer_stride + static_cast<int64_t>(index - o * inner) * v.inner_stride;
+  };
+  unsigned k = static_cast<unsigned>(begin) + lane;
+  for (; k + (kEnergyUnroll - 1) * lanes < last; k += kEnergyUnroll * lanes) {
+    scalar_t loaded[kEnergyUnroll][kVec];
+#pragma unroll
+    for (int u = 0; u < kEnergyUnroll; ++u) load_vector<kVec>(data + offset(k + u * lanes), loaded[u]);
+#pragma unroll
+    for (int u = 0; u < kEnergyUnroll; ++u) {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) sums[e] += term(loaded[u][e], exponent);
+    }
+  }
+  for (; k < last; k += lanes) {
+    scalar_t loaded[kVec];
+    load_vector<kVec>(data + offset(k), loaded);
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) sums[e] += term(loaded[e], exponent);
+  }
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) energies[e] = static_cast<double>(sums[e]);
+}
+
+// The energies of a unit's `width` channels, as its entry's layout loads them.
+template <typename scalar_t>
+__device__ void unit_energy(const EnergyView& v, int64_t base, int width, int64_t slice, int64_t begin, int64_t end,
+                            int lane, double p, double (&energies)[kMaxVec]) {
+  constexpr int kVec = max_vector_width<scalar_t>();
+  if (v.layout == EnergyLayout::kRun) {
+    energies[0] = run_channel_energy<scalar_t, kVec>(v, base, slice, lane, p);
+  } else if (width == kVec) {
+    adjacent_channels_energy<scalar_t, kVec>(v, base, begin, end, lane, p, energies);
+  } else {
+    energies[0] = strided_channel_energy<scalar_t>(v, base, begin, end, lane, p);
+  }
+}
+
+__device__ void dispatch_unit_energy(const EnergyView& v, int64_t base, int width, int64_t slice, int64_t begin,
+                                     int64_t end, int lane, double p, double (&energies)[kMaxVec]) {
   switch (v.type) {
     case ElementType::kHalf:
-      return channel_energy<__half>(v, base, begin, end, lane, p);
+      return unit_energy<__half>(v, base, width, slice, begin, end, lane, p, energies);
     case ElementType::kBFloat16:
-      return channel_energy<__nv_bfloat16>(v, base, begin, end, lane, p);
+      return unit_energy<__nv_bfloat16>(v, base, width, slice, begin, end, lane, p, energies);
     case ElementType::kFloat:
-      return channel_energy<float>(v, base, begin, end, lane, p);
+      return unit_energy<float>(v, base, width, slice, begin, end, lane, p, energies);
     case ElementType::kDouble:
-      return channel_energy<double>(v, base, begin, end, lane, p);
+      return unit_energy<double>(v, base, width, slice, begin, end, lane, p, energies);
   }
-  return 0;
 }
 
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) enorm_energy_kernel(const __grid_constant__ EnergyLaunch a) {
   if (a.deviation != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *a.deviation = 0;
   const EnergyView& v = a.views[entry_of_block(a.views, a.count)];
   const int64_t block = blockIdx.x - v.first_block;
-  const int64_t channel_block = block / v.slices, slice = block - channel_block * v.slices;
+  const int64_t unit_block = block / v.slices, slice = block - unit_block * v.slices;
   const int lane = threadIdx.x % v.lanes;
-  const int64_t j = channel_block * (kThreads / v.lanes) + threadIdx.x / v.lanes;
-  // Every lane runs the loop and the butterfly, so the whole warp reaches the shuffles.
-  const bool active = j < v.channels;
-  int64_t base = 0;
+  const int64_t unit = unit_block * (kThreads / v.lanes) + threadIdx.x / v.lanes;
+  const bool active = unit < v.units;
+  // The unit's first channel j (of the group), its channels and where channel j's values start.
+  int64_t j = unit, base = 0;
+  int width = 1;
   if (active) {
-    if (v.columns) {
+    if (v.layout == EnergyLayout::kAdjacent) {
+      const int64_t row_units = v.head + v.body + v.tail;
+      const int64_t group = unit / row_units, u = unit - group * row_units;
+      const bool vector = u >= v.head && u < v.head + v.body;
+      const int64_t i = u < v.head ? u : vector ? v.head + (u - v.head) * v.vec : v.head + v.body * v.vec + (u - v.head - v.body);
+      width = vector ? v.vec : 1;
+      j = group * v.channels_per_group + i;
+      base = group * v.outer_count * v.outer_stride + i * v.channel_stride;
+    } else if (v.columns) {
       const int64_t group = j / v.channels_per_group;
       base = group * v.outer_count * v.outer_stride + (j - group * v.channels_per_group) * v.channel_stride;
     } else {
       base = j * v.outer_stride;
     }
   }
-  const int64_t begin = active ? slice * v.slice_values : 0;
-  const int64_t end = active ? min(v.values, begin + v.slice_values) : 0;
-  const double energy = group_sum(dispatch_channel_energy(v, base, begin, end, lane, a.p), v.lanes);
-  if (active && lane == 0) a.partials[(v.partial_row + slice) * a.channels + j] = energy;
+  const int64_t begin = slice * v.slice_values;
+  const int64_t end = min(v.values, begin + v.slice_values);
+  double energies[kMaxVec];
+#pragma unroll
+  for (int e = 0; e < kMaxVec; ++e) energies[e] = 0;
+  if (active) dispatch_unit_energy(v, base, width, slice, begin, end, lane, a.p, energies);
+  // Every lane reaches the butterflies, so the whole warp meets at the shuffles.
+#pragma unroll
+  for (int e = 0; e < kMaxVec; ++e) energies[e] = group_sum(energies[e], v.lanes);
+  if (active && lane == 0) {
+#pragma unroll
+    for (int e = 0; e < kMaxVec; ++e) {
+      if (e < width) a.partials[(v.partial_row + slice) * a.channels + j + e] = energies[e];
+    }
+  }
 }
 
 // kFinishChannels channels per block, kFinishLanes lanes each adding every kFinishLanes-th partial
@@ -218,7 +363,7 @@ __global__ void __launch_bounds__(kFinishChannels * kFinishLanes) enorm_finish_k
   }
 }
 
-// kVec consecutive values of one row: stored whole, as load_vector reads them.
+// kVec consecutive values: stored whole, as load_vector reads them.
 template <int kVec, typename scalar_t>
 __device__ __forceinline__ void store_vector(scalar_t* target, const scalar_t (&values)[kVec]) {
   using Word = typename LoadWord<sizeof(scalar_t) * kVec>::type;
@@ -227,35 +372,84 @@ __device__ __forceinline__ void store_vector(scalar_t* target, const scalar_t (&
   *reinterpret_cast<Word*>(target) = word;
 }
 
-// The block's rows, kVec values per load (rows are a multiple of kVec long and start aligned), each
-// thread kUnroll loads in flight. A vector's channel is found once: along a row the channel index
-// i = (r / divisor) % modulus steps by one every `divisor` values.
-template <typename scalar_t, int kVec>
-__device__ void rescale_rows(const RescaleView& v, const double* factors, int64_t channels) {
+// The factor of one value and of the values after it: located once (divisions), then stepped value
+// by value. Along a row the columns' channel index i = (r / divisor) % modulus steps by one every
+// `divisor` values; a row's end starts the next row at channel 0 (and, every outer_per_group rows,
+// the next conv group's channels).
+struct RescaleCursor {
+  int64_t row, group_first;
+  unsigned r, i, step, group_row;
+
+  __device__ RescaleCursor(const RescaleView& v, int64_t first_row, unsigned offset_in_row) {
+    const unsigned row_values = static_cast<unsigned>(v.row_values);
+    const unsigned rows_on = offset_in_row / row_values;
+    row = first_row + rows_on;
+    r = offset_in_row - rows_on * row_values;
+    const unsigned divisor = static_cast<unsigned>(v.channel_divisor);
+    i = (r / divisor) % static_cast<unsigned>(v.channel_modulus);
+    step = r % divisor;
+    const int64_t group = v.columns ? row / v.outer_per_group : row;
+    group_first = group * v.channels_per_group;
+    group_row = static_cast<unsigned>(row - group * v.outer_per_group);
+  }
+
+  __device__ int64_t factor_index(const RescaleView& v) const { return v.columns ? group_first + i : row; }
+
+  __device__ void advance(const RescaleView& v) {
+    if (++r == static_cast<unsigned>(v.row_values)) {
+      r = i = step = 0;
+      ++row;
+      if (++group_row == static_cast<unsigned>(v.outer_per_group)) {
+        group_row = 0;
+        group_first += v.channels_per_group;
+      }
+    } else if (++step == static_cast<unsigned>(v.channel_divisor)) {
+      step = 0;
+      if (++i == static_cast<unsigned>(v.channel_modulus)) i = 0;
+    }
+  }
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t rescaled(scalar_t value, double factor) {
   using acc_t = acc_type<scalar_t>;
   using math_t = em::energy_math_t;
-  const int64_t first_row = (blockIdx.x - v.first_block) * v.rows_per_block;
-  const int64_t rows = min(v.rows_per_block, v.outer - first_row);
-  // A block covers fewer than 2^31 values (checked on the host): 32-bit index arithmetic.
-  const unsigned vectors = static_cast<unsigned>(rows * v.outer_stride / kVec);
-  const unsigned row_vectors = static_cast<unsigned>(v.outer_stride / kVec);
-  const unsigned divisor = static_cast<unsigned>(v.channel_divisor), modulus = static_cast<unsigned>(v.channel_modulus);
-  scalar_t* data = static_cast<scalar_t*>(v.data) + first_row * v.outer_stride;
+  return from_acc<scalar_t>(static_cast<acc_t>(static_cast<math_t>(to_acc(value)) * factor));
+}
+
+// The value at index n of the entry, on its own (head and tail).
+template <typename scalar_t>
+__device__ void rescale_scalar(const RescaleView& v, const double* factor, int64_t n) {
+  scalar_t* data = static_cast<scalar_t*>(v.data);
+  const int64_t row = n / v.row_values;
+  const RescaleCursor cursor(v, row, static_cast<unsigned>(n - row * v.row_values));
+  data[n] = rescaled(data[n], __ldg(factor + cursor.factor_index(v)));
+}
+
+// The block's block_vectors aligned vectors of the body, each thread kRescaleUnroll loads in flight;
+// the first block also rescales the head, the last the tail.
+template <typename scalar_t, int kVec>
+__device__ void rescale_run(const RescaleView& v, const double* factors, int64_t channels) {
   const double* factor = factors + power_slot(v.power) * channels;
+  const int64_t block = blockIdx.x - v.first_block;
+  if (block == 0 && threadIdx.x < v.head) rescale_scalar<scalar_t>(v, factor, threadIdx.x);
+  const int64_t tail_first = v.head + v.body_vectors * kVec;
+  if (block == v.blocks - 1 && threadIdx.x < v.tail) {
+    rescale_scalar<scalar_t>(v, factor, tail_first + threadIdx.x);
+  }
+  const int64_t first_vector = block * v.block_vectors;
+  // A block covers fewer than 2^31 values and a row is shorter than 2^31: 32-bit offsets from its first row.
+  const unsigned vectors = static_cast<unsigned>(min(v.block_vectors, v.body_vectors - first_vector));
+  const int64_t block_first = v.head + first_vector * kVec;
+  const int64_t first_row = block_first / v.row_values;
+  const unsigned first_offset = static_cast<unsigned>(block_first - first_row * v.row_values);
+  scalar_t* data = static_cast<scalar_t*>(v.data) + block_first;
   auto rescale = [&](unsigned k, scalar_t (&values)[kVec]) {
-    const unsigned row = k / row_vectors;
-    const int64_t o = first_row + row;
-    const unsigned r = (k - row * row_vectors) * kVec;  // offset of the vector's first value in its row
-    const int64_t group_first = v.columns ? (o / v.outer_per_group) * v.channels_per_group : o;
-    unsigned i = (r / divisor) % modulus, step = r % divisor;
+    RescaleCursor cursor(v, first_row, first_offset + k * kVec);
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
-      const double f = __ldg(factor + (v.columns ? group_first + i : o));
-      values[e] = from_acc<scalar_t>(static_cast<acc_t>(static_cast<math_t>(to_acc(values[e])) * f));
-      if (++step == divisor) {
-        step = 0;
-        if (++i == modulus) i = 0;
-      }
+      values[e] = rescaled(values[e], __ldg(factor + cursor.factor_index(v)));
+      cursor.advance(v);
     }
   };
   unsigned k = threadIdx.x;
@@ -281,16 +475,16 @@ template <typename scalar_t>
 __device__ void dispatch_rescale_width(const RescaleView& v, const double* factors, int64_t channels) {
   switch (v.vec) {
     case 8:
-      if constexpr (max_vector_width<scalar_t>() >= 8) rescale_rows<scalar_t, 8>(v, factors, channels);
+      if constexpr (max_vector_width<scalar_t>() >= 8) rescale_run<scalar_t, 8>(v, factors, channels);
       break;
     case 4:
-      if constexpr (max_vector_width<scalar_t>() >= 4) rescale_rows<scalar_t, 4>(v, factors, channels);
+      if constexpr (max_vector_width<scalar_t>() >= 4) rescale_run<scalar_t, 4>(v, factors, channels);
       break;
     case 2:
-      if constexpr (max_vector_width<scalar_t>() >= 2) rescale_rows<scalar_t, 2>(v, factors, channels);
+      if constexpr (max_vector_width<scalar_t>() >= 2) rescale_run<scalar_t, 2>(v, factors, channels);
       break;
     default:
-      rescale_rows<scalar_t, 1>(v, factors, channels);
+      rescale_run<scalar_t, 1>(v, factors, channels);
   }
 }
 
@@ -342,6 +536,23 @@ struct GroupEnergy {
   int64_t finish_blocks = 0;
 };
 
+EnergyEntry energy_entry(const EnergyView& v) {
+  EnergyEntry e;
+  e.channels = v.channels;
+  e.values = v.values;
+  e.element_bytes = static_cast<int64_t>(element_size(v.type));
+  if (!v.columns) {
+    e.layout = EnergyLayout::kRun;
+  } else if (v.channel_stride == 1) {
+    e.layout = EnergyLayout::kAdjacent;
+    e.row_channels = v.channels_per_group;
+    // Rows start at base + o * outer_stride + t * inner_stride (and a group's at a multiple of outer_stride).
+    e.row_stride_gcd = greatest_common_divisor(v.outer_stride, v.inner > 1 ? v.inner_stride : 0);
+    e.misalignment_bytes = static_cast<int64_t>(reinterpret_cast<uintptr_t>(v.data) % kMaxLoadBytes);
+  }
+  return e;
+}
+
 GroupEnergy plan_energy(const EnormEntry* group, int64_t size, const MachineModel& machine) {
   GroupEnergy energy;
   std::vector<EnergyEntry> shapes;
@@ -350,20 +561,28 @@ GroupEnergy plan_energy(const EnormEntry* group, int64_t size, const MachineMode
       if (!group[k].counted || group[k].columns != columns) continue;
       const EnergyView v = energy_view(group[k]);
       energy.views.push_back(v);
-      shapes.push_back({v.channels, v.values, v.channel_stride == 1, static_cast<int64_t>(element_size(v.type))});
+      shapes.push_back(energy_entry(v));
     }
   }
   const EnergyPlan plan = plan_enorm_energy(shapes, entry_channels(group[0]), machine);
   for (size_t k = 0; k < energy.views.size(); ++k) {
     EnergyView& v = energy.views[k];
-    v.lanes = plan.entries[k].lanes;
-    v.slices = plan.entries[k].slices;
-    v.slice_values = plan.entries[k].slice_values;
+    const EnergySlices& slices = plan.entries[k];
+    v.layout = slices.layout;
+    v.vec = slices.vec;
+    v.head = slices.head;
+    v.body = slices.body;
+    v.tail = slices.tail;
+    v.units = slices.units;
+    v.lanes = slices.lanes;
+    v.slices = slices.slices;
+    v.slice_values = slices.slice_values;
+    v.slice_vectors = slices.slice_vectors;
     v.partial_row = energy.partial_rows;
     energy.partial_rows += v.slices;
     if (!v.columns) energy.row_partial_rows = energy.partial_rows;
     v.first_block = energy.blocks;  // within the group; rebased per launch
-    energy.blocks += plan.entries[k].blocks;
+    energy.blocks += slices.blocks;
   }
   energy.finish_blocks = plan.finish_blocks;
   return energy;
@@ -375,8 +594,7 @@ RescaleView rescale_view(const EnormEntry& e) {
   v.type = e.type;
   v.columns = e.columns;
   v.power = e.power;
-  v.outer = e.outer;
-  v.outer_stride = e.outer_stride;
+  v.row_values = e.outer_stride;
   v.outer_per_group = e.columns ? e.outer / e.groups : 1;
   v.channels_per_group = e.columns ? e.channels_per_group : 1;
   // (c, t) storage: a channel's values are a run of inner; (t, c): channels alternate.
@@ -387,15 +605,19 @@ RescaleView rescale_view(const EnormEntry& e) {
   const RescalePlan plan = plan_enorm_rescale(e.outer, e.outer_stride, static_cast<int64_t>(element_size(e.type)),
                                               misalignment);
   v.vec = plan.vec;
-  v.rows_per_block = plan.rows_per_block;
+  v.head = plan.head;
+  v.body_vectors = plan.body_vectors;
+  v.tail = plan.tail;
+  v.block_vectors = plan.block_vectors;
+  v.blocks = plan.blocks;
   return v;
 }
 
 bool valid_entry(const EnormEntry& e) {
   if (e.data == nullptr || e.outer < 1 || e.inner < 1 || e.outer_stride < 1 || e.power < -2 || e.power > 2) return false;
-  // The kernels index a channel's values and a rescale block's values in 32 bits.
+  // The kernels index a channel's values, and a rescale block's values from its first row, in 32 bits.
   const int64_t channel_values = e.columns ? (e.groups >= 1 ? e.outer / e.groups : 0) * e.inner : e.inner;
-  if (channel_values > INT_MAX || std::max(kRescaleBlockValues, e.outer_stride) > INT_MAX) return false;
+  if (channel_values > INT_MAX || e.outer_stride > INT_MAX) return false;
   if (!e.columns) return true;
   return e.groups >= 1 && e.outer % e.groups == 0 && e.channels_per_group >= 1 && e.channel_stride >= 1 &&
          e.inner_stride >= 1 && (e.inner_stride == 1 || e.channel_stride == 1);
@@ -475,7 +697,7 @@ cudaError_t launch_rescale(const EnormEntry* group, int64_t size, int64_t channe
     }
     RescaleView v = rescale_view(group[k]);
     v.first_block = blocks;
-    blocks += ceil_div(v.outer, v.rows_per_block);
+    blocks += v.blocks;
     args.views[args.count++] = v;
   }
   return flush();

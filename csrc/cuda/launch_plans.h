@@ -242,25 +242,54 @@ constexpr int kEnormThreads = 256;
 constexpr int kEnormBlocksPerMultiprocessor = 4;
 // Vectors a rescale thread loads before it stores them.
 constexpr int kRescaleUnroll = 4;
-// Values one rescale block covers at least (whole outer rows).
-constexpr int64_t kRescaleBlockValues = 4096;
 // The finish takes kFinishChannels channels per block with kFinishLanes lanes each (as channel_mean's).
 
+// How a counted entry's channels lie in memory, and so what one load of the energy kernel takes:
+// - kRun: each channel's values are one contiguous run (rows): 16-byte vectors along the run,
+//   with a scalar head up to the run's first 16-byte boundary and a scalar tail;
+// - kAdjacent: neighbouring channels are neighbours in memory (Linear columns, channels_last and
+//   1x1 convs), rows of row_channels channels: a vector holds one value of vec adjacent channels,
+//   the first channels of every row up to a 16-byte boundary (the head) and its last fewer than
+//   vec (the tail) scalar. That needs every row to start at the same alignment;
+// - kStrided: anything else (runs of a few taps, rows that start at differing alignments, rows
+//   narrower than a vector): one element a load, kEnergyScalarBytes of them in flight a thread.
+enum class EnergyLayout { kStrided, kAdjacent, kRun };
+
+// Bytes of scalar loads an energy thread has in flight (16 fp16 loads): at the guaranteed
+// occupancy, the bytes per multiprocessor the memory latency needs.
+constexpr int kEnergyScalarBytes = 32;
+// 16-byte loads an energy thread has in flight.
+constexpr int kEnergyUnroll = 4;
+
 // One counted entry of a group as the energy kernel reads it: `channels` channels of `values`
-// values each, neighbouring channels adjacent in memory (channels_last convs and Linear columns)
-// or each channel's values a run.
+// values each.
 struct EnergyEntry {
   int64_t channels = 0;
   int64_t values = 0;
-  bool channels_adjacent = false;
+  EnergyLayout layout = EnergyLayout::kStrided;
   int64_t element_bytes = 4;
+  // kAdjacent: channels side by side in a row (a conv group's), the gcd of the rows' strides in
+  // values, and the base's bytes past a 16-byte boundary.
+  int64_t row_channels = 0;
+  int64_t row_stride_gcd = 0;
+  int64_t misalignment_bytes = 0;
 };
 
 struct EnergySlices {
-  int lanes = 1;               // per channel, a power of two <= 32
-  int64_t channel_blocks = 0;  // blocks that cover every channel once
+  EnergyLayout layout = EnergyLayout::kStrided;
+  int vec = 1;                 // values of one body load
+  int unroll = 1;              // body loads a thread has in flight
+  int64_t load_bytes = 0;      // vec x element bytes
+  int unit_channels = 1;       // channels a lane group owns: vec for kAdjacent, else 1
+  // kAdjacent: a row's units are `head` scalar channels, `body` vectors of vec channels, `tail`
+  // scalar channels; every unit is one lane group's. Otherwise a unit is one channel.
+  int64_t head = 0, body = 0, tail = 0;
+  int64_t units = 0;
+  int lanes = 1;               // per unit, a power of two <= 32
+  int64_t channel_blocks = 0;  // blocks that cover every unit once
   int64_t slices = 1;          // of each channel's values, each a block of its own
-  int64_t slice_values = 0;
+  int64_t slice_values = 0;    // kRun: slice_vectors x vec
+  int64_t slice_vectors = 0;   // kRun: body vectors of a slice; a run's scalars go to slice 0
   int64_t blocks = 0;          // channel_blocks x slices
 };
 
@@ -273,20 +302,51 @@ struct EnergyPlan {
   int64_t finish_blocks = 0;
 };
 
-// Adjacent channels take neighbouring lanes (a warp reads 32 channels' values side by side);
-// otherwise up to 32 lanes share one channel's run.
-inline int energy_lanes(const EnergyEntry& e) {
-  int64_t lanes = std::min<int64_t>(32, ceil_power_of_two(e.values));
-  if (e.channels_adjacent) {
-    lanes = std::min(lanes, floor_power_of_two(std::max<int64_t>(1, kEnormThreads / e.channels)));
+// The loads of one entry: vectors where its layout allows them.
+inline EnergySlices energy_loads(const EnergyEntry& e) {
+  EnergySlices s;
+  const int64_t vec = kMaxLoadBytes / e.element_bytes;
+  s.units = e.channels;
+  if (e.layout == EnergyLayout::kRun && e.values >= vec) {
+    s.layout = EnergyLayout::kRun;
+    s.vec = static_cast<int>(vec);
+  } else if (e.layout == EnergyLayout::kAdjacent && e.row_stride_gcd % vec == 0 &&
+             e.misalignment_bytes % e.element_bytes == 0) {
+    const int64_t to_boundary = (kMaxLoadBytes - e.misalignment_bytes % kMaxLoadBytes) % kMaxLoadBytes;
+    const int64_t head = std::min(e.row_channels, to_boundary / e.element_bytes);
+    const int64_t body = (e.row_channels - head) / vec;
+    if (body > 0) {
+      s.layout = EnergyLayout::kAdjacent;
+      s.vec = static_cast<int>(vec);
+      s.unit_channels = static_cast<int>(vec);
+      s.head = head;
+      s.body = body;
+      s.tail = e.row_channels - head - body * vec;
+      s.units = (head + body + s.tail) * (e.channels / e.row_channels);
+    }
+  }
+  s.unroll = s.vec > 1 ? kEnergyUnroll : static_cast<int>(std::max<int64_t>(kEnergyUnroll, kEnergyScalarBytes / e.element_bytes));
+  s.load_bytes = s.vec * e.element_bytes;
+  return s;
+}
+
+// Adjacent channels (or vectors of them) take neighbouring lanes (a warp reads 32 units' values
+// side by side); otherwise up to 32 lanes share one channel's values (or run of vectors).
+inline int energy_lanes(const EnergyEntry& e, const EnergySlices& s) {
+  const int64_t per_unit = s.layout == EnergyLayout::kRun ? e.values / s.vec : e.values;
+  int64_t lanes = std::min<int64_t>(32, ceil_power_of_two(per_unit));
+  if (e.layout == EnergyLayout::kAdjacent) {
+    lanes = std::min(lanes, floor_power_of_two(std::max<int64_t>(1, kEnormThreads / s.units)));
   }
   return static_cast<int>(lanes);
 }
 
 // Each entry's channels split into slices of their values, so that every block of the group
-// streams about the same bytes: the group's bytes over two waves, min_block_bytes at least. A
-// Linear consumer's columns (256 adjacent channels a block) then take as many slices as its
-// producer's rows (8 channels a block) take blocks' worth of bytes, and no block walks a whole column.
+// streams about the same bytes: the group's bytes over two waves, min_block_bytes at least (a
+// slice's values rounded down, so that the slices are at least as many as wanted). A
+// Linear consumer's columns (256 lane groups of adjacent channels a block) then take as many
+// slices as its producer's rows (8 channels a block) take blocks' worth of bytes, and no block
+// walks a whole column.
 inline EnergyPlan plan_enorm_energy(const std::vector<EnergyEntry>& entries, int64_t group_channels,
                                     const MachineModel& machine = kHopper) {
   EnergyPlan plan;
@@ -295,14 +355,25 @@ inline EnergyPlan plan_enorm_energy(const std::vector<EnergyEntry>& entries, int
   const int64_t block_bytes =
       std::max(machine.min_block_bytes, group_bytes / wave_blocks(machine, plan.blocks_per_multiprocessor));
   for (const EnergyEntry& e : entries) {
-    EnergySlices slices;
-    slices.lanes = energy_lanes(e);
-    const int64_t block_channels = std::min<int64_t>(e.channels, kEnormThreads / slices.lanes);
-    slices.channel_blocks = ceil_div(e.channels, block_channels);
-    const int64_t channel_block_bytes = block_channels * e.values * e.element_bytes;
-    const int64_t count = std::clamp<int64_t>(ceil_div(channel_block_bytes, block_bytes), 1, e.values);
-    slices.slice_values = ceil_div(e.values, count);
-    slices.slices = ceil_div(e.values, slices.slice_values);
+    EnergySlices slices = energy_loads(e);
+    slices.lanes = energy_lanes(e, slices);
+    const int64_t block_units = std::min<int64_t>(slices.units, kEnormThreads / slices.lanes);
+    slices.channel_blocks = ceil_div(slices.units, block_units);
+    const int64_t channel_block_bytes =
+        std::min(e.channels, block_units * slices.unit_channels) * e.values * e.element_bytes;
+    if (slices.layout == EnergyLayout::kRun) {
+      // A run's body has at most values / vec vectors (fewer behind a head); its head and tail
+      // scalars go to the first slice.
+      const int64_t run_vectors = e.values / slices.vec;
+      const int64_t count = std::clamp<int64_t>(ceil_div(channel_block_bytes, block_bytes), 1, run_vectors);
+      slices.slice_vectors = std::max<int64_t>(1, run_vectors / count);
+      slices.slices = ceil_div(run_vectors, slices.slice_vectors);
+      slices.slice_values = slices.slice_vectors * slices.vec;
+    } else {
+      const int64_t count = std::clamp<int64_t>(ceil_div(channel_block_bytes, block_bytes), 1, e.values);
+      slices.slice_values = std::max<int64_t>(1, e.values / count);
+      slices.slices = ceil_div(e.values, slices.slice_values);
+    }
     slices.blocks = slices.channel_blocks * slices.slices;
     plan.partial_rows += slices.slices;
     plan.blocks += slices.blocks;
@@ -312,30 +383,39 @@ inline EnergyPlan plan_enorm_energy(const std::vector<EnergyEntry>& entries, int
   return plan;
 }
 
-// One rescaled entry: `outer` rows of `row_values` contiguous values.
+// One rescaled entry: `outer` rows of `row_values` values, stored as one contiguous run. The run
+// is a scalar head (up to its first 16-byte boundary), body_vectors aligned vectors of vec values,
+// and a scalar tail (fewer than vec values), whatever the row length: vectors may span rows, the
+// kernel steps each value's channel along. A block owns block_vectors vectors of the body, so every
+// thread has its kRescaleUnroll loads in flight; the first block also takes the head, the last the tail.
 struct RescalePlan {
   int threads = kEnormThreads;
   int blocks_per_multiprocessor = kEnormBlocksPerMultiprocessor;
   int unroll = kRescaleUnroll;
   int vec = 1;
-  int64_t rows_per_block = 0;
+  int64_t values = 0;
+  int64_t head = 0;
+  int64_t body_vectors = 0;
+  int64_t tail = 0;
+  int64_t block_vectors = 0;
   int64_t blocks = 0;
   int64_t load_bytes = 0;
 };
 
-// Vectors never straddle two rows (the row length is a multiple of vec) and start aligned.
 inline RescalePlan plan_enorm_rescale(int64_t outer, int64_t row_values, int64_t element_bytes,
                                       int64_t misalignment_bytes) {
   RescalePlan plan;
-  for (int64_t vec = kMaxLoadBytes / element_bytes; vec >= 1; vec /= 2) {
-    if (row_values % vec == 0 && misalignment_bytes % (vec * element_bytes) == 0) {
-      plan.vec = static_cast<int>(vec);
-      break;
-    }
-  }
-  plan.rows_per_block = std::max<int64_t>(1, kRescaleBlockValues / row_values);
-  plan.blocks = ceil_div(outer, plan.rows_per_block);
-  plan.load_bytes = plan.vec * element_bytes;
+  plan.values = outer * row_values;
+  // A base that is not a whole number of elements past a boundary cannot reach one: all scalars.
+  plan.vec = misalignment_bytes % element_bytes == 0 ? static_cast<int>(kMaxLoadBytes / element_bytes) : 1;
+  const int64_t vector_bytes = plan.vec * element_bytes;
+  const int64_t to_boundary = (vector_bytes - misalignment_bytes % vector_bytes) % vector_bytes;
+  plan.head = std::min(plan.values, to_boundary / element_bytes);
+  plan.body_vectors = (plan.values - plan.head) / plan.vec;
+  plan.tail = plan.values - plan.head - plan.body_vectors * plan.vec;
+  plan.block_vectors = static_cast<int64_t>(plan.threads) * plan.unroll;
+  plan.blocks = std::max<int64_t>(1, ceil_div(plan.body_vectors, plan.block_vectors));
+  plan.load_bytes = vector_bytes;
   return plan;
 }
 

@@ -7,7 +7,7 @@
 //   channel_mean <rows> <channels> <spatial> <channels_last> <element_bytes> <accumulation_bytes>
 //       <misalignment_bytes>
 //   enorm_energy <group_channels> <entries> then per counted entry: <channels> <values>
-//       <channels_adjacent> <element_bytes>
+//       <layout: 0 strided, 1 adjacent channels, 2 a run per channel> <element_bytes>
 //   enorm_rescale <outer> <row_values> <element_bytes> <misalignment_bytes>
 //   equinorm_weight <out_channels> <group_channels> <taps> <groups> <channels_last> <per_tap_means>
 //       <element_bytes>
@@ -86,18 +86,31 @@ std::string enorm_energy(std::istringstream& in, const MachineModel& machine) {
   in >> group_channels >> count;
   std::vector<EnergyEntry> entries(static_cast<size_t>(std::max<int64_t>(0, count)));
   for (EnergyEntry& e : entries) {
-    int64_t adjacent;
-    in >> e.channels >> e.values >> adjacent >> e.element_bytes;
-    e.channels_adjacent = adjacent != 0;
+    int64_t layout;
+    in >> e.channels >> e.values >> layout >> e.element_bytes;
+    e.layout = layout == 2 ? EnergyLayout::kRun : layout == 1 ? EnergyLayout::kAdjacent : EnergyLayout::kStrided;
+    // adjacent channels: one conv group, rows `channels` values apart, an aligned base
+    e.row_channels = e.channels;
+    e.row_stride_gcd = e.channels;
+    e.misalignment_bytes = 0;
   }
   const EnergyPlan p = plan_enorm_energy(entries, group_channels, machine);
-  std::ostringstream lanes, slices, slice_values, blocks;
+  std::ostringstream layouts, vec, unroll, load_bytes, unit_channels, units, lanes, slices, slice_values, blocks;
   for (size_t k = 0; k < p.entries.size(); ++k) {
     const char* separator = k == 0 ? "" : ", ";
-    lanes << separator << p.entries[k].lanes;
-    slices << separator << p.entries[k].slices;
-    slice_values << separator << p.entries[k].slice_values;
-    blocks << separator << p.entries[k].blocks;
+    const EnergySlices& e = p.entries[k];
+    layouts << separator << '"'
+            << (e.layout == EnergyLayout::kRun ? "run" : e.layout == EnergyLayout::kAdjacent ? "adjacent" : "strided")
+            << '"';
+    vec << separator << e.vec;
+    unroll << separator << e.unroll;
+    load_bytes << separator << e.load_bytes;
+    unit_channels << separator << e.unit_channels;
+    units << separator << e.units;
+    lanes << separator << e.lanes;
+    slices << separator << e.slices;
+    slice_values << separator << e.slice_values;
+    blocks << separator << e.blocks;
   }
   Json json;
   json.field("kernel", "enorm_energy")
@@ -107,6 +120,12 @@ std::string enorm_energy(std::istringstream& in, const MachineModel& machine) {
       .field("partial_rows", p.partial_rows)
       .field("finish_blocks", p.finish_blocks)
       .field("finish_lanes", kFinishLanes)
+      .list("layouts", layouts.str())
+      .list("vec", vec.str())
+      .list("unroll", unroll.str())
+      .list("load_bytes", load_bytes.str())
+      .list("unit_channels", unit_channels.str())
+      .list("units", units.str())
       .list("lanes", lanes.str())
       .list("slices", slices.str())
       .list("slice_values", slice_values.str())
@@ -125,7 +144,11 @@ std::string enorm_rescale(std::istringstream& in) {
       .field("unroll", p.unroll)
       .field("vec", p.vec)
       .field("load_bytes", p.load_bytes)
-      .field("rows_per_block", p.rows_per_block)
+      .field("values", p.values)
+      .field("head", p.head)
+      .field("body_vectors", p.body_vectors)
+      .field("tail", p.tail)
+      .field("block_vectors", p.block_vectors)
       .field("blocks", p.blocks);
   return json.str();
 }
