@@ -132,7 +132,8 @@ class KernelCase:
 # channel_mean: every reduction path (plans: csrc/cuda/launch_plans.h). NCHW planes are read plane by
 # plane (a scalar head and tail around aligned vectors: 7x7, 17x17 and 10x13 planes have both), or
 # as columns of an (R, C * S) matrix when their planes are short and that gives 16-byte loads;
-# channels_last and (N, C) inputs as columns (tiles of whole channels, slots of rows). The cases run
+# channels_last and (N, C) inputs as columns (tiles of whole channels, slots of rows), each contiguous
+# run rotated by its head when the base is misaligned (offsets of one and three elements). The cases run
 # on the H100 model and on smaller machines (MACHINES) whose plans split the same small shapes over
 # many slots, a finish level or two of them.
 CHANNEL_MEAN_SHAPES = {
@@ -147,6 +148,9 @@ CHANNEL_MEAN_SHAPES = {
     "odd": (3, 5, 7, 9),
     "linear": (2, 5000),
     "many-slots": (130, 4, 16, 16),  # with MACHINES["many-slots"]: two finish levels in both layouts
+    # channels_last: a full 128-column tile and one of 8 columns, whose every thread reads a run's seam
+    "wide-channels": (9, 136, 2, 3),
+    "linear-narrow": (700, 13),  # contiguous steps of 152 rows, over several slots
 }
 MACHINES = {
     "h100": {},
@@ -232,6 +236,10 @@ def channel_mean_cases() -> list[KernelCase]:
             cases.append(_channel_mean_case(shape_name, "bfloat16", channels_last, 0, True, machine="small"))
             cases.append(_channel_mean_case(shape_name, "half", channels_last, 1, True, "abs_mean", "small"))
             cases.append(_channel_mean_case(shape_name, "double", channels_last, 1, True, "abs_mean", "small"))
+            # a base three elements past the alignment unit: column runs rotated by a head of 5 (half)
+            # or 1 (float) values
+            cases.append(_channel_mean_case(shape_name, "half", channels_last, 3, True, machine="small"))
+            cases.append(_channel_mean_case(shape_name, "float", channels_last, 3, True, "abs_mean"))
     return cases
 
 

@@ -168,11 +168,41 @@ def test_channel_mean_loads_16_bytes_on_aligned_bodies(channel_mean_plans):
             assert plan["plane_vectors"] * plan["vec"] + plan["plane_scalars"] == plan["spatial"], shape.name
 
 
-@pytest.mark.xfail(strict=True, reason="channels_last and (N, C) inputs whose base is not 16-byte aligned: the "
-                   "column tiles have no scalar head, so the whole read falls back to narrower loads")
 def test_channel_mean_channels_last_misaligned_bases_keep_16_byte_loads(driver):
-    shape = ChannelMeanShape("cl-misaligned", 32, 256, (14, 14), "float16", True, misalignment=2)
-    assert plans(driver, [shape.request()])[0]["load_bytes"] == 16
+    """channels_last and (N, C) inputs whose base sits one or three elements past a 16-byte boundary (a
+    sliced batch): the column tiles rotate their threads' shares by the head, so the body keeps 16-byte
+    loads and only one thread per run reads scalars."""
+    shapes = [ChannelMeanShape("cl-misaligned", 32, 256, (14, 14), "float16", True, misalignment=2)]
+    for dtype, element_bytes in ELEMENT_BYTES.items():
+        for misalignment in (element_bytes, 3 * element_bytes):
+            for batch in (1, 32):
+                for channels, side in RESNET_INPUTS + ODD_PLANES:
+                    shapes.append(ChannelMeanShape(f"cl-c{channels}-{side}x{side}-n{batch}-{dtype}-m{misalignment}",
+                                                   batch, channels, (side, side), dtype, True, misalignment))
+            for features in LINEAR_FEATURES:
+                shapes.append(ChannelMeanShape(f"linear-32x{features}-{dtype}-m{misalignment}", 32, features, (),
+                                               dtype, False, misalignment))
+    answers = plans(driver, [shape.request() for shape in shapes])
+    assert answers[0]["load_bytes"] == 16
+    for shape, plan in zip(shapes, answers):
+        assert plan["mode"] == "columns" and plan["load_bytes"] == 16, shape.name
+        assert (plan["head"] * ELEMENT_BYTES[shape.dtype] + shape.misalignment) % 16 == 0, shape.name
+        assert 0 < plan["head"] < plan["vec"], shape.name
+
+
+def test_channel_mean_emulation_cases_take_the_rotated_column_paths(driver):
+    """The misaligned column cases of tests/test_cuda_emulation.py (offset 3 on its small machine) run rotated
+    runs over several slots: a 128-column tile beside an 8-column one, and contiguous steps of (N, C) rows."""
+    machine = (2, 2, 64, BYTES_IN_FLIGHT_PER_MULTIPROCESSOR)
+    requests = {  # request: (head, tiles)
+        "channel_mean 9 136 6 1 2 4 6": (5, 2),  # wide-channels, channels_last, half
+        "channel_mean 700 13 1 1 2 4 6": (5, 1),  # linear-narrow, half
+        "channel_mean 3 5 63 1 2 4 6": (5, 1),  # odd, channels_last, half
+    }
+    for (request, (head, tiles)), plan in zip(requests.items(), plans(driver, list(requests), machine)):
+        assert plan["mode"] == "columns" and plan["load_bytes"] == 16, request
+        assert (plan["head"], plan["tiles"]) == (head, tiles), request
+        assert plan["slots"] > 1 or request.startswith("channel_mean 3 "), request
 
 
 def test_channel_mean_has_no_serial_loop_growing_with_the_tensor(channel_mean_plans):

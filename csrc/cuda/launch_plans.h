@@ -104,8 +104,12 @@ struct ChannelMeanPlan {
   int64_t channels = 0;
   int64_t spatial = 0;         // S
   // columns mode: x as an (R, C * S) matrix; a block owns a tile of whole channels' columns and a
-  // slot of rows, read tile_rows rows per step
+  // slot of rows, read tile_rows rows per step. A run (a step's tile_rows x columns values when the
+  // tile spans all columns, else one row of the tile) starts `head` elements before its first
+  // vec-aligned one, the same for every run: its threads' vectors are rotated by head, and the one
+  // whose vector would cross the run's end reads the run's head and tail as scalars.
   int64_t columns = 0;
+  int64_t head = 0;
   int64_t tile_columns = 0;
   int64_t tile_rows = 0;
   int64_t rows_per_slot = 0;
@@ -133,7 +137,6 @@ inline void plan_channel_mean_columns(ChannelMeanPlan& plan, int64_t element_byt
   plan.columns = columns;
   plan.vec = 1;
   for (int64_t vec = kMaxLoadBytes / element_bytes; vec >= 1; vec /= 2) {
-    if (misalignment_bytes % (vec * element_bytes) != 0) continue;
     const int64_t budget = plan.threads * vec;  // values one step of the block reads
     int64_t tile_columns = 0, tile_rows = 0;
     if (columns <= kTargetTileColumns) {
@@ -143,7 +146,7 @@ inline void plan_channel_mean_columns(ChannelMeanPlan& plan, int64_t element_byt
       tile_columns = columns;
       tile_rows = budget / columns / row_align * row_align;
     } else {
-      // Tiles of whole channels, each row segment starting aligned.
+      // Tiles of whole channels, every row segment at the same place of the alignment unit.
       if (columns % vec != 0) continue;
       const int64_t unit = plan.spatial / greatest_common_divisor(plan.spatial, vec) * vec;
       tile_columns = std::max<int64_t>(1, kTargetTileColumns / unit) * unit;
@@ -154,6 +157,8 @@ inline void plan_channel_mean_columns(ChannelMeanPlan& plan, int64_t element_byt
     plan.vec = static_cast<int>(vec);
     plan.tile_columns = tile_columns;
     plan.tile_rows = tile_rows;
+    const int64_t unit_bytes = vec * element_bytes;
+    plan.head = (unit_bytes - misalignment_bytes % unit_bytes) % unit_bytes / element_bytes;
     break;
   }
   if (plan.tile_columns == 0) return;  // no tile fits a block step (long NCHW planes): not a column plan

@@ -64,6 +64,7 @@ std::string channel_mean(std::istringstream& in, const MachineModel& machine) {
       .field("channels", p.channels)
       .field("spatial", p.spatial)
       .field("columns", p.columns)
+      .field("head", p.head)
       .field("tile_columns", p.tile_columns)
       .field("tile_rows", p.tile_rows)
       .field("rows_per_slot", p.rows_per_slot)
