@@ -565,7 +565,9 @@ def enorm_cases() -> list[KernelCase]:
 
 
 # tap_mean: every padding mode, strides, dilation, Conv1d/2d/3d inputs, channels_last, both
-# statistics, rows < N, one row (a single slot of rows) and many (slots added by a second kernel).
+# statistics, rows < N, one row (a single slot of rows) and many (slots added by a second kernel, on
+# the small machine). Widths (C x plane) of 126, 168, 33, 60 and 3600 values take vectors of 1 to 8
+# elements; bases one or three elements past the alignment unit rotate every row's columns by a head.
 # (name, x shape, kernel, stride, padding as (before, after) per dim, dilation, mode)
 TAP_MEAN_SHAPES = {
     "zeros-3x3": ((4, 3, 7, 6), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), "zeros"),
@@ -589,7 +591,7 @@ def _tap_reference(sample: torch.Tensor, geometry, statistic: str) -> torch.Tens
 
 
 def _tap_mean_case(shape_name: str, dtype_name: str, channels_last: bool, statistic: str, rows_kind: str,
-                   offset: int) -> KernelCase:
+                   offset: int, machine: str = "h100") -> KernelCase:
     from equinorm_kernels._tap_geometry import TapGeometry, tap_output_shape
 
     shape, kernel, stride, padding, dilation, mode = TAP_MEAN_SHAPES[shape_name]
@@ -624,12 +626,13 @@ def _tap_mean_case(shape_name: str, dtype_name: str, channels_last: bool, statis
     dims += [(spatial[i], kernel[i], stride[i], dilation[i], padding[2 * i], padding[2 * i + 1], outputs[i])
              for i in range(len(spatial))]
     layout = "cl" if channels_last else "nchw"
+    suffix = "" if machine == "h100" else f"-{machine}"
     return KernelCase(
         "tap_mean",
-        f"tap-{shape_name}-{layout}-{dtype_name}-{statistic}-rows{rows}-offset{offset}",
+        f"tap-{shape_name}-{layout}-{dtype_name}-{statistic}-rows{rows}-offset{offset}{suffix}",
         dict(dtype=dtype_name, rows=rows, channels=shape[1], channels_last=int(channels_last and len(shape) in (4, 5)),
              mode=TAP_MODES[mode], absolute=int(statistic == "abs_mean"), offset=offset,
-             dims=";".join(",".join(str(v) for v in dim) for dim in dims)),
+             dims=";".join(",".join(str(v) for v in dim) for dim in dims), **MACHINES[machine]),
         {"x": x, "grad": grad},
         check,
     )
@@ -644,6 +647,10 @@ def tap_mean_cases() -> list[KernelCase]:
             cases.append(_tap_mean_case(shape_name, "float", channels_last, "mean", "part", 0))
             cases.append(_tap_mean_case(shape_name, "half", channels_last, "mean", "one", 1))
             cases.append(_tap_mean_case(shape_name, "double", channels_last, "abs_mean", "part", 1))
+            # row slots and their second kernel, misaligned bases
+            cases.append(_tap_mean_case(shape_name, "half", channels_last, "abs_mean", "all", 3, "small"))
+            cases.append(_tap_mean_case(shape_name, "float", channels_last, "mean", "all", 1, "small"))
+            cases.append(_tap_mean_case(shape_name, "bfloat16", channels_last, "mean", "part", 0, "small"))
     return cases
 
 

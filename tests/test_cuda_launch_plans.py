@@ -434,13 +434,16 @@ def test_equinorm_weight_few_output_channels_fill_two_waves(driver):
 
 
 def tap_mean_requests() -> list[tuple[str, int, int, str]]:
-    """(request, rows, width, dtype) of the ResNet conv inputs at batch 1 to 256."""
+    """(request, rows, width, dtype) of the ResNet conv inputs at batch 1 to 256, aligned and with a base one
+    element past a 16-byte boundary (a sliced batch)."""
     requests = []
     for dtype in ELEMENT_BYTES:
         for batch in (1, 8, 32, 256):
             for channels, side in RESNET_INPUTS:
                 width = channels * side * side
-                requests.append((f"tap_mean_columns {batch} {width} {ELEMENT_BYTES[dtype]}", batch, width, dtype))
+                for misalignment in (0, ELEMENT_BYTES[dtype]):
+                    requests.append((f"tap_mean_columns {batch} {width} {ELEMENT_BYTES[dtype]} {misalignment}",
+                                     batch, width, dtype))
     return requests
 
 
@@ -451,22 +454,28 @@ def tap_plans(driver):
 
 
 def test_tap_mean_column_sums_cover_the_rows_in_at_most_64_slots(tap_plans):
-    """Every row in exactly one slot; the second kernel adds at most 64 partials per column."""
+    """Every row in exactly one slot; the second kernel adds at most 64 partials per column, a thread per column."""
     for (request, rows, width, _), plan in tap_plans:
         assert 1 <= plan["slots"] <= min(64, rows), request
         assert (plan["slots"] - 1) * plan["rows_per_slot"] < rows <= plan["slots"] * plan["rows_per_slot"], request
-        assert plan["column_blocks"] * plan["threads"] >= width, request
+        assert plan["column_blocks"] * plan["threads"] * plan["vec"] >= width, request
+        assert width % plan["vec"] == 0, request
+        assert plan["finish_blocks"] == (math.ceil(width / plan["threads"]) if plan["slots"] > 1 else 0), request
 
 
 def test_tap_mean_column_sums_fill_two_waves_unless_the_input_is_small(tap_plans):
-    """One block per 256 columns, the rows split into slots until about 1024 blocks."""
+    """One block per 256 x vec columns, the rows split into slots until two waves."""
     for (request, rows, width, dtype), plan in tap_plans:
         bytes_read = rows * width * ELEMENT_BYTES[dtype]
-        assert plan["blocks"] >= min(MULTIPROCESSORS * 4 * WAVES, bytes_read // (2 * MIN_BLOCK_BYTES)), request
+        assert plan["blocks"] >= min(wave_blocks(plan), bytes_read // (2 * MIN_BLOCK_BYTES)), request
 
 
-@pytest.mark.xfail(strict=True, reason="tap_mean's column sums load one element per thread and row (4 loads of "
-                   "2-4 bytes in flight per thread): no vector loads")
 def test_tap_mean_column_sums_keep_enough_bytes_in_flight(tap_plans):
+    """16-byte loads on every row's aligned body (every ResNet width is a multiple of 16 bytes), whatever
+    the base's alignment: the head the threads' columns are rotated by aligns it."""
     for (request, *_), plan in tap_plans:
-        assert 4 * plan["threads"] * plan["unroll"] * plan["load_bytes"] >= BYTES_IN_FLIGHT_PER_MULTIPROCESSOR, request
+        in_flight = plan["blocks_per_multiprocessor"] * plan["threads"] * plan["unroll"] * plan["load_bytes"]
+        assert in_flight >= BYTES_IN_FLIGHT_PER_MULTIPROCESSOR, request
+        assert plan["load_bytes"] == 16, request
+        misalignment = int(request.split()[-1])
+        assert (plan["head"] * plan["load_bytes"] // plan["vec"] + misalignment) % 16 == 0, request

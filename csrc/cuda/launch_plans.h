@@ -393,35 +393,60 @@ inline EquiNormWeightPlan plan_equinorm_weight(int64_t out_channels, int64_t gro
 // ---- tap_mean: the column sums of x[:rows] seen as a (rows, C x plane) matrix ----
 
 constexpr int kTapMeanThreads = 256;
-// Loads a column thread has in flight (one element each, from kTapMeanUnroll rows).
+// The column sums' __launch_bounds__ minimum.
+constexpr int kTapMeanBlocksPerMultiprocessor = 4;
+// Loads a column thread has in flight, each of vec elements from its own row.
 constexpr int kTapMeanUnroll = 4;
-// Blocks the column sums aim for before they split the rows into slots, and the most slots.
-constexpr int64_t kTapMeanTargetBlocks = 1024;
+// The most row slots: the second kernel adds at most this many partials per column.
 constexpr int64_t kTapMeanMaxSlots = 64;
 
-// A thread per column adds its rows in order; blocks own kTapMeanThreads columns and, when the
-// columns alone give few blocks, a slot of rows, whose partials a second kernel adds in slot order.
+// A thread owns vec adjacent columns and adds its rows in order, one vector load a row; blocks own
+// threads x vec columns and, when the columns alone give fewer than two waves, a slot of rows, whose
+// partials a second kernel (a thread per column) adds in slot order. vec divides the width, so every
+// row starts at the same place of the alignment unit, `head` elements before its first vec-aligned
+// value: the threads' columns are rotated by head, and the one thread whose vector would cross the
+// row's end reads the row's tail and head as scalars.
 struct TapColumnPlan {
   int threads = kTapMeanThreads;
+  int blocks_per_multiprocessor = kTapMeanBlocksPerMultiprocessor;
   int unroll = kTapMeanUnroll;
+  int vec = 1;
+  int64_t head = 0;
   int64_t width = 0;           // C x plane
   int64_t column_blocks = 0;
   int64_t slots = 1;
   int64_t rows_per_slot = 0;
   int64_t blocks = 0;
+  int64_t finish_blocks = 0;   // 0: one slot, the column sums are the plane's sums
   int64_t load_bytes = 0;
 };
 
-inline TapColumnPlan plan_tap_mean_columns(int64_t rows, int64_t width, int64_t element_bytes) {
+// misalignment_bytes: x's address modulo 16; the slots do not depend on it.
+inline TapColumnPlan plan_tap_mean_columns(int64_t rows, int64_t width, int64_t element_bytes,
+                                           int64_t misalignment_bytes, const MachineModel& machine = kHopper) {
   TapColumnPlan plan;
   plan.width = width;
-  plan.column_blocks = ceil_div(width, plan.threads);
-  const int64_t slots =
-      std::clamp<int64_t>(ceil_div(kTapMeanTargetBlocks, plan.column_blocks), 1, std::min(kTapMeanMaxSlots, rows));
+  for (int64_t vec = kMaxLoadBytes / element_bytes; vec >= 1; vec /= 2) {
+    if (width % vec == 0) {
+      plan.vec = static_cast<int>(vec);
+      break;
+    }
+  }
+  const int64_t unit_bytes = plan.vec * element_bytes;
+  plan.head = (unit_bytes - misalignment_bytes % unit_bytes) % unit_bytes / element_bytes;
+  const int64_t block_columns = plan.threads * plan.vec;
+  plan.column_blocks = ceil_div(width, block_columns);
+  // Two waves, as long as a block streams min_block_bytes.
+  const int64_t wanted = ceil_div(wave_blocks(machine, plan.blocks_per_multiprocessor), plan.column_blocks);
+  const int64_t block_row_bytes = std::min(width, block_columns) * element_bytes;
+  const int64_t most = std::min({kTapMeanMaxSlots, rows,
+                                 std::max<int64_t>(1, rows * block_row_bytes / machine.min_block_bytes)});
+  const int64_t slots = std::clamp<int64_t>(wanted, 1, most);
   plan.rows_per_slot = ceil_div(rows, slots);
   plan.slots = ceil_div(rows, plan.rows_per_slot);
   plan.blocks = plan.column_blocks * plan.slots;
-  plan.load_bytes = element_bytes;
+  plan.finish_blocks = plan.slots > 1 ? ceil_div(width, plan.threads) : 0;
+  plan.load_bytes = plan.vec * element_bytes;
   return plan;
 }
 
