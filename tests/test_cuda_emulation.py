@@ -579,6 +579,8 @@ TAP_MEAN_SHAPES = {
     "conv3d-zeros": ((2, 2, 4, 5, 3), (3, 2, 3), (2, 1, 1), (1, 1, 0, 1, 1, 1), (1, 2, 1), "zeros"),
     "many-rows": ((70, 3, 5, 4), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), "circular"),
     "wide": ((3, 40, 9, 10), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), "zeros"),
+    # a plane of 320 positions: a block per (channel, tap) instead of a warp
+    "block-teams": ((3, 4, 16, 20), (3, 5), (2, 1), (1, 1, 2, 2), (1, 1), "reflect"),
 }
 TAP_MODES = {"zeros": 0, "reflect": 1, "replicate": 2, "circular": 3}
 

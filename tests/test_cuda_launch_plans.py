@@ -479,3 +479,45 @@ def test_tap_mean_column_sums_keep_enough_bytes_in_flight(tap_plans):
         assert plan["load_bytes"] == 16, request
         misalignment = int(request.split()[-1])
         assert (plan["head"] * plan["load_bytes"] // plan["vec"] + misalignment) % 16 == 0, request
+
+
+# ---- tap_mean: the per-tap kernels (count tables, tap sums, backward) ----
+
+
+def tap_sums_requests() -> list[tuple[str, int, int, int, int]]:
+    """(request, channels, taps, plane, table entries) of 1x1, 3x3 and 7x7 convs over the ResNet inputs."""
+    requests = []
+    for channels, side in RESNET_INPUTS:
+        for kernel in (1, 3, 7):
+            taps, plane, entries = kernel * kernel, side * side, 1 + 2 * kernel * side  # dims (1, side, side)
+            requests.append((f"tap_mean_taps {channels} {taps} {plane} {entries}", channels, taps, plane, entries))
+    return requests
+
+
+@pytest.fixture(scope="module")
+def tap_sums_plans(driver):
+    requests = tap_sums_requests()
+    return list(zip(requests, plans(driver, [r for r, *_ in requests])))
+
+
+def test_tap_mean_per_tap_kernels_take_their_launch_from_the_plan(tap_sums_plans):
+    """A team per (channel, tap), a warp for planes of up to 256 positions (eight a block, so a 7x7 plane
+    keeps its lanes busy) and the block for longer ones; every table entry and every (channel, position) of
+    the backward has its thread."""
+    for (request, channels, taps, plane, entries), plan in tap_sums_plans:
+        assert plan["team"] == (32 if plane <= 256 else 256), request
+        assert plan["teams_per_block"] * plan["team"] == plan["threads"], request
+        assert plan["pairs"] == channels * taps, request
+        assert (plan["blocks"] - 1) * plan["teams_per_block"] < plan["pairs"] <= plan["blocks"] * plan["teams_per_block"]
+        assert plan["lane_positions"] == math.ceil(plane / plan["team"]) and plan["team"] <= max(32, plane), request
+        assert (plan["table_blocks"] - 1) * plan["threads"] < entries <= plan["table_blocks"] * plan["threads"], request
+        grad_threads = channels * plane
+        assert (plan["grad_blocks"] - 1) * plan["threads"] < grad_threads <= plan["grad_blocks"] * plan["threads"]
+
+
+@pytest.mark.xfail(strict=True, reason="tap_mean's tap sums give each (channel, tap) one team that walks the whole "
+                   "plane: the 3-channel 224x224 stem with a 7x7 kernel has 147 blocks of 196 positions per lane; no "
+                   "split of a plane over blocks yet")
+def test_tap_mean_tap_sums_of_large_planes_fill_two_waves(driver):
+    plan = plans(driver, ["tap_mean_taps 3 49 50176 3137"])[0]
+    assert plan["blocks"] >= 2 * MULTIPROCESSORS and plan["lane_positions"] <= 32

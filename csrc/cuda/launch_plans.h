@@ -450,5 +450,39 @@ inline TapColumnPlan plan_tap_mean_columns(int64_t rows, int64_t width, int64_t 
   return plan;
 }
 
+// ---- tap_mean: the per-tap kernels ----
+
+// Planes of up to this many positions get a warp per (channel, tap), eight a block; longer ones
+// the whole block.
+constexpr int64_t kTapWarpTeamMaxPlane = 256;
+
+// The count tables (a thread per entry of the dims' (kernel, length) matrices), the tap sums (a
+// team of lanes per (channel, tap) adds the channel's plane sums weighted by the tap's counts, each
+// lane every team-th position, then the lanes in a fixed tree) and the backward (a thread per
+// (channel, plane position) adds its taps' gradients in tap order). The grids are one-dimensional:
+// channels and taps are bounded by the grid's int range only.
+struct TapSumsPlan {
+  int threads = kTapMeanThreads;
+  int team = 32;               // a warp, or the whole block
+  int64_t teams_per_block = 0;
+  int64_t pairs = 0;           // channels x taps, a team each
+  int64_t blocks = 0;
+  int64_t lane_positions = 0;  // plane positions one lane adds
+  int64_t table_blocks = 0;
+  int64_t grad_blocks = 0;
+};
+
+inline TapSumsPlan plan_tap_mean_taps(int64_t channels, int64_t taps, int64_t plane, int64_t table_entries) {
+  TapSumsPlan plan;
+  plan.team = plane <= kTapWarpTeamMaxPlane ? 32 : plan.threads;
+  plan.teams_per_block = plan.threads / plan.team;
+  plan.pairs = channels * taps;
+  plan.blocks = ceil_div(plan.pairs, plan.teams_per_block);
+  plan.lane_positions = ceil_div(plane, plan.team);
+  plan.table_blocks = ceil_div(table_entries, plan.threads);
+  plan.grad_blocks = ceil_div(channels * plane, plan.threads);
+  return plan;
+}
+
 }  // namespace cuda
 }  // namespace equinorm

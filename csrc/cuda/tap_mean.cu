@@ -9,8 +9,9 @@
 //      of rows, whose partial sums
 //   2. a second kernel adds in slot order (only when there are several slots).
 //   3. the count tables: per spatial dim the (kernel, length) matrix of tap_reads, int32.
-//   4. a block per (channel, tap) adds the channel's plane weighted by the tap's counts, and
-//      the (channel, 0) block also ors the channel's negative flags.
+//   4. a team per (channel, tap), a warp for planes of up to 256 positions and the block for longer
+//      ones, adds the channel's plane weighted by the tap's counts, and the (channel, 0) team also
+//      ors the channel's negative flags.
 // Backward: the count tables, then a thread per (channel, plane position) adds the taps'
 // gradients times their counts, in tap order.
 //
@@ -32,6 +33,7 @@ constexpr int kUnroll = kTapMeanUnroll;
 
 struct TapPlan {
   TapColumnPlan columns;
+  TapSumsPlan taps;
   int64_t width = 0;   // C * plane
   int64_t slots = 1;   // row slots of the column sums
   int64_t table_entries = 0;
@@ -59,6 +61,11 @@ int64_t output_count(const TapMeanShape& shape) {
   return shape.dims[0].outputs * shape.dims[1].outputs * shape.dims[2].outputs;
 }
 
+// The per-tap kernels' plan (forward and backward alike).
+TapSumsPlan taps_plan(const TapMeanShape& shape) {
+  return plan_tap_mean_taps(shape.channels, tap_count(shape), plane_size(shape), table_entries(shape));
+}
+
 // misalignment_bytes: x's address modulo 16 (0 for the workspace size, which does not depend on it).
 TapPlan plan_tap_mean(const TapMeanShape& shape, size_t element_bytes, size_t accumulation_bytes,
                       int64_t misalignment_bytes, const MachineModel& machine) {
@@ -68,6 +75,7 @@ TapPlan plan_tap_mean(const TapMeanShape& shape, size_t element_bytes, size_t ac
   plan.width = plan.columns.width;
   plan.slots = plan.columns.slots;
   plan.table_entries = table_entries(shape);
+  plan.taps = taps_plan(shape);
   plan.tables_bytes = aligned(static_cast<size_t>(plan.table_entries) * sizeof(int));
   plan.plane_bytes = aligned(static_cast<size_t>(plan.width) * accumulation_bytes);
   plan.flags_bytes = aligned(static_cast<size_t>(plan.width));
@@ -228,14 +236,28 @@ struct PlaneGeometry {
   int taps;
 };
 
-// Block (channel, tap): the channel's plane weighted by the tap's counts, divided by count.
-template <typename acc_t, bool kAbsolute>
+// Sum over each team of kTeam lanes (a warp, or the block) in a fixed order; the result is in the
+// team's lane 0. Every lane of the team must call it.
+template <int kTeam, typename T>
+__device__ T team_total(T value) {
+  if constexpr (kTeam == kWarpSize) {
+    return group_sum(value, kWarpSize);
+  } else {
+    return block_total(value);
+  }
+}
+
+// Team (channel, tap): the channel's plane weighted by the tap's counts, divided by count.
+template <typename acc_t, int kTeam, bool kAbsolute>
 __global__ void __launch_bounds__(kThreads) tap_sums_kernel(const acc_t* plane_sums,
                                                             const unsigned char* plane_negative, const int* tables,
                                                             PlaneGeometry g, int64_t channels, bool channels_last,
                                                             acc_t count, acc_t* mean, unsigned char* negative) {
-  const int64_t channel = blockIdx.x;
-  const int tap = static_cast<int>(blockIdx.y);
+  const int64_t pair = static_cast<int64_t>(blockIdx.x) * (kThreads / kTeam) + threadIdx.x / kTeam;
+  const int lane = static_cast<int>(threadIdx.x % kTeam);
+  if (pair >= channels * g.taps) return;  // whole teams only: a block team's pair always exists
+  const int64_t channel = pair / g.taps;
+  const int tap = static_cast<int>(pair - channel * g.taps);
   const int t2 = tap % g.kernels[2], t1 = (tap / g.kernels[2]) % g.kernels[1];
   const int t0 = tap / (g.kernels[2] * g.kernels[1]);
   const int* row0 = tables + g.offset[0] + static_cast<int64_t>(t0) * g.lengths[0];
@@ -244,7 +266,7 @@ __global__ void __launch_bounds__(kThreads) tap_sums_kernel(const acc_t* plane_s
   const bool flags = kAbsolute && tap == 0;
   acc_t sum = 0;
   int seen = 0;
-  for (int p = threadIdx.x; p < g.plane; p += kThreads) {
+  for (int p = lane; p < g.plane; p += kTeam) {
     const int j2 = p % g.lengths[2], rest = p / g.lengths[2];
     const int j1 = rest % g.lengths[1], j0 = rest / g.lengths[1];
     const int reads = __ldg(row0 + j0) * __ldg(row1 + j1) * __ldg(row2 + j2);
@@ -252,21 +274,24 @@ __global__ void __launch_bounds__(kThreads) tap_sums_kernel(const acc_t* plane_s
     if (reads != 0) sum += static_cast<acc_t>(reads) * __ldcg(plane_sums + index);
     if (flags) seen |= plane_negative[index];
   }
-  const acc_t total = block_total(sum);
-  if (threadIdx.x == 0) mean[channel * g.taps + tap] = total / count;
+  const acc_t total = team_total<kTeam>(sum);
+  if (lane == 0) mean[pair] = total / count;
+  // A block team's tap is the same for all its threads, a warp team's for its lanes: the flag's
+  // reduction is reached by whole teams.
   if (flags) {
-    const int any = block_total(seen);
-    if (threadIdx.x == 0) negative[channel] = any != 0 ? 1 : 0;
+    const int any = team_total<kTeam>(seen);
+    if (lane == 0) negative[channel] = any != 0 ? 1 : 0;
   }
 }
 
 // Thread per (channel, plane position): the taps' gradients times their counts, in tap order.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) tap_grad_kernel(const acc_t* grad, const int* tables, PlaneGeometry g,
-                                                            acc_t count, acc_t* out) {
-  const int64_t channel = blockIdx.y;
-  const int p = static_cast<int>(blockIdx.x) * kThreads + static_cast<int>(threadIdx.x);
-  if (p >= g.plane) return;
+                                                            int64_t channels, acc_t count, acc_t* out) {
+  const int64_t index = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (index >= channels * g.plane) return;
+  const int64_t channel = index / g.plane;
+  const int p = static_cast<int>(index - channel * g.plane);
   const int j2 = p % g.lengths[2], rest = p / g.lengths[2];
   const int j1 = rest % g.lengths[1], j0 = rest / g.lengths[1];
   const acc_t* channel_grad = grad + channel * g.taps;
@@ -282,7 +307,7 @@ __global__ void __launch_bounds__(kThreads) tap_grad_kernel(const acc_t* grad, c
       }
     }
   }
-  out[channel * g.plane + p] = sum / count;
+  out[index] = sum / count;
 }
 
 DimTables dim_tables(const TapMeanShape& shape, int* tables) {
@@ -312,11 +337,15 @@ PlaneGeometry plane_geometry(const TapMeanShape& shape) {
   return g;
 }
 
-cudaError_t launch_count_tables(const TapMeanShape& shape, int* tables, cudaStream_t stream) {
-  const int64_t entries = table_entries(shape);
-  EQUINORM_LAUNCH(static_cast<unsigned int>(ceil_div(entries, kThreads)), kThreads, 0, stream,
-                  tap_count_tables_kernel)(dim_tables(shape, tables), entries);
+cudaError_t launch_count_tables(const TapMeanShape& shape, const TapSumsPlan& plan, int* tables,
+                                cudaStream_t stream) {
+  EQUINORM_LAUNCH(static_cast<unsigned int>(plan.table_blocks), kThreads, 0, stream, tap_count_tables_kernel)(
+      dim_tables(shape, tables), table_entries(shape));
   return cudaGetLastError();
+}
+
+bool fits_taps_launch(const TapSumsPlan& plan) {
+  return fits_grid(plan.blocks) && fits_grid(plan.table_blocks) && fits_grid(plan.grad_blocks);
 }
 
 template <typename scalar_t, bool kAbsolute>
@@ -348,19 +377,24 @@ cudaError_t launch_typed(const TapPlan& plan, const TapMeanShape& shape, const v
     status = cudaGetLastError();
     if (status != cudaSuccess) return status;
   }
-  status = launch_count_tables(shape, tables, stream);
+  status = launch_count_tables(shape, plan.taps, tables, stream);
   if (status != cudaSuccess) return status;
   const acc_t count = static_cast<acc_t>(shape.rows) * static_cast<acc_t>(output_count(shape));
-  const dim3 grid(static_cast<unsigned int>(shape.channels), static_cast<unsigned int>(tap_count(shape)));
-  EQUINORM_LAUNCH(grid, kThreads, 0, stream, tap_sums_kernel<acc_t, kAbsolute>)(
-      plane, plane_negative, tables, plane_geometry(shape), shape.channels, shape.channels_last, count,
-      static_cast<acc_t*>(mean), static_cast<unsigned char*>(negative));
-  return cudaGetLastError();
+  const auto blocks = static_cast<unsigned int>(plan.taps.blocks);
+  auto launch_sums = [&](auto team) {
+    constexpr int kTeam = decltype(team)::value;
+    EQUINORM_LAUNCH(blocks, kThreads, 0, stream, tap_sums_kernel<acc_t, kTeam, kAbsolute>)(
+        plane, plane_negative, tables, plane_geometry(shape), shape.channels, shape.channels_last, count,
+        static_cast<acc_t*>(mean), static_cast<unsigned char*>(negative));
+    return cudaGetLastError();
+  };
+  if (plan.taps.team == kWarpSize) return launch_sums(std::integral_constant<int, kWarpSize>{});
+  return launch_sums(std::integral_constant<int, kThreads>{});
 }
 
-bool fits_launch(const TapMeanShape& shape, const TapPlan& plan) {
-  return fits_grid(ceil_div(plan.width, kThreads)) && fits_grid(ceil_div(plan.table_entries, kThreads)) &&
-         shape.channels <= INT_MAX && tap_count(shape) <= 65535 && plan.slots <= 65535;
+bool fits_launch(const TapPlan& plan) {
+  return fits_grid(plan.columns.column_blocks) && fits_grid(ceil_div(plan.width, kThreads)) &&
+         plan.slots <= 65535 && fits_taps_launch(plan.taps);
 }
 
 }  // namespace
@@ -378,7 +412,7 @@ cudaError_t launch_tap_mean(const TapMeanShape& shape, ElementType type, const v
   }
   const auto misalignment = static_cast<int64_t>(reinterpret_cast<uintptr_t>(x) % kMaxLoadBytes);
   const TapPlan plan = plan_tap_mean(shape, element_size(type), accumulation_size(type), misalignment, machine);
-  if (!fits_launch(shape, plan)) return cudaErrorInvalidConfiguration;
+  if (!fits_launch(plan)) return cudaErrorInvalidConfiguration;
   if (workspace == nullptr || workspace_bytes < plan.workspace_bytes) return cudaErrorInvalidValue;
   char* base = static_cast<char*>(workspace);
   return visit_element_type(type, [&](auto tag) {
@@ -400,23 +434,21 @@ cudaError_t launch_tap_mean_backward(const TapMeanShape& shape, ElementType type
     return cudaErrorInvalidValue;
   }
   if (workspace == nullptr || workspace_bytes < tap_mean_backward_workspace_bytes(shape)) return cudaErrorInvalidValue;
-  const int64_t blocks = ceil_div(plane_size(shape), kThreads);
-  if (!fits_grid(blocks) || shape.channels > 65535 || !fits_grid(ceil_div(table_entries(shape), kThreads))) {
-    return cudaErrorInvalidConfiguration;
-  }
+  const TapSumsPlan plan = taps_plan(shape);
+  if (!fits_taps_launch(plan)) return cudaErrorInvalidConfiguration;
   int* tables = static_cast<int*>(workspace);
-  cudaError_t status = launch_count_tables(shape, tables, stream);
+  cudaError_t status = launch_count_tables(shape, plan, tables, stream);
   if (status != cudaSuccess) return status;
-  const dim3 grid(static_cast<unsigned int>(blocks), static_cast<unsigned int>(shape.channels));
+  const auto grid = static_cast<unsigned int>(plan.grad_blocks);
   const PlaneGeometry g = plane_geometry(shape);
   if (type == ElementType::kDouble) {
     const double count = static_cast<double>(shape.rows) * static_cast<double>(output_count(shape));
-    EQUINORM_LAUNCH(grid, kThreads, 0, stream, tap_grad_kernel<double>)(static_cast<const double*>(grad), tables, g,
-                                                                         count, static_cast<double*>(plane));
+    EQUINORM_LAUNCH(grid, kThreads, 0, stream, tap_grad_kernel<double>)(
+        static_cast<const double*>(grad), tables, g, shape.channels, count, static_cast<double*>(plane));
   } else {
     const float count = static_cast<float>(shape.rows) * static_cast<float>(output_count(shape));
-    EQUINORM_LAUNCH(grid, kThreads, 0, stream, tap_grad_kernel<float>)(static_cast<const float*>(grad), tables, g,
-                                                                       count, static_cast<float*>(plane));
+    EQUINORM_LAUNCH(grid, kThreads, 0, stream, tap_grad_kernel<float>)(
+        static_cast<const float*>(grad), tables, g, shape.channels, count, static_cast<float*>(plane));
   }
   return cudaGetLastError();
 }

@@ -12,6 +12,7 @@
 //   equinorm_weight <out_channels> <group_channels> <taps> <groups> <channels_last> <per_tap_means>
 //       <element_bytes>
 //   tap_mean_columns <rows> <width> <element_bytes> <misalignment_bytes>
+//   tap_mean_taps <channels> <taps> <plane> <table_entries>
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -171,6 +172,23 @@ std::string tap_mean_columns(std::istringstream& in, const MachineModel& machine
   return json.str();
 }
 
+std::string tap_mean_taps(std::istringstream& in) {
+  int64_t channels, taps, plane, table_entries;
+  in >> channels >> taps >> plane >> table_entries;
+  const TapSumsPlan p = plan_tap_mean_taps(channels, taps, plane, table_entries);
+  Json json;
+  json.field("kernel", "tap_mean_taps")
+      .field("threads", p.threads)
+      .field("team", p.team)
+      .field("teams_per_block", p.teams_per_block)
+      .field("pairs", p.pairs)
+      .field("blocks", p.blocks)
+      .field("lane_positions", p.lane_positions)
+      .field("table_blocks", p.table_blocks)
+      .field("grad_blocks", p.grad_blocks);
+  return json.str();
+}
+
 }  // namespace
 
 int main() {
@@ -195,6 +213,8 @@ int main() {
       json = equinorm_weight(in);
     } else if (kind == "tap_mean_columns") {
       json = tap_mean_columns(in, machine);
+    } else if (kind == "tap_mean_taps") {
+      json = tap_mean_taps(in);
     } else {
       std::fprintf(stderr, "unknown request %s\n", kind.c_str());
       return 2;
