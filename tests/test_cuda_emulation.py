@@ -132,7 +132,8 @@ class KernelCase:
 # channel_mean: every reduction path (plans: csrc/cuda/launch_plans.h). NCHW planes are read plane by
 # plane (a scalar head and tail around aligned vectors: 7x7, 17x17 and 10x13 planes have both), or
 # as columns of an (R, C * S) matrix when their planes are short and that gives 16-byte loads;
-# channels_last and (N, C) inputs as columns (tiles of whole channels, slots of rows). The cases run
+# channels_last and (N, C) inputs as columns (tiles of whole channels, slots of rows), each contiguous
+# run rotated by its head when the base is misaligned (offsets of one and three elements). The cases run
 # on the H100 model and on smaller machines (MACHINES) whose plans split the same small shapes over
 # many slots, a finish level or two of them.
 CHANNEL_MEAN_SHAPES = {
@@ -147,6 +148,9 @@ CHANNEL_MEAN_SHAPES = {
     "odd": (3, 5, 7, 9),
     "linear": (2, 5000),
     "many-slots": (130, 4, 16, 16),  # with MACHINES["many-slots"]: two finish levels in both layouts
+    # channels_last: a full 128-column tile and one of 8 columns, whose every thread reads a run's seam
+    "wide-channels": (9, 136, 2, 3),
+    "linear-narrow": (700, 13),  # contiguous steps of 152 rows, over several slots
 }
 MACHINES = {
     "h100": {},
@@ -232,6 +236,10 @@ def channel_mean_cases() -> list[KernelCase]:
             cases.append(_channel_mean_case(shape_name, "bfloat16", channels_last, 0, True, machine="small"))
             cases.append(_channel_mean_case(shape_name, "half", channels_last, 1, True, "abs_mean", "small"))
             cases.append(_channel_mean_case(shape_name, "double", channels_last, 1, True, "abs_mean", "small"))
+            # a base three elements past the alignment unit: column runs rotated by a head of 5 (half)
+            # or 1 (float) values
+            cases.append(_channel_mean_case(shape_name, "half", channels_last, 3, True, machine="small"))
+            cases.append(_channel_mean_case(shape_name, "float", channels_last, 3, True, "abs_mean"))
     return cases
 
 
@@ -570,7 +578,9 @@ def enorm_cases() -> list[KernelCase]:
 
 
 # tap_mean: every padding mode, strides, dilation, Conv1d/2d/3d inputs, channels_last, both
-# statistics, rows < N, one row (a single slot of rows) and many (slots added by a second kernel).
+# statistics, rows < N, one row (a single slot of rows) and many (slots added by a second kernel, on
+# the small machine). Widths (C x plane) of 126, 168, 33, 60 and 3600 values take vectors of 1 to 8
+# elements; bases one or three elements past the alignment unit rotate every row's columns by a head.
 # (name, x shape, kernel, stride, padding as (before, after) per dim, dilation, mode)
 TAP_MEAN_SHAPES = {
     "zeros-3x3": ((4, 3, 7, 6), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), "zeros"),
@@ -582,6 +592,8 @@ TAP_MEAN_SHAPES = {
     "conv3d-zeros": ((2, 2, 4, 5, 3), (3, 2, 3), (2, 1, 1), (1, 1, 0, 1, 1, 1), (1, 2, 1), "zeros"),
     "many-rows": ((70, 3, 5, 4), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), "circular"),
     "wide": ((3, 40, 9, 10), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), "zeros"),
+    # a plane of 320 positions: a block per (channel, tap) instead of a warp
+    "block-teams": ((3, 4, 16, 20), (3, 5), (2, 1), (1, 1, 2, 2), (1, 1), "reflect"),
 }
 TAP_MODES = {"zeros": 0, "reflect": 1, "replicate": 2, "circular": 3}
 
@@ -594,7 +606,7 @@ def _tap_reference(sample: torch.Tensor, geometry, statistic: str) -> torch.Tens
 
 
 def _tap_mean_case(shape_name: str, dtype_name: str, channels_last: bool, statistic: str, rows_kind: str,
-                   offset: int) -> KernelCase:
+                   offset: int, machine: str = "h100") -> KernelCase:
     from equinorm_kernels._tap_geometry import TapGeometry, tap_output_shape
 
     shape, kernel, stride, padding, dilation, mode = TAP_MEAN_SHAPES[shape_name]
@@ -629,12 +641,13 @@ def _tap_mean_case(shape_name: str, dtype_name: str, channels_last: bool, statis
     dims += [(spatial[i], kernel[i], stride[i], dilation[i], padding[2 * i], padding[2 * i + 1], outputs[i])
              for i in range(len(spatial))]
     layout = "cl" if channels_last else "nchw"
+    suffix = "" if machine == "h100" else f"-{machine}"
     return KernelCase(
         "tap_mean",
-        f"tap-{shape_name}-{layout}-{dtype_name}-{statistic}-rows{rows}-offset{offset}",
+        f"tap-{shape_name}-{layout}-{dtype_name}-{statistic}-rows{rows}-offset{offset}{suffix}",
         dict(dtype=dtype_name, rows=rows, channels=shape[1], channels_last=int(channels_last and len(shape) in (4, 5)),
              mode=TAP_MODES[mode], absolute=int(statistic == "abs_mean"), offset=offset,
-             dims=";".join(",".join(str(v) for v in dim) for dim in dims)),
+             dims=";".join(",".join(str(v) for v in dim) for dim in dims), **MACHINES[machine]),
         {"x": x, "grad": grad},
         check,
     )
@@ -649,6 +662,10 @@ def tap_mean_cases() -> list[KernelCase]:
             cases.append(_tap_mean_case(shape_name, "float", channels_last, "mean", "part", 0))
             cases.append(_tap_mean_case(shape_name, "half", channels_last, "mean", "one", 1))
             cases.append(_tap_mean_case(shape_name, "double", channels_last, "abs_mean", "part", 1))
+            # row slots and their second kernel, misaligned bases
+            cases.append(_tap_mean_case(shape_name, "half", channels_last, "abs_mean", "all", 3, "small"))
+            cases.append(_tap_mean_case(shape_name, "float", channels_last, "mean", "all", 1, "small"))
+            cases.append(_tap_mean_case(shape_name, "bfloat16", channels_last, "mean", "part", 0, "small"))
     return cases
 
 

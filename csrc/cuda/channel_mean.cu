@@ -11,8 +11,10 @@
 // - columns (channels_last, (N, C), and NCHW with small planes when that gives 16-byte loads): x is
 //   an (R, C * S) matrix whose rows are contiguous. A block owns a tile of whole channels' columns
 //   and a slot of rows; its threads read the tile row by row (tile_rows rows of tile_columns values
-//   per step, contiguous when the tile spans all columns), vector loads where alignment allows, and
-//   keep one accumulator per value they load, so every thread's columns stay fixed. The block then
+//   per step, contiguous when the tile spans all columns) and keep one accumulator per value they
+//   load, so every thread's columns stay fixed. Each contiguous run of a step is read with aligned
+//   vector loads whatever x's base alignment: the threads' shares are rotated by the run's head,
+//   and one thread per run reads its head and tail as scalars. The block then
 //   adds its tile rows in a fixed tree and each channel's S columns, giving one partial per channel.
 // - planes (NCHW otherwise): a block owns one channel and a slot of its planes' values. Each plane
 //   is a scalar head up to its first vector-aligned element, plane_vectors aligned vector loads and
@@ -68,6 +70,7 @@ struct ColumnArgs {
   int64_t rows, columns, spatial, channels;
   int64_t tile_columns, rows_per_slot;
   int tile_rows;
+  int head;  // elements of every run before its first kVec-aligned one
   MeanOutput<acc_t> output;
 };
 
@@ -146,53 +149,79 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   const int64_t row_begin = slot * a.rows_per_slot;
   const int64_t row_end = min(a.rows, row_begin + a.rows_per_slot);
 
-  // This thread's kVec values sit at the same place of every step: tile row `row_offset`,
-  // columns from `column`. In a one-tile plan they may run on into the next row, which is
-  // contiguous in memory, so one load still covers them.
+  // A step reads the tile in runs of contiguous values: the whole step when the tile spans all
+  // columns (rows follow each other in memory), else each of its tile_rows row segments. Every run
+  // starts at the same place of the kVec alignment unit (plan_channel_mean_columns), `head`
+  // elements before its first aligned value. A thread owns kVec run positions that stay fixed from
+  // step to step: its share of the run rotated by head, so its vector load starts aligned. The one
+  // thread per run whose rotated share crosses the run's end reads the run's tail and head instead,
+  // as scalars.
   const int first = threadIdx.x * kVec;
   const bool owns = first < tile_elements;
-  const int row_offset = first / columns;
-  const int64_t column = first_column + (first - row_offset * columns);
+  const bool contiguous_steps = columns == a.columns;
+  const int run = contiguous_steps ? tile_elements : columns;
+  const int run_index = first / run;  // the tile row of this thread's run (0 for contiguous steps)
+  const int run_offset = first - run_index * run;
+  const bool seam = run_offset + a.head + kVec > run;
+  // Value v's place in its run, and the tile row (from the step's first) that holds it.
+  auto position = [&](int v) {
+    const int place = run_offset + a.head + v;
+    return place >= run ? place - run : place;
+  };
+  auto step_row = [&](int v) { return run_index + static_cast<int>(position(v) / a.columns); };
+  // The run of this thread's values in the step starting at `row`.
+  auto run_start = [&](int64_t row) { return x + (row + run_index) * a.columns + first_column; };
 
   acc_t sums[kVec];
-  bool negative[kVec];
 #pragma unroll
-  for (int v = 0; v < kVec; ++v) {
-    sums[v] = 0;
-    negative[v] = false;
-  }
-  if (owns) {
+  for (int v = 0; v < kVec; ++v) sums[v] = 0;
+  unsigned negative_bits = 0;  // bit v: value v's column saw a value < 0 (kAbs), one register for all
+  auto add = [&](int v, acc_t value) {
+    bool negative = false;
+    sums[v] += statistic_term<kAbs>(value, negative);
+    if constexpr (kAbs) negative_bits |= static_cast<unsigned>(negative) << v;
+  };
+  if (owns && !seam) {
     const int64_t unrolled_rows = static_cast<int64_t>(kUnroll) * a.tile_rows;
+    const int rows_needed = step_row(kVec - 1) + 1;  // a step's first rows that hold this thread's values
     int64_t row = row_begin;
     // Whole steps: kUnroll loads in flight, no bounds to test.
     for (; row + unrolled_rows <= row_end; row += unrolled_rows) {
       scalar_t values[kUnroll][kVec];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        load_vector<kVec>(x + (row + u * a.tile_rows + row_offset) * a.columns + column, values[u]);
+        load_vector<kVec>(run_start(row + u * a.tile_rows) + run_offset + a.head, values[u]);
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
 #pragma unroll
-        for (int v = 0; v < kVec; ++v) sums[v] += statistic_term<kAbs>(to_acc(values[u][v]), negative[v]);
+        for (int v = 0; v < kVec; ++v) add(v, to_acc(values[u][v]));
       }
     }
     // The slot's last rows, one step at a time; the slot may end inside this thread's values.
     for (; row < row_end; row += a.tile_rows) {
       const int rows_left = static_cast<int>(min(row_end - row, static_cast<int64_t>(a.tile_rows)));
-      const int valid = min(kVec, rows_left * columns - first);
-      if (valid <= 0) break;
-      const scalar_t* source = x + (row + row_offset) * a.columns + column;
-      if (valid == kVec) {
+      const scalar_t* start = run_start(row) + run_offset + a.head;
+      if (rows_needed <= rows_left) {
         scalar_t values[kVec];
-        load_vector<kVec>(source, values);
+        load_vector<kVec>(start, values);
 #pragma unroll
-        for (int v = 0; v < kVec; ++v) sums[v] += statistic_term<kAbs>(to_acc(values[v]), negative[v]);
+        for (int v = 0; v < kVec; ++v) add(v, to_acc(values[v]));
       } else {
 #pragma unroll
         for (int v = 0; v < kVec; ++v) {
-          if (v < valid) sums[v] += statistic_term<kAbs>(load_acc(source + v), negative[v]);
+          if (step_row(v) < rows_left) add(v, load_acc(start + v));
         }
+      }
+    }
+  } else if (owns) {
+    // The run's tail and head, one step at a time.
+    for (int64_t row = row_begin; row < row_end; row += a.tile_rows) {
+      const int rows_left = static_cast<int>(min(row_end - row, static_cast<int64_t>(a.tile_rows)));
+      const scalar_t* start = run_start(row);
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) {
+        if (step_row(v) < rows_left) add(v, load_acc(start + position(v)));
       }
     }
   }
@@ -200,8 +229,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   if (owns) {
 #pragma unroll
     for (int v = 0; v < kVec; ++v) {
-      tile_sums[first + v] = sums[v];
-      if constexpr (kAbs) tile_negative[first + v] = negative[v];
+      tile_sums[run_index * run + position(v)] = sums[v];
+      if constexpr (kAbs) tile_negative[run_index * run + position(v)] = (negative_bits >> v) & 1u;
     }
   }
   __syncthreads();
@@ -388,7 +417,7 @@ cudaError_t launch_typed(const ChannelMeanPlan& plan, const ChannelMeanShape& sh
     if (plan.mode == ChannelMeanMode::kColumns) {
       ColumnArgs<acc_t> args{plan.rows,         plan.columns,       plan.spatial,
                              shape.channels,    plan.tile_columns,  plan.rows_per_slot,
-                             static_cast<int>(plan.tile_rows), out};
+                             static_cast<int>(plan.tile_rows), static_cast<int>(plan.head), out};
       EQUINORM_LAUNCH(blocks, kThreads, 0, stream, column_mean_kernel<scalar_t, kVec, kAbs>)(data, args);
     } else {
       PlaneArgs<acc_t> args{shape.channels,

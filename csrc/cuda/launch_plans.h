@@ -104,8 +104,12 @@ struct ChannelMeanPlan {
   int64_t channels = 0;
   int64_t spatial = 0;         // S
   // columns mode: x as an (R, C * S) matrix; a block owns a tile of whole channels' columns and a
-  // slot of rows, read tile_rows rows per step
+  // slot of rows, read tile_rows rows per step. A run (a step's tile_rows x columns values when the
+  // tile spans all columns, else one row of the tile) starts `head` elements before its first
+  // vec-aligned one, the same for every run: its threads' vectors are rotated by head, and the one
+  // whose vector would cross the run's end reads the run's head and tail as scalars.
   int64_t columns = 0;
+  int64_t head = 0;
   int64_t tile_columns = 0;
   int64_t tile_rows = 0;
   int64_t rows_per_slot = 0;
@@ -133,7 +137,6 @@ inline void plan_channel_mean_columns(ChannelMeanPlan& plan, int64_t element_byt
   plan.columns = columns;
   plan.vec = 1;
   for (int64_t vec = kMaxLoadBytes / element_bytes; vec >= 1; vec /= 2) {
-    if (misalignment_bytes % (vec * element_bytes) != 0) continue;
     const int64_t budget = plan.threads * vec;  // values one step of the block reads
     int64_t tile_columns = 0, tile_rows = 0;
     if (columns <= kTargetTileColumns) {
@@ -143,7 +146,7 @@ inline void plan_channel_mean_columns(ChannelMeanPlan& plan, int64_t element_byt
       tile_columns = columns;
       tile_rows = budget / columns / row_align * row_align;
     } else {
-      // Tiles of whole channels, each row segment starting aligned.
+      // Tiles of whole channels, every row segment at the same place of the alignment unit.
       if (columns % vec != 0) continue;
       const int64_t unit = plan.spatial / greatest_common_divisor(plan.spatial, vec) * vec;
       tile_columns = std::max<int64_t>(1, kTargetTileColumns / unit) * unit;
@@ -154,6 +157,8 @@ inline void plan_channel_mean_columns(ChannelMeanPlan& plan, int64_t element_byt
     plan.vec = static_cast<int>(vec);
     plan.tile_columns = tile_columns;
     plan.tile_rows = tile_rows;
+    const int64_t unit_bytes = vec * element_bytes;
+    plan.head = (unit_bytes - misalignment_bytes % unit_bytes) % unit_bytes / element_bytes;
     break;
   }
   if (plan.tile_columns == 0) return;  // no tile fits a block step (long NCHW planes): not a column plan
@@ -468,35 +473,94 @@ inline EquiNormWeightPlan plan_equinorm_weight(int64_t out_channels, int64_t gro
 // ---- tap_mean: the column sums of x[:rows] seen as a (rows, C x plane) matrix ----
 
 constexpr int kTapMeanThreads = 256;
-// Loads a column thread has in flight (one element each, from kTapMeanUnroll rows).
+// The column sums' __launch_bounds__ minimum.
+constexpr int kTapMeanBlocksPerMultiprocessor = 4;
+// Loads a column thread has in flight, each of vec elements from its own row.
 constexpr int kTapMeanUnroll = 4;
-// Blocks the column sums aim for before they split the rows into slots, and the most slots.
-constexpr int64_t kTapMeanTargetBlocks = 1024;
+// The most row slots: the second kernel adds at most this many partials per column.
 constexpr int64_t kTapMeanMaxSlots = 64;
 
-// A thread per column adds its rows in order; blocks own kTapMeanThreads columns and, when the
-// columns alone give few blocks, a slot of rows, whose partials a second kernel adds in slot order.
+// A thread owns vec adjacent columns and adds its rows in order, one vector load a row; blocks own
+// threads x vec columns and, when the columns alone give fewer than two waves, a slot of rows, whose
+// partials a second kernel (a thread per column) adds in slot order. vec divides the width, so every
+// row starts at the same place of the alignment unit, `head` elements before its first vec-aligned
+// value: the threads' columns are rotated by head, and the one thread whose vector would cross the
+// row's end reads the row's tail and head as scalars.
 struct TapColumnPlan {
   int threads = kTapMeanThreads;
+  int blocks_per_multiprocessor = kTapMeanBlocksPerMultiprocessor;
   int unroll = kTapMeanUnroll;
+  int vec = 1;
+  int64_t head = 0;
   int64_t width = 0;           // C x plane
   int64_t column_blocks = 0;
   int64_t slots = 1;
   int64_t rows_per_slot = 0;
   int64_t blocks = 0;
+  int64_t finish_blocks = 0;   // 0: one slot, the column sums are the plane's sums
   int64_t load_bytes = 0;
 };
 
-inline TapColumnPlan plan_tap_mean_columns(int64_t rows, int64_t width, int64_t element_bytes) {
+// misalignment_bytes: x's address modulo 16; the slots do not depend on it.
+inline TapColumnPlan plan_tap_mean_columns(int64_t rows, int64_t width, int64_t element_bytes,
+                                           int64_t misalignment_bytes, const MachineModel& machine = kHopper) {
   TapColumnPlan plan;
   plan.width = width;
-  plan.column_blocks = ceil_div(width, plan.threads);
-  const int64_t slots =
-      std::clamp<int64_t>(ceil_div(kTapMeanTargetBlocks, plan.column_blocks), 1, std::min(kTapMeanMaxSlots, rows));
+  for (int64_t vec = kMaxLoadBytes / element_bytes; vec >= 1; vec /= 2) {
+    if (width % vec == 0) {
+      plan.vec = static_cast<int>(vec);
+      break;
+    }
+  }
+  const int64_t unit_bytes = plan.vec * element_bytes;
+  plan.head = (unit_bytes - misalignment_bytes % unit_bytes) % unit_bytes / element_bytes;
+  const int64_t block_columns = plan.threads * plan.vec;
+  plan.column_blocks = ceil_div(width, block_columns);
+  // Two waves, as long as a block streams min_block_bytes.
+  const int64_t wanted = ceil_div(wave_blocks(machine, plan.blocks_per_multiprocessor), plan.column_blocks);
+  const int64_t block_row_bytes = std::min(width, block_columns) * element_bytes;
+  const int64_t most = std::min({kTapMeanMaxSlots, rows,
+                                 std::max<int64_t>(1, rows * block_row_bytes / machine.min_block_bytes)});
+  const int64_t slots = std::clamp<int64_t>(wanted, 1, most);
   plan.rows_per_slot = ceil_div(rows, slots);
   plan.slots = ceil_div(rows, plan.rows_per_slot);
   plan.blocks = plan.column_blocks * plan.slots;
-  plan.load_bytes = element_bytes;
+  plan.finish_blocks = plan.slots > 1 ? ceil_div(width, plan.threads) : 0;
+  plan.load_bytes = plan.vec * element_bytes;
+  return plan;
+}
+
+// ---- tap_mean: the per-tap kernels ----
+
+// Planes of up to this many positions get a warp per (channel, tap), eight a block; longer ones
+// the whole block.
+constexpr int64_t kTapWarpTeamMaxPlane = 256;
+
+// The count tables (a thread per entry of the dims' (kernel, length) matrices), the tap sums (a
+// team of lanes per (channel, tap) adds the channel's plane sums weighted by the tap's counts, each
+// lane every team-th position, then the lanes in a fixed tree) and the backward (a thread per
+// (channel, plane position) adds its taps' gradients in tap order). The grids are one-dimensional:
+// channels and taps are bounded by the grid's int range only.
+struct TapSumsPlan {
+  int threads = kTapMeanThreads;
+  int team = 32;               // a warp, or the whole block
+  int64_t teams_per_block = 0;
+  int64_t pairs = 0;           // channels x taps, a team each
+  int64_t blocks = 0;
+  int64_t lane_positions = 0;  // plane positions one lane adds
+  int64_t table_blocks = 0;
+  int64_t grad_blocks = 0;
+};
+
+inline TapSumsPlan plan_tap_mean_taps(int64_t channels, int64_t taps, int64_t plane, int64_t table_entries) {
+  TapSumsPlan plan;
+  plan.team = plane <= kTapWarpTeamMaxPlane ? 32 : plan.threads;
+  plan.teams_per_block = plan.threads / plan.team;
+  plan.pairs = channels * taps;
+  plan.blocks = ceil_div(plan.pairs, plan.teams_per_block);
+  plan.lane_positions = ceil_div(plane, plan.team);
+  plan.table_blocks = ceil_div(table_entries, plan.threads);
+  plan.grad_blocks = ceil_div(channels * plane, plan.threads);
   return plan;
 }
 

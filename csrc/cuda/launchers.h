@@ -85,12 +85,15 @@ struct TapMeanShape {
   tap::TapDim dims[tap::kDims];
 };
 
-size_t tap_mean_workspace_bytes(const TapMeanShape& shape, ElementType type);
+// Bytes of device workspace launch_tap_mean needs for `machine` (any alignment of x).
+size_t tap_mean_workspace_bytes(const TapMeanShape& shape, ElementType type, const MachineModel& machine = kHopper);
 
 // mean (channels, taps) in the accumulation type; negative (channels) bytes 0/1, written only when
-// absolute (the mean of |x|): whether the channel has a value < 0.
+// absolute (the mean of |x|): whether the channel has a value < 0. The column sums' plan is
+// plan_tap_mean_columns (cuda/launch_plans.h) for `machine`.
 cudaError_t launch_tap_mean(const TapMeanShape& shape, ElementType type, const void* x, bool absolute, void* mean,
-                            void* negative, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+                            void* negative, void* workspace, size_t workspace_bytes, cudaStream_t stream,
+                            const MachineModel& machine = kHopper);
 
 size_t tap_mean_backward_workspace_bytes(const TapMeanShape& shape);
 

@@ -3,13 +3,15 @@
 //
 // Forward, x[:rows] read once as a (rows, width) matrix with contiguous rows (width = C * plane,
 // NCHW or channels_last order):
-//   1. column sums: a thread per column adds its rows in order (|x|, and a negative flag, for
-//      abs_mean); blocks own 256 columns and, when the columns alone give few blocks, a slot of
-//      rows, whose partial sums
+//   1. column sums: a thread owns vec adjacent columns (16 bytes where the width allows) and adds
+//      its rows in order, one aligned vector load a row (|x|, and a negative flag, for abs_mean);
+//      blocks own 256 x vec columns and, when the columns alone give fewer than two waves, a slot
+//      of rows, whose partial sums
 //   2. a second kernel adds in slot order (only when there are several slots).
 //   3. the count tables: per spatial dim the (kernel, length) matrix of tap_reads, int32.
-//   4. a block per (channel, tap) adds the channel's plane weighted by the tap's counts, and
-//      the (channel, 0) block also ors the channel's negative flags.
+//   4. a team per (channel, tap), a warp for planes of up to 256 positions and the block for longer
+//      ones, adds the channel's plane weighted by the tap's counts, and the (channel, 0) team also
+//      ors the channel's negative flags.
 // Backward: the count tables, then a thread per (channel, plane position) adds the taps'
 // gradients times their counts, in tap order.
 //
@@ -26,12 +28,14 @@ namespace {
 
 // The column sums' plan: plan_tap_mean_columns in cuda/launch_plans.h.
 constexpr int kThreads = kTapMeanThreads;
+constexpr int kMinBlocksPerSM = kTapMeanBlocksPerMultiprocessor;
 constexpr int kUnroll = kTapMeanUnroll;
 
 struct TapPlan {
+  TapColumnPlan columns;
+  TapSumsPlan taps;
   int64_t width = 0;   // C * plane
   int64_t slots = 1;   // row slots of the column sums
-  int64_t rows_per_slot = 0;
   int64_t table_entries = 0;
   size_t tables_bytes = 0, plane_bytes = 0, flags_bytes = 0, partial_bytes = 0, partial_flags_bytes = 0;
   size_t workspace_bytes = 0;
@@ -57,14 +61,21 @@ int64_t output_count(const TapMeanShape& shape) {
   return shape.dims[0].outputs * shape.dims[1].outputs * shape.dims[2].outputs;
 }
 
-TapPlan plan_tap_mean(const TapMeanShape& shape, size_t element_bytes, size_t accumulation_bytes) {
+// The per-tap kernels' plan (forward and backward alike).
+TapSumsPlan taps_plan(const TapMeanShape& shape) {
+  return plan_tap_mean_taps(shape.channels, tap_count(shape), plane_size(shape), table_entries(shape));
+}
+
+// misalignment_bytes: x's address modulo 16 (0 for the workspace size, which does not depend on it).
+TapPlan plan_tap_mean(const TapMeanShape& shape, size_t element_bytes, size_t accumulation_bytes,
+                      int64_t misalignment_bytes, const MachineModel& machine) {
   TapPlan plan;
-  const TapColumnPlan columns = plan_tap_mean_columns(shape.rows, shape.channels * plane_size(shape),
-                                                      static_cast<int64_t>(element_bytes));
-  plan.width = columns.width;
-  plan.rows_per_slot = columns.rows_per_slot;
-  plan.slots = columns.slots;
+  plan.columns = plan_tap_mean_columns(shape.rows, shape.channels * plane_size(shape),
+                                       static_cast<int64_t>(element_bytes), misalignment_bytes, machine);
+  plan.width = plan.columns.width;
+  plan.slots = plan.columns.slots;
   plan.table_entries = table_entries(shape);
+  plan.taps = taps_plan(shape);
   plan.tables_bytes = aligned(static_cast<size_t>(plan.table_entries) * sizeof(int));
   plan.plane_bytes = aligned(static_cast<size_t>(plan.width) * accumulation_bytes);
   plan.flags_bytes = aligned(static_cast<size_t>(plan.width));
@@ -105,51 +116,79 @@ __device__ T block_total(T value) {
   return total;
 }
 
-// Program (column block, slot): columns summed over the slot's rows into sums[slot, column].
-template <typename scalar_t, bool kAbsolute>
-__global__ void __launch_bounds__(kThreads) tap_column_sums_kernel(const scalar_t* __restrict__ x, int64_t rows,
-                                                                   int64_t width, int64_t rows_per_slot,
-                                                                   acc_type<scalar_t>* sums,
-                                                                   unsigned char* negative) {
+struct ColumnArgs {
+  int64_t rows, width, rows_per_slot;
+  int64_t head;  // elements of every row before its first kVec-aligned one
+};
+
+// Program (column block, slot): the block's kThreads x kVec columns summed over the slot's rows into
+// sums[slot, column]. Thread i's values are the row's columns (i * kVec + head + v) mod width, v <
+// kVec: a run that starts at the alignment unit, so one vector load reads them from every row;
+// the one thread whose run crosses the row's end reads the row's tail and head as scalars.
+template <typename scalar_t, int kVec, bool kAbsolute>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
+    tap_column_sums_kernel(const scalar_t* __restrict__ x, ColumnArgs a, acc_type<scalar_t>* sums,
+                           unsigned char* negative) {
   using acc_t = acc_type<scalar_t>;
-  const int64_t column = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (column >= width) return;
+  const int64_t first = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kVec;
+  if (first >= a.width) return;
   const int64_t slot = blockIdx.y;
-  const int64_t first = slot * rows_per_slot;
-  const int64_t last = min(rows, first + rows_per_slot);
-  acc_t sum[kUnroll];
+  const int64_t row_first = slot * a.rows_per_slot;
+  const int64_t row_last = min(a.rows, row_first + a.rows_per_slot);
+  const int64_t run = first + a.head;
+  const bool seam = run + kVec > a.width;
+  // first + head + v < 2 * width, since width is a multiple of kVec: one wrap at most.
+  auto column_of = [&](int v) { return run + v >= a.width ? run + v - a.width : run + v; };
+  auto load_row = [&](int64_t row, scalar_t(&values)[kVec]) {
+    const scalar_t* start = x + row * a.width;
+    if (!seam) {
+      load_vector<kVec>(start + run, values);
+    } else {
 #pragma unroll
-  for (int u = 0; u < kUnroll; ++u) sum[u] = 0;
-  bool seen_negative = false;
-  int64_t row = first;
-  for (; row + kUnroll <= last; row += kUnroll) {  // kUnroll loads in flight
-    acc_t values[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) values[u] = load_acc(x + (row + u) * width + column);
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (kAbsolute) {
-        seen_negative = seen_negative || values[u] < acc_t(0);
-        sum[u] += values[u] < acc_t(0) ? -values[u] : values[u];
-      } else {
-        sum[u] += values[u];
+      for (int v = 0; v < kVec; ++v) {
+        scalar_t value[1];
+        load_vector<1>(start + column_of(v), value);
+        values[v] = value[0];
       }
     }
-  }
-  for (; row < last; ++row) {
-    const acc_t value = load_acc(x + row * width + column);
-    if (kAbsolute) {
-      seen_negative = seen_negative || value < acc_t(0);
-      sum[0] += value < acc_t(0) ? -value : value;
-    } else {
-      sum[0] += value;
-    }
-  }
-  acc_t total = sum[0];
+  };
+  acc_t sum[kVec];
+  bool seen_negative[kVec];
 #pragma unroll
-  for (int u = 1; u < kUnroll; ++u) total += sum[u];
-  sums[slot * width + column] = total;
-  if (kAbsolute) negative[slot * width + column] = seen_negative ? 1 : 0;
+  for (int v = 0; v < kVec; ++v) {
+    sum[v] = 0;
+    seen_negative[v] = false;
+  }
+  auto add = [&](const scalar_t(&values)[kVec]) {
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) {
+      const acc_t value = to_acc(values[v]);
+      if (kAbsolute) {
+        seen_negative[v] = seen_negative[v] || value < acc_t(0);
+        sum[v] += value < acc_t(0) ? -value : value;
+      } else {
+        sum[v] += value;
+      }
+    }
+  };
+  int64_t row = row_first;
+  for (; row + kUnroll <= row_last; row += kUnroll) {  // kUnroll loads in flight
+    scalar_t values[kUnroll][kVec];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) load_row(row + u, values[u]);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) add(values[u]);
+  }
+  for (; row < row_last; ++row) {
+    scalar_t values[kVec];
+    load_row(row, values);
+    add(values);
+  }
+#pragma unroll
+  for (int v = 0; v < kVec; ++v) {
+    sums[slot * a.width + column_of(v)] = sum[v];
+    if (kAbsolute) negative[slot * a.width + column_of(v)] = seen_negative[v] ? 1 : 0;
+  }
 }
 
 // plane[column] = sums[0, column] + sums[1, column] + ..., in slot order (flags or-ed).
@@ -197,14 +236,28 @@ struct PlaneGeometry {
   int taps;
 };
 
-// Block (channel, tap): the channel's plane weighted by the tap's counts, divided by count.
-template <typename acc_t, bool kAbsolute>
+// Sum over each team of kTeam lanes (a warp, or the block) in a fixed order; the result is in the
+// team's lane 0. Every lane of the team must call it.
+template <int kTeam, typename T>
+__device__ T team_total(T value) {
+  if constexpr (kTeam == kWarpSize) {
+    return group_sum(value, kWarpSize);
+  } else {
+    return block_total(value);
+  }
+}
+
+// Team (channel, tap): the channel's plane weighted by the tap's counts, divided by count.
+template <typename acc_t, int kTeam, bool kAbsolute>
 __global__ void __launch_bounds__(kThreads) tap_sums_kernel(const acc_t* plane_sums,
                                                             const unsigned char* plane_negative, const int* tables,
                                                             PlaneGeometry g, int64_t channels, bool channels_last,
                                                             acc_t count, acc_t* mean, unsigned char* negative) {
-  const int64_t channel = blockIdx.x;
-  const int tap = static_cast<int>(blockIdx.y);
+  const int64_t pair = static_cast<int64_t>(blockIdx.x) * (kThreads / kTeam) + threadIdx.x / kTeam;
+  const int lane = static_cast<int>(threadIdx.x % kTeam);
+  if (pair >= channels * g.taps) return;  // whole teams only: a block team's pair always exists
+  const int64_t channel = pair / g.taps;
+  const int tap = static_cast<int>(pair - channel * g.taps);
   const int t2 = tap % g.kernels[2], t1 = (tap / g.kernels[2]) % g.kernels[1];
   const int t0 = tap / (g.kernels[2] * g.kernels[1]);
   const int* row0 = tables + g.offset[0] + static_cast<int64_t>(t0) * g.lengths[0];
@@ -213,7 +266,7 @@ __global__ void __launch_bounds__(kThreads) tap_sums_kernel(const acc_t* plane_s
   const bool flags = kAbsolute && tap == 0;
   acc_t sum = 0;
   int seen = 0;
-  for (int p = threadIdx.x; p < g.plane; p += kThreads) {
+  for (int p = lane; p < g.plane; p += kTeam) {
     const int j2 = p % g.lengths[2], rest = p / g.lengths[2];
     const int j1 = rest % g.lengths[1], j0 = rest / g.lengths[1];
     const int reads = __ldg(row0 + j0) * __ldg(row1 + j1) * __ldg(row2 + j2);
@@ -221,21 +274,24 @@ __global__ void __launch_bounds__(kThreads) tap_sums_kernel(const acc_t* plane_s
     if (reads != 0) sum += static_cast<acc_t>(reads) * __ldcg(plane_sums + index);
     if (flags) seen |= plane_negative[index];
   }
-  const acc_t total = block_total(sum);
-  if (threadIdx.x == 0) mean[channel * g.taps + tap] = total / count;
+  const acc_t total = team_total<kTeam>(sum);
+  if (lane == 0) mean[pair] = total / count;
+  // A block team's tap is the same for all its threads, a warp team's for its lanes: the flag's
+  // reduction is reached by whole teams.
   if (flags) {
-    const int any = block_total(seen);
-    if (threadIdx.x == 0) negative[channel] = any != 0 ? 1 : 0;
+    const int any = team_total<kTeam>(seen);
+    if (lane == 0) negative[channel] = any != 0 ? 1 : 0;
   }
 }
 
 // Thread per (channel, plane position): the taps' gradients times their counts, in tap order.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) tap_grad_kernel(const acc_t* grad, const int* tables, PlaneGeometry g,
-                                                            acc_t count, acc_t* out) {
-  const int64_t channel = blockIdx.y;
-  const int p = static_cast<int>(blockIdx.x) * kThreads + static_cast<int>(threadIdx.x);
-  if (p >= g.plane) return;
+                                                            int64_t channels, acc_t count, acc_t* out) {
+  const int64_t index = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (index >= channels * g.plane) return;
+  const int64_t channel = index / g.plane;
+  const int p = static_cast<int>(index - channel * g.plane);
   const int j2 = p % g.lengths[2], rest = p / g.lengths[2];
   const int j1 = rest % g.lengths[1], j0 = rest / g.lengths[1];
   const acc_t* channel_grad = grad + channel * g.taps;
@@ -251,7 +307,7 @@ __global__ void __launch_bounds__(kThreads) tap_grad_kernel(const acc_t* grad, c
       }
     }
   }
-  out[channel * g.plane + p] = sum / count;
+  out[index] = sum / count;
 }
 
 DimTables dim_tables(const TapMeanShape& shape, int* tables) {
@@ -281,11 +337,15 @@ PlaneGeometry plane_geometry(const TapMeanShape& shape) {
   return g;
 }
 
-cudaError_t launch_count_tables(const TapMeanShape& shape, int* tables, cudaStream_t stream) {
-  const int64_t entries = table_entries(shape);
-  EQUINORM_LAUNCH(static_cast<unsigned int>(ceil_div(entries, kThreads)), kThreads, 0, stream,
-                  tap_count_tables_kernel)(dim_tables(shape, tables), entries);
+cudaError_t launch_count_tables(const TapMeanShape& shape, const TapSumsPlan& plan, int* tables,
+                                cudaStream_t stream) {
+  EQUINORM_LAUNCH(static_cast<unsigned int>(plan.table_blocks), kThreads, 0, stream, tap_count_tables_kernel)(
+      dim_tables(shape, tables), table_entries(shape));
   return cudaGetLastError();
+}
+
+bool fits_taps_launch(const TapSumsPlan& plan) {
+  return fits_grid(plan.blocks) && fits_grid(plan.table_blocks) && fits_grid(plan.grad_blocks);
 }
 
 template <typename scalar_t, bool kAbsolute>
@@ -300,47 +360,59 @@ cudaError_t launch_typed(const TapPlan& plan, const TapMeanShape& shape, const v
   acc_t* sums = plan.slots > 1 ? reinterpret_cast<acc_t*>(partial_base) : plane;
   unsigned char* sums_negative =
       plan.slots > 1 ? reinterpret_cast<unsigned char*>(partial_base + plan.partial_bytes) : plane_negative;
-  const unsigned int column_blocks = static_cast<unsigned int>(ceil_div(plan.width, kThreads));
-  EQUINORM_LAUNCH(dim3(column_blocks, static_cast<unsigned int>(plan.slots)), kThreads, 0, stream,
-                  tap_column_sums_kernel<scalar_t, kAbsolute>)(static_cast<const scalar_t*>(x), shape.rows,
-                                                               plan.width, plan.rows_per_slot, sums, sums_negative);
-  cudaError_t status = cudaGetLastError();
+  const TapColumnPlan& columns = plan.columns;
+  const ColumnArgs args{shape.rows, columns.width, columns.rows_per_slot, columns.head};
+  cudaError_t status = visit_vector_width<scalar_t>(columns.vec, [&](auto width) {
+    constexpr int kVec = decltype(width)::value;
+    const dim3 grid(static_cast<unsigned int>(columns.column_blocks), static_cast<unsigned int>(columns.slots));
+    EQUINORM_LAUNCH(grid, kThreads, 0, stream, tap_column_sums_kernel<scalar_t, kVec, kAbsolute>)(
+        static_cast<const scalar_t*>(x), args, sums, sums_negative);
+    return cudaGetLastError();
+  });
   if (status != cudaSuccess) return status;
   if (plan.slots > 1) {
-    EQUINORM_LAUNCH(column_blocks, kThreads, 0, stream, tap_finish_columns_kernel<acc_t, kAbsolute>)(
+    const auto finish_blocks = static_cast<unsigned int>(columns.finish_blocks);
+    EQUINORM_LAUNCH(finish_blocks, kThreads, 0, stream, tap_finish_columns_kernel<acc_t, kAbsolute>)(
         sums, sums_negative, plan.width, plan.slots, plane, plane_negative);
     status = cudaGetLastError();
     if (status != cudaSuccess) return status;
   }
-  status = launch_count_tables(shape, tables, stream);
+  status = launch_count_tables(shape, plan.taps, tables, stream);
   if (status != cudaSuccess) return status;
   const acc_t count = static_cast<acc_t>(shape.rows) * static_cast<acc_t>(output_count(shape));
-  const dim3 grid(static_cast<unsigned int>(shape.channels), static_cast<unsigned int>(tap_count(shape)));
-  EQUINORM_LAUNCH(grid, kThreads, 0, stream, tap_sums_kernel<acc_t, kAbsolute>)(
-      plane, plane_negative, tables, plane_geometry(shape), shape.channels, shape.channels_last, count,
-      static_cast<acc_t*>(mean), static_cast<unsigned char*>(negative));
-  return cudaGetLastError();
+  const auto blocks = static_cast<unsigned int>(plan.taps.blocks);
+  auto launch_sums = [&](auto team) {
+    constexpr int kTeam = decltype(team)::value;
+    EQUINORM_LAUNCH(blocks, kThreads, 0, stream, tap_sums_kernel<acc_t, kTeam, kAbsolute>)(
+        plane, plane_negative, tables, plane_geometry(shape), shape.channels, shape.channels_last, count,
+        static_cast<acc_t*>(mean), static_cast<unsigned char*>(negative));
+    return cudaGetLastError();
+  };
+  if (plan.taps.team == kWarpSize) return launch_sums(std::integral_constant<int, kWarpSize>{});
+  return launch_sums(std::integral_constant<int, kThreads>{});
 }
 
-bool fits_launch(const TapMeanShape& shape, const TapPlan& plan) {
-  return fits_grid(ceil_div(plan.width, kThreads)) && fits_grid(ceil_div(plan.table_entries, kThreads)) &&
-         shape.channels <= INT_MAX && tap_count(shape) <= 65535 && plan.slots <= 65535;
+bool fits_launch(const TapPlan& plan) {
+  return fits_grid(plan.columns.column_blocks) && fits_grid(ceil_div(plan.width, kThreads)) &&
+         plan.slots <= 65535 && fits_taps_launch(plan.taps);
 }
 
 }  // namespace
 
-size_t tap_mean_workspace_bytes(const TapMeanShape& shape, ElementType type) {
+size_t tap_mean_workspace_bytes(const TapMeanShape& shape, ElementType type, const MachineModel& machine) {
   if (!valid_dims(shape) || shape.rows < 1) return 0;
-  return plan_tap_mean(shape, element_size(type), accumulation_size(type)).workspace_bytes;
+  return plan_tap_mean(shape, element_size(type), accumulation_size(type), 0, machine).workspace_bytes;
 }
 
 cudaError_t launch_tap_mean(const TapMeanShape& shape, ElementType type, const void* x, bool absolute, void* mean,
-                            void* negative, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+                            void* negative, void* workspace, size_t workspace_bytes, cudaStream_t stream,
+                            const MachineModel& machine) {
   if (!valid_dims(shape) || shape.rows < 1 || x == nullptr || mean == nullptr || negative == nullptr) {
     return cudaErrorInvalidValue;
   }
-  const TapPlan plan = plan_tap_mean(shape, element_size(type), accumulation_size(type));
-  if (!fits_launch(shape, plan)) return cudaErrorInvalidConfiguration;
+  const auto misalignment = static_cast<int64_t>(reinterpret_cast<uintptr_t>(x) % kMaxLoadBytes);
+  const TapPlan plan = plan_tap_mean(shape, element_size(type), accumulation_size(type), misalignment, machine);
+  if (!fits_launch(plan)) return cudaErrorInvalidConfiguration;
   if (workspace == nullptr || workspace_bytes < plan.workspace_bytes) return cudaErrorInvalidValue;
   char* base = static_cast<char*>(workspace);
   return visit_element_type(type, [&](auto tag) {
@@ -362,23 +434,21 @@ cudaError_t launch_tap_mean_backward(const TapMeanShape& shape, ElementType type
     return cudaErrorInvalidValue;
   }
   if (workspace == nullptr || workspace_bytes < tap_mean_backward_workspace_bytes(shape)) return cudaErrorInvalidValue;
-  const int64_t blocks = ceil_div(plane_size(shape), kThreads);
-  if (!fits_grid(blocks) || shape.channels > 65535 || !fits_grid(ceil_div(table_entries(shape), kThreads))) {
-    return cudaErrorInvalidConfiguration;
-  }
+  const TapSumsPlan plan = taps_plan(shape);
+  if (!fits_taps_launch(plan)) return cudaErrorInvalidConfiguration;
   int* tables = static_cast<int*>(workspace);
-  cudaError_t status = launch_count_tables(shape, tables, stream);
+  cudaError_t status = launch_count_tables(shape, plan, tables, stream);
   if (status != cudaSuccess) return status;
-  const dim3 grid(static_cast<unsigned int>(blocks), static_cast<unsigned int>(shape.channels));
+  const auto grid = static_cast<unsigned int>(plan.grad_blocks);
   const PlaneGeometry g = plane_geometry(shape);
   if (type == ElementType::kDouble) {
     const double count = static_cast<double>(shape.rows) * static_cast<double>(output_count(shape));
-    EQUINORM_LAUNCH(grid, kThreads, 0, stream, tap_grad_kernel<double>)(static_cast<const double*>(grad), tables, g,
-                                                                         count, static_cast<double*>(plane));
+    EQUINORM_LAUNCH(grid, kThreads, 0, stream, tap_grad_kernel<double>)(
+        static_cast<const double*>(grad), tables, g, shape.channels, count, static_cast<double*>(plane));
   } else {
     const float count = static_cast<float>(shape.rows) * static_cast<float>(output_count(shape));
-    EQUINORM_LAUNCH(grid, kThreads, 0, stream, tap_grad_kernel<float>)(static_cast<const float*>(grad), tables, g,
-                                                                       count, static_cast<float*>(plane));
+    EQUINORM_LAUNCH(grid, kThreads, 0, stream, tap_grad_kernel<float>)(
+        static_cast<const float*>(grad), tables, g, shape.channels, count, static_cast<float*>(plane));
   }
   return cudaGetLastError();
 }

@@ -16,7 +16,7 @@
 //                 coefficients=0|1 deviations=0|1 [multiprocessors=<n> min_block_bytes=<n>]
 //                 -> tensor<k> (each tensor after the op) [coefficients] [deviations]
 //   tap_mean      dtype rows channels channels_last mode absolute offset dims=<L,k,s,d,before,after,outputs>;x3
-//                 x [grad]  -> mean negative [plane]
+//                 x [grad] [multiprocessors=<n> min_block_bytes=<n>]  -> mean negative [plane]
 // An enorm entry: tensor columns power counted groups outer channels_per_group inner outer_stride
 // channel_stride inner_stride.
 #include <cstdint>
@@ -301,10 +301,11 @@ Outputs run_tap_mean(const Case& c) {
                     offset * info.accumulation_bytes);
   const Buffer negative(static_cast<size_t>(shape.channels), offset);
   std::memset(negative.data(), 0, negative.bytes());  // the op's output starts zeroed (at::zeros)
-  const size_t workspace_bytes = equinorm::cuda::tap_mean_workspace_bytes(shape, info.type);
+  const equinorm::cuda::MachineModel model = machine(c);
+  const size_t workspace_bytes = equinorm::cuda::tap_mean_workspace_bytes(shape, info.type, model);
   const Buffer workspace(workspace_bytes, 0);
   check(equinorm::cuda::launch_tap_mean(shape, info.type, x.data(), c.integer("absolute") != 0, mean.data(),
-                                        negative.data(), workspace.data(), workspace_bytes, nullptr),
+                                        negative.data(), workspace.data(), workspace_bytes, nullptr, model),
         "launch_tap_mean");
   Outputs results{{"mean", mean.contents()}, {"negative", negative.contents()}};
   if (!c.has("grad")) return results;

@@ -11,7 +11,8 @@
 //   enorm_rescale <outer> <row_values> <element_bytes> <misalignment_bytes>
 //   equinorm_weight <out_channels> <group_channels> <taps> <groups> <channels_last> <per_tap_means>
 //       <element_bytes>
-//   tap_mean_columns <rows> <width> <element_bytes>
+//   tap_mean_columns <rows> <width> <element_bytes> <misalignment_bytes>
+//   tap_mean_taps <channels> <taps> <plane> <table_entries>
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -64,6 +65,7 @@ std::string channel_mean(std::istringstream& in, const MachineModel& machine) {
       .field("channels", p.channels)
       .field("spatial", p.spatial)
       .field("columns", p.columns)
+      .field("head", p.head)
       .field("tile_columns", p.tile_columns)
       .field("tile_rows", p.tile_rows)
       .field("rows_per_slot", p.rows_per_slot)
@@ -172,20 +174,41 @@ std::string equinorm_weight(std::istringstream& in) {
   return json.str();
 }
 
-std::string tap_mean_columns(std::istringstream& in) {
-  int64_t rows, width, element_bytes;
-  in >> rows >> width >> element_bytes;
-  const TapColumnPlan p = plan_tap_mean_columns(rows, width, element_bytes);
+std::string tap_mean_columns(std::istringstream& in, const MachineModel& machine) {
+  int64_t rows, width, element_bytes, misalignment;
+  in >> rows >> width >> element_bytes >> misalignment;
+  const TapColumnPlan p = plan_tap_mean_columns(rows, width, element_bytes, misalignment, machine);
   Json json;
   json.field("kernel", "tap_mean_columns")
       .field("threads", p.threads)
+      .field("blocks_per_multiprocessor", p.blocks_per_multiprocessor)
       .field("unroll", p.unroll)
+      .field("vec", p.vec)
+      .field("head", p.head)
       .field("width", p.width)
       .field("column_blocks", p.column_blocks)
       .field("slots", p.slots)
       .field("rows_per_slot", p.rows_per_slot)
       .field("blocks", p.blocks)
+      .field("finish_blocks", p.finish_blocks)
       .field("load_bytes", p.load_bytes);
+  return json.str();
+}
+
+std::string tap_mean_taps(std::istringstream& in) {
+  int64_t channels, taps, plane, table_entries;
+  in >> channels >> taps >> plane >> table_entries;
+  const TapSumsPlan p = plan_tap_mean_taps(channels, taps, plane, table_entries);
+  Json json;
+  json.field("kernel", "tap_mean_taps")
+      .field("threads", p.threads)
+      .field("team", p.team)
+      .field("teams_per_block", p.teams_per_block)
+      .field("pairs", p.pairs)
+      .field("blocks", p.blocks)
+      .field("lane_positions", p.lane_positions)
+      .field("table_blocks", p.table_blocks)
+      .field("grad_blocks", p.grad_blocks);
   return json.str();
 }
 
@@ -212,7 +235,9 @@ int main() {
     } else if (kind == "equinorm_weight") {
       json = equinorm_weight(in);
     } else if (kind == "tap_mean_columns") {
-      json = tap_mean_columns(in);
+      json = tap_mean_columns(in, machine);
+    } else if (kind == "tap_mean_taps") {
+      json = tap_mean_taps(in);
     } else {
       std::fprintf(stderr, "unknown request %s\n", kind.c_str());
       return 2;
