@@ -77,8 +77,8 @@ def _run(command: list[str]) -> subprocess.CompletedProcess:
 
 def _nvcc_command(nvcc: str, source: Path, output: Path, standard: str) -> list[str]:
     """Machine code for every architecture in torch's standard; PTX alone (no ptxas) in the other."""
-    if standard == torch_cxx_standard():
-        targets = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHITECTURES] + ["-c"]
+    if standard == torch_cxx_standard():  # ptxas reports each kernel's registers and spills (-v)
+        targets = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHITECTURES] + ["-c", "-Xptxas", "-v"]
     else:
         targets = [f"-arch=compute_{ARCHITECTURES[-1]}", "-ptx"]
     return [nvcc, *targets, "-o", str(output), f"-std={standard}", "-I", str(CSRC), *TORCH_NVCC_FLAGS, str(source)]
@@ -171,6 +171,46 @@ def test_cuda_source_includes_no_torch_header(source):
 def test_cuda_sources_exist():
     assert KERNEL_SOURCES, "no csrc/cuda/*.cu found"
     assert GLUE_SOURCES, "no csrc/cuda/*.cpp glue found"
+
+
+# Spills move a kernel's registers to local memory, which is read through the same caches as the
+# data it streams. A few bytes (a flag mask beside eight-wide float sums) are tolerated; more are
+# allowed only where named: ENorm's energies for an exponent other than 1 and 2 call pow, which
+# needs more registers than the kernel's occupancy leaves (p = 1 and p = 2 are their own kernels).
+SPILL_BYTES_TOLERATED = 8
+SPILLS_ALLOWED = {"enorm_energy_kernel<(equinorm::math::Exponent)2>": 512, "__internal_accurate_pow": 256}
+PTXAS_FUNCTION = re.compile(
+    r"Function properties for (\S+)\n\s*(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"
+)
+
+
+def _demangled(names: list[str], filt: str) -> list[str]:
+    return subprocess.run([filt], input="\n".join(names), capture_output=True, text=True, check=True).stdout.split("\n")
+
+
+def _spills_allowed(function: str) -> int:
+    return next((allowed for name, allowed in SPILLS_ALLOWED.items() if name in function), SPILL_BYTES_TOLERATED)
+
+
+@pytest.mark.parametrize("source", KERNEL_SOURCES, ids=lambda p: p.name)
+def test_cuda_kernels_do_not_spill_registers(source, compile_results):
+    if compile_results["toolkit_skip"]:
+        pytest.skip(compile_results["toolkit_skip"])
+    filt = shutil.which("c++filt")
+    if filt is None:
+        pytest.skip("no c++filt to name the kernels")
+    result = compile_results["results"][source.name, torch_cxx_standard()]
+    assert result.returncode == 0, _report(result)
+    found = PTXAS_FUNCTION.findall(result.stdout + result.stderr)
+    assert found, "ptxas reported no function properties:\n" + _report(result)
+    names = _demangled([name for name, *_ in found], filt)
+    problems = []
+    for name, (_, _, stores, loads) in zip(names, found):
+        allowed = _spills_allowed(name)
+        if max(int(stores), int(loads)) > allowed:
+            function = name.replace("equinorm::cuda::(anonymous namespace)::", "")
+            problems.append(f"{function}: {stores} bytes spill stores, {loads} bytes spill loads (allowed {allowed})")
+    assert not problems, "\n".join(sorted(set(problems)))
 
 
 @pytest.mark.parametrize("source", GLUE_SOURCES, ids=lambda p: p.name)

@@ -124,14 +124,16 @@ __device__ __forceinline__ scalar_t load_element(const scalar_t* source) {
   return value[0];
 }
 
-template <typename scalar_t>
+// |value|^p, the exponent's kind fixed at compile time: no test of p in the inner loops, and
+// pow's registers only in the kernel for p other than 1 and 2.
+template <em::Exponent kKind, typename scalar_t>
 __device__ __forceinline__ em::energy_math_t term(scalar_t value, em::energy_math_t exponent) {
-  return em::energy_term(static_cast<em::energy_math_t>(to_acc(value)), exponent);
+  return em::energy_term_of<kKind>(static_cast<em::energy_math_t>(to_acc(value)), exponent);
 }
 
 // One channel's values [begin, end), one element a load, kLoads loads in flight (as many bytes as
 // a vector thread's kEnergyUnroll 16-byte loads need to cover the latency: kEnergyScalarBytes).
-template <typename scalar_t>
+template <em::Exponent kKind, typename scalar_t>
 __device__ double strided_channel_energy(const EnergyView& v, int64_t base, int64_t begin, int64_t end, int lane,
                                          double p) {
   using acc_t = em::energy_math_t;
@@ -156,9 +158,9 @@ __device__ double strided_channel_energy(const EnergyView& v, int64_t base, int6
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) values[u] = load_element(data + offset(k + u * lanes));
 #pragma unroll
-    for (int u = 0; u < kLoads; ++u) sums[u % kEnergyUnroll] += term(values[u], exponent);
+    for (int u = 0; u < kLoads; ++u) sums[u % kEnergyUnroll] += term<kKind>(values[u], exponent);
   }
-  for (; k < last; k += lanes) sums[0] += em::energy_term(static_cast<acc_t>(load_acc(data + offset(k))), exponent);
+  for (; k < last; k += lanes) sums[0] += term<kKind>(load_element(data + offset(k)), exponent);
   acc_t total = sums[0];
 #pragma unroll
   for (int u = 1; u < kEnergyUnroll; ++u) total += sums[u];
@@ -167,7 +169,7 @@ __device__ double strided_channel_energy(const EnergyView& v, int64_t base, int6
 
 // One channel's run of values (rows): a scalar head up to its first kVec-aligned value and a
 // scalar tail, both added by the first slice, and the slice's share of the aligned vectors between.
-template <typename scalar_t, int kVec>
+template <em::Exponent kKind, typename scalar_t, int kVec>
 __device__ double run_channel_energy(const EnergyView& v, int64_t base, int64_t slice, int lane, double p) {
   using acc_t = em::energy_math_t;
   const scalar_t* run = static_cast<const scalar_t*>(v.data) + base;
@@ -182,7 +184,7 @@ __device__ double run_channel_energy(const EnergyView& v, int64_t base, int64_t 
   for (int u = 0; u < kEnergyUnroll; ++u) sums[u] = 0;
   if (slice == 0) {
     for (unsigned q = lane; q < head + (values - tail_first); q += lanes) {
-      sums[0] += em::energy_term(static_cast<acc_t>(load_acc(run + (q < head ? q : tail_first + (q - head)))), exponent);
+      sums[0] += term<kKind>(load_element(run + (q < head ? q : tail_first + (q - head))), exponent);
     }
   }
   const scalar_t* body = run + head;
@@ -196,14 +198,14 @@ __device__ double run_channel_energy(const EnergyView& v, int64_t base, int64_t 
 #pragma unroll
     for (int u = 0; u < kEnergyUnroll; ++u) {
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) sums[u] += term(loaded[u][e], exponent);
+      for (int e = 0; e < kVec; ++e) sums[u] += term<kKind>(loaded[u][e], exponent);
     }
   }
   for (; k < last; k += lanes) {
     scalar_t loaded[kVec];
     load_vector<kVec>(body + k * kVec, loaded);
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) sums[0] += term(loaded[e], exponent);
+    for (int e = 0; e < kVec; ++e) sums[0] += term<kKind>(loaded[e], exponent);
   }
   acc_t total = sums[0];
 #pragma unroll
@@ -212,7 +214,7 @@ __device__ double run_channel_energy(const EnergyView& v, int64_t base, int64_t 
 }
 
 // kVec adjacent channels' values [begin, end), one vector of the kVec channels a load.
-template <typename scalar_t, int kVec>
+template <em::Exponent kKind, typename scalar_t, int kVec>
 __device__ void adjacent_channels_energy(const EnergyView& v, int64_t base, int64_t begin, int64_t end, int lane,
                                          double p, double (&energies)[kMaxVec]) {
   using acc_t = em::energy_math_t;
@@ -235,47 +237,49 @@ __device__ void adjacent_channels_energy(const EnergyView& v, int64_t base, int6
 #pragma unroll
     for (int u = 0; u < kEnergyUnroll; ++u) {
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) sums[e] += term(loaded[u][e], exponent);
+      for (int e = 0; e < kVec; ++e) sums[e] += term<kKind>(loaded[u][e], exponent);
     }
   }
   for (; k < last; k += lanes) {
     scalar_t loaded[kVec];
     load_vector<kVec>(data + offset(k), loaded);
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) sums[e] += term(loaded[e], exponent);
+    for (int e = 0; e < kVec; ++e) sums[e] += term<kKind>(loaded[e], exponent);
   }
 #pragma unroll
   for (int e = 0; e < kVec; ++e) energies[e] = static_cast<double>(sums[e]);
 }
 
 // The energies of a unit's `width` channels, as its entry's layout loads them.
-template <typename scalar_t>
+template <em::Exponent kKind, typename scalar_t>
 __device__ void unit_energy(const EnergyView& v, int64_t base, int width, int64_t slice, int64_t begin, int64_t end,
                             int lane, double p, double (&energies)[kMaxVec]) {
   constexpr int kVec = max_vector_width<scalar_t>();
   if (v.layout == EnergyLayout::kRun) {
-    energies[0] = run_channel_energy<scalar_t, kVec>(v, base, slice, lane, p);
+    energies[0] = run_channel_energy<kKind, scalar_t, kVec>(v, base, slice, lane, p);
   } else if (width == kVec) {
-    adjacent_channels_energy<scalar_t, kVec>(v, base, begin, end, lane, p, energies);
+    adjacent_channels_energy<kKind, scalar_t, kVec>(v, base, begin, end, lane, p, energies);
   } else {
-    energies[0] = strided_channel_energy<scalar_t>(v, base, begin, end, lane, p);
+    energies[0] = strided_channel_energy<kKind, scalar_t>(v, base, begin, end, lane, p);
   }
 }
 
+template <em::Exponent kKind>
 __device__ void dispatch_unit_energy(const EnergyView& v, int64_t base, int width, int64_t slice, int64_t begin,
                                      int64_t end, int lane, double p, double (&energies)[kMaxVec]) {
   switch (v.type) {
     case ElementType::kHalf:
-      return unit_energy<__half>(v, base, width, slice, begin, end, lane, p, energies);
+      return unit_energy<kKind, __half>(v, base, width, slice, begin, end, lane, p, energies);
     case ElementType::kBFloat16:
-      return unit_energy<__nv_bfloat16>(v, base, width, slice, begin, end, lane, p, energies);
+      return unit_energy<kKind, __nv_bfloat16>(v, base, width, slice, begin, end, lane, p, energies);
     case ElementType::kFloat:
-      return unit_energy<float>(v, base, width, slice, begin, end, lane, p, energies);
+      return unit_energy<kKind, float>(v, base, width, slice, begin, end, lane, p, energies);
     case ElementType::kDouble:
-      return unit_energy<double>(v, base, width, slice, begin, end, lane, p, energies);
+      return unit_energy<kKind, double>(v, base, width, slice, begin, end, lane, p, energies);
   }
 }
 
+template <em::Exponent kKind>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) enorm_energy_kernel(const __grid_constant__ EnergyLaunch a) {
   if (a.deviation != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *a.deviation = 0;
   const EnergyView& v = a.views[entry_of_block(a.views, a.count)];
@@ -308,7 +312,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) enorm_energy_kernel
   double energies[kMaxVec];
 #pragma unroll
   for (int e = 0; e < kMaxVec; ++e) energies[e] = 0;
-  if (active) dispatch_unit_energy(v, base, width, slice, begin, end, lane, a.p, energies);
+  if (active) dispatch_unit_energy<kKind>(v, base, width, slice, begin, end, lane, a.p, energies);
   // Every lane reaches the butterflies, so the whole warp meets at the shuffles.
 #pragma unroll
   for (int e = 0; e < kMaxVec; ++e) energies[e] = group_sum(energies[e], v.lanes);
@@ -660,7 +664,17 @@ cudaError_t launch_energy(const GroupEnergy& energy, EnergyLaunch args, FinishLa
     if (first > 0) args.deviation = nullptr;  // cleared once, before the finish
     const int64_t blocks = end_block - block_offset;
     if (!fits_grid(blocks)) return cudaErrorInvalidConfiguration;
-    EQUINORM_LAUNCH(static_cast<unsigned int>(blocks), kThreads, 0, stream, enorm_energy_kernel)(args);
+    const unsigned int grid = static_cast<unsigned int>(blocks);
+    switch (em::exponent_kind(args.p)) {
+      case em::Exponent::kTwo:
+        EQUINORM_LAUNCH(grid, kThreads, 0, stream, enorm_energy_kernel<em::Exponent::kTwo>)(args);
+        break;
+      case em::Exponent::kOne:
+        EQUINORM_LAUNCH(grid, kThreads, 0, stream, enorm_energy_kernel<em::Exponent::kOne>)(args);
+        break;
+      default:
+        EQUINORM_LAUNCH(grid, kThreads, 0, stream, enorm_energy_kernel<em::Exponent::kOther>)(args);
+    }
     const cudaError_t status = cudaGetLastError();
     if (status != cudaSuccess) return status;
   }
