@@ -237,7 +237,9 @@ def channel_mean_cases() -> list[KernelCase]:
 
 # equinorm weight transform + backward: the CPU kernel tests' weights, and the launch paths only the
 # CUDA kernels have. Rows of at most 256 values go to warp teams (eight per block), longer ones to
-# whole blocks; a power-of-two group of lanes shares each input channel.
+# whole blocks; a team reads its row as 16-byte vectors between a scalar head and tail (rows whose
+# length is no multiple of the vector start at every alignment), or one element a load where the
+# weight and the other rows are aligned unlike (weight_offset).
 WEIGHT_CASES = {
     **CPU_KERNEL_WEIGHT_CASES,
     "two-values": ((3, 2), 1),
@@ -245,6 +247,8 @@ WEIGHT_CASES = {
     "block-team-linear": ((3, 300), 1),
     # 13 blocks of warp teams, the last one partial; grad_mean adds 100 rows over two blocks of columns
     "many-outputs": ((100, 40), 1),
+    # rows of 77 values: each starts at another place of the 16-byte unit
+    "linear-odd-rows": ((9, 77), 1),
 }
 
 
@@ -273,7 +277,7 @@ def _equinorm_forward_and_grads(weight, mean, gain, upstream, ratio, groups, mod
 
 
 def _equinorm_case(case_name: str, dtype_name: str, channels_last: bool, exact: bool, offset: int,
-                   per_tap: bool = False) -> KernelCase:
+                   per_tap: bool = False, weight_offset: int | None = None) -> KernelCase:
     shape, groups = WEIGHT_CASES[case_name]
     dtype, acc = DTYPES[dtype_name], _accumulation(DTYPES[dtype_name])
     ratio, eps, mode = (1.0 if per_tap else 0.7), 1e-5, "exact" if exact else "single_pass"
@@ -306,13 +310,18 @@ def _equinorm_case(case_name: str, dtype_name: str, channels_last: bool, exact: 
 
     layout = "cl" if channels_last else "contiguous"
     means = "-per-tap" if per_tap else ""
+    fields = dict(dtype=dtype_name, out_channels=shape[0], group_channels=shape[1],
+                  taps=weight.numel() // (shape[0] * shape[1]), groups=groups,
+                  channels_last=int(channels_last and weight.dim() >= 4), per_tap_means=int(per_tap),
+                  exact=int(exact), ratio=ratio, eps=eps, offset=offset)
+    suffix = ""
+    if weight_offset is not None:
+        fields["weight_offset"] = weight_offset
+        suffix = f"-weight-offset{weight_offset}"
     return KernelCase(
         "equinorm",
-        f"equinorm-{case_name}-{layout}-{dtype_name}-{mode}{means}-offset{offset}",
-        dict(dtype=dtype_name, out_channels=shape[0], group_channels=shape[1],
-             taps=weight.numel() // (shape[0] * shape[1]), groups=groups,
-             channels_last=int(channels_last and weight.dim() >= 4), per_tap_means=int(per_tap),
-             exact=int(exact), ratio=ratio, eps=eps, offset=offset),
+        f"equinorm-{case_name}-{layout}-{dtype_name}-{mode}{means}-offset{offset}{suffix}",
+        fields,
         {"weight": weight, "mean": mean, "gain": gain, "grad": upstream},
         check,
     )
@@ -330,6 +339,10 @@ def equinorm_cases() -> list[KernelCase]:
             if len(shape) > 2:  # per-tap means (C, *kernel): every value reads its own mean
                 cases.append(_equinorm_case(case_name, "float", channels_last, True, 0, per_tap=True))
                 cases.append(_equinorm_case(case_name, "double", channels_last, False, 1, per_tap=True))
+    # the weight one element off the other rows' alignment: one element a load
+    for case_name in ("linear-odd-rows", "block-team"):
+        cases.append(_equinorm_case(case_name, "half", False, False, 0, weight_offset=1))
+        cases.append(_equinorm_case(case_name, "float", False, True, 1, weight_offset=0))
     return cases
 
 
@@ -689,7 +702,7 @@ PLANTED_BUGS = {
         "for (int w = 0; w <= kWarps; ++w) total += scratch[i * kWarps + w];",
         "equinorm-block-team-contiguous-float-single_pass-offset0",
         ("ERROR: AddressSanitizer: global-buffer-overflow", "with insufficient space for an object of type 'double'"),
-        "equinorm_weight_kernel<float, 256>",
+        "equinorm_weight_kernel<float, 256, 4>",
     ),
     # memcheck's job, in global memory: the last channel's energy reads one element past the tensor
     "global-read-past-end": PlantedBug(

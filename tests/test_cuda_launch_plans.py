@@ -379,8 +379,6 @@ def test_equinorm_weight_teams_cover_every_output_channel(weight_plans):
         assert 1 <= plan["lanes_per_channel"] <= 32, name
 
 
-@pytest.mark.xfail(strict=True, reason="EquiNorm weight transform on Linear-shaped weights (one tap per input "
-                   "channel): the team's lanes take one element each, 2-byte loads for 16-bit weights, no vector loads")
 def test_equinorm_weight_linear_rows_load_16_bytes(driver):
     plan = plans(driver, [equinorm_request((4096, 4096), "float16", False)])[0]
     assert plan["load_bytes"] == 16

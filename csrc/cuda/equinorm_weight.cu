@@ -12,19 +12,23 @@
 //                       fixed order.
 //
 // One team of threads owns one output channel (a row of C/groups x K values): a warp for short
-// rows (eight rows per block), the whole block otherwise. Within a team, a power-of-two group of
-// lanes shares one input channel and splits its taps, so the per-channel sums over taps (W_dc,
-// p_dc, n_dc, q_dc) come from a butterfly over those lanes and need no shared array of
-// C/groups entries: any number of input channels fits. Lanes read neighbouring taps ((c, t)
-// layout) or neighbouring channels ((t, c) channels_last layout), so loads coalesce in both.
-// The channel-weighted sums are then added over the team in a fixed tree. A row is read from
-// global memory once; its second and third passes hit the cache.
+// rows (eight rows per block), the whole block otherwise. Every sum of the forward and of the
+// backward's first pass is a sum over the row's values, whatever their channel, so the team
+// reads the row as one contiguous run in either layout ((c, t), or (t, c) channels_last): a
+// scalar head up to the first vector-aligned element, vectors of kVec elements (16 bytes) on the
+// body, a scalar tail; a cursor steps each value's (channel, tap) for its mean. The sums are
+// added over the team in a fixed tree. A row is read from global memory once; its second and
+// third passes hit the cache. The backward's per-channel contributions to grad_mean (channel
+// means over several taps) still take a power-of-two group of lanes per input channel, whose
+// butterfly adds the channel's taps.
 //
 // Determinism: every sum runs in an order fixed by the shape (per-thread loops, butterflies,
 // warp totals added in warp order); no float atomics anywhere, so results are bit-identical
 // across runs. The math, the stats and the grad_mean terms are in double for every weight dtype
 // (em::weight_math_t); mean and gain are read, and grad_gain written, in the accumulation type.
 #include <algorithm>
+#include <initializer_list>
+#include <type_traits>
 
 #include "cuda/device_common.cuh"
 #include "shared/equinorm_math.h"
@@ -57,14 +61,33 @@ struct RowGeometry {
   int64_t channel_stride;
   int64_t tap_stride;
   int lanes_per_channel;  // a power of two <= 32
+  bool channels_last;     // a row stored (t, c); else (c, t)
   bool per_tap_means;     // mean holds (C/groups, K) values per group, stored (c, t); else (C/groups,)
   __host__ __device__ int64_t mean_values_per_group() const { return per_tap_means ? group_channels * taps : group_channels; }
+  __host__ __device__ int64_t row_size() const { return group_channels * taps; }
 };
 
-// The mean value (c, t) of a group's means reads.
-__device__ __forceinline__ int64_t mean_index(const RowGeometry& g, int64_t c, int64_t t) {
-  return g.per_tap_means ? c * g.taps + t : c;
-}
+// The (channel, tap) of a row's values in memory order, stepped one value at a time so that a
+// vector of values costs one division: the fast index is the tap ((c, t)) or the channel ((t, c)).
+struct MeanCursor {
+  int64_t slow, fast, fast_extent;
+  __device__ MeanCursor(const RowGeometry& g, int64_t i) : fast_extent(g.channels_last ? g.group_channels : g.taps) {
+    slow = i / fast_extent;
+    fast = i - slow * fast_extent;
+  }
+  __device__ int64_t channel(const RowGeometry& g) const { return g.channels_last ? fast : slow; }
+  __device__ int64_t tap(const RowGeometry& g) const { return g.channels_last ? slow : fast; }
+  // The index in the group's means of the value the cursor is at.
+  __device__ int64_t mean_index(const RowGeometry& g) const {
+    return g.per_tap_means ? channel(g) * g.taps + tap(g) : channel(g);
+  }
+  __device__ void next() {
+    if (++fast == fast_extent) {
+      fast = 0;
+      ++slow;
+    }
+  }
+};
 
 template <typename scalar_t>
 struct ForwardArgs {
@@ -147,7 +170,58 @@ __device__ __forceinline__ void for_each_channel(const RowGeometry& g, Visit&& v
   }
 }
 
-template <typename scalar_t, int kTeam>
+template <int kVec, typename scalar_t>
+__device__ __forceinline__ void store_vector(scalar_t* target, const scalar_t (&values)[kVec]) {
+  using Word = typename LoadWord<sizeof(scalar_t) * kVec>::type;
+  Word word;
+  memcpy(&word, values, sizeof(Word));
+  *reinterpret_cast<Word*>(target) = word;
+}
+
+// Walks the values [begin, end) of a row, this thread one of `lanes` (its place: `lane`): vectors
+// of kVec elements on the body (from the first element aligned to kVec elements of rows[0]), the
+// scalar head and tail after them. For each value calls visit(mean_index, values) with the
+// value of each of the N rows in the weight-math type; with kStores, stores what visit returns
+// to `out` at the same place. Every row (and `out`) must have rows[0]'s alignment modulo kVec
+// elements (the launchers choose kVec so).
+template <int kVec, bool kStores, int N, typename scalar_t, typename Visit>
+__device__ __forceinline__ void walk_row(const RowGeometry& g, const scalar_t* const (&rows)[N],
+                                         typename TypeTag<scalar_t>::type* out,
+                                         int64_t begin, int64_t end, int lane, int lanes, Visit&& visit) {
+  using acc_t = em::weight_math_t;
+  const uint64_t phase = static_cast<uint64_t>(reinterpret_cast<uintptr_t>(rows[0] + begin) / sizeof(scalar_t));
+  const int64_t head = std::min<int64_t>(end - begin, static_cast<int64_t>((0 - phase) & (kVec - 1)));
+  const int64_t body = begin + head, vectors = (end - body) / kVec, tail = body + vectors * kVec;
+  for (int64_t v = lane; v < vectors; v += lanes) {
+    const int64_t i = body + v * kVec;
+    scalar_t loaded[N][kVec];
+#pragma unroll
+    for (int n = 0; n < N; ++n) load_vector<kVec>(rows[n] + i, loaded[n]);
+    MeanCursor cursor(g, i);
+    scalar_t results[kVec];
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      acc_t values[N];
+#pragma unroll
+      for (int n = 0; n < N; ++n) values[n] = to_acc(loaded[n][k]);
+      const acc_t result = visit(cursor.mean_index(g), values);
+      if constexpr (kStores) results[k] = from_weight_math<scalar_t>(result);
+      cursor.next();
+    }
+    if constexpr (kStores) store_vector<kVec>(out + i, results);
+  }
+  const int64_t scalars = head + (end - tail);
+  for (int64_t e = lane; e < scalars; e += lanes) {
+    const int64_t i = e < head ? begin + e : tail + (e - head);
+    acc_t values[N];
+#pragma unroll
+    for (int n = 0; n < N; ++n) values[n] = load_acc(rows[n] + i);
+    const acc_t result = visit(MeanCursor(g, i).mean_index(g), values);
+    if constexpr (kStores) out[i] = from_weight_math<scalar_t>(result);
+  }
+}
+
+template <typename scalar_t, int kTeam, int kVec>
 __global__ void __launch_bounds__(kThreads) equinorm_weight_kernel(ForwardArgs<scalar_t> a) {
   using acc_t = em::weight_math_t;
   using operand_t = acc_type<scalar_t>;
@@ -155,9 +229,9 @@ __global__ void __launch_bounds__(kThreads) equinorm_weight_kernel(ForwardArgs<s
   const RowGeometry& g = a.geometry;
   const int64_t d = Team<kTeam>::row();
   if (d >= g.out_channels) return;  // only a warp team of the last block; warp teams use no block barrier
-  const int lanes = g.lanes_per_channel;
-  const int64_t row_size = g.group_channels * g.taps;
-  const scalar_t* row = a.weight + d * row_size;
+  const int64_t row_size = g.row_size();
+  const int lane = Team<kTeam>::lane();
+  const scalar_t* const row[1] = {a.weight + d * row_size};
   const operand_t* mu = a.mean + (d / g.outputs_per_group) * g.mean_values_per_group();
 
   // Over the row's values (c, t), each lane adding its own: V_d = sum mu_ct, sum mu_ct w,
@@ -165,19 +239,16 @@ __global__ void __launch_bounds__(kThreads) equinorm_weight_kernel(ForwardArgs<s
   // weight / a non-positive weight.
   enum { kMass, kKernel, kPositive, kCount, kSeesPositive, kSeesNonPositive };
   acc_t sums[kMaxTeamSums] = {};
-  for_each_channel<kTeam>(g, [&](int64_t c, bool active, int lane) {
-    if (!active) return;
-    for (int64_t t = lane; t < g.taps; t += lanes) {
-      const acc_t m = mu[mean_index(g, c, t)];
-      const acc_t w = load_acc(row + c * g.channel_stride + t * g.tap_stride);
-      sums[kMass] += m;
-      sums[kKernel] += m * w;
-      if (w > acc_t(0)) {
-        sums[kPositive] += m * w;
-        sums[kCount] += m;
-      }
-      if (m > acc_t(0)) sums[w > acc_t(0) ? kSeesPositive : kSeesNonPositive] += acc_t(1);
+  walk_row<kVec, false>(g, row, nullptr, 0, row_size, lane, kTeam, [&](int64_t m_index, const acc_t (&v)[1]) {
+    const acc_t m = mu[m_index], w = v[0];
+    sums[kMass] += m;
+    sums[kKernel] += m * w;
+    if (w > acc_t(0)) {
+      sums[kPositive] += m * w;
+      sums[kCount] += m;
     }
+    if (m > acc_t(0)) sums[w > acc_t(0) ? kSeesPositive : kSeesNonPositive] += acc_t(1);
+    return acc_t(0);
   });
   Team<kTeam>::sum(sums, scratch);
 
@@ -189,12 +260,10 @@ __global__ void __launch_bounds__(kThreads) equinorm_weight_kernel(ForwardArgs<s
   acc_t positive_mass;
   if (use_exact) {
     acc_t exact[1] = {};
-    for_each_channel<kTeam>(g, [&](int64_t c, bool active, int lane) {
-      if (!active) return;
-      for (int64_t t = lane; t < g.taps; t += lanes) {
-        const acc_t u = load_acc(row + c * g.channel_stride + t * g.tap_stride) + shift;
-        if (u > acc_t(0)) exact[0] += mu[mean_index(g, c, t)] * u;
-      }
+    walk_row<kVec, false>(g, row, nullptr, 0, row_size, lane, kTeam, [&](int64_t m_index, const acc_t (&v)[1]) {
+      const acc_t u = v[0] + shift;
+      if (u > acc_t(0)) exact[0] += mu[m_index] * u;
+      return acc_t(0);
     });
     Team<kTeam>::sum(exact, scratch);
     positive_mass = exact[0];
@@ -204,16 +273,14 @@ __global__ void __launch_bounds__(kThreads) equinorm_weight_kernel(ForwardArgs<s
   const acc_t scale = em::scale(positive_mass, em::absolute_mass(sums[kPositive], sums[kKernel]), a.ratio, a.eps);
   const acc_t factor = a.gain[d] * scale;
 
-  scalar_t* out = a.out + d * row_size;
-  for (int64_t i = Team<kTeam>::lane(); i < row_size; i += kTeam) {
-    out[i] = from_weight_math<scalar_t>(factor * (load_acc(row + i) + shift));
-  }
-  if (Team<kTeam>::lane() == 0) {
+  walk_row<kVec, true>(g, row, a.out + d * row_size, 0, row_size, lane, kTeam,
+                       [&](int64_t, const acc_t (&v)[1]) { return factor * (v[0] + shift); });
+  if (lane == 0) {
     em::write_stats(a.stats + d * em::kStatsColumns, shift, scale, positive_mass, value_mass, use_exact);
   }
 }
 
-template <typename scalar_t, int kTeam>
+template <typename scalar_t, int kTeam, int kVec>
 __global__ void __launch_bounds__(kThreads) equinorm_backward_kernel(BackwardArgs<scalar_t> a) {
   using acc_t = em::weight_math_t;
   using operand_t = acc_type<scalar_t>;
@@ -222,9 +289,11 @@ __global__ void __launch_bounds__(kThreads) equinorm_backward_kernel(BackwardArg
   const int64_t d = Team<kTeam>::row();
   if (d >= g.out_channels) return;  // only a warp team of the last block; warp teams use no block barrier
   const int lanes = g.lanes_per_channel;
-  const int64_t row_size = g.group_channels * g.taps;
+  const int64_t row_size = g.row_size();
+  const int team_lane = Team<kTeam>::lane();
   const scalar_t* row = a.weight + d * row_size;
   const scalar_t* grad = a.grad + d * row_size;
+  const scalar_t* const rows[2] = {row, grad};
   scalar_t* grad_weight = a.grad_weight + d * row_size;
   const operand_t* mu = a.mean + (d / g.outputs_per_group) * g.mean_values_per_group();
 
@@ -241,15 +310,12 @@ __global__ void __launch_bounds__(kThreads) equinorm_backward_kernel(BackwardArg
   // sum_ct G u, sum_ct G, sum_ct mu_ct [active], each lane adding its own values.
   enum { kGradTimesShifted, kGradSum, kActiveCount };
   acc_t sums[3] = {};
-  for_each_channel<kTeam>(g, [&](int64_t c, bool active, int lane) {
-    if (!active) return;
-    for (int64_t t = lane; t < g.taps; t += lanes) {
-      const int64_t i = c * g.channel_stride + t * g.tap_stride;
-      const acc_t w = load_acc(row + i), gr = load_acc(grad + i);
-      sums[kGradTimesShifted] += gr * (w + shift);
-      sums[kGradSum] += gr;
-      if (is_active(w)) sums[kActiveCount] += mu[mean_index(g, c, t)];
-    }
+  walk_row<kVec, false>(g, rows, nullptr, 0, row_size, team_lane, kTeam, [&](int64_t m_index, const acc_t (&v)[2]) {
+    const acc_t w = v[0], gr = v[1];
+    sums[kGradTimesShifted] += gr * (w + shift);
+    sums[kGradSum] += gr;
+    if (is_active(w)) sums[kActiveCount] += mu[m_index];
+    return acc_t(0);
   });
   Team<kTeam>::sum(sums, scratch);
 
@@ -257,30 +323,38 @@ __global__ void __launch_bounds__(kThreads) equinorm_backward_kernel(BackwardArg
   const acc_t grad_shift = em::grad_shift(sums[kGradSum], gain, scale, grad_mass, sums[kActiveCount]);
   const acc_t shared_factor = em::shared_mean_factor(grad_shift, value_mass);
   const acc_t gain_times_scale = gain * scale;
-  if (Team<kTeam>::lane() == 0) a.grad_gain[d] = static_cast<operand_t>(scale * sums[kGradTimesShifted]);
+  if (team_lane == 0) a.grad_gain[d] = static_cast<operand_t>(scale * sums[kGradTimesShifted]);
 
-  // dL/dw, and this row's terms of dL/dmu: u h per value for per-tap means; for channel means,
-  // summed over each channel's taps (a butterfly over the channel's lanes).
+  // dL/dw, and this row's terms of dL/dmu: u h per value when every value has its own mean (per-tap
+  // means, or one tap per channel); otherwise summed over each channel's taps (a butterfly over
+  // the channel's lanes).
   acc_t* terms = a.mean_terms + d * g.mean_values_per_group();
+  if (g.per_tap_means || g.taps == 1) {
+    walk_row<kVec, true>(g, rows, grad_weight, 0, row_size, team_lane, kTeam,
+                         [&](int64_t m_index, const acc_t (&v)[2]) {
+                           const acc_t w = v[0], gr = v[1];
+                           const bool on = is_active(w);
+                           const acc_t u = w + shift;
+                           terms[m_index] = em::grad_mean_term(on ? u : acc_t(0), u, grad_mass, shared_factor);
+                           return em::grad_weight(gr, gain_times_scale, acc_t(mu[m_index]),
+                                                  em::mean_factor(on, grad_mass, shared_factor));
+                         });
+    return;
+  }
   for_each_channel<kTeam>(g, [&](int64_t c, bool active, int lane) {
     acc_t shifted = 0, active_shifted = 0;  // sum_t u, sum_t [active] u
     if (active) {
       for (int64_t t = lane; t < g.taps; t += lanes) {
         const int64_t i = c * g.channel_stride + t * g.tap_stride;
-        const acc_t w = load_acc(row + i), gr = load_acc(grad + i), m = mu[mean_index(g, c, t)];
+        const acc_t w = load_acc(row + i), gr = load_acc(grad + i), m = mu[c];
         const bool on = is_active(w);
         const acc_t h = em::mean_factor(on, grad_mass, shared_factor);
         grad_weight[i] = from_weight_math<scalar_t>(em::grad_weight(gr, gain_times_scale, m, h));
         const acc_t u = w + shift;
-        if (g.per_tap_means) {
-          terms[c * g.taps + t] = em::grad_mean_term(on ? u : acc_t(0), u, grad_mass, shared_factor);
-        } else {
-          shifted += u;
-          if (on) active_shifted += u;
-        }
+        shifted += u;
+        if (on) active_shifted += u;
       }
     }
-    if (g.per_tap_means) return;  // the same in the whole team, so every lane reaches the butterflies below or none
     shifted = group_sum(shifted, lanes);
     active_shifted = group_sum(active_shifted, lanes);
     if (active && lane == 0) terms[c] = em::grad_mean_term(active_shifted, shifted, grad_mass, shared_factor);
@@ -334,9 +408,28 @@ bool valid_shape(const WeightShape& s) {
          s.out_channels % s.groups == 0 && s.group_channels * s.taps >= 2;
 }
 
-EquiNormWeightPlan plan_for(const WeightShape& s, ElementType type) {
+// The bytes by which the rows a kernel reads or writes beside `weight` sit off weight's place
+// modulo 16 (bits of every pointer's offset): vectors need them all aligned alike.
+int64_t relative_misalignment(const void* weight, std::initializer_list<const void*> others) {
+  uintptr_t bits = 0;
+  for (const void* other : others) {
+    bits |= (reinterpret_cast<uintptr_t>(other) - reinterpret_cast<uintptr_t>(weight)) % kMaxLoadBytes;
+  }
+  return static_cast<int64_t>(bits);
+}
+
+EquiNormWeightPlan plan_for(const WeightShape& s, ElementType type, int64_t misalignment_bytes = 0) {
   return plan_equinorm_weight(s.out_channels, s.group_channels, s.taps, s.groups, s.channels_last, s.per_tap_means,
-                              static_cast<int64_t>(element_size(type)));
+                              static_cast<int64_t>(element_size(type)), misalignment_bytes);
+}
+
+// Calls visit(std::integral_constant<int, kVec>{}) for the plan's row vector: 16 bytes or one element.
+template <typename scalar_t, typename Visit>
+cudaError_t visit_row_vector(int vec, Visit&& visit) {
+  constexpr int kWidest = max_vector_width<scalar_t>();
+  if (vec == kWidest) return visit(std::integral_constant<int, kWidest>{});
+  if (vec == 1) return visit(std::integral_constant<int, 1>{});
+  return cudaErrorInvalidValue;
 }
 
 RowGeometry row_geometry(const WeightShape& s, const EquiNormWeightPlan& plan) {
@@ -348,6 +441,7 @@ RowGeometry row_geometry(const WeightShape& s, const EquiNormWeightPlan& plan) {
   g.channel_stride = s.channels_last ? 1 : s.taps;
   g.tap_stride = s.channels_last ? s.group_channels : 1;
   g.lanes_per_channel = plan.lanes_per_channel;
+  g.channels_last = s.channels_last;
   g.per_tap_means = s.per_tap_means;
   return g;
 }
@@ -370,12 +464,15 @@ cudaError_t launch_forward_typed(const WeightShape& shape, const EquiNormWeightP
   args.exact = exact;
   if (!fits_grid(plan.blocks)) return cudaErrorInvalidConfiguration;
   const unsigned int grid = static_cast<unsigned int>(plan.blocks);
-  if (plan.team == kWarpSize) {
-    EQUINORM_LAUNCH(grid, kThreads, 0, stream, equinorm_weight_kernel<scalar_t, kWarpSize>)(args);
-  } else {
-    EQUINORM_LAUNCH(grid, kThreads, 0, stream, equinorm_weight_kernel<scalar_t, kThreads>)(args);
-  }
-  return cudaGetLastError();
+  return visit_row_vector<scalar_t>(plan.vec, [&](auto vec) {
+    constexpr int kVec = decltype(vec)::value;
+    if (plan.team == kWarpSize) {
+      EQUINORM_LAUNCH(grid, kThreads, 0, stream, equinorm_weight_kernel<scalar_t, kWarpSize, kVec>)(args);
+    } else {
+      EQUINORM_LAUNCH(grid, kThreads, 0, stream, equinorm_weight_kernel<scalar_t, kThreads, kVec>)(args);
+    }
+    return cudaGetLastError();
+  });
 }
 
 template <typename scalar_t>
@@ -397,12 +494,15 @@ cudaError_t launch_backward_typed(const WeightShape& shape, const EquiNormWeight
   args.mean_terms = static_cast<acc_t*>(workspace);
   if (!fits_grid(plan.blocks) || !fits_grid(plan.reduce_blocks)) return cudaErrorInvalidConfiguration;
   const unsigned int grid = static_cast<unsigned int>(plan.blocks);
-  if (plan.team == kWarpSize) {
-    EQUINORM_LAUNCH(grid, kThreads, 0, stream, equinorm_backward_kernel<scalar_t, kWarpSize>)(args);
-  } else {
-    EQUINORM_LAUNCH(grid, kThreads, 0, stream, equinorm_backward_kernel<scalar_t, kThreads>)(args);
-  }
-  const cudaError_t status = cudaGetLastError();
+  const cudaError_t status = visit_row_vector<scalar_t>(plan.vec, [&](auto vec) {
+    constexpr int kVec = decltype(vec)::value;
+    if (plan.team == kWarpSize) {
+      EQUINORM_LAUNCH(grid, kThreads, 0, stream, equinorm_backward_kernel<scalar_t, kWarpSize, kVec>)(args);
+    } else {
+      EQUINORM_LAUNCH(grid, kThreads, 0, stream, equinorm_backward_kernel<scalar_t, kThreads, kVec>)(args);
+    }
+    return cudaGetLastError();
+  });
   if (status != cudaSuccess) return status;
   EQUINORM_LAUNCH(static_cast<unsigned int>(plan.reduce_blocks), kReduceThreads, 0, stream,
                   sum_mean_terms_kernel<acc_t>)(args.mean_terms, args.geometry.mean_values_per_group(),
@@ -422,8 +522,8 @@ cudaError_t launch_equinorm_weight(const WeightShape& shape, ElementType type, c
   }
   return visit_element_type(type, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
-    return launch_forward_typed<scalar_t>(shape, plan_for(shape, type), weight, mean, gain, ratio, eps, exact, out,
-                                          stats, stream);
+    const EquiNormWeightPlan plan = plan_for(shape, type, relative_misalignment(weight, {out}));
+    return launch_forward_typed<scalar_t>(shape, plan, weight, mean, gain, ratio, eps, exact, out, stats, stream);
   });
 }
 
@@ -444,8 +544,9 @@ cudaError_t launch_equinorm_backward(const WeightShape& shape, ElementType type,
   }
   return visit_element_type(type, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
-    return launch_backward_typed<scalar_t>(shape, plan_for(shape, type), grad_out, weight, mean, gain, stats,
-                                           grad_weight, grad_mean, grad_gain, workspace, stream);
+    const int64_t misalignment = relative_misalignment(weight, {grad_out, grad_weight});
+    return launch_backward_typed<scalar_t>(shape, plan_for(shape, type, misalignment), grad_out, weight, mean, gain,
+                                           stats, grad_weight, grad_mean, grad_gain, workspace, stream);
   });
 }
 

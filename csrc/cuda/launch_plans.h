@@ -349,12 +349,15 @@ constexpr int64_t kWarpTeamMaxRow = 256;
 constexpr int kReduceColumns = 32;
 constexpr int kReduceSlices = 16;
 
-// One team of threads owns one output channel's row of group_channels x taps values; within it a
-// power-of-two group of lanes shares one input channel. Loads are one element each.
+// One team of threads owns one output channel's row of group_channels x taps values, a contiguous
+// run in either layout: its sums read the run as 16-byte vectors on the aligned body, scalar on
+// the head and tail. The backward's per-channel contributions to grad_mean (channel means over
+// several taps) give a power-of-two group of lanes to each input channel, one element a load.
 struct EquiNormWeightPlan {
   int threads = kEquiNormThreads;
   int team = 32;               // a warp, or the whole block
   int lanes_per_channel = 1;   // a power of two <= 32
+  int vec = 1;                 // elements per body load: 16 bytes, or 1 where the rows are aligned unlike
   int64_t rows_per_block = 0;
   int64_t blocks = 0;
   int64_t load_bytes = 0;
@@ -364,9 +367,11 @@ struct EquiNormWeightPlan {
   int64_t backward_workspace_bytes = 0;
 };
 
+// misalignment_bytes: how far the other rows a kernel reads or writes (out, grad, grad_weight) sit
+// from the weight's alignment modulo 16; vectors need every row aligned alike.
 inline EquiNormWeightPlan plan_equinorm_weight(int64_t out_channels, int64_t group_channels, int64_t taps,
                                                int64_t groups, bool channels_last, bool per_tap_means,
-                                               int64_t element_bytes) {
+                                               int64_t element_bytes, int64_t misalignment_bytes = 0) {
   EquiNormWeightPlan plan;
   plan.team = group_channels * taps <= kWarpTeamMaxRow ? 32 : kEquiNormThreads;
   // (c, t): neighbouring lanes take neighbouring taps of a channel. (t, c): neighbouring lanes
@@ -377,7 +382,8 @@ inline EquiNormWeightPlan plan_equinorm_weight(int64_t out_channels, int64_t gro
   plan.lanes_per_channel = static_cast<int>(lanes);
   plan.rows_per_block = plan.threads / plan.team;
   plan.blocks = ceil_div(out_channels, plan.rows_per_block);
-  plan.load_bytes = element_bytes;
+  plan.vec = misalignment_bytes % kMaxLoadBytes == 0 ? static_cast<int>(kMaxLoadBytes / element_bytes) : 1;
+  plan.load_bytes = plan.vec * element_bytes;
   const int64_t mean_values_per_group = per_tap_means ? group_channels * taps : group_channels;
   plan.mean_values = mean_values_per_group * groups;
   plan.reduce_blocks = ceil_div(plan.mean_values, kReduceColumns);

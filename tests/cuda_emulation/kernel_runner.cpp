@@ -182,7 +182,9 @@ Outputs run_equinorm(const Case& c) {
   const size_t element_offset = offset * info.element_bytes, accumulation_offset = offset * info.accumulation_bytes;
   // stats and grad_mean are double for every element type (csrc/shared/equinorm_math.h).
   const size_t weight_math_bytes = sizeof(double), weight_math_offset = offset * weight_math_bytes;
-  const Buffer weight(c.input(c.text("weight")), element_offset);
+  // weight_offset: the weight alone off the other buffers' alignment
+  const size_t weight_offset = c.has("weight_offset") ? static_cast<size_t>(c.integer("weight_offset")) : offset;
+  const Buffer weight(c.input(c.text("weight")), weight_offset * info.element_bytes);
   const Buffer mean(c.input(c.text("mean")), accumulation_offset);
   const Buffer gain(c.input(c.text("gain")), accumulation_offset);
   const Buffer out(elements * info.element_bytes, element_offset);

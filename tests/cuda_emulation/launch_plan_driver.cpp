@@ -140,6 +140,7 @@ std::string equinorm_weight(std::istringstream& in) {
       .field("threads", p.threads)
       .field("team", p.team)
       .field("lanes_per_channel", p.lanes_per_channel)
+      .field("vec", p.vec)
       .field("rows_per_block", p.rows_per_block)
       .field("blocks", p.blocks)
       .field("load_bytes", p.load_bytes)
