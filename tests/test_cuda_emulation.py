@@ -154,6 +154,8 @@ MACHINES = {
     "small": dict(multiprocessors=2, min_block_bytes=64),
     # 1056 blocks of at least 16 bytes: more than 64 slots per channel
     "many-slots": dict(multiprocessors=132, min_block_bytes=16),
+    # two waves = 16 equinorm blocks of at least 64 bytes: rows of a few hundred values split into slices
+    "split-rows": dict(multiprocessors=4, min_block_bytes=64),
 }
 
 
@@ -249,6 +251,8 @@ WEIGHT_CASES = {
     "many-outputs": ((100, 40), 1),
     # rows of 77 values: each starts at another place of the 16-byte unit
     "linear-odd-rows": ((9, 77), 1),
+    # two groups of three output channels with rows of 360 values (split into slices on "split-rows")
+    "grouped-long": ((6, 40, 3, 3), 2),
 }
 
 
@@ -277,7 +281,7 @@ def _equinorm_forward_and_grads(weight, mean, gain, upstream, ratio, groups, mod
 
 
 def _equinorm_case(case_name: str, dtype_name: str, channels_last: bool, exact: bool, offset: int,
-                   per_tap: bool = False, weight_offset: int | None = None) -> KernelCase:
+                   per_tap: bool = False, weight_offset: int | None = None, machine: str = "h100") -> KernelCase:
     shape, groups = WEIGHT_CASES[case_name]
     dtype, acc = DTYPES[dtype_name], _accumulation(DTYPES[dtype_name])
     ratio, eps, mode = (1.0 if per_tap else 0.7), 1e-5, "exact" if exact else "single_pass"
@@ -318,6 +322,9 @@ def _equinorm_case(case_name: str, dtype_name: str, channels_last: bool, exact: 
     if weight_offset is not None:
         fields["weight_offset"] = weight_offset
         suffix = f"-weight-offset{weight_offset}"
+    fields.update(MACHINES[machine])
+    if machine != "h100":
+        suffix += f"-{machine}"
     return KernelCase(
         "equinorm",
         f"equinorm-{case_name}-{layout}-{dtype_name}-{mode}{means}-offset{offset}{suffix}",
@@ -343,6 +350,18 @@ def equinorm_cases() -> list[KernelCase]:
     for case_name in ("linear-odd-rows", "block-team"):
         cases.append(_equinorm_case(case_name, "half", False, False, 0, weight_offset=1))
         cases.append(_equinorm_case(case_name, "float", False, True, 1, weight_offset=0))
+    # rows split over several blocks each (their plans: test_emulated_equinorm_plans_split_rows)
+    split = [  # (case, dtype, channels_last, exact, offset, per_tap)
+        ("block-team", "half", False, False, 1, False), ("block-team", "float", False, True, 0, False),
+        ("block-team", "float", False, True, 1, True), ("block-team", "bfloat16", True, False, 0, False),
+        ("block-team", "half", True, False, 0, True), ("block-team-linear", "half", False, False, 1, False),
+        ("block-team-linear", "double", False, True, 0, False), ("grouped-long", "float", False, True, 1, False),
+        ("grouped-long", "half", True, False, 0, False),
+    ]
+    for case_name, dtype_name, channels_last, exact, offset, per_tap in split:
+        cases.append(_equinorm_case(case_name, dtype_name, channels_last, exact, offset, per_tap=per_tap,
+                                    machine="split-rows"))
+    cases.append(_equinorm_case("block-team", "half", False, True, 0, weight_offset=1, machine="split-rows"))
     return cases
 
 

@@ -1,11 +1,14 @@
 // EquiNorm's weight transform and its backward on the GPU (formulas: csrc/shared/equinorm_math.h).
 //
 // Launches per op:
-//   equinorm_weight     1 kernel.
-//   equinorm_forward    2 kernels: the channel means (channel_mean.cu; plus its finish when a
-//                       channel is split over several blocks), then this transform. Every
-//                       output channel needs every mean of its group, a grid-wide dependency,
-//                       so the transform starts at a kernel boundary.
+//   equinorm_weight     1 kernel, or 3 when the plan splits each row over several blocks (few
+//                       output channels): each slice's first sums, each slice's part of the
+//                       exact P_d, the output; every block adds its row's slice partials itself
+//                       in slice order (a deterministic two-stage reduction, no float atomics).
+//   equinorm_forward    the channel means (channel_mean.cu; plus its finish when a channel is
+//                       split over several blocks), then this transform. Every output channel
+//                       needs every mean of its group, a grid-wide dependency, so the transform
+//                       starts at a kernel boundary.
 //   equinorm_backward   2 kernels: per output channel d, grad_weight, grad_gain and the row
 //                       of contributions to grad_mean (C/groups values, or C/groups x K for
 //                       per-tap means); then each value of grad_mean adds its group's rows in a
@@ -102,6 +105,11 @@ struct ForwardArgs {
   acc_t ratio;
   acc_t eps;
   bool exact;
+  // rows split over several blocks: (D, slices, kSlicePartials), each slice's first sums and its
+  // part of the exact P_d
+  int64_t slices;
+  int64_t slice_values;
+  acc_t* partials;
 };
 
 template <typename scalar_t>
@@ -221,8 +229,59 @@ __device__ __forceinline__ void walk_row(const RowGeometry& g, const scalar_t* c
   }
 }
 
+// The forward's first sums over the values of a row (or of a slice of it), each lane adding its
+// own: V_d = sum mu_ct, sum mu_ct w, sum mu_ct [w > 0] w, sum mu_ct [w > 0], and how many seen
+// values (mu_ct > 0) have a positive weight / a non-positive weight.
+enum FirstSum { kMass, kKernel, kPositive, kCount, kSeesPositive, kSeesNonPositive, kFirstSums };
+static_assert(kFirstSums <= kMaxTeamSums, "a team adds the first sums at once");
+// A slice's partials: its first sums, then its part of the exact P_d.
+constexpr int kSlicePartials = kFirstSums + 1;
+static_assert(kSlicePartials == kEquiNormSlicePartials, "the plan sizes the slice partials");
+
+__device__ __forceinline__ void add_first_sums(em::weight_math_t (&sums)[kFirstSums], em::weight_math_t m,
+                                               em::weight_math_t w) {
+  using acc_t = em::weight_math_t;
+  sums[kMass] += m;
+  sums[kKernel] += m * w;
+  if (w > acc_t(0)) {
+    sums[kPositive] += m * w;
+    sums[kCount] += m;
+  }
+  if (m > acc_t(0)) sums[w > acc_t(0) ? kSeesPositive : kSeesNonPositive] += acc_t(1);
+}
+
+// What a row's first sums decide: V_d, b_d, and whether P_d is the exact one.
+struct RowShift {
+  em::weight_math_t value_mass, shift;
+  bool use_exact;
+};
+
+__device__ __forceinline__ RowShift row_shift(const em::weight_math_t (&sums)[kFirstSums], bool exact) {
+  using acc_t = em::weight_math_t;
+  RowShift r;
+  r.value_mass = em::value_mass(sums[kMass]);
+  r.shift = em::shift(sums[kKernel], r.value_mass);
+  r.use_exact =
+      exact || em::needs_exact_positive_mass(sums[kSeesPositive] > acc_t(0), sums[kSeesNonPositive] > acc_t(0));
+  return r;
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ em::weight_math_t row_scale(const ForwardArgs<scalar_t>& a,
+                                                       const em::weight_math_t (&sums)[kFirstSums],
+                                                       em::weight_math_t positive_mass) {
+  return em::scale(positive_mass, em::absolute_mass(sums[kPositive], sums[kKernel]), a.ratio, a.eps);
+}
+
+// The part of the exact P_d = sum mu_ct max(u, 0) of one value.
+__device__ __forceinline__ em::weight_math_t exact_positive_part(em::weight_math_t m, em::weight_math_t w,
+                                                                 em::weight_math_t shift) {
+  const em::weight_math_t u = w + shift;
+  return u > em::weight_math_t(0) ? m * u : em::weight_math_t(0);
+}
+
 template <typename scalar_t, int kTeam, int kVec>
-__global__ void __launch_bounds__(kThreads) equinorm_weight_kernel(ForwardArgs<scalar_t> a) {
+__global__ void __launch_bounds__(kThreads, kEquiNormBlocksPerMultiprocessor) equinorm_weight_kernel(ForwardArgs<scalar_t> a) {
   using acc_t = em::weight_math_t;
   using operand_t = acc_type<scalar_t>;
   __shared__ acc_t scratch[kMaxTeamSums * Team<kTeam>::kWarps];
@@ -234,35 +293,21 @@ __global__ void __launch_bounds__(kThreads) equinorm_weight_kernel(ForwardArgs<s
   const scalar_t* const row[1] = {a.weight + d * row_size};
   const operand_t* mu = a.mean + (d / g.outputs_per_group) * g.mean_values_per_group();
 
-  // Over the row's values (c, t), each lane adding its own: V_d = sum mu_ct, sum mu_ct w,
-  // sum mu_ct [w > 0] w, sum mu_ct [w > 0], and how many seen values (mu_ct > 0) have a positive
-  // weight / a non-positive weight.
-  enum { kMass, kKernel, kPositive, kCount, kSeesPositive, kSeesNonPositive };
-  acc_t sums[kMaxTeamSums] = {};
+  acc_t sums[kFirstSums] = {};
   walk_row<kVec, false>(g, row, nullptr, 0, row_size, lane, kTeam, [&](int64_t m_index, const acc_t (&v)[1]) {
-    const acc_t m = mu[m_index], w = v[0];
-    sums[kMass] += m;
-    sums[kKernel] += m * w;
-    if (w > acc_t(0)) {
-      sums[kPositive] += m * w;
-      sums[kCount] += m;
-    }
-    if (m > acc_t(0)) sums[w > acc_t(0) ? kSeesPositive : kSeesNonPositive] += acc_t(1);
+    add_first_sums(sums, mu[m_index], v[0]);
     return acc_t(0);
   });
   Team<kTeam>::sum(sums, scratch);
 
-  const acc_t value_mass = em::value_mass(sums[kMass]);
-  const acc_t shift = em::shift(sums[kKernel], value_mass);
   // The same bits in the whole team, so the branch is uniform.
-  const bool use_exact =
-      a.exact || em::needs_exact_positive_mass(sums[kSeesPositive] > acc_t(0), sums[kSeesNonPositive] > acc_t(0));
+  const RowShift r = row_shift(sums, a.exact);
+  const acc_t shift = r.shift;
   acc_t positive_mass;
-  if (use_exact) {
+  if (r.use_exact) {
     acc_t exact[1] = {};
     walk_row<kVec, false>(g, row, nullptr, 0, row_size, lane, kTeam, [&](int64_t m_index, const acc_t (&v)[1]) {
-      const acc_t u = v[0] + shift;
-      if (u > acc_t(0)) exact[0] += mu[m_index] * u;
+      exact[0] += exact_positive_part(mu[m_index], v[0], shift);
       return acc_t(0);
     });
     Team<kTeam>::sum(exact, scratch);
@@ -270,18 +315,117 @@ __global__ void __launch_bounds__(kThreads) equinorm_weight_kernel(ForwardArgs<s
   } else {
     positive_mass = em::one_pass_positive_mass(sums[kPositive], shift, sums[kCount]);
   }
-  const acc_t scale = em::scale(positive_mass, em::absolute_mass(sums[kPositive], sums[kKernel]), a.ratio, a.eps);
+  const acc_t scale = row_scale(a, sums, positive_mass);
   const acc_t factor = a.gain[d] * scale;
 
   walk_row<kVec, true>(g, row, a.out + d * row_size, 0, row_size, lane, kTeam,
                        [&](int64_t, const acc_t (&v)[1]) { return factor * (v[0] + shift); });
   if (lane == 0) {
-    em::write_stats(a.stats + d * em::kStatsColumns, shift, scale, positive_mass, value_mass, use_exact);
+    em::write_stats(a.stats + d * em::kStatsColumns, shift, scale, positive_mass, r.value_mass, r.use_exact);
+  }
+}
+
+// ---- the forward of rows split over several blocks: block b owns slice b % slices of row b / slices ----
+// Three kernels: each slice's first sums; each slice's part of the exact P_d (rows that use it);
+// the output. Each block adds its row's slice partials itself, in slice order, so every block of
+// a row gets the same bits without a kernel of its own for that.
+
+struct RowSlice {
+  int64_t row, slice, begin, end;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ RowSlice block_slice(const ForwardArgs<scalar_t>& a) {
+  RowSlice r;
+  r.row = static_cast<int64_t>(blockIdx.x) / a.slices;
+  r.slice = static_cast<int64_t>(blockIdx.x) - r.row * a.slices;
+  r.begin = r.slice * a.slice_values;
+  r.end = std::min(a.geometry.row_size(), r.begin + a.slice_values);
+  return r;
+}
+
+// sums[k] = partial first + k of the row's slices, added in slice order.
+template <int N>
+__device__ __forceinline__ void add_slices(const em::weight_math_t* partials, int64_t row, int64_t slices, int first,
+                                           em::weight_math_t (&sums)[N]) {
+  const em::weight_math_t* source = partials + row * slices * kSlicePartials + first;
+  for (int64_t s = 0; s < slices; ++s) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) sums[k] += source[s * kSlicePartials + k];
+  }
+}
+
+template <typename scalar_t, int kVec>
+__global__ void __launch_bounds__(kThreads, kEquiNormBlocksPerMultiprocessor) slice_sums_kernel(ForwardArgs<scalar_t> a) {
+  using acc_t = em::weight_math_t;
+  __shared__ acc_t scratch[kFirstSums * Team<kThreads>::kWarps];
+  const RowGeometry& g = a.geometry;
+  const RowSlice slice = block_slice(a);
+  const scalar_t* const row[1] = {a.weight + slice.row * g.row_size()};
+  const acc_type<scalar_t>* mu = a.mean + (slice.row / g.outputs_per_group) * g.mean_values_per_group();
+  acc_t sums[kFirstSums] = {};
+  walk_row<kVec, false>(g, row, nullptr, slice.begin, slice.end, threadIdx.x, kThreads,
+                        [&](int64_t m_index, const acc_t (&v)[1]) {
+                          add_first_sums(sums, mu[m_index], v[0]);
+                          return acc_t(0);
+                        });
+  Team<kThreads>::sum(sums, scratch);
+  if (threadIdx.x == 0) {
+    acc_t* target = a.partials + blockIdx.x * static_cast<int64_t>(kSlicePartials);
+    for (int k = 0; k < kFirstSums; ++k) target[k] = sums[k];
+  }
+}
+
+template <typename scalar_t, int kVec>
+__global__ void __launch_bounds__(kThreads, kEquiNormBlocksPerMultiprocessor) slice_exact_kernel(ForwardArgs<scalar_t> a) {
+  using acc_t = em::weight_math_t;
+  __shared__ acc_t scratch[Team<kThreads>::kWarps];
+  const RowGeometry& g = a.geometry;
+  const RowSlice slice = block_slice(a);
+  acc_t sums[kFirstSums] = {};
+  add_slices(a.partials, slice.row, a.slices, 0, sums);
+  const RowShift r = row_shift(sums, a.exact);
+  if (!r.use_exact) return;  // the whole block: one row
+  const scalar_t* const row[1] = {a.weight + slice.row * g.row_size()};
+  const acc_type<scalar_t>* mu = a.mean + (slice.row / g.outputs_per_group) * g.mean_values_per_group();
+  acc_t exact[1] = {};
+  walk_row<kVec, false>(g, row, nullptr, slice.begin, slice.end, threadIdx.x, kThreads,
+                        [&](int64_t m_index, const acc_t (&v)[1]) {
+                          exact[0] += exact_positive_part(mu[m_index], v[0], r.shift);
+                          return acc_t(0);
+                        });
+  Team<kThreads>::sum(exact, scratch);
+  if (threadIdx.x == 0) a.partials[blockIdx.x * static_cast<int64_t>(kSlicePartials) + kFirstSums] = exact[0];
+}
+
+template <typename scalar_t, int kVec>
+__global__ void __launch_bounds__(kThreads, kEquiNormBlocksPerMultiprocessor) slice_output_kernel(ForwardArgs<scalar_t> a) {
+  using acc_t = em::weight_math_t;
+  const RowGeometry& g = a.geometry;
+  const RowSlice slice = block_slice(a);
+  acc_t sums[kFirstSums] = {};
+  add_slices(a.partials, slice.row, a.slices, 0, sums);
+  const RowShift r = row_shift(sums, a.exact);
+  acc_t positive_mass;
+  if (r.use_exact) {
+    acc_t exact[1] = {};
+    add_slices(a.partials, slice.row, a.slices, kFirstSums, exact);
+    positive_mass = exact[0];
+  } else {
+    positive_mass = em::one_pass_positive_mass(sums[kPositive], r.shift, sums[kCount]);
+  }
+  const acc_t scale = row_scale(a, sums, positive_mass);
+  const acc_t factor = a.gain[slice.row] * scale;
+  const scalar_t* const row[1] = {a.weight + slice.row * g.row_size()};
+  walk_row<kVec, true>(g, row, a.out + slice.row * g.row_size(), slice.begin, slice.end, threadIdx.x, kThreads,
+                       [&](int64_t, const acc_t (&v)[1]) { return factor * (v[0] + r.shift); });
+  if (slice.slice == 0 && threadIdx.x == 0) {
+    em::write_stats(a.stats + slice.row * em::kStatsColumns, r.shift, scale, positive_mass, r.value_mass, r.use_exact);
   }
 }
 
 template <typename scalar_t, int kTeam, int kVec>
-__global__ void __launch_bounds__(kThreads) equinorm_backward_kernel(BackwardArgs<scalar_t> a) {
+__global__ void __launch_bounds__(kThreads, kEquiNormBlocksPerMultiprocessor) equinorm_backward_kernel(BackwardArgs<scalar_t> a) {
   using acc_t = em::weight_math_t;
   using operand_t = acc_type<scalar_t>;
   __shared__ acc_t scratch[kMaxTeamSums * Team<kTeam>::kWarps];
@@ -418,9 +562,10 @@ int64_t relative_misalignment(const void* weight, std::initializer_list<const vo
   return static_cast<int64_t>(bits);
 }
 
-EquiNormWeightPlan plan_for(const WeightShape& s, ElementType type, int64_t misalignment_bytes = 0) {
+EquiNormWeightPlan plan_for(const WeightShape& s, ElementType type, const MachineModel& machine,
+                            int64_t misalignment_bytes = 0) {
   return plan_equinorm_weight(s.out_channels, s.group_channels, s.taps, s.groups, s.channels_last, s.per_tap_means,
-                              static_cast<int64_t>(element_size(type)), misalignment_bytes);
+                              static_cast<int64_t>(element_size(type)), misalignment_bytes, machine);
 }
 
 // Calls visit(std::integral_constant<int, kVec>{}) for the plan's row vector: 16 bytes or one element.
@@ -449,7 +594,7 @@ RowGeometry row_geometry(const WeightShape& s, const EquiNormWeightPlan& plan) {
 template <typename scalar_t>
 cudaError_t launch_forward_typed(const WeightShape& shape, const EquiNormWeightPlan& plan, const void* weight,
                                  const void* mean, const void* gain, double ratio, double eps, bool exact, void* out,
-                                 void* stats, cudaStream_t stream) {
+                                 void* stats, void* workspace, cudaStream_t stream) {
   using acc_t = em::weight_math_t;
   using operand_t = acc_type<scalar_t>;
   ForwardArgs<scalar_t> args{};
@@ -462,11 +607,18 @@ cudaError_t launch_forward_typed(const WeightShape& shape, const EquiNormWeightP
   args.ratio = static_cast<acc_t>(ratio);
   args.eps = static_cast<acc_t>(eps);
   args.exact = exact;
+  args.slices = plan.slices;
+  args.slice_values = plan.slice_values;
+  args.partials = static_cast<acc_t*>(workspace);
   if (!fits_grid(plan.blocks)) return cudaErrorInvalidConfiguration;
   const unsigned int grid = static_cast<unsigned int>(plan.blocks);
   return visit_row_vector<scalar_t>(plan.vec, [&](auto vec) {
     constexpr int kVec = decltype(vec)::value;
-    if (plan.team == kWarpSize) {
+    if (plan.slices > 1) {
+      EQUINORM_LAUNCH(grid, kThreads, 0, stream, slice_sums_kernel<scalar_t, kVec>)(args);
+      EQUINORM_LAUNCH(grid, kThreads, 0, stream, slice_exact_kernel<scalar_t, kVec>)(args);
+      EQUINORM_LAUNCH(grid, kThreads, 0, stream, slice_output_kernel<scalar_t, kVec>)(args);
+    } else if (plan.team == kWarpSize) {
       EQUINORM_LAUNCH(grid, kThreads, 0, stream, equinorm_weight_kernel<scalar_t, kWarpSize, kVec>)(args);
     } else {
       EQUINORM_LAUNCH(grid, kThreads, 0, stream, equinorm_weight_kernel<scalar_t, kThreads, kVec>)(args);
@@ -492,8 +644,8 @@ cudaError_t launch_backward_typed(const WeightShape& shape, const EquiNormWeight
   args.grad_weight = static_cast<scalar_t*>(grad_weight);
   args.grad_gain = static_cast<operand_t*>(grad_gain);
   args.mean_terms = static_cast<acc_t*>(workspace);
-  if (!fits_grid(plan.blocks) || !fits_grid(plan.reduce_blocks)) return cudaErrorInvalidConfiguration;
-  const unsigned int grid = static_cast<unsigned int>(plan.blocks);
+  if (!fits_grid(plan.row_blocks) || !fits_grid(plan.reduce_blocks)) return cudaErrorInvalidConfiguration;
+  const unsigned int grid = static_cast<unsigned int>(plan.row_blocks);
   const cudaError_t status = visit_row_vector<scalar_t>(plan.vec, [&](auto vec) {
     constexpr int kVec = decltype(vec)::value;
     if (plan.team == kWarpSize) {
@@ -513,40 +665,48 @@ cudaError_t launch_backward_typed(const WeightShape& shape, const EquiNormWeight
 
 }  // namespace
 
+size_t equinorm_weight_workspace_bytes(const WeightShape& shape, ElementType type, const MachineModel& machine) {
+  if (!valid_shape(shape)) return 0;
+  return static_cast<size_t>(plan_for(shape, type, machine).forward_workspace_bytes);
+}
+
 cudaError_t launch_equinorm_weight(const WeightShape& shape, ElementType type, const void* weight, const void* mean,
                                    const void* gain, double ratio, double eps, bool exact, void* out, void* stats,
-                                   cudaStream_t stream) {
+                                   void* workspace, size_t workspace_bytes, cudaStream_t stream,
+                                   const MachineModel& machine) {
+  const size_t needed = equinorm_weight_workspace_bytes(shape, type, machine);
   if (!valid_shape(shape) || weight == nullptr || mean == nullptr || gain == nullptr || out == nullptr ||
-      stats == nullptr) {
+      stats == nullptr || (needed > 0 && (workspace == nullptr || workspace_bytes < needed))) {
     return cudaErrorInvalidValue;
   }
   return visit_element_type(type, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
-    const EquiNormWeightPlan plan = plan_for(shape, type, relative_misalignment(weight, {out}));
-    return launch_forward_typed<scalar_t>(shape, plan, weight, mean, gain, ratio, eps, exact, out, stats, stream);
+    const EquiNormWeightPlan plan = plan_for(shape, type, machine, relative_misalignment(weight, {out}));
+    return launch_forward_typed<scalar_t>(shape, plan, weight, mean, gain, ratio, eps, exact, out, stats, workspace,
+                                          stream);
   });
 }
 
-size_t equinorm_backward_workspace_bytes(const WeightShape& shape, ElementType type) {
+size_t equinorm_backward_workspace_bytes(const WeightShape& shape, ElementType type, const MachineModel& machine) {
   if (!valid_shape(shape)) return 0;
   static_assert(sizeof(em::weight_math_t) == sizeof(double), "the plan sizes the contributions as float64");
-  return static_cast<size_t>(plan_for(shape, type).backward_workspace_bytes);
+  return static_cast<size_t>(plan_for(shape, type, machine).backward_workspace_bytes);
 }
 
 cudaError_t launch_equinorm_backward(const WeightShape& shape, ElementType type, const void* grad_out,
                                      const void* weight, const void* mean, const void* gain, const void* stats,
                                      void* grad_weight, void* grad_mean, void* grad_gain, void* workspace,
-                                     size_t workspace_bytes, cudaStream_t stream) {
+                                     size_t workspace_bytes, cudaStream_t stream, const MachineModel& machine) {
   if (!valid_shape(shape) || grad_out == nullptr || weight == nullptr || mean == nullptr || gain == nullptr ||
       stats == nullptr || grad_weight == nullptr || grad_mean == nullptr || grad_gain == nullptr ||
-      workspace == nullptr || workspace_bytes < equinorm_backward_workspace_bytes(shape, type)) {
+      workspace == nullptr || workspace_bytes < equinorm_backward_workspace_bytes(shape, type, machine)) {
     return cudaErrorInvalidValue;
   }
   return visit_element_type(type, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     const int64_t misalignment = relative_misalignment(weight, {grad_out, grad_weight});
-    return launch_backward_typed<scalar_t>(shape, plan_for(shape, type, misalignment), grad_out, weight, mean, gain,
-                                           stats, grad_weight, grad_mean, grad_gain, workspace, stream);
+    return launch_backward_typed<scalar_t>(shape, plan_for(shape, type, machine, misalignment), grad_out, weight,
+                                           mean, gain, stats, grad_weight, grad_mean, grad_gain, workspace, stream);
   });
 }
 

@@ -342,25 +342,38 @@ inline RescalePlan plan_enorm_rescale(int64_t outer, int64_t row_values, int64_t
 // ---- EquiNorm weight transform and its backward ----
 
 constexpr int kEquiNormThreads = 256;
+// The kernels' __launch_bounds__ minimum.
+constexpr int kEquiNormBlocksPerMultiprocessor = 2;
 // Rows of at most this many values go to a warp team (eight rows a block), longer rows to the block.
 constexpr int64_t kWarpTeamMaxRow = 256;
 // The backward's grad_mean reduction: a block adds kReduceColumns channels, each over
 // kReduceSlices interleaved slices of its output channels.
 constexpr int kReduceColumns = 32;
 constexpr int kReduceSlices = 16;
+// float64 partials of a slice of a split row: the forward's six first sums and its part of the exact P_d.
+constexpr int64_t kEquiNormSlicePartials = 7;
 
 // One team of threads owns one output channel's row of group_channels x taps values, a contiguous
 // run in either layout: its sums read the run as 16-byte vectors on the aligned body, scalar on
-// the head and tail. The backward's per-channel contributions to grad_mean (channel means over
-// several taps) give a power-of-two group of lanes to each input channel, one element a load.
+// the head and tail. With few output channels (fewer team blocks than two waves) a block row is
+// split into slices of at least min_block_bytes, each a block of its own: the forward then runs
+// three kernels (each slice's first sums, its part of the exact P_d, the output), each block
+// adding its row's slice partials in slice order. The backward's per-channel contributions to
+// grad_mean (channel means over several taps) give a power-of-two group of lanes to each input
+// channel, one element a load, one team per row.
 struct EquiNormWeightPlan {
   int threads = kEquiNormThreads;
+  int blocks_per_multiprocessor = kEquiNormBlocksPerMultiprocessor;
   int team = 32;               // a warp, or the whole block
   int lanes_per_channel = 1;   // a power of two <= 32
   int vec = 1;                 // elements per body load: 16 bytes, or 1 where the rows are aligned unlike
   int64_t rows_per_block = 0;
-  int64_t blocks = 0;
+  int64_t row_blocks = 0;      // blocks of whole rows' teams
+  int64_t slices = 1;          // blocks per row (block teams only)
+  int64_t slice_values = 0;    // a slice's values (a multiple of vec), the last one shorter
+  int64_t blocks = 0;          // the forward's: row_blocks x slices
   int64_t load_bytes = 0;
+  int64_t forward_workspace_bytes = 0;  // the slices' partials (D, slices, 7) in float64
   // backward: the (D, mean values per group) contributions to grad_mean, in float64, then their sum
   int64_t mean_values = 0;     // grad_mean's values (C, or C x taps with per-tap means)
   int64_t reduce_blocks = 0;
@@ -371,19 +384,33 @@ struct EquiNormWeightPlan {
 // from the weight's alignment modulo 16; vectors need every row aligned alike.
 inline EquiNormWeightPlan plan_equinorm_weight(int64_t out_channels, int64_t group_channels, int64_t taps,
                                                int64_t groups, bool channels_last, bool per_tap_means,
-                                               int64_t element_bytes, int64_t misalignment_bytes = 0) {
+                                               int64_t element_bytes, int64_t misalignment_bytes = 0,
+                                               const MachineModel& machine = kHopper) {
   EquiNormWeightPlan plan;
-  plan.team = group_channels * taps <= kWarpTeamMaxRow ? 32 : kEquiNormThreads;
+  const int64_t row_values = group_channels * taps;
+  plan.team = row_values <= kWarpTeamMaxRow ? 32 : kEquiNormThreads;
   // (c, t): neighbouring lanes take neighbouring taps of a channel. (t, c): neighbouring lanes
   // take neighbouring channels, and a channel gets several lanes only when the channels alone
   // cannot keep the team busy.
   int64_t lanes = std::min<int64_t>(32, ceil_power_of_two(taps));
   if (channels_last) lanes = std::min(lanes, floor_power_of_two(std::max<int64_t>(1, plan.team / group_channels)));
   plan.lanes_per_channel = static_cast<int>(lanes);
-  plan.rows_per_block = plan.threads / plan.team;
-  plan.blocks = ceil_div(out_channels, plan.rows_per_block);
   plan.vec = misalignment_bytes % kMaxLoadBytes == 0 ? static_cast<int>(kMaxLoadBytes / element_bytes) : 1;
   plan.load_bytes = plan.vec * element_bytes;
+  plan.rows_per_block = plan.threads / plan.team;
+  plan.row_blocks = ceil_div(out_channels, plan.rows_per_block);
+  plan.slice_values = row_values;
+  if (plan.team == kEquiNormThreads) {
+    // Two waves over all rows, as long as a slice keeps min_block_bytes.
+    const int64_t wanted = ceil_div(wave_blocks(machine, plan.blocks_per_multiprocessor), out_channels);
+    const int64_t most = std::max<int64_t>(1, row_values * element_bytes / machine.min_block_bytes);
+    const int64_t slices = std::clamp<int64_t>(wanted, 1, most);
+    // Whole 16-byte vectors, whatever the rows' alignment, so that the workspace does not depend on it.
+    plan.slice_values = round_up(ceil_div(row_values, slices), kMaxLoadBytes / element_bytes);
+  }
+  plan.slices = ceil_div(row_values, plan.slice_values);
+  plan.blocks = plan.row_blocks * plan.slices;
+  if (plan.slices > 1) plan.forward_workspace_bytes = out_channels * plan.slices * kEquiNormSlicePartials * 8;
   const int64_t mean_values_per_group = per_tap_means ? group_channels * taps : group_channels;
   plan.mean_values = mean_values_per_group * groups;
   plan.reduce_blocks = ceil_div(plan.mean_values, kReduceColumns);
