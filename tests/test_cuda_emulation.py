@@ -241,7 +241,9 @@ def channel_mean_cases() -> list[KernelCase]:
 # CUDA kernels have. Rows of at most 256 values go to warp teams (eight per block), longer ones to
 # whole blocks; a team reads its row as 16-byte vectors between a scalar head and tail (rows whose
 # length is no multiple of the vector start at every alignment), or one element a load where the
-# weight and the other rows are aligned unlike (weight_offset).
+# weight and the other rows are aligned unlike (weight_offset). The backward's grad_weight blocks
+# own a slot of a group's rows and a tile of columns (vectors as wide as the row length and the
+# bases allow); a finish adds the slots' column sums (and a channel's taps) into grad_mean.
 WEIGHT_CASES = {
     **CPU_KERNEL_WEIGHT_CASES,
     "two-values": ((3, 2), 1),
@@ -253,6 +255,8 @@ WEIGHT_CASES = {
     "linear-odd-rows": ((9, 77), 1),
     # two groups of three output channels with rows of 360 values (split into slices on "split-rows")
     "grouped-long": ((6, 40, 3, 3), 2),
+    # the backward's grad_weight over several slots of rows on "split-rows" (and 16 row lanes a block)
+    "many-outputs-conv": ((40, 4, 3, 3), 1),
 }
 
 
@@ -356,7 +360,8 @@ def equinorm_cases() -> list[KernelCase]:
         ("block-team", "float", False, True, 1, True), ("block-team", "bfloat16", True, False, 0, False),
         ("block-team", "half", True, False, 0, True), ("block-team-linear", "half", False, False, 1, False),
         ("block-team-linear", "double", False, True, 0, False), ("grouped-long", "float", False, True, 1, False),
-        ("grouped-long", "half", True, False, 0, False),
+        ("grouped-long", "half", True, False, 0, False), ("many-outputs-conv", "float", False, False, 0, False),
+        ("many-outputs-conv", "double", True, True, 1, True), ("many-outputs", "half", False, False, 1, False),
     ]
     for case_name, dtype_name, channels_last, exact, offset, per_tap in split:
         cases.append(_equinorm_case(case_name, dtype_name, channels_last, exact, offset, per_tap=per_tap,

@@ -9,10 +9,15 @@
 //                       split over several blocks), then this transform. Every output channel
 //                       needs every mean of its group, a grid-wide dependency, so the transform
 //                       starts at a kernel boundary.
-//   equinorm_backward   2 kernels: per output channel d, grad_weight, grad_gain and the row
-//                       of contributions to grad_mean (C/groups values, or C/groups x K for
-//                       per-tap means); then each value of grad_mean adds its group's rows in a
-//                       fixed order.
+//   equinorm_backward   3 kernels: each row's (or row slice's) sums, split as the forward's; then
+//                       grad_weight and grad_gain by blocks that own a slot of a group's rows and
+//                       a tile of columns, each adding its columns' grad_mean terms u h over its
+//                       rows into one partial row (groups x slots x row_size float64, at most
+//                       half the weight's bytes where a group has enough rows: no D x C
+//                       scratch); then each value of grad_mean adds its slots' partials (and for
+//                       channel means its taps) in a fixed order.
+// A plan's split (slices, slots, tiles) fixes the order of every sum, so results are
+// bit-identical across runs; plans for different machines round differently.
 //
 // One team of threads owns one output channel (a row of C/groups x K values): a warp for short
 // rows (eight rows per block), the whole block otherwise. Every sum of the forward and of the
@@ -21,9 +26,9 @@
 // scalar head up to the first vector-aligned element, vectors of kVec elements (16 bytes) on the
 // body, a scalar tail; a cursor steps each value's (channel, tap) for its mean. The sums are
 // added over the team in a fixed tree. A row is read from global memory once; its second and
-// third passes hit the cache. The backward's per-channel contributions to grad_mean (channel
-// means over several taps) still take a power-of-two group of lanes per input channel, whose
-// butterfly adds the channel's taps.
+// third passes hit the cache. The backward's grad_weight kernel reads each row again, as aligned
+// vectors of columns that stay with a thread from row to row, so that the thread adds its
+// columns' grad_mean terms over its rows in registers.
 //
 // Determinism: every sum runs in an order fixed by the shape (per-thread loops, butterflies,
 // warp totals added in warp order); no float atomics anywhere, so results are bit-identical
@@ -48,22 +53,21 @@ __device__ __forceinline__ scalar_t from_weight_math(em::weight_math_t value) {
   return from_acc<scalar_t>(static_cast<acc_type<scalar_t>>(value));
 }
 
-// Plans (teams, lanes, blocks, the grad_mean reduction): plan_equinorm_weight in cuda/launch_plans.h.
+// Plans (teams, slices, the grad_weight tiles and slots, the grad_mean finish): plan_equinorm_weight
+// in cuda/launch_plans.h.
 constexpr int kThreads = kEquiNormThreads;
 // Values a team adds at once at most (the forward's first pass).
 constexpr int kMaxTeamSums = 6;
 constexpr int kReduceThreads = kReduceColumns * kReduceSlices;
 constexpr int kReduceUnroll = 4;
 
-// A weight row seen by the kernels: value (c, t) of row d at d * row_size + c * channel_stride + t * tap_stride.
+// A weight row seen by the kernels: row d is the run of row_size values at d * row_size, stored
+// (c, t) or, channels_last, (t, c).
 struct RowGeometry {
   int64_t out_channels;
   int64_t group_channels;
   int64_t taps;
   int64_t outputs_per_group;
-  int64_t channel_stride;
-  int64_t tap_stride;
-  int lanes_per_channel;  // a power of two <= 32
   bool channels_last;     // a row stored (t, c); else (c, t)
   bool per_tap_means;     // mean holds (C/groups, K) values per group, stored (c, t); else (C/groups,)
   __host__ __device__ int64_t mean_values_per_group() const { return per_tap_means ? group_channels * taps : group_channels; }
@@ -124,7 +128,18 @@ struct BackwardArgs {
   const acc_t* stats;
   scalar_t* grad_weight;
   operand_t* grad_gain;
-  acc_t* mean_terms;  // (D, C/groups)
+  // the rows' sums, (D, slices, kGradSums): rows split as the forward's
+  int64_t slices;
+  int64_t slice_values;
+  acc_t* row_partials;
+  // grad_weight: block (group, slot, tile) owns rows_per_slot rows of a group and a tile of
+  // column_threads x kCVec columns; its column sums of the grad_mean terms go to column_partials
+  // (groups, slots, row_size)
+  int64_t slots;
+  int64_t rows_per_slot;
+  int64_t column_threads;
+  int64_t column_tiles;
+  acc_t* column_partials;
 };
 
 // kTeam threads (a warp or the whole block) working on one row.
@@ -162,21 +177,6 @@ struct Team {
     }
   }
 };
-
-// Calls visit(c, active, lane) for every input channel c of a row, lanes_per_channel lanes per
-// channel (lane: the thread's place among them). Every thread of the team makes the same number
-// of calls (active is false past the last channel), so visit may use group_sum.
-template <int kTeam, typename Visit>
-__device__ __forceinline__ void for_each_channel(const RowGeometry& g, Visit&& visit) {
-  const int lanes = g.lanes_per_channel;
-  const int team_lane = Team<kTeam>::lane();
-  const int groups = kTeam / lanes;
-  const int group = team_lane / lanes, lane = team_lane % lanes;
-  for (int64_t first = 0; first < g.group_channels; first += groups) {
-    const int64_t c = first + group;
-    visit(c, c < g.group_channels, lane);
-  }
-}
 
 template <int kVec, typename scalar_t>
 __device__ __forceinline__ void store_vector(scalar_t* target, const scalar_t (&values)[kVec]) {
@@ -424,113 +424,192 @@ __global__ void __launch_bounds__(kThreads, kEquiNormBlocksPerMultiprocessor) sl
   }
 }
 
-template <typename scalar_t, int kTeam, int kVec>
-__global__ void __launch_bounds__(kThreads, kEquiNormBlocksPerMultiprocessor) equinorm_backward_kernel(BackwardArgs<scalar_t> a) {
-  using acc_t = em::weight_math_t;
-  using operand_t = acc_type<scalar_t>;
-  __shared__ acc_t scratch[kMaxTeamSums * Team<kTeam>::kWarps];
-  const RowGeometry& g = a.geometry;
-  const int64_t d = Team<kTeam>::row();
-  if (d >= g.out_channels) return;  // only a warp team of the last block; warp teams use no block barrier
-  const int lanes = g.lanes_per_channel;
-  const int64_t row_size = g.row_size();
-  const int team_lane = Team<kTeam>::lane();
-  const scalar_t* row = a.weight + d * row_size;
-  const scalar_t* grad = a.grad + d * row_size;
-  const scalar_t* const rows[2] = {row, grad};
-  scalar_t* grad_weight = a.grad_weight + d * row_size;
-  const operand_t* mu = a.mean + (d / g.outputs_per_group) * g.mean_values_per_group();
+// ---- backward ----
 
-  const acc_t* stats = a.stats + d * em::kStatsColumns;
-  const acc_t shift = stats[em::kShift];
-  const acc_t scale = stats[em::kScale];
-  const acc_t positive_mass = stats[em::kPositiveMass];
-  const acc_t value_mass = stats[em::kValueMass];
-  const bool exact = stats[em::kUsedExact] != acc_t(0);
-  const acc_t gain = a.gain[d];
-  // Which values count as positive: u > 0 for the exact P_d, w > 0 for the one-pass estimate.
-  auto is_active = [&](acc_t w) { return exact ? w + shift > acc_t(0) : w > acc_t(0); };
+// The backward's row sums: sum_ct G u, sum_ct G, sum_ct mu_ct [active].
+enum GradSum { kGradTimesShifted, kGradSum, kActiveCount, kGradSums };
+static_assert(kGradSums == kEquiNormGradSums, "the plan sizes the row partials");
 
-  // sum_ct G u, sum_ct G, sum_ct mu_ct [active], each lane adding its own values.
-  enum { kGradTimesShifted, kGradSum, kActiveCount };
-  acc_t sums[3] = {};
-  walk_row<kVec, false>(g, rows, nullptr, 0, row_size, team_lane, kTeam, [&](int64_t m_index, const acc_t (&v)[2]) {
-    const acc_t w = v[0], gr = v[1];
-    sums[kGradTimesShifted] += gr * (w + shift);
-    sums[kGradSum] += gr;
-    if (is_active(w)) sums[kActiveCount] += mu[m_index];
-    return acc_t(0);
-  });
-  Team<kTeam>::sum(sums, scratch);
-
-  const acc_t grad_mass = em::grad_positive_mass(sums[kGradTimesShifted], gain, scale, positive_mass);
-  const acc_t grad_shift = em::grad_shift(sums[kGradSum], gain, scale, grad_mass, sums[kActiveCount]);
-  const acc_t shared_factor = em::shared_mean_factor(grad_shift, value_mass);
-  const acc_t gain_times_scale = gain * scale;
-  if (team_lane == 0) a.grad_gain[d] = static_cast<operand_t>(scale * sums[kGradTimesShifted]);
-
-  // dL/dw, and this row's terms of dL/dmu: u h per value when every value has its own mean (per-tap
-  // means, or one tap per channel); otherwise summed over each channel's taps (a butterfly over
-  // the channel's lanes).
-  acc_t* terms = a.mean_terms + d * g.mean_values_per_group();
-  if (g.per_tap_means || g.taps == 1) {
-    walk_row<kVec, true>(g, rows, grad_weight, 0, row_size, team_lane, kTeam,
-                         [&](int64_t m_index, const acc_t (&v)[2]) {
-                           const acc_t w = v[0], gr = v[1];
-                           const bool on = is_active(w);
-                           const acc_t u = w + shift;
-                           terms[m_index] = em::grad_mean_term(on ? u : acc_t(0), u, grad_mass, shared_factor);
-                           return em::grad_weight(gr, gain_times_scale, acc_t(mu[m_index]),
-                                                  em::mean_factor(on, grad_mass, shared_factor));
-                         });
-    return;
-  }
-  for_each_channel<kTeam>(g, [&](int64_t c, bool active, int lane) {
-    acc_t shifted = 0, active_shifted = 0;  // sum_t u, sum_t [active] u
-    if (active) {
-      for (int64_t t = lane; t < g.taps; t += lanes) {
-        const int64_t i = c * g.channel_stride + t * g.tap_stride;
-        const acc_t w = load_acc(row + i), gr = load_acc(grad + i), m = mu[c];
-        const bool on = is_active(w);
-        const acc_t h = em::mean_factor(on, grad_mass, shared_factor);
-        grad_weight[i] = from_weight_math<scalar_t>(em::grad_weight(gr, gain_times_scale, m, h));
-        const acc_t u = w + shift;
-        shifted += u;
-        if (on) active_shifted += u;
-      }
-    }
-    shifted = group_sum(shifted, lanes);
-    active_shifted = group_sum(active_shifted, lanes);
-    if (active && lane == 0) terms[c] = em::grad_mean_term(active_shifted, shifted, grad_mass, shared_factor);
-  });
+// Which values count as positive: u > 0 for the exact P_d, w > 0 for the one-pass estimate.
+__device__ __forceinline__ bool is_active(bool exact, em::weight_math_t w, em::weight_math_t shift) {
+  return exact ? w + shift > em::weight_math_t(0) : w > em::weight_math_t(0);
 }
 
-// grad_mean[v] = sum over the output channels d of v's group of mean_terms[d, v'] (v' = v's index
-// in the group; a value is a channel, or a (channel, tap) for per-tap means, and `group_channels`
-// counts a group's values). Slice s adds rows s, s + kReduceSlices, ... in order, into
-// kReduceUnroll interleaved accumulators; the slices are then added in slice order.
+// Each team adds its row's (or its slice's) sums; block b holds the teams of row block b / slices,
+// each on slice b % slices of its row (several slices only for block teams).
+template <typename scalar_t, int kTeam, int kVec>
+__global__ void __launch_bounds__(kThreads, kEquiNormBlocksPerMultiprocessor) grad_sums_kernel(BackwardArgs<scalar_t> a) {
+  using acc_t = em::weight_math_t;
+  __shared__ acc_t scratch[kGradSums * Team<kTeam>::kWarps];
+  const RowGeometry& g = a.geometry;
+  const int64_t row_block = static_cast<int64_t>(blockIdx.x) / a.slices;
+  const int64_t slice = static_cast<int64_t>(blockIdx.x) - row_block * a.slices;
+  const int64_t d = row_block * Team<kTeam>::kRowsPerBlock + static_cast<int>(threadIdx.x) / kTeam;
+  if (d >= g.out_channels) return;  // only a warp team of the last block; warp teams use no block barrier
+  const int64_t row_size = g.row_size();
+  const int64_t begin = slice * a.slice_values, end = std::min(row_size, begin + a.slice_values);
+  const scalar_t* const rows[2] = {a.weight + d * row_size, a.grad + d * row_size};
+  const acc_type<scalar_t>* mu = a.mean + (d / g.outputs_per_group) * g.mean_values_per_group();
+  const acc_t* stats = a.stats + d * em::kStatsColumns;
+  const acc_t shift = stats[em::kShift];
+  const bool exact = stats[em::kUsedExact] != acc_t(0);
+
+  acc_t sums[kGradSums] = {};
+  walk_row<kVec, false>(g, rows, nullptr, begin, end, Team<kTeam>::lane(), kTeam,
+                        [&](int64_t m_index, const acc_t (&v)[2]) {
+                          const acc_t w = v[0], gr = v[1];
+                          sums[kGradTimesShifted] += gr * (w + shift);
+                          sums[kGradSum] += gr;
+                          if (is_active(exact, w, shift)) sums[kActiveCount] += mu[m_index];
+                          return acc_t(0);
+                        });
+  Team<kTeam>::sum(sums, scratch);
+  if (Team<kTeam>::lane() == 0) {
+    acc_t* target = a.row_partials + (d * a.slices + slice) * kGradSums;
+    for (int k = 0; k < kGradSums; ++k) target[k] = sums[k];
+  }
+}
+
+// What every value of row d needs: b_d, the active rule, g_P, g_b / V_d, gain_d s_d, and dL/dgain_d.
+struct GradRow {
+  em::weight_math_t shift, grad_mass, shared_factor, gain_times_scale, grad_gain;
+  bool exact;
+};
+
+// From the forward's stats and the row's sums, its slices added in slice order.
+template <typename scalar_t>
+__device__ __forceinline__ GradRow grad_row(const BackwardArgs<scalar_t>& a, int64_t d) {
+  using acc_t = em::weight_math_t;
+  const acc_t* stats = a.stats + d * em::kStatsColumns;
+  acc_t sums[kGradSums] = {};
+  const acc_t* partials = a.row_partials + d * a.slices * kGradSums;
+  for (int64_t s = 0; s < a.slices; ++s) {
+#pragma unroll
+    for (int k = 0; k < kGradSums; ++k) sums[k] += partials[s * kGradSums + k];
+  }
+  GradRow r;
+  r.shift = stats[em::kShift];
+  r.exact = stats[em::kUsedExact] != acc_t(0);
+  const acc_t scale = stats[em::kScale], gain = a.gain[d];
+  r.grad_mass = em::grad_positive_mass(sums[kGradTimesShifted], gain, scale, stats[em::kPositiveMass]);
+  const acc_t grad_shift = em::grad_shift(sums[kGradSum], gain, scale, r.grad_mass, sums[kActiveCount]);
+  r.shared_factor = em::shared_mean_factor(grad_shift, stats[em::kValueMass]);
+  r.gain_times_scale = gain * scale;
+  r.grad_gain = scale * sums[kGradTimesShifted];
+  return r;
+}
+
+// dL/dw of a slot of a group's rows on a tile of columns (kCVec adjacent columns a thread, aligned
+// vectors: the row length is a multiple of kCVec), and the tile's column sums over the slot of
+// the grad_mean terms u h (for channel means the finish adds a channel's taps). Row lanes take
+// rows in turn; their sums are added in row-lane order.
+template <typename scalar_t, int kCVec>
+__global__ void __launch_bounds__(kThreads, kEquiNormBlocksPerMultiprocessor) grad_weight_kernel(BackwardArgs<scalar_t> a) {
+  using acc_t = em::weight_math_t;
+  __shared__ acc_t lane_terms[kThreads * kCVec];
+  const RowGeometry& g = a.geometry;
+  const int64_t row_size = g.row_size();
+  const int64_t slot_index = static_cast<int64_t>(blockIdx.x) / a.column_tiles;  // group * slots + slot
+  const int64_t tile = static_cast<int64_t>(blockIdx.x) - slot_index * a.column_tiles;
+  const int64_t group = slot_index / a.slots, slot = slot_index - group * a.slots;
+  const int column_threads = static_cast<int>(a.column_threads), row_lanes = kThreads / column_threads;
+  const int column_lane = static_cast<int>(threadIdx.x) % column_threads;
+  const int row_lane = static_cast<int>(threadIdx.x) / column_threads;
+  const int64_t column = (tile * column_threads + column_lane) * kCVec;
+  const bool has_columns = column < row_size;
+  const int64_t group_first = group * g.outputs_per_group;
+  const int64_t first = group_first + slot * a.rows_per_slot;
+  const int64_t last = std::min(group_first + g.outputs_per_group, first + a.rows_per_slot);
+
+  // The thread's columns read the same means in every row of the group.
+  acc_t means[kCVec] = {};
+  if (has_columns) {
+    const acc_type<scalar_t>* mu = a.mean + group * g.mean_values_per_group();
+    MeanCursor cursor(g, column);
+#pragma unroll
+    for (int k = 0; k < kCVec; ++k) {
+      means[k] = mu[cursor.mean_index(g)];
+      cursor.next();
+    }
+  }
+  acc_t terms[kCVec] = {};
+  for (int64_t d = first + row_lane; d < last; d += row_lanes) {
+    const GradRow r = grad_row(a, d);
+    if (tile == 0 && column_lane == 0) a.grad_gain[d] = static_cast<acc_type<scalar_t>>(r.grad_gain);
+    if (!has_columns) continue;
+    scalar_t w[kCVec], gr[kCVec], out[kCVec];
+    load_vector<kCVec>(a.weight + d * row_size + column, w);
+    load_vector<kCVec>(a.grad + d * row_size + column, gr);
+#pragma unroll
+    for (int k = 0; k < kCVec; ++k) {
+      const acc_t wk = to_acc(w[k]);
+      const bool on = is_active(r.exact, wk, r.shift);
+      const acc_t h = em::mean_factor(on, r.grad_mass, r.shared_factor);
+      out[k] = from_weight_math<scalar_t>(em::grad_weight(acc_t(to_acc(gr[k])), r.gain_times_scale, means[k], h));
+      const acc_t u = wk + r.shift;
+      terms[k] += em::grad_mean_term(on ? u : acc_t(0), u, r.grad_mass, r.shared_factor);
+    }
+    store_vector<kCVec>(a.grad_weight + d * row_size + column, out);
+  }
+  if (row_lanes > 1) {  // the same in the whole block
+#pragma unroll
+    for (int k = 0; k < kCVec; ++k) lane_terms[threadIdx.x * kCVec + k] = terms[k];
+    __syncthreads();
+    if (row_lane == 0) {
+#pragma unroll
+      for (int k = 0; k < kCVec; ++k) {
+        acc_t total = 0;
+        for (int lane = 0; lane < row_lanes; ++lane) {
+          total += lane_terms[(lane * column_threads + column_lane) * kCVec + k];
+        }
+        terms[k] = total;
+      }
+    }
+  }
+  if (row_lane == 0 && has_columns) {
+    acc_t* target = a.column_partials + slot_index * row_size + column;
+#pragma unroll
+    for (int k = 0; k < kCVec; ++k) target[k] = terms[k];
+  }
+}
+
+// grad_mean[v] = the sum over the slots of v's group of the column partials of v's values: the
+// value itself for per-tap means, the channel's K taps for channel means. A block adds
+// kReduceColumns values; slice s of a value adds its contributions (slot, tap) number s,
+// s + kReduceSlices, ... in order, into kReduceUnroll interleaved accumulators; the slices are
+// then added in slice order.
 template <typename acc_t>
 __global__ void __launch_bounds__(kReduceThreads)
-    sum_mean_terms_kernel(const acc_t* __restrict__ terms, int64_t group_channels, int64_t outputs_per_group,
-                          int64_t channels, acc_t* __restrict__ grad_mean) {
+    sum_column_partials_kernel(const acc_t* __restrict__ partials, RowGeometry g, int64_t slots, int64_t values,
+                               acc_t* __restrict__ grad_mean) {
   __shared__ acc_t slice_sums[kReduceSlices][kReduceColumns];
   const int column = threadIdx.x % kReduceColumns, slice = threadIdx.x / kReduceColumns;
-  const int64_t channel = static_cast<int64_t>(blockIdx.x) * kReduceColumns + column;
+  const int64_t value = static_cast<int64_t>(blockIdx.x) * kReduceColumns + column;
   acc_t sums[kReduceUnroll];
 #pragma unroll
   for (int u = 0; u < kReduceUnroll; ++u) sums[u] = 0;
-  if (channel < channels) {
-    const int64_t group = channel / group_channels;
-    const acc_t* source = terms + group * outputs_per_group * group_channels + (channel - group * group_channels);
-    for (int64_t first = slice; first < outputs_per_group; first += kReduceUnroll * kReduceSlices) {
-      acc_t values[kReduceUnroll];
+  if (value < values) {
+    const int64_t per_group = g.mean_values_per_group();
+    const int64_t group = value / per_group, local = value - group * per_group;
+    const int64_t taps = g.per_tap_means ? 1 : g.taps;  // columns per value
+    const int64_t channel = g.per_tap_means ? local / g.taps : local;
+    const int64_t first_tap = g.per_tap_means ? local - channel * g.taps : 0;
+    const int64_t contributions = slots * taps;
+    const acc_t* source = partials + group * slots * g.row_size();
+    for (int64_t first = slice; first < contributions; first += kReduceUnroll * kReduceSlices) {
+      acc_t loaded[kReduceUnroll];
 #pragma unroll
       for (int u = 0; u < kReduceUnroll; ++u) {
-        const int64_t r = first + u * kReduceSlices;
-        values[u] = r < outputs_per_group ? __ldg(source + r * group_channels) : acc_t(0);
+        const int64_t k = first + u * kReduceSlices;
+        loaded[u] = acc_t(0);
+        if (k < contributions) {
+          const int64_t s = k / taps, t = first_tap + (k - s * taps);
+          const int64_t place = g.channels_last ? t * g.group_channels + channel : channel * g.taps + t;
+          loaded[u] = __ldg(source + s * g.row_size() + place);
+        }
       }
 #pragma unroll
-      for (int u = 0; u < kReduceUnroll; ++u) sums[u] += values[u];
+      for (int u = 0; u < kReduceUnroll; ++u) sums[u] += loaded[u];
     }
   }
   acc_t total = sums[0];
@@ -538,10 +617,10 @@ __global__ void __launch_bounds__(kReduceThreads)
   for (int u = 1; u < kReduceUnroll; ++u) total += sums[u];
   slice_sums[slice][column] = total;
   __syncthreads();
-  if (slice == 0 && channel < channels) {
+  if (slice == 0 && value < values) {
     acc_t sum = 0;
     for (int s = 0; s < kReduceSlices; ++s) sum += slice_sums[s][column];
-    grad_mean[channel] = sum;
+    grad_mean[value] = sum;
   }
 }
 
@@ -562,10 +641,18 @@ int64_t relative_misalignment(const void* weight, std::initializer_list<const vo
   return static_cast<int64_t>(bits);
 }
 
+// The bytes by which the rows' bases sit past a 16-byte boundary (bits of every pointer's).
+int64_t base_misalignment(std::initializer_list<const void*> pointers) {
+  uintptr_t bits = 0;
+  for (const void* pointer : pointers) bits |= reinterpret_cast<uintptr_t>(pointer) % kMaxLoadBytes;
+  return static_cast<int64_t>(bits);
+}
+
 EquiNormWeightPlan plan_for(const WeightShape& s, ElementType type, const MachineModel& machine,
-                            int64_t misalignment_bytes = 0) {
+                            int64_t misalignment_bytes = 0, int64_t base_misalignment_bytes = 0) {
   return plan_equinorm_weight(s.out_channels, s.group_channels, s.taps, s.groups, s.channels_last, s.per_tap_means,
-                              static_cast<int64_t>(element_size(type)), misalignment_bytes, machine);
+                              static_cast<int64_t>(element_size(type)), misalignment_bytes, base_misalignment_bytes,
+                              machine);
 }
 
 // Calls visit(std::integral_constant<int, kVec>{}) for the plan's row vector: 16 bytes or one element.
@@ -577,15 +664,12 @@ cudaError_t visit_row_vector(int vec, Visit&& visit) {
   return cudaErrorInvalidValue;
 }
 
-RowGeometry row_geometry(const WeightShape& s, const EquiNormWeightPlan& plan) {
+RowGeometry row_geometry(const WeightShape& s) {
   RowGeometry g{};
   g.out_channels = s.out_channels;
   g.group_channels = s.group_channels;
   g.taps = s.taps;
   g.outputs_per_group = s.out_channels / s.groups;
-  g.channel_stride = s.channels_last ? 1 : s.taps;
-  g.tap_stride = s.channels_last ? s.group_channels : 1;
-  g.lanes_per_channel = plan.lanes_per_channel;
   g.channels_last = s.channels_last;
   g.per_tap_means = s.per_tap_means;
   return g;
@@ -598,7 +682,7 @@ cudaError_t launch_forward_typed(const WeightShape& shape, const EquiNormWeightP
   using acc_t = em::weight_math_t;
   using operand_t = acc_type<scalar_t>;
   ForwardArgs<scalar_t> args{};
-  args.geometry = row_geometry(shape, plan);
+  args.geometry = row_geometry(shape);
   args.weight = static_cast<const scalar_t*>(weight);
   args.mean = static_cast<const operand_t*>(mean);
   args.gain = static_cast<const operand_t*>(gain);
@@ -635,7 +719,7 @@ cudaError_t launch_backward_typed(const WeightShape& shape, const EquiNormWeight
   using acc_t = em::weight_math_t;
   using operand_t = acc_type<scalar_t>;
   BackwardArgs<scalar_t> args{};
-  args.geometry = row_geometry(shape, plan);
+  args.geometry = row_geometry(shape);
   args.grad = static_cast<const scalar_t*>(grad_out);
   args.weight = static_cast<const scalar_t*>(weight);
   args.mean = static_cast<const operand_t*>(mean);
@@ -643,23 +727,38 @@ cudaError_t launch_backward_typed(const WeightShape& shape, const EquiNormWeight
   args.stats = static_cast<const acc_t*>(stats);
   args.grad_weight = static_cast<scalar_t*>(grad_weight);
   args.grad_gain = static_cast<operand_t*>(grad_gain);
-  args.mean_terms = static_cast<acc_t*>(workspace);
-  if (!fits_grid(plan.row_blocks) || !fits_grid(plan.reduce_blocks)) return cudaErrorInvalidConfiguration;
-  const unsigned int grid = static_cast<unsigned int>(plan.row_blocks);
-  const cudaError_t status = visit_row_vector<scalar_t>(plan.vec, [&](auto vec) {
+  args.slices = plan.slices;
+  args.slice_values = plan.slice_values;
+  args.row_partials = static_cast<acc_t*>(workspace);
+  args.slots = plan.slots;
+  args.rows_per_slot = plan.rows_per_slot;
+  args.column_threads = plan.column_threads;
+  args.column_tiles = plan.column_tiles;
+  args.column_partials = reinterpret_cast<acc_t*>(static_cast<char*>(workspace) + plan.row_partial_bytes);
+  if (!fits_grid(plan.blocks) || !fits_grid(plan.column_blocks) || !fits_grid(plan.reduce_blocks)) {
+    return cudaErrorInvalidConfiguration;
+  }
+  cudaError_t status = visit_row_vector<scalar_t>(plan.vec, [&](auto vec) {
     constexpr int kVec = decltype(vec)::value;
+    const unsigned int grid = static_cast<unsigned int>(plan.blocks);
     if (plan.team == kWarpSize) {
-      EQUINORM_LAUNCH(grid, kThreads, 0, stream, equinorm_backward_kernel<scalar_t, kWarpSize, kVec>)(args);
+      EQUINORM_LAUNCH(grid, kThreads, 0, stream, grad_sums_kernel<scalar_t, kWarpSize, kVec>)(args);
     } else {
-      EQUINORM_LAUNCH(grid, kThreads, 0, stream, equinorm_backward_kernel<scalar_t, kThreads, kVec>)(args);
+      EQUINORM_LAUNCH(grid, kThreads, 0, stream, grad_sums_kernel<scalar_t, kThreads, kVec>)(args);
     }
     return cudaGetLastError();
   });
   if (status != cudaSuccess) return status;
+  status = visit_vector_width<scalar_t>(plan.column_vec, [&](auto vec) {
+    constexpr int kCVec = decltype(vec)::value;
+    EQUINORM_LAUNCH(static_cast<unsigned int>(plan.column_blocks), kThreads, 0, stream,
+                    grad_weight_kernel<scalar_t, kCVec>)(args);
+    return cudaGetLastError();
+  });
+  if (status != cudaSuccess) return status;
   EQUINORM_LAUNCH(static_cast<unsigned int>(plan.reduce_blocks), kReduceThreads, 0, stream,
-                  sum_mean_terms_kernel<acc_t>)(args.mean_terms, args.geometry.mean_values_per_group(),
-                                                shape.out_channels / shape.groups, plan.mean_values,
-                                                static_cast<acc_t*>(grad_mean));
+                  sum_column_partials_kernel<acc_t>)(args.column_partials, args.geometry, plan.slots,
+                                                     plan.mean_values, static_cast<acc_t*>(grad_mean));
   return cudaGetLastError();
 }
 
@@ -689,7 +788,7 @@ cudaError_t launch_equinorm_weight(const WeightShape& shape, ElementType type, c
 
 size_t equinorm_backward_workspace_bytes(const WeightShape& shape, ElementType type, const MachineModel& machine) {
   if (!valid_shape(shape)) return 0;
-  static_assert(sizeof(em::weight_math_t) == sizeof(double), "the plan sizes the contributions as float64");
+  static_assert(sizeof(em::weight_math_t) == sizeof(double), "the plan sizes the partial sums as float64");
   return static_cast<size_t>(plan_for(shape, type, machine).backward_workspace_bytes);
 }
 
@@ -704,9 +803,11 @@ cudaError_t launch_equinorm_backward(const WeightShape& shape, ElementType type,
   }
   return visit_element_type(type, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
-    const int64_t misalignment = relative_misalignment(weight, {grad_out, grad_weight});
-    return launch_backward_typed<scalar_t>(shape, plan_for(shape, type, machine, misalignment), grad_out, weight,
-                                           mean, gain, stats, grad_weight, grad_mean, grad_gain, workspace, stream);
+    const EquiNormWeightPlan plan =
+        plan_for(shape, type, machine, relative_misalignment(weight, {grad_out, grad_weight}),
+                 base_misalignment({weight, grad_out, grad_weight}));
+    return launch_backward_typed<scalar_t>(shape, plan, grad_out, weight, mean, gain, stats, grad_weight, grad_mean,
+                                           grad_gain, workspace, stream);
   });
 }
 

@@ -69,8 +69,9 @@ cudaError_t launch_equinorm_weight(const WeightShape& shape, ElementType type, c
                                    void* workspace, size_t workspace_bytes, cudaStream_t stream,
                                    const MachineModel& machine = kHopper);
 
-// Bytes of device workspace launch_equinorm_backward needs: the (D, C/groups) per-output-channel
-// contributions to grad_mean, added in a fixed order by a second kernel.
+// Bytes of device workspace launch_equinorm_backward needs: the rows' sums and, per slot of a
+// group's rows, a row of column sums of the grad_mean terms (plan_equinorm_weight), added in a
+// fixed order by a finish kernel.
 size_t equinorm_backward_workspace_bytes(const WeightShape& shape, ElementType type,
                                          const MachineModel& machine = kHopper);
 
