@@ -158,6 +158,8 @@ MACHINES = {
     "small": dict(multiprocessors=2, min_block_bytes=64),
     # 1056 blocks of at least 16 bytes: more than 64 slots per channel
     "many-slots": dict(multiprocessors=132, min_block_bytes=16),
+    # two waves = 16 equinorm blocks of at least 64 bytes: rows of a few hundred values split into slices
+    "split-rows": dict(multiprocessors=4, min_block_bytes=64),
 }
 
 
@@ -245,7 +247,11 @@ def channel_mean_cases() -> list[KernelCase]:
 
 # equinorm weight transform + backward: the CPU kernel tests' weights, and the launch paths only the
 # CUDA kernels have. Rows of at most 256 values go to warp teams (eight per block), longer ones to
-# whole blocks; a power-of-two group of lanes shares each input channel.
+# whole blocks; a team reads its row as 16-byte vectors between a scalar head and tail (rows whose
+# length is no multiple of the vector start at every alignment), or one element a load where the
+# weight and the other rows are aligned unlike (weight_offset). The backward's grad_weight blocks
+# own a slot of a group's rows and a tile of columns (vectors as wide as the row length and the
+# bases allow); a finish adds the slots' column sums (and a channel's taps) into grad_mean.
 WEIGHT_CASES = {
     **CPU_KERNEL_WEIGHT_CASES,
     "two-values": ((3, 2), 1),
@@ -253,6 +259,12 @@ WEIGHT_CASES = {
     "block-team-linear": ((3, 300), 1),
     # 13 blocks of warp teams, the last one partial; grad_mean adds 100 rows over two blocks of columns
     "many-outputs": ((100, 40), 1),
+    # rows of 77 values: each starts at another place of the 16-byte unit
+    "linear-odd-rows": ((9, 77), 1),
+    # two groups of three output channels with rows of 360 values (split into slices on "split-rows")
+    "grouped-long": ((6, 40, 3, 3), 2),
+    # the backward's grad_weight over several slots of rows on "split-rows" (and 16 row lanes a block)
+    "many-outputs-conv": ((40, 4, 3, 3), 1),
 }
 
 
@@ -281,7 +293,7 @@ def _equinorm_forward_and_grads(weight, mean, gain, upstream, ratio, groups, mod
 
 
 def _equinorm_case(case_name: str, dtype_name: str, channels_last: bool, exact: bool, offset: int,
-                   per_tap: bool = False) -> KernelCase:
+                   per_tap: bool = False, weight_offset: int | None = None, machine: str = "h100") -> KernelCase:
     shape, groups = WEIGHT_CASES[case_name]
     dtype, acc = DTYPES[dtype_name], _accumulation(DTYPES[dtype_name])
     ratio, eps, mode = (1.0 if per_tap else 0.7), 1e-5, "exact" if exact else "single_pass"
@@ -314,13 +326,21 @@ def _equinorm_case(case_name: str, dtype_name: str, channels_last: bool, exact: 
 
     layout = "cl" if channels_last else "contiguous"
     means = "-per-tap" if per_tap else ""
+    fields = dict(dtype=dtype_name, out_channels=shape[0], group_channels=shape[1],
+                  taps=weight.numel() // (shape[0] * shape[1]), groups=groups,
+                  channels_last=int(channels_last and weight.dim() >= 4), per_tap_means=int(per_tap),
+                  exact=int(exact), ratio=ratio, eps=eps, offset=offset)
+    suffix = ""
+    if weight_offset is not None:
+        fields["weight_offset"] = weight_offset
+        suffix = f"-weight-offset{weight_offset}"
+    fields.update(MACHINES[machine])
+    if machine != "h100":
+        suffix += f"-{machine}"
     return KernelCase(
         "equinorm",
-        f"equinorm-{case_name}-{layout}-{dtype_name}-{mode}{means}-offset{offset}",
-        dict(dtype=dtype_name, out_channels=shape[0], group_channels=shape[1],
-             taps=weight.numel() // (shape[0] * shape[1]), groups=groups,
-             channels_last=int(channels_last and weight.dim() >= 4), per_tap_means=int(per_tap),
-             exact=int(exact), ratio=ratio, eps=eps, offset=offset),
+        f"equinorm-{case_name}-{layout}-{dtype_name}-{mode}{means}-offset{offset}{suffix}",
+        fields,
         {"weight": weight, "mean": mean, "gain": gain, "grad": upstream},
         check,
     )
@@ -338,6 +358,23 @@ def equinorm_cases() -> list[KernelCase]:
             if len(shape) > 2:  # per-tap means (C, *kernel): every value reads its own mean
                 cases.append(_equinorm_case(case_name, "float", channels_last, True, 0, per_tap=True))
                 cases.append(_equinorm_case(case_name, "double", channels_last, False, 1, per_tap=True))
+    # the weight one element off the other rows' alignment: one element a load
+    for case_name in ("linear-odd-rows", "block-team"):
+        cases.append(_equinorm_case(case_name, "half", False, False, 0, weight_offset=1))
+        cases.append(_equinorm_case(case_name, "float", False, True, 1, weight_offset=0))
+    # rows split over several blocks each (their plans: test_emulated_equinorm_plans_split_rows)
+    split = [  # (case, dtype, channels_last, exact, offset, per_tap)
+        ("block-team", "half", False, False, 1, False), ("block-team", "float", False, True, 0, False),
+        ("block-team", "float", False, True, 1, True), ("block-team", "bfloat16", True, False, 0, False),
+        ("block-team", "half", True, False, 0, True), ("block-team-linear", "half", False, False, 1, False),
+        ("block-team-linear", "double", False, True, 0, False), ("grouped-long", "float", False, True, 1, False),
+        ("grouped-long", "half", True, False, 0, False), ("many-outputs-conv", "float", False, False, 0, False),
+        ("many-outputs-conv", "double", True, True, 1, True), ("many-outputs", "half", False, False, 1, False),
+    ]
+    for case_name, dtype_name, channels_last, exact, offset, per_tap in split:
+        cases.append(_equinorm_case(case_name, dtype_name, channels_last, exact, offset, per_tap=per_tap,
+                                    machine="split-rows"))
+    cases.append(_equinorm_case("block-team", "half", False, True, 0, weight_offset=1, machine="split-rows"))
     return cases
 
 
@@ -719,7 +756,7 @@ PLANTED_BUGS = {
         "for (int w = 0; w <= kWarps; ++w) total += scratch[i * kWarps + w];",
         "equinorm-block-team-contiguous-float-single_pass-offset0",
         ("ERROR: AddressSanitizer: global-buffer-overflow", "with insufficient space for an object of type 'double'"),
-        "equinorm_weight_kernel<float, 256>",
+        "equinorm_weight_kernel<float, 256, 4>",
     ),
     # memcheck's job, in global memory: the last channel's energy reads one element past the tensor
     "global-read-past-end": PlantedBug(

@@ -75,10 +75,14 @@ std::tuple<at::Tensor, at::Tensor> weight_transform(const at::Tensor& weight, co
   at::Tensor out = empty_like_weight(weight, geometry, weight.scalar_type());
   at::Tensor stats = at::empty({geometry.out_channels, em::kStatsColumns}, weight.options().dtype(at::kDouble));
   const at::Tensor mean_c = mean.contiguous(), gain_c = gain.contiguous();
-  C10_CUDA_CHECK(launch_equinorm_weight(weight_shape(geometry), element_type(weight.scalar_type()),
-                                        readable.const_data_ptr(), mean_c.const_data_ptr(), gain_c.const_data_ptr(),
-                                        ratio, eps, exact, out.mutable_data_ptr(), stats.mutable_data_ptr(),
-                                        c10::cuda::getCurrentCUDAStream()));
+  const WeightShape shape = weight_shape(geometry);
+  const ElementType type = element_type(weight.scalar_type());
+  const size_t bytes = equinorm_weight_workspace_bytes(shape, type);
+  at::Tensor workspace = empty_workspace(bytes, weight);
+  C10_CUDA_CHECK(launch_equinorm_weight(shape, type, readable.const_data_ptr(), mean_c.const_data_ptr(),
+                                        gain_c.const_data_ptr(), ratio, eps, exact, out.mutable_data_ptr(),
+                                        stats.mutable_data_ptr(), bytes > 0 ? workspace.mutable_data_ptr() : nullptr,
+                                        bytes, c10::cuda::getCurrentCUDAStream()));
   return {out, stats};
 }
 

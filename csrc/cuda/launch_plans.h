@@ -427,46 +427,142 @@ inline RescalePlan plan_enorm_rescale(int64_t outer, int64_t row_values, int64_t
 // ---- EquiNorm weight transform and its backward ----
 
 constexpr int kEquiNormThreads = 256;
+// The kernels' __launch_bounds__ minimum.
+constexpr int kEquiNormBlocksPerMultiprocessor = 2;
 // Rows of at most this many values go to a warp team (eight rows a block), longer rows to the block.
 constexpr int64_t kWarpTeamMaxRow = 256;
-// The backward's grad_mean reduction: a block adds kReduceColumns channels, each over
-// kReduceSlices interleaved slices of its output channels.
+// The backward's grad_mean finish: a block adds kReduceColumns values of grad_mean, each over
+// kReduceSlices interleaved slices of its (slot, tap) partials.
 constexpr int kReduceColumns = 32;
 constexpr int kReduceSlices = 16;
+// float64 partials of a slice of a split row: the forward's six first sums and its part of the exact P_d.
+constexpr int64_t kEquiNormSlicePartials = 7;
+// float64 sums of a row (or a slice of it) in the backward.
+constexpr int64_t kEquiNormGradSums = 3;
+// The backward's column partials (groups x slots x row, float64) take at most this share of the
+// weight's bytes, wherever a group has enough rows for it.
+constexpr int64_t kColumnPartialsShareOfWeight = 2;
+// A grad_weight tile keeps at least a warp across its columns (contiguous loads).
+constexpr int64_t kMinColumnThreads = 32;
 
-// One team of threads owns one output channel's row of group_channels x taps values; within it a
-// power-of-two group of lanes shares one input channel. Loads are one element each.
+// One team of threads owns one output channel's row of group_channels x taps values, a contiguous
+// run in either layout: its sums read the run as 16-byte vectors on the aligned body, scalar on
+// the head and tail. With few output channels (fewer team blocks than two waves) a block row is
+// split into slices of at least min_block_bytes, each a block of its own: the forward then runs
+// three kernels (each slice's first sums, its part of the exact P_d, the output), each block
+// adding its row's slice partials in slice order.
+// The backward: the same teams and slices add each row's sums; then a block owns a slot of
+// rows_per_slot rows of a group and a tile of columns, column_vec adjacent columns a thread
+// (aligned vectors; row_lanes threads share a column and take the slot's rows in turn), writes
+// grad_weight and adds its columns' grad_mean terms over the slot in registers: one float64
+// partial row per slot, no D x C scratch. The slots fill two waves, keep min_block_bytes, and
+// keep the partials under 1 / kColumnPartialsShareOfWeight of the weight's bytes; where they
+// cannot fill two waves, tiles get narrower. A finish adds each grad_mean value's (slot, tap)
+// partials in a fixed order.
 struct EquiNormWeightPlan {
   int threads = kEquiNormThreads;
+  int blocks_per_multiprocessor = kEquiNormBlocksPerMultiprocessor;
   int team = 32;               // a warp, or the whole block
-  int lanes_per_channel = 1;   // a power of two <= 32
+  int vec = 1;                 // elements per body load: 16 bytes, or 1 where the rows are aligned unlike
   int64_t rows_per_block = 0;
-  int64_t blocks = 0;
+  int64_t row_blocks = 0;      // blocks of whole rows' teams
+  int64_t slices = 1;          // blocks per row (block teams only)
+  int64_t slice_values = 0;    // a slice's values (a multiple of vec), the last one shorter
+  int64_t blocks = 0;          // the forward's: row_blocks x slices
   int64_t load_bytes = 0;
-  // backward: the (D, mean values per group) contributions to grad_mean, in float64, then their sum
+  int64_t forward_workspace_bytes = 0;  // the slices' partials (D, slices, 7) in float64
+  // backward: grad_weight by (group, slot, column tile) blocks
+  int column_vec = 1;          // elements per load and store
+  int64_t column_threads = 0;  // threads of a block across the columns
+  int64_t row_lanes = 0;       // threads of a block that share a column
+  int64_t column_tiles = 0;
+  int64_t slots = 0;           // per group
+  int64_t rows_per_slot = 0;
+  int64_t column_blocks = 0;
+  int64_t column_load_bytes = 0;
   int64_t mean_values = 0;     // grad_mean's values (C, or C x taps with per-tap means)
   int64_t reduce_blocks = 0;
+  int64_t row_partial_bytes = 0;     // (D, slices, 3) float64, rounded up to 256 bytes
+  int64_t column_partial_bytes = 0;  // (groups, slots, row) float64
   int64_t backward_workspace_bytes = 0;
 };
 
+// The backward's grad_weight tiles for `column_vec`-element vectors: as wide as the row up to a
+// block; with slots planned, narrower (more row lanes, each still with a row) until two waves.
+inline void plan_equinorm_columns(EquiNormWeightPlan& plan, int64_t row_values, int column_vec, int64_t groups,
+                                  const MachineModel& machine) {
+  plan.column_vec = column_vec;
+  plan.column_threads = std::min<int64_t>(plan.threads, ceil_power_of_two(ceil_div(row_values, column_vec)));
+  plan.row_lanes = plan.threads / plan.column_threads;
+  plan.column_tiles = ceil_div(row_values, plan.column_threads * column_vec);
+  const int64_t wanted = wave_blocks(machine, plan.blocks_per_multiprocessor);
+  while (plan.slots > 0 && groups * plan.slots * plan.column_tiles < wanted && plan.column_threads > kMinColumnThreads &&
+         2 * plan.row_lanes <= plan.rows_per_slot) {
+    plan.column_threads /= 2;
+    plan.row_lanes *= 2;
+    plan.column_tiles = ceil_div(row_values, plan.column_threads * column_vec);
+  }
+}
+
+// misalignment_bytes: how far the other rows a kernel reads or writes (out, grad, grad_weight) sit
+// from the weight's alignment modulo 16; vectors along a row need every row aligned alike.
+// base_misalignment_bytes: the rows' bases past a 16-byte boundary (bits of each), for the
+// backward's column vectors. The workspaces depend on neither.
 inline EquiNormWeightPlan plan_equinorm_weight(int64_t out_channels, int64_t group_channels, int64_t taps,
                                                int64_t groups, bool channels_last, bool per_tap_means,
-                                               int64_t element_bytes) {
+                                               int64_t element_bytes, int64_t misalignment_bytes = 0,
+                                               int64_t base_misalignment_bytes = 0,
+                                               const MachineModel& machine = kHopper) {
   EquiNormWeightPlan plan;
-  plan.team = group_channels * taps <= kWarpTeamMaxRow ? 32 : kEquiNormThreads;
-  // (c, t): neighbouring lanes take neighbouring taps of a channel. (t, c): neighbouring lanes
-  // take neighbouring channels, and a channel gets several lanes only when the channels alone
-  // cannot keep the team busy.
-  int64_t lanes = std::min<int64_t>(32, ceil_power_of_two(taps));
-  if (channels_last) lanes = std::min(lanes, floor_power_of_two(std::max<int64_t>(1, plan.team / group_channels)));
-  plan.lanes_per_channel = static_cast<int>(lanes);
+  const int64_t row_values = group_channels * taps;
+  plan.team = row_values <= kWarpTeamMaxRow ? 32 : kEquiNormThreads;
+  plan.vec = misalignment_bytes % kMaxLoadBytes == 0 ? static_cast<int>(kMaxLoadBytes / element_bytes) : 1;
+  plan.load_bytes = plan.vec * element_bytes;
   plan.rows_per_block = plan.threads / plan.team;
-  plan.blocks = ceil_div(out_channels, plan.rows_per_block);
-  plan.load_bytes = element_bytes;
+  plan.row_blocks = ceil_div(out_channels, plan.rows_per_block);
+  plan.slice_values = row_values;
+  if (plan.team == kEquiNormThreads) {
+    // Two waves over all rows, as long as a slice keeps min_block_bytes.
+    const int64_t wanted = ceil_div(wave_blocks(machine, plan.blocks_per_multiprocessor), out_channels);
+    const int64_t most = std::max<int64_t>(1, row_values * element_bytes / machine.min_block_bytes);
+    const int64_t slices = std::clamp<int64_t>(wanted, 1, most);
+    // Whole 16-byte vectors, whatever the rows' alignment, so that the workspace does not depend on it.
+    plan.slice_values = round_up(ceil_div(row_values, slices), kMaxLoadBytes / element_bytes);
+  }
+  plan.slices = ceil_div(row_values, plan.slice_values);
+  plan.blocks = plan.row_blocks * plan.slices;
+  if (plan.slices > 1) plan.forward_workspace_bytes = out_channels * plan.slices * kEquiNormSlicePartials * 8;
+
+  // Slots from the geometry of full 16-byte column vectors, so that the workspace does not depend
+  // on the alignment; two reads (weight and grad) a value.
+  const int widest = static_cast<int>(kMaxLoadBytes / element_bytes);
+  plan_equinorm_columns(plan, row_values, widest, groups, machine);
+  const int64_t outputs_per_group = out_channels / groups;
+  const int64_t wanted = ceil_div(wave_blocks(machine, plan.blocks_per_multiprocessor), groups * plan.column_tiles);
+  const int64_t tile_bytes = std::min(row_values, plan.column_threads * widest) * element_bytes * 2;
+  const int64_t most = std::min({outputs_per_group * element_bytes / (8 * kColumnPartialsShareOfWeight),
+                                 outputs_per_group * tile_bytes / machine.min_block_bytes,
+                                 ceil_div(outputs_per_group, plan.row_lanes)});
+  const int64_t slots = std::clamp<int64_t>(wanted, 1, std::max<int64_t>(1, most));
+  plan.rows_per_slot = ceil_div(outputs_per_group, slots);
+  plan.slots = ceil_div(outputs_per_group, plan.rows_per_slot);
+  // The widest vector that divides the row and every base's alignment.
+  int column_vec = 1;
+  for (int vec = widest; vec > 1; vec /= 2) {
+    if (row_values % vec == 0 && base_misalignment_bytes % (vec * element_bytes) == 0) {
+      column_vec = vec;
+      break;
+    }
+  }
+  plan_equinorm_columns(plan, row_values, column_vec, groups, machine);
+  plan.column_blocks = groups * plan.slots * plan.column_tiles;
+  plan.column_load_bytes = column_vec * element_bytes;
   const int64_t mean_values_per_group = per_tap_means ? group_channels * taps : group_channels;
   plan.mean_values = mean_values_per_group * groups;
   plan.reduce_blocks = ceil_div(plan.mean_values, kReduceColumns);
-  plan.backward_workspace_bytes = out_channels * mean_values_per_group * static_cast<int64_t>(sizeof(double));
+  plan.row_partial_bytes = round_up(out_channels * plan.slices * kEquiNormGradSums * 8, 256);
+  plan.column_partial_bytes = groups * plan.slots * row_values * 8;
+  plan.backward_workspace_bytes = plan.row_partial_bytes + plan.column_partial_bytes;
   return plan;
 }
 

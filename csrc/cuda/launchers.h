@@ -57,21 +57,31 @@ struct WeightShape {
   bool per_tap_means = false;  // mean and grad_mean are (C, K) per tap, stored (c, t); else (C,)
 };
 
+// Bytes of device workspace launch_equinorm_weight needs (0 when none): the slices' partial sums
+// of rows split over several blocks.
+size_t equinorm_weight_workspace_bytes(const WeightShape& shape, ElementType type,
+                                       const MachineModel& machine = kHopper);
+
 // out = gain * s * (weight + b) and stats (D, 5) (csrc/shared/equinorm_math.h); mean (C,), gain (D,).
+// The plan is plan_equinorm_weight (cuda/launch_plans.h) for `machine`.
 cudaError_t launch_equinorm_weight(const WeightShape& shape, ElementType type, const void* weight, const void* mean,
                                    const void* gain, double ratio, double eps, bool exact, void* out, void* stats,
-                                   cudaStream_t stream);
+                                   void* workspace, size_t workspace_bytes, cudaStream_t stream,
+                                   const MachineModel& machine = kHopper);
 
-// Bytes of device workspace launch_equinorm_backward needs: the (D, C/groups) per-output-channel
-// contributions to grad_mean, added in a fixed order by a second kernel.
-size_t equinorm_backward_workspace_bytes(const WeightShape& shape, ElementType type);
+// Bytes of device workspace launch_equinorm_backward needs: the rows' sums and, per slot of a
+// group's rows, a row of column sums of the grad_mean terms (plan_equinorm_weight), added in a
+// fixed order by a finish kernel.
+size_t equinorm_backward_workspace_bytes(const WeightShape& shape, ElementType type,
+                                         const MachineModel& machine = kHopper);
 
 // grad_weight (the weight's layout), grad_mean (C,) and grad_gain (D,) from grad_out (the weight's
 // layout) and the forward's stats.
 cudaError_t launch_equinorm_backward(const WeightShape& shape, ElementType type, const void* grad_out,
                                      const void* weight, const void* mean, const void* gain, const void* stats,
                                      void* grad_weight, void* grad_mean, void* grad_gain, void* workspace,
-                                     size_t workspace_bytes, cudaStream_t stream);
+                                     size_t workspace_bytes, cudaStream_t stream,
+                                     const MachineModel& machine = kHopper);
 
 // ---- per-tap input statistics (tap_mean): csrc/shared/tap_mean_math.h ----
 

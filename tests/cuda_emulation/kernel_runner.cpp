@@ -182,14 +182,20 @@ Outputs run_equinorm(const Case& c) {
   const size_t element_offset = offset * info.element_bytes, accumulation_offset = offset * info.accumulation_bytes;
   // stats and grad_mean are double for every element type (csrc/shared/equinorm_math.h).
   const size_t weight_math_bytes = sizeof(double), weight_math_offset = offset * weight_math_bytes;
-  const Buffer weight(c.input(c.text("weight")), element_offset);
+  // weight_offset: the weight alone off the other buffers' alignment
+  const size_t weight_offset = c.has("weight_offset") ? static_cast<size_t>(c.integer("weight_offset")) : offset;
+  const Buffer weight(c.input(c.text("weight")), weight_offset * info.element_bytes);
   const Buffer mean(c.input(c.text("mean")), accumulation_offset);
   const Buffer gain(c.input(c.text("gain")), accumulation_offset);
   const Buffer out(elements * info.element_bytes, element_offset);
   const Buffer stats(outputs * 5 * weight_math_bytes, weight_math_offset);
+  const equinorm::cuda::MachineModel model = machine(c);
+  const size_t forward_bytes = equinorm::cuda::equinorm_weight_workspace_bytes(shape, info.type, model);
+  const Buffer forward_workspace(forward_bytes, 0);
   check(equinorm::cuda::launch_equinorm_weight(shape, info.type, weight.data(), mean.data(), gain.data(),
                                                c.real("ratio"), c.real("eps"), c.integer("exact") != 0, out.data(),
-                                               stats.data(), nullptr),
+                                               stats.data(), forward_bytes > 0 ? forward_workspace.data() : nullptr,
+                                               forward_bytes, nullptr, model),
         "launch_equinorm_weight");
   Outputs results{{"out", out.contents()}, {"stats", stats.contents()}};
   if (!c.has("grad")) return results;
@@ -198,11 +204,11 @@ Outputs run_equinorm(const Case& c) {
   const Buffer grad_weight(elements * info.element_bytes, element_offset);
   const Buffer grad_mean(channels * weight_math_bytes, weight_math_offset);
   const Buffer grad_gain(outputs * info.accumulation_bytes, accumulation_offset);
-  const size_t workspace_bytes = equinorm::cuda::equinorm_backward_workspace_bytes(shape, info.type);
+  const size_t workspace_bytes = equinorm::cuda::equinorm_backward_workspace_bytes(shape, info.type, model);
   const Buffer workspace(workspace_bytes, 0);
   check(equinorm::cuda::launch_equinorm_backward(shape, info.type, grad.data(), weight.data(), mean.data(),
                                                  gain.data(), stats.data(), grad_weight.data(), grad_mean.data(),
-                                                 grad_gain.data(), workspace.data(), workspace_bytes, nullptr),
+                                                 grad_gain.data(), workspace.data(), workspace_bytes, nullptr, model),
         "launch_equinorm_backward");
   results.emplace_back("grad_weight", grad_weight.contents());
   results.emplace_back("grad_mean", grad_mean.contents());

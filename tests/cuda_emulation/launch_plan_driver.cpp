@@ -155,19 +155,33 @@ std::string enorm_rescale(std::istringstream& in) {
   return json.str();
 }
 
-std::string equinorm_weight(std::istringstream& in) {
+std::string equinorm_weight(std::istringstream& in, const MachineModel& machine) {
   int64_t out_channels, group_channels, taps, groups, channels_last, per_tap_means, element_bytes;
   in >> out_channels >> group_channels >> taps >> groups >> channels_last >> per_tap_means >> element_bytes;
   const EquiNormWeightPlan p = plan_equinorm_weight(out_channels, group_channels, taps, groups, channels_last != 0,
-                                                    per_tap_means != 0, element_bytes);
+                                                    per_tap_means != 0, element_bytes, 0, 0, machine);
   Json json;
   json.field("kernel", "equinorm_weight")
       .field("threads", p.threads)
       .field("team", p.team)
-      .field("lanes_per_channel", p.lanes_per_channel)
+      .field("vec", p.vec)
       .field("rows_per_block", p.rows_per_block)
+      .field("blocks_per_multiprocessor", p.blocks_per_multiprocessor)
+      .field("row_blocks", p.row_blocks)
+      .field("slices", p.slices)
+      .field("slice_values", p.slice_values)
       .field("blocks", p.blocks)
       .field("load_bytes", p.load_bytes)
+      .field("forward_workspace_bytes", p.forward_workspace_bytes)
+      .field("column_vec", p.column_vec)
+      .field("column_threads", p.column_threads)
+      .field("row_lanes", p.row_lanes)
+      .field("column_tiles", p.column_tiles)
+      .field("slots", p.slots)
+      .field("rows_per_slot", p.rows_per_slot)
+      .field("column_blocks", p.column_blocks)
+      .field("column_load_bytes", p.column_load_bytes)
+      .field("column_partial_bytes", p.column_partial_bytes)
       .field("mean_values", p.mean_values)
       .field("reduce_blocks", p.reduce_blocks)
       .field("backward_workspace_bytes", p.backward_workspace_bytes);
@@ -233,7 +247,7 @@ int main() {
     } else if (kind == "enorm_rescale") {
       json = enorm_rescale(in);
     } else if (kind == "equinorm_weight") {
-      json = equinorm_weight(in);
+      json = equinorm_weight(in, machine);
     } else if (kind == "tap_mean_columns") {
       json = tap_mean_columns(in, machine);
     } else if (kind == "tap_mean_taps") {
