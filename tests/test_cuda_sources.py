@@ -175,10 +175,16 @@ def test_cuda_sources_exist():
 
 # Spills move a kernel's registers to local memory, which is read through the same caches as the
 # data it streams. A few bytes (a flag mask beside eight-wide float sums) are tolerated; more are
-# allowed only where named: ENorm's energies for an exponent other than 1 and 2 call pow, which
-# needs more registers than the kernel's occupancy leaves (p = 1 and p = 2 are their own kernels).
+# allowed only where named, with what ptxas reported when the allowance was set: ENorm's energies
+# for an exponent other than 1 and 2 call pow (sm_90: 76 bytes stored, 372 loaded), and those for
+# p = 1 spill a little on sm_80 (20 stored, 44 loaded; sm_90: 8); p = 2, the default, has its own
+# kernel and spills nothing.
 SPILL_BYTES_TOLERATED = 8
-SPILLS_ALLOWED = {"enorm_energy_kernel<(equinorm::math::Exponent)2>": 512, "__internal_accurate_pow": 256}
+SPILLS_ALLOWED = {
+    "enorm_energy_kernel<(equinorm::math::Exponent)2>": 512,
+    "enorm_energy_kernel<(equinorm::math::Exponent)0>": 64,
+    "__internal_accurate_pow": 256,
+}
 PTXAS_FUNCTION = re.compile(
     r"Function properties for (\S+)\n\s*(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"
 )

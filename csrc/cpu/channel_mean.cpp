@@ -4,9 +4,8 @@
 // non-negative inputs they give the same bits.
 //
 // NCHW: each (sample, channel) plane is summed by one task, then the planes of a channel are
-// added in sample order; small planes are summed as columns instead (below). channels_last:
-// positions are cut into chunks of a size fixed by the shape, each chunk accumulates a C-vector
-// (contiguous, vectorised over channels), and the chunk sums are added in chunk order. Every
+// added in sample order; small planes are summed as columns instead (below). channels_last: the
+// column sums of a (positions, C) matrix, vectorised over channels (cpu/column_sums.h). Every
 // split depends on the shape only, so the result does not depend on the thread count.
 #include "cpu/channel_mean.h"
 
@@ -20,6 +19,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "cpu/column_sums.h"
 #include "cpu/reductions.h"
 #include "op_checks.h"
 
@@ -29,14 +29,8 @@ namespace {
 
 // Elements one parallel task should at least touch, to amortise scheduling.
 constexpr int64_t kTaskElements = 1 << 15;
-// Elements one channels_last chunk covers: small enough that its per-channel sums stay accurate.
-constexpr int64_t kChunkElements = 1 << 14;
-constexpr int64_t kMaxChunkPositions = 1024;
 // NCHW planes smaller than this are summed as columns of a (samples, C x spatial) matrix.
 constexpr int64_t kSmallPlane = 128;
-// Rows at least this wide are summed by blocks of kColumnBlock columns, one task each.
-constexpr int64_t kWideRow = 4096;
-constexpr int64_t kColumnBlock = 1024;
 
 // sums[p] = sum of plane p of `spatial` values (of their magnitudes with kAbs, negative[p] then
 // says whether one was < 0), for planes [begin, end).
@@ -86,53 +80,13 @@ void planar_means(const scalar_t* x, const ChannelGeometry& g, acc_t* mean, bool
   }
 }
 
-// add_row, or with kAbs add_abs_row noting negative values in `negative`.
-template <bool kAbs, typename acc_t, typename scalar_t>
-C10_ALWAYS_INLINE void add_statistic_row(acc_t* sums, uint8_t* negative, const scalar_t* values, int64_t count) {
-  if constexpr (kAbs) {
-    add_abs_row(sums, negative, values, count);
-  } else {
-    add_row(sums, values, count);
-  }
-}
-
-// Column sums of a (rows, width) row-major matrix. Wide rows: tasks own blocks of columns and
-// add every row into them. Narrow rows: rows are cut into chunks of a size fixed by the shape,
-// each chunk adds its rows into its own width-vector, and the chunk sums are added in chunk
-// order. Either way each column is summed in an order fixed by the shape, vectorised along rows.
-// With kAbs, sums of magnitudes, and `negative` (width,) set where a column had a value < 0.
+// The column sums of a (rows, width) row-major matrix (of |x| for kAbs, `negative` then set per
+// column that had a value < 0).
 template <bool kAbs, typename scalar_t, typename acc_t>
 std::vector<acc_t> column_totals(const scalar_t* x, int64_t rows, int64_t width, std::vector<uint8_t>& negative) {
-  std::vector<acc_t> total(width, acc_t(0));
-  negative.assign(kAbs ? width : 0, 0);
-  if (width >= kWideRow) {
-    at::parallel_for(0, width, kColumnBlock, [&](int64_t begin, int64_t end) {
-      for (int64_t row = 0; row < rows; ++row) {
-        add_statistic_row<kAbs>(total.data() + begin, negative.data() + begin, x + row * width + begin, end - begin);
-      }
-    });
-    return total;
-  }
-  const int64_t chunk = std::clamp<int64_t>(kChunkElements / width, 1, kMaxChunkPositions);
-  const int64_t chunks = (rows + chunk - 1) / chunk;
-  std::vector<acc_t> chunk_sums(chunks * width, acc_t(0));
-  std::vector<uint8_t> chunk_negative(kAbs ? chunks * width : 0, 0);
-  const int64_t grain = std::max<int64_t>(1, kTaskElements / (chunk * width));
-  at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      acc_t* sums = chunk_sums.data() + k * width;
-      uint8_t* flags = kAbs ? chunk_negative.data() + k * width : nullptr;
-      for (int64_t row = k * chunk; row < std::min(rows, (k + 1) * chunk); ++row) {
-        add_statistic_row<kAbs>(sums, flags, x + row * width, width);
-      }
-    }
-  });
-  for (int64_t k = 0; k < chunks; ++k) {
-    add_row(total.data(), chunk_sums.data() + k * width, width);
-    if constexpr (kAbs) {
-      for (int64_t j = 0; j < width; ++j) negative[j] |= chunk_negative[k * width + j];
-    }
-  }
+  std::vector<acc_t> total(width);
+  negative.resize(kAbs ? width : 0);
+  columns::column_sums<kAbs>(x, rows, width, total.data(), negative.data());
   return total;
 }
 

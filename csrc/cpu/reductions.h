@@ -63,16 +63,6 @@ inline acc_t contiguous_abs_sum(const scalar_t* values, int64_t count, uint8_t& 
   return combine_lanes<kWidth>(lanes);
 }
 
-// sums[j] += |values[j]| for j in [0, count), and negative[j] |= values[j] < 0.
-template <typename acc_t, typename scalar_t>
-inline void add_abs_row(acc_t* sums, uint8_t* negative, const scalar_t* values, int64_t count) {
-  for (int64_t j = 0; j < count; ++j) {
-    const acc_t value = static_cast<acc_t>(values[j]);
-    sums[j] += value < 0 ? -value : value;
-    negative[j] |= static_cast<uint8_t>(value < 0);
-  }
-}
-
 // sums[j] += values[j] for j in [0, count): one row of a (rows, count) block added to a running sum.
 template <typename acc_t, typename scalar_t>
 inline void add_row(acc_t* sums, const scalar_t* values, int64_t count) {

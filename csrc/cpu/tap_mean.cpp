@@ -7,9 +7,8 @@
 // transposed matrices, a (C, *spatial) plane the caller broadcasts over the samples.
 //
 // x[:rows] is a (rows, C * spatial) matrix (NCHW) or (rows, spatial * C) (channels_last) with
-// contiguous rows; its column sums are split as channel_mean's are: wide rows by blocks of
-// columns (each adding every row), narrow ones by chunks of rows whose partial sums are added in
-// chunk order. Splits depend on the shape only, so results do not depend on the thread count.
+// contiguous rows, summed by column as channel_mean's channels_last inputs are (cpu/column_sums.h):
+// splits depend on the shape only, so results do not depend on the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -23,6 +22,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/column_sums.h"
 #include "cpu/reductions.h"
 #include "op_checks.h"
 #include "tap_geometry.h"
@@ -31,117 +31,8 @@ namespace equinorm {
 namespace cpu {
 namespace {
 
-constexpr int64_t kTaskElements = 1 << 15;
-constexpr int64_t kChunkElements = 1 << 14;
-constexpr int64_t kMaxChunkRows = 1024;
-constexpr int64_t kWideRow = 4096;
-constexpr int64_t kColumnBlock = 8192;
 // Multiply-adds one task of the count-matrix contraction should at least do.
 constexpr int64_t kContractionTaskWork = 1 << 20;
-
-// One value as the sums take it: |v| for kAbsolute (its sign noted in `negative`), else v.
-template <bool kAbsolute, typename acc_t, typename scalar_t>
-C10_ALWAYS_INLINE acc_t term(scalar_t value, uint8_t& negative) {
-  const acc_t v = static_cast<acc_t>(value);
-  if constexpr (kAbsolute) {
-    negative |= static_cast<uint8_t>(v < acc_t(0));
-    return std::abs(v);
-  } else {
-    return v;
-  }
-}
-
-// Rows [first_row, end_row) of columns [begin, end) added into sums, in row order. Rows go
-// kRowUnroll at a time through a register, so the running sums are loaded and stored once per
-// kRowUnroll rows (the order of the additions, and so the result, is that of one row at a time).
-constexpr int64_t kRowUnroll = 4;
-
-template <bool kAbsolute, typename acc_t, typename scalar_t>
-C10_ALWAYS_INLINE void add_rows(acc_t* sums, uint8_t* negative, const scalar_t* x, int64_t width, int64_t first_row,
-                                int64_t end_row, int64_t begin, int64_t end) {
-  int64_t row = first_row;
-  for (; row + kRowUnroll <= end_row; row += kRowUnroll) {
-    const scalar_t* r0 = x + row * width;
-    const scalar_t* r1 = r0 + width;
-    const scalar_t* r2 = r1 + width;
-    const scalar_t* r3 = r2 + width;
-    for (int64_t j = begin; j < end; ++j) {
-      uint8_t seen = kAbsolute ? negative[j] : 0;
-      acc_t sum = sums[j];
-      sum += term<kAbsolute, acc_t>(r0[j], seen);
-      sum += term<kAbsolute, acc_t>(r1[j], seen);
-      sum += term<kAbsolute, acc_t>(r2[j], seen);
-      sum += term<kAbsolute, acc_t>(r3[j], seen);
-      sums[j] = sum;
-      if constexpr (kAbsolute) negative[j] = seen;
-    }
-  }
-  for (; row < end_row; ++row) {
-    const scalar_t* values = x + row * width;
-    for (int64_t j = begin; j < end; ++j) {
-      uint8_t seen = kAbsolute ? negative[j] : 0;
-      sums[j] += term<kAbsolute, acc_t>(values[j], seen);
-      if constexpr (kAbsolute) negative[j] = seen;
-    }
-  }
-}
-
-// The float case, also compiled for AVX2 (the loops are the same, so both give identical sums).
-template <bool kAbsolute>
-EQUINORM_AVX2_CLONES void add_float_rows(float* sums, uint8_t* negative, const float* x, int64_t width,
-                                         int64_t first_row, int64_t end_row, int64_t begin, int64_t end) {
-  add_rows<kAbsolute>(sums, negative, x, width, first_row, end_row, begin, end);
-}
-
-template <bool kAbsolute, typename acc_t, typename scalar_t>
-void add_block(acc_t* sums, uint8_t* negative, const scalar_t* x, int64_t width, int64_t first_row, int64_t end_row,
-               int64_t begin, int64_t end) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    add_float_rows<kAbsolute>(sums, negative, x, width, first_row, end_row, begin, end);
-  } else {
-    add_rows<kAbsolute>(sums, negative, x, width, first_row, end_row, begin, end);
-  }
-}
-
-// Column sums (and, for kAbsolute, negative-value flags) of a (rows, width) row-major matrix.
-template <bool kAbsolute, typename scalar_t, typename acc_t>
-void column_sums(const scalar_t* x, int64_t rows, int64_t width, acc_t* total, uint8_t* negative) {
-  if (width >= kWideRow) {
-    // Blocks of columns small enough that their running sums stay in cache while every row's
-    // segment of them streams in; a task takes whole blocks, at least kTaskElements values.
-    const int64_t blocks = (width + kColumnBlock - 1) / kColumnBlock;
-    const int64_t grain = std::max<int64_t>(1, kTaskElements / (kColumnBlock * rows));
-    at::parallel_for(0, blocks, grain, [&](int64_t first_block, int64_t end_block) {
-      for (int64_t block = first_block; block < end_block; ++block) {
-        const int64_t begin = block * kColumnBlock, end = std::min(width, begin + kColumnBlock);
-        std::fill(total + begin, total + end, acc_t(0));  // zeroed here, while the block is in cache
-        if (kAbsolute) std::fill(negative + begin, negative + end, uint8_t(0));
-        add_block<kAbsolute>(total, negative, x, width, 0, rows, begin, end);
-      }
-    });
-    return;
-  }
-  std::fill(total, total + width, acc_t(0));
-  if (kAbsolute) std::fill(negative, negative + width, uint8_t(0));
-  const int64_t chunk = std::clamp<int64_t>(kChunkElements / width, 1, kMaxChunkRows);
-  const int64_t chunks = (rows + chunk - 1) / chunk;
-  std::vector<acc_t> chunk_sums(chunks * width, acc_t(0));
-  std::vector<uint8_t> chunk_negative(kAbsolute ? chunks * width : 0, uint8_t(0));
-  const int64_t grain = std::max<int64_t>(1, kTaskElements / (chunk * width));
-  at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      add_block<kAbsolute>(chunk_sums.data() + k * width, kAbsolute ? chunk_negative.data() + k * width : nullptr, x,
-                           width, k * chunk,
-                           std::min(rows, (k + 1) * chunk), 0, width);
-    }
-  });
-  for (int64_t k = 0; k < chunks; ++k) {
-    add_row(total, chunk_sums.data() + k * width, width);
-    if (kAbsolute) {
-      for (int64_t j = 0; j < width; ++j) negative[j] |= chunk_negative[k * width + j];
-    }
-  }
-}
 
 // The (kernel, length) count matrix of one dim, or its transpose (length, kernel).
 template <typename acc_t>
@@ -245,7 +136,8 @@ void contract_counts(const acc_t* in, int64_t outer, int64_t inner, const Period
       if (first >= counts.interior_end) continue;
       const int64_t rows = (counts.interior_end - first + period - 1) / period;
       acc_t* sums = residue_sums.data() + residue * inner;
-      add_block<false>(sums, nullptr, plane + first * inner, period * inner, 0, rows, 0, inner);
+      columns::add_block<false>(sums, static_cast<acc_t*>(nullptr), plane + first * inner, period * inner, 0, rows,
+                                0, inner);
     }
     for (int64_t j = 0; j < length; ++j) {
       if (j == counts.interior_begin) j = counts.interior_end;
@@ -394,12 +286,12 @@ std::tuple<at::Tensor, at::Tensor> tap_mean(const at::Tensor& x, int64_t rows, a
       return;
     }
     // column_sums writes every element: no initialisation here.
-    std::unique_ptr<acc_t[]> columns(new acc_t[width]);
+    std::unique_ptr<acc_t[]> sample_sums(new acc_t[width]);
     std::vector<uint8_t> negative_columns(absolute ? width : 0);
     if (absolute) {
-      column_sums<true>(data, rows, width, columns.get(), negative_columns.data());
+      columns::column_sums<true>(data, rows, width, sample_sums.get(), negative_columns.data());
     } else {
-      column_sums<false>(data, rows, width, columns.get(), negative_columns.data());
+      columns::column_sums<false>(data, rows, width, sample_sums.get(), negative_columns.data());
     }
     // S as (C, plane): channels_last columns are (plane, C).
     if (channel_geometry.channels_last) {
@@ -407,11 +299,11 @@ std::tuple<at::Tensor, at::Tensor> tap_mean(const at::Tensor& x, int64_t rows, a
       std::vector<uint8_t> transposed_negative(absolute ? width : 0);
       for (int64_t p = 0; p < plane; ++p) {
         for (int64_t c = 0; c < channels; ++c) {
-          transposed[c * plane + p] = columns[p * channels + c];
+          transposed[c * plane + p] = sample_sums[p * channels + c];
           if (absolute) transposed_negative[c * plane + p] = negative_columns[p * channels + c];
         }
       }
-      columns.swap(transposed);
+      sample_sums.swap(transposed);
       negative_columns.swap(transposed_negative);
     }
     if (absolute) {
@@ -421,7 +313,7 @@ std::tuple<at::Tensor, at::Tensor> tap_mean(const at::Tensor& x, int64_t rows, a
                                [](uint8_t seen) { return seen != 0; });
       }
     }
-    contract_tap_sums(columns.get(), channels, g, count, mean.mutable_data_ptr<acc_t>());
+    contract_tap_sums(sample_sums.get(), channels, g, count, mean.mutable_data_ptr<acc_t>());
   });
   return {mean, negative};
 }
