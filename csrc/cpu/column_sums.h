@@ -99,9 +99,9 @@ void add_block(acc_t* sums, acc_t* lowest, const scalar_t* x, int64_t width, int
 }
 
 // total (width) = the column sums of x (of |x| for kAbs, negative (width) then set to 1 where a
-// column had a value < 0); both written in full. The least values are kept per task, for the
-// columns it is adding (a block, or one chunk's row at a time): nothing of x's size is allocated
-// besides the chunks' partial sums.
+// column had a value < 0); both written in full. The least values live in per-task scratch, for
+// the block of columns, or the chunk, the task is adding: nothing of x's size is allocated besides
+// the chunks' partial sums.
 template <bool kAbs, typename scalar_t, typename acc_t>
 void column_sums(const scalar_t* x, int64_t rows, int64_t width, acc_t* total, uint8_t* negative) {
   if (width >= kWideRow) {
