@@ -775,8 +775,8 @@ PLANTED_BUGS = {
     ),
     "adjacent-vectors-past-end": PlantedBug(
         "asan", "enorm.cu",
-        "  for (; k < last; k += lanes) {\n    scalar_t loaded[kVec];\n    load_vector<kVec>(data + offset(k), loaded);",
-        "  for (; k <= last; k += lanes) {\n    scalar_t loaded[kVec];\n    load_vector<kVec>(data + offset(k), loaded);",
+        "  for (; k < last; k += lanes) {\n    scalar_t loaded[kVec];\n    load_vector<kVec>(data + value_offset(v, inner, k), loaded);",
+        "  for (; k <= last; k += lanes) {\n    scalar_t loaded[kVec];\n    load_vector<kVec>(data + value_offset(v, inner, k), loaded);",
         "enorm-adjacent-vectors-half-p2-offset0", ("ERROR: AddressSanitizer: heap-buffer-overflow",),
         "adjacent_channels_energy",
     ),

@@ -131,6 +131,14 @@ __device__ __forceinline__ em::energy_math_t term(scalar_t value, em::energy_mat
   return em::energy_term_of<kKind>(static_cast<em::energy_math_t>(to_acc(value)), exponent);
 }
 
+// Where value `index` of a channel lies from its first: index = o * inner + t over the outer
+// rows o and the inner values t. A channel's values are fewer than 2^31 (checked on the host), so
+// the index arithmetic is 32-bit.
+__device__ __forceinline__ int64_t value_offset(const EnergyView& v, unsigned inner, unsigned index) {
+  const unsigned o = index / inner;
+  return static_cast<int64_t>(o) * v.outer_stride + static_cast<int64_t>(index - o * inner) * v.inner_stride;
+}
+
 // One channel's values [begin, end), one element a load, kLoads loads in flight (as many bytes as
 // a vector thread's kEnergyUnroll 16-byte loads need to cover the latency: kEnergyScalarBytes).
 template <em::Exponent kKind, typename scalar_t>
@@ -145,22 +153,17 @@ __device__ double strided_channel_energy(const EnergyView& v, int64_t base, int6
   acc_t sums[kEnergyUnroll];
 #pragma unroll
   for (int u = 0; u < kEnergyUnroll; ++u) sums[u] = 0;
-  // A channel's values are fewer than 2^31 (checked on the host): 32-bit index arithmetic.
   const unsigned inner = static_cast<unsigned>(v.inner), lanes = static_cast<unsigned>(v.lanes);
   const unsigned last = static_cast<unsigned>(end);
-  auto offset = [&](unsigned index) {
-    const unsigned o = index / inner;
-    return static_cast<int64_t>(o) * v.outer_stride + static_cast<int64_t>(index - o * inner) * v.inner_stride;
-  };
   unsigned k = static_cast<unsigned>(begin) + lane;
   for (; k + (kLoads - 1) * lanes < last; k += kLoads * lanes) {
     scalar_t values[kLoads];
 #pragma unroll
-    for (int u = 0; u < kLoads; ++u) values[u] = load_element(data + offset(k + u * lanes));
+    for (int u = 0; u < kLoads; ++u) values[u] = load_element(data + value_offset(v, inner, k + u * lanes));
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) sums[u % kEnergyUnroll] += term<kKind>(values[u], exponent);
   }
-  for (; k < last; k += lanes) sums[0] += term<kKind>(load_element(data + offset(k)), exponent);
+  for (; k < last; k += lanes) sums[0] += term<kKind>(load_element(data + value_offset(v, inner, k)), exponent);
   acc_t total = sums[0];
 #pragma unroll
   for (int u = 1; u < kEnergyUnroll; ++u) total += sums[u];
@@ -225,15 +228,11 @@ __device__ void adjacent_channels_energy(const EnergyView& v, int64_t base, int6
   for (int e = 0; e < kVec; ++e) sums[e] = 0;
   const unsigned inner = static_cast<unsigned>(v.inner), lanes = static_cast<unsigned>(v.lanes);
   const unsigned last = static_cast<unsigned>(end);
-  auto offset = [&](unsigned index) {
-    const unsigned o = index / inner;
-    return static_cast<int64_t>(o) * v.outer_stride + static_cast<int64_t>(index - o * inner) * v.inner_stride;
-  };
   unsigned k = static_cast<unsigned>(begin) + lane;
   for (; k + (kEnergyUnroll - 1) * lanes < last; k += kEnergyUnroll * lanes) {
     scalar_t loaded[kEnergyUnroll][kVec];
 #pragma unroll
-    for (int u = 0; u < kEnergyUnroll; ++u) load_vector<kVec>(data + offset(k + u * lanes), loaded[u]);
+    for (int u = 0; u < kEnergyUnroll; ++u) load_vector<kVec>(data + value_offset(v, inner, k + u * lanes), loaded[u]);
 #pragma unroll
     for (int u = 0; u < kEnergyUnroll; ++u) {
 #pragma unroll
@@ -242,7 +241,7 @@ __device__ void adjacent_channels_energy(const EnergyView& v, int64_t base, int6
   }
   for (; k < last; k += lanes) {
     scalar_t loaded[kVec];
-    load_vector<kVec>(data + offset(k), loaded);
+    load_vector<kVec>(data + value_offset(v, inner, k), loaded);
 #pragma unroll
     for (int e = 0; e < kVec; ++e) sums[e] += term<kKind>(loaded[e], exponent);
   }
