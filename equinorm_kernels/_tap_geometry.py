@@ -7,6 +7,7 @@ odd totals one more after than before, as nn.Conv does).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -84,17 +85,47 @@ def check_tap_mean_args(
     """Validate tap_mean's arguments against x; returns the geometry and stats_fraction as a float."""
     x = _checks.check_tensor(x, "x", dims="(N, C, *spatial) with 1 to 3 spatial dims", min_dim=3, max_dim=5)
     stats_fraction = _checks.check_channel_mean_args(x, stats_fraction)
+    args = (tuple(x.shape[2:]), kernel_size, stride, padding, dilation, padding_mode, statistic)
+    if not torch.compiler.is_compiling():
+        # A layer passes the same arguments on every call: their checks are done once. Arguments
+        # that cannot be hashed (lists) are checked every time.
+        try:
+            return _cached_geometry(tuple(map(_signature, args)), args), stats_fraction
+        except TypeError as error:
+            if "unhashable" not in str(error):
+                raise
+    return _geometry(*args), stats_fraction
+
+
+def _signature(value: object) -> object:
+    """The types of an argument, also inside a tuple: the cache must tell 3 from 3.0 and True from 1."""
+    return tuple(map(type, value)) if type(value) is tuple else type(value)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_geometry(signature: tuple, args: tuple) -> TapGeometry:
+    return _geometry(*args)
+
+
+def _geometry(
+    spatial: tuple[int, ...],
+    kernel_size: object,
+    stride: object,
+    padding: object,
+    dilation: object,
+    padding_mode: object,
+    statistic: object,
+) -> TapGeometry:
     if statistic not in STATISTICS:
         raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-    dims = x.dim() - 2
+    dims = len(spatial)
     kernel = _int_tuple(kernel_size, "kernel_size", dims, low=1)
     stride_ = _int_tuple(stride, "stride", dims, low=1)
     dilation_ = _int_tuple(dilation, "dilation", dims, low=1)
     pads = _padding(padding, kernel, stride_, dilation_)
     geometry = TapGeometry(kernel, stride_, pads, dilation_, padding_mode, statistic == "abs_mean")
-    spatial = tuple(x.shape[2:])
     for dim, (length, (before, after)) in enumerate(zip(spatial, geometry.padding_pairs())):
         if padding_mode == "reflect" and max(before, after) >= length:
             raise ValueError(
@@ -112,7 +143,7 @@ def check_tap_mean_args(
                 f"kernel_size {kernel} (dilation {dilation_}) spans {span} positions in spatial dim {dim}, "
                 f"more than the padded input's {length + before + after} (size {length}, padding {(before, after)})"
             )
-    return geometry, stats_fraction
+    return geometry
 
 
 def tap_output_shape(spatial: Sequence[int], geometry: TapGeometry) -> list[int]:

@@ -197,6 +197,86 @@ def test_float64_stays_float64(backend, device):
     assert _run(backend, device, x, 3, padding=1).dtype == torch.float64
 
 
+# ---- every path of the CPU kernel ----
+# NCHW rows of 24 values or more are read plane by plane: float32 planes whose row residues and
+# columns repeat within 128 values (lcm(row stride x W, 8)) are added flat, the others row by row.
+# Shorter rows, and channels_last inputs, go through the samples' sum, whose positions are added
+# into groups with 8 channels x 8 positions a tile where there are 8 channels. One sample of the
+# accumulation type is read in place.
+PATH_CASES = {
+    "flat-w30": ((3, 4, 9, 30), "3x3-pad1"),  # period 120 values: 15 vectors
+    "flat-w24-row-stride3": ((2, 3, 10, 24), "stride3-5x3"),  # 3 row residues: 72 values
+    "rows-w33-stride2": ((2, 3, 7, 33), "stride2"),  # 66 x 4 = 264 values: row by row
+    "flat-w28-dilation2": ((2, 3, 9, 28), "dilation2"),
+    "7x7-stride2-w40": ((2, 2, 11, 40), "7x7-stride2-pad3"),
+    "tiles-20-channels": ((3, 20, 7, 11), "3x3-pad1"),  # 16 channels in tiles, 4 one by one; 77 positions
+    "tiles-16-channels-stride2": ((2, 16, 9, 9), "stride2"),
+}
+
+
+@pytest.mark.parametrize("backend,device", _backends(every=False))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("statistic", STATISTICS)
+@pytest.mark.parametrize("batch", ["one", "all"])
+@pytest.mark.parametrize("mode", ["zeros", "reflect"])
+@pytest.mark.parametrize("case", list(PATH_CASES))
+def test_every_cpu_path_matches_unfold(backend, device, case, mode, batch, statistic, dtype, layout):
+    shape, geometry = PATH_CASES[case]
+    kernel, stride, padding, dilation = GEOMETRIES_2D[geometry]
+    x = _signed_input(shape, seed=21, dtype=dtype)
+    if batch == "one":
+        x = x[:1]
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    got = _run(backend, device, x, kernel, stride, padding, dilation, mode, statistic=statistic)
+    want = _unfold_tap_mean(x.double(), kernel, stride, padding, dilation, mode, statistic=statistic)
+    if dtype == torch.float64:
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    else:  # float32 sums of x's values, rounded to dtype: errors relative to the values' magnitudes
+        scale = _unfold_tap_mean(x.double(), kernel, stride, padding, dilation, mode, statistic="abs_mean").abs().max()
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=4e-6 * float(scale))
+
+
+@pytest.mark.parametrize("backend,device", _backends(every=False))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("statistic", STATISTICS)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_conv3d_channels_last_sums_are_transposed_exactly(backend, device, batch, statistic, dtype):
+    """channels_last_3d with 9 channels and 60 positions: the samples' sum (or the one sample
+    itself) goes from (positions, C) to (C, positions) in 8 x 8 tiles and a remainder."""
+    x = _signed_input((batch, 9, 3, 4, 5), seed=23, dtype=dtype).contiguous(memory_format=torch.channels_last_3d)
+    kernel, stride, padding = (3, 3, 3), (1, 2, 1), (1, 1, 1)
+    got = _run(backend, device, x, kernel, stride, padding, 1, "zeros", statistic=statistic)
+    want = _one_hot_conv_tap_mean(x.double(), kernel, stride, padding, 1, "zeros", statistic=statistic)
+    tolerance = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.double(), want, **tolerance)
+
+
+@pytest.mark.parametrize("backend,device", _backends(every=False))
+@pytest.mark.parametrize("padding", [(0, 1, 1), (1, 1, 1)])
+def test_conv3d_of_one_slice(backend, device, padding):
+    """A Conv3d input one slice deep: with padding in depth (and a stride that skips the slice)
+    its depth is not the trivial one of a Conv2d input."""
+    x = _signed_input((2, 3, 1, 6, 26), seed=24).float()
+    kernel, stride = (1, 3, 3), (3, 1, 1)
+    got = _run(backend, device, x, kernel, stride, padding, 1, "zeros")
+    want = _one_hot_conv_tap_mean(x.double(), kernel, stride, padding, 1, "zeros")
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", _backends(every=False))
+def test_many_geometries_in_turn(backend, device):
+    """More geometries than the kernel keeps plans for, twice over: each call's plan is its own."""
+    x = _signed_input((2, 3, 9, 26), seed=22).float()
+    geometries = [((k, k), (s, s), (p, p), (1, 1)) for k in (1, 3, 5) for s in (1, 2, 3) for p in (0, 1)]
+    assert len(geometries) > 16
+    for kernel, stride, padding, dilation in geometries * 2:
+        got = _run(backend, device, x, kernel, stride, padding, dilation, "zeros")
+        want = _unfold_tap_mean(x.double(), kernel, stride, padding, dilation, "zeros")
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5, msg=str((kernel, stride, padding)))
+
+
 # ---- gradients ----
 
 @pytest.mark.parametrize("backend,device", _backends(every=False))
@@ -309,8 +389,9 @@ def test_compile_dynamic_one_graph_for_every_batch_size(backend, device, statist
 
 
 @pytest.mark.parametrize("backend,device", [p for p in fused_backend_params() if p.values[0] == "cpp"])
-def test_cpu_results_do_not_depend_on_the_thread_count(backend, device):
-    x = _signed_input((6, 40, 23, 17), seed=16).float()
+@pytest.mark.parametrize("shape", [(6, 40, 23, 17), (6, 12, 9, 30), (4, 12, 7, 33)], ids=["groups", "flat", "rows"])
+def test_cpu_results_do_not_depend_on_the_thread_count(backend, device, shape):
+    x = _signed_input(shape, seed=16).float()
     threads = torch.get_num_threads()
     results = []
     try:

@@ -1,14 +1,17 @@
 // Per-tap input statistics on the CPU (tap_mean and its backward; math in csrc/shared/tap_mean_math.h).
 //
-// Forward: one read of x[:rows], summed over the samples into S (C, *spatial) (|x| and a flag per
-// channel that saw a negative value for abs_mean; a single NCHW sample's "mean" is read where it
-// lies), then per channel S is contracted with each spatial dim's (kernel, length) count matrix in
-// one read of S (see PeriodicCounts). Backward: the (C, *kernel) gradient contracted with the
-// transposed matrices, a (C, *spatial) plane the caller broadcasts over the samples.
+// Forward: one read of x[:rows] (|x| and a flag per channel that saw a negative value for
+// abs_mean). Along each spatial dim, the lines (rows, columns) away from the padding repeat their
+// counts with the stride (PeriodicCounts), so a plane's values only need adding up in a few groups
+// of lines before they meet the count matrices. Conv1d/2d inputs (see "Conv1d/2d geometries"):
+// NCHW planes with long rows are read where they lie, the others through the samples' sum S with
+// the channels in vector lanes. Conv3d inputs: S (C, *spatial) contracted dim by dim. Backward:
+// the (C, *kernel) gradient contracted with the transposed count matrices, a (C, *spatial) plane
+// the caller broadcasts over the samples.
 //
-// x[:rows] is a (rows, C * spatial) matrix (NCHW) or (rows, spatial * C) (channels_last) with
-// contiguous rows, summed by column as channel_mean's channels_last inputs are (cpu/column_sums.h):
-// splits depend on the shape only, so results do not depend on the thread count.
+// S is the column sums of x[:rows] as a (rows, C * spatial) matrix (NCHW) or (rows, spatial * C)
+// (channels_last), as channel_mean sums its channels_last inputs (cpu/column_sums.h). Every split
+// depends on the shape only, so results do not depend on the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -18,12 +21,14 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <numeric>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "cpu/column_sums.h"
 #include "cpu/reductions.h"
+#include "cpu/transpose.h"
 #include "op_checks.h"
 #include "tap_geometry.h"
 
@@ -180,8 +185,9 @@ void contract_counts_along_rows(const acc_t* in, int64_t outer, const PeriodicCo
   }
 }
 
-// The forward: every channel's plane (C, *spatial) contracted along each dim with its count matrix,
-// first dim to last (the long rows of the plane stay the vectorised inner loop), divided by count.
+// The forward of a 3-D geometry: every channel's plane (C, *spatial) contracted along each dim
+// with its count matrix, first dim to last (the long rows of the plane stay the vectorised inner
+// loop), divided by count.
 template <typename acc_t>
 void contract_tap_sums(const acc_t* plane, int64_t channels, const TapGeometry& g, acc_t count, acc_t* out) {
   std::vector<PeriodicCounts<acc_t>> counts;
@@ -254,14 +260,564 @@ void spread_tap_gradient(const acc_t* grad, int64_t channels, const TapGeometry&
   });
 }
 
-// ``data`` when its type is the accumulation type (float, double), else null.
-template <typename acc_t, typename scalar_t>
-const acc_t* in_accumulation_type(const scalar_t* data) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return data;
-  } else {
-    return nullptr;
+// ---- Conv1d/2d geometries ----------------------------------------------------------------------
+//
+// Every plane of a geometry has the same count structure, planned once (PlaneCounts). A plane's
+// rows fall into row groups: the interior rows of each residue (mod the row stride), added up, and
+// each border row by itself; its columns into column groups likewise.
+//
+// - NCHW with rows of kPlaneRowLength or more: each channel's planes are read where they lie, a few
+//   samples at a time, into the channel's row groups (float32 interiors as one flat run into registers);
+//   each row group's W-vector then goes through the column count matrix (kw dot products) and the
+//   kw sums into the taps through the group's row counts, once per channel.
+// - Shorter NCHW rows and channels_last: per-row work on rows of 7 or 14 values would cost more than
+//   the values, so the samples are summed column-wise first into S, one plane per channel, whose
+//   positions are added into their (row group, column group) with the channels in vector lanes
+//   (8 x 8 tiles of channels x positions for NCHW); the group sums are then contracted.
+
+// Elements one parallel task should at least read.
+constexpr int64_t kPlaneTaskElements = 1 << 14;
+constexpr int64_t kPlaneRowLength = 24;
+constexpr int kTapLanes = 8;  // running sums of a dot product
+constexpr int kMaxKernel = 64;  // per dim, checked by plane_path_applies
+// Float planes' interior rows are added flat in up to kMaxFlatVectors vectors of kFlatLanes.
+constexpr int64_t kFlatLanes = 8;
+constexpr int64_t kMaxFlatVectors = 16;
+
+// The lines (rows or columns) of one dim in groups: the interior lines of each residue form one
+// group (they share their counts), every border line is a group of its own.
+template <typename acc_t>
+struct LineGroups {
+  std::vector<int64_t> group_of;  // (length)
+  std::vector<acc_t> counts;      // (groups, kernel): a group's counts, one per tap
+  int64_t groups = 0, kernel = 1;
+};
+
+template <typename acc_t>
+LineGroups<acc_t> line_groups(const PeriodicCounts<acc_t>& lines) {
+  LineGroups<acc_t> groups;
+  groups.kernel = lines.kernel;
+  groups.groups = lines.period;
+  for (int64_t residue = 0; residue < lines.period; ++residue) {
+    for (int64_t t = 0; t < lines.kernel; ++t) groups.counts.push_back(lines.pattern[t * lines.period + residue]);
   }
+  groups.group_of.resize(lines.length);
+  for (int64_t j = 0; j < lines.length; ++j) {
+    if (j >= lines.interior_begin && j < lines.interior_end) {
+      groups.group_of[j] = j % lines.period;
+      continue;
+    }
+    groups.group_of[j] = groups.groups++;
+    for (int64_t t = 0; t < lines.kernel; ++t) groups.counts.push_back(lines.matrix[t * lines.length + j]);
+  }
+  return groups;
+}
+
+// The (H, W) count structure every plane of a Conv1d/2d geometry shares.
+template <typename acc_t>
+struct PlaneCounts {
+  PeriodicCounts<acc_t> rows;
+  LineGroups<acc_t> row_groups, column_groups;
+  std::vector<acc_t> column_matrix;  // (kw, W), the column count matrix
+  std::vector<int64_t> first_rows;   // per row residue, its first interior row (none: interior_end)
+  std::vector<int64_t> border_rows;  // rows outside the interior, in order (row groups period, ...)
+  int64_t height = 1, width = 1, kernel_rows = 1, kernel_columns = 1;
+  // The interior rows as one run of values: its row residues and columns repeat every
+  // flat_vectors * kFlatLanes values (0: too long a period); fold_residue (flat_rows) is the row
+  // residue of each of the period's rows.
+  int64_t flat_vectors = 0, flat_rows = 0;
+  std::vector<int64_t> fold_residue;
+  // Position p = r * W + j is in group row_groups.group_of[r] * column_groups.groups + column_groups.group_of[j].
+  std::vector<int64_t> position_group;
+  int64_t position_groups = 0;
+
+  int64_t taps() const { return kernel_rows * kernel_columns; }
+  int64_t plane() const { return height * width; }
+};
+
+template <typename acc_t>
+PlaneCounts<acc_t> plane_counts(const TapGeometry& g) {
+  PlaneCounts<acc_t> counts;
+  counts.rows = periodic_counts<acc_t>(g.dims[1], g.mode);
+  const PeriodicCounts<acc_t> columns = periodic_counts<acc_t>(g.dims[2], g.mode);
+  counts.row_groups = line_groups(counts.rows);
+  counts.column_groups = line_groups(columns);
+  counts.column_matrix = columns.matrix;
+  counts.height = g.dims[1].length, counts.width = g.dims[2].length;
+  counts.kernel_rows = g.dims[1].kernel, counts.kernel_columns = g.dims[2].kernel;
+  for (int64_t residue = 0; residue < counts.rows.period; ++residue) {
+    counts.first_rows.push_back(counts.rows.first_interior(residue));
+  }
+  for (int64_t r = 0; r < counts.height; ++r) {
+    if (r < counts.rows.interior_begin || r >= counts.rows.interior_end) counts.border_rows.push_back(r);
+  }
+  counts.position_groups = counts.row_groups.groups * counts.column_groups.groups;
+  for (int64_t r = 0; r < counts.height; ++r) {
+    for (int64_t j = 0; j < counts.width; ++j) {
+      counts.position_group.push_back(counts.row_groups.group_of[r] * counts.column_groups.groups +
+                                      counts.column_groups.group_of[j]);
+    }
+  }
+  const int64_t repeat = counts.rows.period * counts.width;  // values after which the residues repeat
+  const int64_t period = std::lcm(repeat, kFlatLanes);
+  if (period <= kMaxFlatVectors * kFlatLanes) {
+    counts.flat_vectors = period / kFlatLanes;
+    counts.flat_rows = period / counts.width;
+    for (int64_t q = 0; q < counts.flat_rows; ++q) {
+      counts.fold_residue.push_back((counts.rows.interior_begin + q) % counts.rows.period);
+    }
+  }
+  return counts;
+}
+
+// The plane counts of a geometry, built once per thread for the last kPlanCache geometries it
+// met (a model calls a few geometries over and over; building them costs as much as reading a
+// small input).
+constexpr size_t kPlanCache = 16;
+
+inline bool same_plane_geometry(const TapGeometry& a, const TapGeometry& b) {
+  if (a.mode != b.mode) return false;
+  for (int k = 1; k < tap::kDims; ++k) {
+    const tap::TapDim &x = a.dims[k], &y = b.dims[k];
+    if (x.length != y.length || x.kernel != y.kernel || x.stride != y.stride || x.dilation != y.dilation ||
+        x.before != y.before || x.after != y.after) {
+      return false;
+    }
+  }
+  return true;
+}
+
+template <typename acc_t>
+std::shared_ptr<const PlaneCounts<acc_t>> cached_plane_counts(const TapGeometry& g) {
+  thread_local std::vector<std::pair<TapGeometry, std::shared_ptr<const PlaneCounts<acc_t>>>> plans;
+  thread_local size_t next_slot = 0;
+  for (const auto& plan : plans) {
+    if (same_plane_geometry(plan.first, g)) return plan.second;
+  }
+  auto counts = std::make_shared<const PlaneCounts<acc_t>>(plane_counts<acc_t>(g));
+  if (plans.size() < kPlanCache) {
+    plans.emplace_back(g, counts);
+  } else {
+    plans[next_slot] = {g, counts};
+    next_slot = (next_slot + 1) % kPlanCache;
+  }
+  return counts;
+}
+
+// Whether a geometry goes through the plane kernels: Conv1d/2d (a first dim whose one value is
+// read once: length and kernel 1, no padding), kernels of at most kMaxKernel taps per dim.
+bool plane_path_applies(const TapGeometry& g) {
+  const tap::TapDim& first = g.dims[0];
+  return first.length == 1 && first.kernel == 1 && first.before == 0 && first.after == 0 &&
+         g.dims[1].kernel <= kMaxKernel && g.dims[2].kernel <= kMaxKernel;
+}
+
+// target (W) = row (of |x| with kAbs, lowest lowered to the least value), or target += row.
+template <bool kAbs, bool kAdd, typename acc_t, typename value_t>
+C10_ALWAYS_INLINE void take_row(const value_t* row, int64_t width, acc_t* target, acc_t& lowest) {
+  acc_t least = lowest;
+  for (int64_t j = 0; j < width; ++j) {
+    const acc_t value = columns::term<kAbs, acc_t>(row[j], least);
+    target[j] = kAdd ? target[j] + value : value;
+  }
+  lowest = least;
+}
+
+// target (W) += rows[0], rows[step], rows[2 step], rows[3 step], added in that order, the running
+// sum loaded and stored once.
+template <bool kAbs, typename acc_t, typename value_t>
+C10_ALWAYS_INLINE void add_four_rows(const value_t* rows, int64_t width, int64_t step, acc_t* target, acc_t& lowest) {
+  acc_t least = lowest;
+  const value_t* a = rows;
+  const value_t* b = a + step;
+  const value_t* c = b + step;
+  const value_t* d = c + step;
+  for (int64_t j = 0; j < width; ++j) {
+    acc_t sum = target[j];
+    sum += columns::term<kAbs, acc_t>(a[j], least);
+    sum += columns::term<kAbs, acc_t>(b[j], least);
+    sum += columns::term<kAbs, acc_t>(c[j], least);
+    sum += columns::term<kAbs, acc_t>(d[j], least);
+    target[j] = sum;
+  }
+  lowest = least;
+}
+
+// groups (row groups, W) of one plane (of |x| with kAbs, lowest lowered to its least value). Each
+// interior residue's rows are added in row order, four at a time; the residues take turns within
+// every 4 x period rows, so the plane is read front to back whatever the stride.
+template <bool kAbs, typename acc_t, typename value_t>
+C10_ALWAYS_INLINE void plane_row_groups(const value_t* plane, const PlaneCounts<acc_t>& counts, acc_t* groups,
+                                        acc_t& lowest) {
+  const int64_t width = counts.width, period = counts.rows.period;
+  const int64_t begin = counts.rows.interior_begin, end = counts.rows.interior_end;
+  // Rows begin + i, i < period, have residue (begin + i) mod period, as every period rows later.
+  const int64_t first_residue = begin % period;
+  const auto residue_sums = [&](int64_t i) {
+    const int64_t residue = first_residue + i;
+    return groups + (residue < period ? residue : residue - period) * width;
+  };
+  for (int64_t residue = 0; residue < period; ++residue) {  // residues without interior rows: zeros
+    if (counts.first_rows[residue] >= end) std::fill(groups + residue * width, groups + (residue + 1) * width, acc_t(0));
+  }
+  for (int64_t i = 0; i < std::min(period, end - begin); ++i) {
+    take_row<kAbs, false>(plane + (begin + i) * width, width, residue_sums(i), lowest);
+  }
+  int64_t row = begin + period;
+  for (; row + 4 * period <= end; row += 4 * period) {
+    for (int64_t i = 0; i < period; ++i) {
+      add_four_rows<kAbs>(plane + (row + i) * width, width, period * width, residue_sums(i), lowest);
+    }
+  }
+  for (int64_t i = 0; row < end; ++row, i = i + 1 == period ? 0 : i + 1) {
+    take_row<kAbs, true>(plane + row * width, width, residue_sums(i), lowest);
+  }
+  for (size_t b = 0; b < counts.border_rows.size(); ++b) {
+    const int64_t r = counts.border_rows[b];
+    take_row<kAbs, false>(plane + r * width, width, groups + (period + static_cast<int64_t>(b)) * width, lowest);
+  }
+}
+
+// taps (kh * kw) = the row groups (row groups, W) of one plane through the column count matrix,
+// each dot product in kTapLanes running sums, and then through each group's row counts.
+template <typename acc_t>
+C10_ALWAYS_INLINE void row_group_taps(const acc_t* groups, const PlaneCounts<acc_t>& counts, acc_t* taps) {
+  const int64_t width = counts.width, kernel_rows = counts.kernel_rows, kernel_columns = counts.kernel_columns;
+  acc_t row_taps[kMaxKernel];
+  std::fill(taps, taps + counts.taps(), acc_t(0));
+  for (int64_t g = 0; g < counts.row_groups.groups; ++g) {
+    const acc_t* row = groups + g * width;
+    for (int64_t u = 0; u < kernel_columns; ++u) {
+      const acc_t* weights = counts.column_matrix.data() + u * width;
+      acc_t sums[kTapLanes] = {};
+      int64_t j = 0;
+      for (; j + kTapLanes <= width; j += kTapLanes) {
+        for (int s = 0; s < kTapLanes; ++s) sums[s] += weights[j + s] * row[j + s];
+      }
+      for (int s = 0; j < width; ++j, ++s) sums[s] += weights[j] * row[j];
+      row_taps[u] = combine_lanes<kTapLanes>(sums);
+    }
+    const acc_t* row_counts = counts.row_groups.counts.data() + g * kernel_rows;
+    for (int64_t t = 0; t < kernel_rows; ++t) {
+      const acc_t weight = row_counts[t];
+      if (weight == acc_t(0)) continue;
+      for (int64_t u = 0; u < kernel_columns; ++u) taps[t * kernel_columns + u] += weight * row_taps[u];
+    }
+  }
+}
+
+// A channel's running state while its samples are read: the row groups summed so far, or for
+// float planes added flat (below) the flat running sums and the border rows summed so far.
+template <typename acc_t>
+struct ChannelState {
+  acc_t* groups;  // (row groups, W)
+  acc_t* flat;    // (flat_vectors * kFlatLanes)
+  acc_t least;
+};
+
+// Adds samples [first, end) of one float channel (sample n's plane at x + n * sample_stride) to
+// its flat state: each plane's interior rows, whose row residues and columns repeat every
+// kVectors * kFlatLanes values, as one run into that many running sums (kept in registers from
+// plane to plane while each is read as a single stream), and its border rows to their groups.
+template <bool kAbs, int kVectors>
+C10_ALWAYS_INLINE void add_flat_samples(const float* x, int64_t sample_stride, int64_t first, int64_t end,
+                                        const PlaneCounts<float>& counts, ChannelState<float>& state) {
+  constexpr int kPeriod = kVectors * kFlatLanes;
+  const int64_t width = counts.width, period = counts.rows.period;
+  const int64_t values = (counts.rows.interior_end - counts.rows.interior_begin) * width;
+  float sums[kPeriod];
+  for (int k = 0; k < kPeriod; ++k) sums[k] = state.flat[k];  // zeros before the first sample
+  float least[kFlatLanes] = {};
+  for (int64_t n = first; n < end; ++n) {
+    const float* plane = x + n * sample_stride;
+    const float* run = plane + counts.rows.interior_begin * width;
+    int64_t i = 0;
+    for (; i + kPeriod <= values; i += kPeriod) {
+      for (int k = 0; k < kPeriod; ++k) sums[k] += columns::term<kAbs, float>(run[i + k], least[k % kFlatLanes]);
+    }
+    for (int k = 0; i < values; ++i, ++k) sums[k] += columns::term<kAbs, float>(run[i], least[k % kFlatLanes]);
+    for (size_t b = 0; b < counts.border_rows.size(); ++b) {
+      const float* row = plane + counts.border_rows[b] * width;
+      float* target = state.groups + (period + static_cast<int64_t>(b)) * width;
+      if (n == 0) {
+        take_row<kAbs, false>(row, width, target, state.least);
+      } else {
+        take_row<kAbs, true>(row, width, target, state.least);
+      }
+    }
+  }
+  for (int k = 0; k < kPeriod; ++k) state.flat[k] = sums[k];
+  for (int k = 0; k < kFlatLanes; ++k) state.least = least[k] < state.least ? least[k] : state.least;
+}
+
+// The flat running sums folded into the interior residues' column sums, in row order.
+template <int kVectors>
+C10_ALWAYS_INLINE void fold_flat(const PlaneCounts<float>& counts, ChannelState<float>& state) {
+  const int64_t width = counts.width;
+  std::fill(state.groups, state.groups + counts.rows.period * width, 0.0f);
+  for (int64_t q = 0; q < counts.flat_rows; ++q) {
+    float* target = state.groups + counts.fold_residue[q] * width;
+    for (int64_t j = 0; j < width; ++j) target[j] += state.flat[q * width + j];
+  }
+}
+
+// Adds samples [first, end) of one channel to its row groups (scratch: a plane's row groups).
+template <bool kAbs, typename acc_t, typename value_t>
+C10_ALWAYS_INLINE void add_samples(const value_t* x, int64_t sample_stride, int64_t first, int64_t end,
+                                   const PlaneCounts<acc_t>& counts, ChannelState<acc_t>& state, acc_t* scratch) {
+  const int64_t size = counts.row_groups.groups * counts.width;
+  for (int64_t n = first; n < end; ++n) {
+    plane_row_groups<kAbs>(x + n * sample_stride, counts, n == 0 ? state.groups : scratch, state.least);
+    if (n > 0) {
+      for (int64_t i = 0; i < size; ++i) state.groups[i] += scratch[i];
+    }
+  }
+}
+
+// Samples a task reads of one channel before the next: a channel's state stays in registers over
+// them, while x is still read as that many contiguous streams (one per sample).
+constexpr int64_t kSampleStreams = 4;
+
+// mean (C, kh, kw) and, with kAbs, negative (C) of channels [begin, end) of NCHW x[:rows]: the
+// samples kSampleStreams at a time, within them each channel's planes in turn (so each sample's
+// planes of these channels are one contiguous run of x), every channel's state carried from
+// sample to sample; then each channel's row groups contracted and divided by count.
+template <bool kAbs, int kVectors, typename acc_t, typename value_t>
+C10_ALWAYS_INLINE void planar_channels(const value_t* x, int64_t rows, int64_t channels,
+                                       const PlaneCounts<acc_t>& counts, acc_t count, int64_t begin, int64_t end,
+                                       acc_t* mean, bool* negative) {
+  const int64_t size = counts.row_groups.groups * counts.width, flat = kVectors * kFlatLanes;
+  const int64_t lanes = end - begin, plane = counts.plane();
+  std::vector<acc_t> groups(lanes * size), flat_sums(lanes * flat), scratch(kVectors > 0 ? 0 : size);
+  std::vector<ChannelState<acc_t>> states;
+  for (int64_t c = 0; c < lanes; ++c) states.push_back({groups.data() + c * size, flat_sums.data() + c * flat, acc_t(0)});
+  for (int64_t n = 0; n < rows; n += kSampleStreams) {
+    const int64_t last = std::min(rows, n + kSampleStreams);
+    for (int64_t c = begin; c < end; ++c) {
+      const value_t* source = x + c * plane;
+      if constexpr (kVectors > 0) {
+        add_flat_samples<kAbs, kVectors>(source, channels * plane, n, last, counts, states[c - begin]);
+      } else {
+        add_samples<kAbs>(source, channels * plane, n, last, counts, states[c - begin], scratch.data());
+      }
+    }
+  }
+  for (int64_t c = begin; c < end; ++c) {
+    if constexpr (kVectors > 0) fold_flat<kVectors>(counts, states[c - begin]);
+    row_group_taps(states[c - begin].groups, counts, mean + c * counts.taps());
+    for (int64_t t = 0; t < counts.taps(); ++t) mean[c * counts.taps() + t] /= count;
+    if constexpr (kAbs) negative[c] = states[c - begin].least < acc_t(0);
+  }
+}
+
+// Float planes, also compiled for AVX2 (the loops are the same, so both give identical sums).
+template <bool kAbs, int kVectors>
+EQUINORM_AVX2_CLONES void float_planar_channels(const float* x, int64_t rows, int64_t channels,
+                                                const PlaneCounts<float>& counts, float count, int64_t begin,
+                                                int64_t end, float* mean, bool* negative) {
+  planar_channels<kAbs, kVectors>(x, rows, channels, counts, count, begin, end, mean, negative);
+}
+
+// Float channels [begin, end): flat where the period allows, else row by row.
+template <bool kAbs>
+void float_channels(const float* x, int64_t rows, int64_t channels, const PlaneCounts<float>& counts, float count,
+                    int64_t begin, int64_t end, float* mean, bool* negative) {
+  switch (counts.flat_vectors) {
+#define EQUINORM_FLAT_CASE(vectors) \
+  case vectors:                     \
+    return float_planar_channels<kAbs, vectors>(x, rows, channels, counts, count, begin, end, mean, negative);
+    EQUINORM_FLAT_CASE(1) EQUINORM_FLAT_CASE(2) EQUINORM_FLAT_CASE(3) EQUINORM_FLAT_CASE(4)
+    EQUINORM_FLAT_CASE(5) EQUINORM_FLAT_CASE(6) EQUINORM_FLAT_CASE(7) EQUINORM_FLAT_CASE(8)
+    EQUINORM_FLAT_CASE(9) EQUINORM_FLAT_CASE(10) EQUINORM_FLAT_CASE(11) EQUINORM_FLAT_CASE(12)
+    EQUINORM_FLAT_CASE(13) EQUINORM_FLAT_CASE(14) EQUINORM_FLAT_CASE(15) EQUINORM_FLAT_CASE(16)
+#undef EQUINORM_FLAT_CASE
+    default:
+      return float_planar_channels<kAbs, 0>(x, rows, channels, counts, count, begin, end, mean, negative);
+  }
+}
+
+// NCHW x[:rows] read plane by plane: a task takes a run of channels and reads it kSampleStreams
+// samples at a time, so it reads a few long contiguous runs of x (a channel's samples lie a sample
+// apart: reading all of them before the next channel would restart the hardware's prefetching
+// every plane, measured 2x slower once x is out of cache). Each channel's additions keep one order
+// whatever the split, so results do not depend on the thread count.
+template <bool kAbs, typename acc_t, typename scalar_t>
+void planar_tap_means(const scalar_t* x, int64_t rows, int64_t channels, const PlaneCounts<acc_t>& counts,
+                      acc_t count, acc_t* mean, bool* negative) {
+  const int64_t grain = std::max<int64_t>(1, kPlaneTaskElements / (rows * counts.plane()));
+  at::parallel_for(0, channels, grain, [&](int64_t begin, int64_t end) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      float_channels<kAbs>(x, rows, channels, counts, count, begin, end, mean, negative);
+    } else {
+      planar_channels<kAbs, 0>(x, rows, channels, counts, count, begin, end, mean, negative);
+    }
+  });
+}
+
+// Channels per task of the grouped contraction: its group sums stay in cache.
+constexpr int64_t kChannelBlock = 32;
+
+// groups (position groups, lanes) += S's values of channels [begin, begin + lanes), each added to
+// its position's group in position order. S is (plane, C) with position_major, else (C, plane).
+template <typename acc_t>
+C10_ALWAYS_INLINE void add_position_groups(const acc_t* sums, int64_t channels, bool position_major,
+                                           const PlaneCounts<acc_t>& counts, int64_t begin, int64_t lanes,
+                                           acc_t* groups) {
+  const int64_t plane = counts.plane();
+  const int64_t* group_of = counts.position_group.data();
+  if (position_major) {
+    for (int64_t p = 0; p < plane; ++p) {
+      acc_t* target = groups + group_of[p] * lanes;
+      const acc_t* values = sums + p * channels + begin;
+      for (int64_t c = 0; c < lanes; ++c) target[c] += values[c];
+    }
+    return;
+  }
+  int64_t c0 = 0;
+  if constexpr (std::is_same_v<acc_t, float>) {  // 8 channels x 8 positions a tile, where AVX2 is there
+    c0 = transposes::add_tile_columns(sums + begin * plane, lanes, plane, group_of, groups, lanes);
+  }
+  for (int64_t c = c0; c < lanes; ++c) {
+    const acc_t* values = sums + (begin + c) * plane;
+    for (int64_t p = 0; p < plane; ++p) groups[group_of[p] * lanes + c] += values[p];
+  }
+}
+
+// mean (C, kh, kw) of channels [begin, begin + lanes) from their position groups (groups, lanes):
+// through the column groups' counts, then the row groups', divided by count; channels in lanes.
+template <typename acc_t>
+C10_ALWAYS_INLINE void group_taps(const acc_t* groups, const PlaneCounts<acc_t>& counts, acc_t count, int64_t begin,
+                                  int64_t lanes, acc_t* mean) {
+  const LineGroups<acc_t>& rows = counts.row_groups;
+  const LineGroups<acc_t>& columns = counts.column_groups;
+  const int64_t kh = counts.kernel_rows, kw = counts.kernel_columns;
+  std::vector<acc_t> row_taps(rows.groups * kw * lanes, acc_t(0));  // (row groups, kw, lanes)
+  for (int64_t g = 0; g < rows.groups; ++g) {
+    for (int64_t h = 0; h < columns.groups; ++h) {
+      const acc_t* source = groups + (g * columns.groups + h) * lanes;
+      for (int64_t u = 0; u < kw; ++u) {
+        const acc_t weight = columns.counts[h * kw + u];
+        if (weight == acc_t(0)) continue;
+        acc_t* target = row_taps.data() + (g * kw + u) * lanes;
+        for (int64_t c = 0; c < lanes; ++c) target[c] += weight * source[c];
+      }
+    }
+  }
+  std::vector<acc_t> taps(kh * kw * lanes, acc_t(0));  // (kh, kw, lanes)
+  for (int64_t g = 0; g < rows.groups; ++g) {
+    for (int64_t t = 0; t < kh; ++t) {
+      const acc_t weight = rows.counts[g * kh + t];
+      if (weight == acc_t(0)) continue;
+      for (int64_t u = 0; u < kw; ++u) {
+        const acc_t* source = row_taps.data() + (g * kw + u) * lanes;
+        acc_t* target = taps.data() + (t * kw + u) * lanes;
+        for (int64_t c = 0; c < lanes; ++c) target[c] += weight * source[c];
+      }
+    }
+  }
+  const int64_t k = kh * kw;
+  for (int64_t c = 0; c < lanes; ++c) {
+    for (int64_t t = 0; t < k; ++t) mean[(begin + c) * k + t] = taps[t * lanes + c] / count;
+  }
+}
+
+template <typename acc_t>
+EQUINORM_AVX2_CLONES void grouped_blocks(const acc_t* sums, int64_t channels, bool position_major,
+                                         const PlaneCounts<acc_t>& counts, acc_t count, int64_t first_block,
+                                         int64_t end_block, acc_t* mean) {
+  std::vector<acc_t> groups;
+  for (int64_t block = first_block; block < end_block; ++block) {
+    const int64_t begin = block * kChannelBlock, lanes = std::min(channels, begin + kChannelBlock) - begin;
+    groups.assign(counts.position_groups * lanes, acc_t(0));
+    add_position_groups(sums, channels, position_major, counts, begin, lanes, groups.data());
+    group_taps(groups.data(), counts, count, begin, lanes, mean);
+  }
+}
+
+// mean (C, kh, kw) from the samples' sum S ((plane, C) with position_major, else (C, plane)):
+// every position added into its (row group, column group) sum with the channels in vector lanes,
+// the group sums then contracted (group_taps).
+template <typename acc_t>
+void grouped_tap_means(const acc_t* sums, int64_t channels, bool position_major, const PlaneCounts<acc_t>& counts,
+                       acc_t count, acc_t* mean) {
+  const int64_t blocks = (channels + kChannelBlock - 1) / kChannelBlock;
+  const int64_t grain = std::max<int64_t>(1, kPlaneTaskElements / (counts.plane() * kChannelBlock));
+  at::parallel_for(0, blocks, grain, [&](int64_t first_block, int64_t end_block) {
+    grouped_blocks(sums, channels, position_major, counts, count, first_block, end_block, mean);
+  });
+}
+
+// S = x[:rows] summed over the samples: `data` (owned, or x itself).
+template <typename acc_t>
+struct SampleSums {
+  std::unique_ptr<acc_t[]> owned;
+  const acc_t* data = nullptr;
+};
+
+// S of x[:rows] (of |x| with kAbs; negative[c] then says whether channel c had a value < 0), as
+// (plane, C) with position_major, else (C, plane): column sums come in x's layout, and are
+// transposed when it is the other one. One sample of the accumulation type is its own sum.
+template <bool kAbs, typename scalar_t, typename acc_t>
+SampleSums<acc_t> sample_sums(const scalar_t* x, int64_t rows, int64_t channels, int64_t plane, bool channels_last,
+                              bool position_major, bool* negative) {
+  const int64_t width = channels * plane;
+  SampleSums<acc_t> sums;
+  if constexpr (!kAbs && std::is_same_v<scalar_t, acc_t>) {
+    if (rows == 1) {
+      if (channels_last == position_major) {
+        sums.data = x;
+      } else {
+        sums.owned.reset(new acc_t[width]);
+        transposes::transpose(x, channels_last ? plane : channels, channels_last ? channels : plane, sums.owned.get());
+        sums.data = sums.owned.get();
+      }
+      return sums;
+    }
+  }
+  // column_sums writes every element: no initialisation here.
+  std::unique_ptr<acc_t[]> total(new acc_t[width]);
+  std::vector<uint8_t> negative_columns(kAbs ? width : 0);
+  columns::column_sums<kAbs>(x, rows, width, total.get(), negative_columns.data());
+  if constexpr (kAbs) {
+    for (int64_t c = 0; c < channels; ++c) {
+      bool any = false;
+      for (int64_t p = 0; p < plane; ++p) any |= negative_columns[channels_last ? p * channels + c : c * plane + p] != 0;
+      negative[c] = any;
+    }
+  }
+  if (channels_last != position_major) {
+    std::unique_ptr<acc_t[]> transposed(new acc_t[width]);
+    transposes::transpose(total.get(), channels_last ? plane : channels, channels_last ? channels : plane,
+                          transposed.get());
+    total.swap(transposed);
+  }
+  sums.owned = std::move(total);
+  sums.data = sums.owned.get();
+  return sums;
+}
+
+// mean (C, *kernel) and negative (C) of x[:rows]. Conv1d/2d geometries: NCHW rows of
+// kPlaneRowLength or more are read plane by plane; otherwise the samples' sum is contracted with
+// the channels in vector lanes. Conv3d: the samples' sum contracted dim by dim.
+template <bool kAbs, typename scalar_t, typename acc_t>
+void tap_means(const scalar_t* x, int64_t rows, int64_t channels, bool channels_last, const TapGeometry& g,
+               acc_t* mean, bool* negative) {
+  const acc_t count = static_cast<acc_t>(rows) * static_cast<acc_t>(g.outputs());
+  if (!plane_path_applies(g)) {
+    const SampleSums<acc_t> sums = sample_sums<kAbs, scalar_t, acc_t>(x, rows, channels, g.plane(), channels_last,
+                                                                      false, negative);
+    contract_tap_sums(sums.data, channels, g, count, mean);
+    return;
+  }
+  const std::shared_ptr<const PlaneCounts<acc_t>> plan = cached_plane_counts<acc_t>(g);
+  const PlaneCounts<acc_t>& counts = *plan;
+  if (!channels_last && counts.width >= kPlaneRowLength) {
+    planar_tap_means<kAbs>(x, rows, channels, counts, count, mean, negative);
+    return;
+  }
+  const SampleSums<acc_t> sums = sample_sums<kAbs, scalar_t, acc_t>(x, rows, channels, g.plane(), channels_last,
+                                                                    channels_last, negative);
+  grouped_tap_means(sums.data, channels, channels_last, counts, count, mean);
 }
 
 std::tuple<at::Tensor, at::Tensor> tap_mean(const at::Tensor& x, int64_t rows, at::IntArrayRef kernel_size,
@@ -270,50 +826,21 @@ std::tuple<at::Tensor, at::Tensor> tap_mean(const at::Tensor& x, int64_t rows, a
   auto [readable, channel_geometry] = channel_input(x, rows);
   TORCH_CHECK(readable.device().is_cpu(), "x must be a CPU tensor for the CPU kernel");
   const TapGeometry g = tap_geometry(x.sizes().slice(2), kernel_size, stride, padding, dilation, padding_mode);
-  const int64_t channels = channel_geometry.channels, plane = g.plane();
+  const int64_t channels = channel_geometry.channels;
   const auto acc = accumulation_type(x.scalar_type());
   at::Tensor mean = at::empty(tap_mean_shape(channels, kernel_size), x.options().dtype(acc));
-  at::Tensor negative = at::zeros({channels}, x.options().dtype(at::kBool));
+  at::Tensor negative = at::empty({channels}, x.options().dtype(at::kBool));
+  std::fill_n(negative.mutable_data_ptr<bool>(), channels, false);  // set per channel by abs_mean only
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tap_mean_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const int64_t width = channels * plane;
     const scalar_t* data = readable.const_data_ptr<scalar_t>();
-    const acc_t count = static_cast<acc_t>(rows) * static_cast<acc_t>(g.outputs());
-    // One NCHW sample's plane is its own sum: contracted where it lies, never copied.
-    const acc_t* single_plane = in_accumulation_type<acc_t>(data);
-    if (single_plane != nullptr && rows == 1 && !absolute && !channel_geometry.channels_last) {
-      contract_tap_sums(single_plane, channels, g, count, mean.mutable_data_ptr<acc_t>());
-      return;
-    }
-    // column_sums writes every element: no initialisation here.
-    std::unique_ptr<acc_t[]> sample_sums(new acc_t[width]);
-    std::vector<uint8_t> negative_columns(absolute ? width : 0);
+    acc_t* means = mean.mutable_data_ptr<acc_t>();
+    bool* flags = negative.mutable_data_ptr<bool>();
     if (absolute) {
-      columns::column_sums<true>(data, rows, width, sample_sums.get(), negative_columns.data());
+      tap_means<true>(data, rows, channels, channel_geometry.channels_last, g, means, flags);
     } else {
-      columns::column_sums<false>(data, rows, width, sample_sums.get(), negative_columns.data());
+      tap_means<false>(data, rows, channels, channel_geometry.channels_last, g, means, flags);
     }
-    // S as (C, plane): channels_last columns are (plane, C).
-    if (channel_geometry.channels_last) {
-      std::unique_ptr<acc_t[]> transposed(new acc_t[width]);
-      std::vector<uint8_t> transposed_negative(absolute ? width : 0);
-      for (int64_t p = 0; p < plane; ++p) {
-        for (int64_t c = 0; c < channels; ++c) {
-          transposed[c * plane + p] = sample_sums[p * channels + c];
-          if (absolute) transposed_negative[c * plane + p] = negative_columns[p * channels + c];
-        }
-      }
-      sample_sums.swap(transposed);
-      negative_columns.swap(transposed_negative);
-    }
-    if (absolute) {
-      bool* flags = negative.mutable_data_ptr<bool>();
-      for (int64_t c = 0; c < channels; ++c) {
-        flags[c] = std::any_of(negative_columns.begin() + c * plane, negative_columns.begin() + (c + 1) * plane,
-                               [](uint8_t seen) { return seen != 0; });
-      }
-    }
-    contract_tap_sums(sample_sums.get(), channels, g, count, mean.mutable_data_ptr<acc_t>());
   });
   return {mean, negative};
 }

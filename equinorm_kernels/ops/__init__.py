@@ -21,10 +21,14 @@ def _register_compiled_backends() -> None:
     equinorm.register_fake_kernels()
     enorm.register_fake_kernels()
     tap_mean.register_fake_kernels()
-    tap_mean.register_ops("compiled", ops.tap_mean, ops.tap_mean_backward)
+    # The overloads themselves: an overload packet resolves its overload on every call.
+    tap_mean.register_ops("compiled", ops.tap_mean.default, ops.tap_mean_backward.default)
     equinorm.register_op_set(
         "compiled",
-        equinorm.FusedOps(ops.channel_mean, ops.equinorm_weight, ops.equinorm_forward, ops.equinorm_backward),
+        equinorm.FusedOps(
+            ops.channel_mean.default, ops.equinorm_weight.default, ops.equinorm_forward.default,
+            ops.equinorm_backward.default,
+        ),
     )
     for name, device_type, dispatch_key in (("cpp", "cpu", "CPU"), ("cuda", "cuda", "CUDA")):
         # Decided once: kernels register when the library loads, and torch.compile cannot trace

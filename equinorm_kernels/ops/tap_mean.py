@@ -16,6 +16,7 @@ The specification is :mod:`equinorm_kernels.reference.tap_statistics`.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -49,16 +50,27 @@ def register_ops(name: str, forward: Callable, backward: Callable) -> None:
 
 
 def _op_geometry(geometry: TapGeometry) -> tuple:
-    return (list(geometry.kernel_size), list(geometry.stride), list(geometry.padding), list(geometry.dilation),
-            geometry.padding_mode)
+    return (geometry.kernel_size, geometry.stride, geometry.padding, geometry.dilation, geometry.padding_mode)
+
+
+def _geometry_fields(geometry: TapGeometry) -> tuple:
+    return (geometry.kernel_size, geometry.stride, geometry.padding, geometry.dilation, geometry.padding_mode,
+            geometry.absolute)
+
+
+@functools.lru_cache(maxsize=256)
+def _geometry(fields: tuple) -> TapGeometry:
+    # The fields come from a TapGeometry (plain tuples), so equal keys mean equal geometries.
+    return TapGeometry(*fields)
 
 
 class _TapMean(torch.autograd.Function):
-    # The geometry travels as plain tuples, strings and bools: torch.compile traces those as constants.
+    # The geometry travels as one tuple of plain tuples, strings and bools: torch.compile traces it
+    # as a constant (and every argument of apply costs host time).
     @staticmethod
-    def forward(ctx, x, stats_fraction: float, kernel_size, stride, padding, dilation, padding_mode: str,
-                absolute: bool, implementation: str):
-        geometry = TapGeometry(kernel_size, stride, padding, dilation, padding_mode, absolute)
+    def forward(ctx, x, stats_fraction: float, geometry_fields: tuple, implementation: str):
+        geometry = _geometry(geometry_fields)
+        absolute = geometry.absolute
         rows = _checks.stats_rows(x.shape[0], stats_fraction)
         mean, negative = _OPS[implementation][0](x, rows, *_op_geometry(geometry), absolute)
         # x itself, not its shape: sizes kept on ctx would be symbols of the forward's graph under
@@ -79,10 +91,10 @@ class _TapMean(torch.autograd.Function):
                 leaf = x.detach().requires_grad_(True)
                 out = tap_mean_unchecked(leaf, ctx.stats_fraction, geometry)
                 (grad_x,) = torch.autograd.grad(out, leaf, grad, create_graph=True)
-            return grad_x, *([None] * 8)
+            return grad_x, None, None, None
         rows = _checks.stats_rows(x.shape[0], ctx.stats_fraction)
         plane = _OPS[ctx.implementation][1](grad.contiguous(), list(x.shape[2:]), rows, *_op_geometry(geometry))
-        return _grad_input(plane, x, negative, ctx.stats_fraction, ctx.negative_flags), *([None] * 8)
+        return _grad_input(plane, x, negative, ctx.stats_fraction, ctx.negative_flags), None, None, None
 
 
 def _grad_input(plane: torch.Tensor, x: torch.Tensor, negative: torch.Tensor, stats_fraction: float,
@@ -110,10 +122,7 @@ def _grad_input(plane: torch.Tensor, x: torch.Tensor, negative: torch.Tensor, st
 
 def fused_tap_mean(implementation: str) -> Callable[[torch.Tensor, float, TapGeometry], torch.Tensor]:
     def tap_mean(x: torch.Tensor, stats_fraction: float, geometry: TapGeometry) -> torch.Tensor:
-        return _TapMean.apply(
-            x, stats_fraction, geometry.kernel_size, geometry.stride, geometry.padding, geometry.dilation,
-            geometry.padding_mode, geometry.absolute, implementation,
-        )
+        return _TapMean.apply(x, stats_fraction, _geometry_fields(geometry), implementation)
 
     return tap_mean
 
