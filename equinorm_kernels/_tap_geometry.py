@@ -89,11 +89,12 @@ def check_tap_mean_args(
     if not torch.compiler.is_compiling():
         # A layer passes the same arguments on every call: their checks are done once. Arguments
         # that cannot be hashed (lists) are checked every time.
+        key = (tuple(map(_signature, args)), args)
         try:
-            return _cached_geometry(tuple(map(_signature, args)), args), stats_fraction
-        except TypeError as error:
-            if "unhashable" not in str(error):
-                raise
+            hash(key)
+        except TypeError:
+            return _geometry(*args), stats_fraction
+        return _cached_geometry(*key), stats_fraction
     return _geometry(*args), stats_fraction
 
 

@@ -551,7 +551,6 @@ C10_ALWAYS_INLINE void add_flat_samples(const float* x, int64_t sample_stride, i
 }
 
 // The flat running sums folded into the interior residues' column sums, in row order.
-template <int kVectors>
 C10_ALWAYS_INLINE void fold_flat(const PlaneCounts<float>& counts, ChannelState<float>& state) {
   const int64_t width = counts.width;
   std::fill(state.groups, state.groups + counts.rows.period * width, 0.0f);
@@ -603,7 +602,7 @@ C10_ALWAYS_INLINE void planar_channels(const value_t* x, int64_t rows, int64_t c
     }
   }
   for (int64_t c = begin; c < end; ++c) {
-    if constexpr (kVectors > 0) fold_flat<kVectors>(counts, states[c - begin]);
+    if constexpr (kVectors > 0) fold_flat(counts, states[c - begin]);
     row_group_taps(states[c - begin].groups, counts, mean + c * counts.taps());
     for (int64_t t = 0; t < counts.taps(); ++t) mean[c * counts.taps() + t] /= count;
     if constexpr (kAbs) negative[c] = states[c - begin].least < acc_t(0);
@@ -762,37 +761,31 @@ SampleSums<acc_t> sample_sums(const scalar_t* x, int64_t rows, int64_t channels,
                               bool position_major, bool* negative) {
   const int64_t width = channels * plane;
   SampleSums<acc_t> sums;
+  const acc_t* source = nullptr;
   if constexpr (!kAbs && std::is_same_v<scalar_t, acc_t>) {
-    if (rows == 1) {
-      if (channels_last == position_major) {
-        sums.data = x;
-      } else {
-        sums.owned.reset(new acc_t[width]);
-        transposes::transpose(x, channels_last ? plane : channels, channels_last ? channels : plane, sums.owned.get());
-        sums.data = sums.owned.get();
-      }
-      return sums;
-    }
+    if (rows == 1) source = x;
   }
-  // column_sums writes every element: no initialisation here.
-  std::unique_ptr<acc_t[]> total(new acc_t[width]);
-  std::vector<uint8_t> negative_columns(kAbs ? width : 0);
-  columns::column_sums<kAbs>(x, rows, width, total.get(), negative_columns.data());
-  if constexpr (kAbs) {
-    for (int64_t c = 0; c < channels; ++c) {
-      bool any = false;
-      for (int64_t p = 0; p < plane; ++p) any |= negative_columns[channels_last ? p * channels + c : c * plane + p] != 0;
-      negative[c] = any;
+  if (source == nullptr) {
+    // column_sums writes every element: no initialisation here.
+    sums.owned.reset(new acc_t[width]);
+    std::vector<uint8_t> negative_columns(kAbs ? width : 0);
+    columns::column_sums<kAbs>(x, rows, width, sums.owned.get(), negative_columns.data());
+    if constexpr (kAbs) {
+      for (int64_t c = 0; c < channels; ++c) {
+        bool any = false;
+        for (int64_t p = 0; p < plane; ++p) any |= negative_columns[channels_last ? p * channels + c : c * plane + p] != 0;
+        negative[c] = any;
+      }
     }
+    source = sums.owned.get();
   }
   if (channels_last != position_major) {
     std::unique_ptr<acc_t[]> transposed(new acc_t[width]);
-    transposes::transpose(total.get(), channels_last ? plane : channels, channels_last ? channels : plane,
-                          transposed.get());
-    total.swap(transposed);
+    transposes::transpose(source, channels_last ? plane : channels, channels_last ? channels : plane, transposed.get());
+    sums.owned = std::move(transposed);
+    source = sums.owned.get();
   }
-  sums.owned = std::move(total);
-  sums.data = sums.owned.get();
+  sums.data = source;
   return sums;
 }
 
