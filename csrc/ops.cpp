@@ -1,7 +1,8 @@
 // The operator schemas of torch.ops.equinorm_kernels, declared once for every backend.
 //
 // Kernels register per device (csrc/cpu/*.cpp: CPU, csrc/cuda/*.cpp: CUDA); fake kernels, the
-// autograd wrappers and the Python-side argument checks live in equinorm_kernels/ops/. The
+// autograd wrappers and the Python-side argument checks live in equinorm_kernels/ops/, except the
+// C++ autograd of equinorm_forward_autograd (csrc/autograd.cpp), which eager calls take. The
 // Triton backend registers the same signatures under the prefix "triton_".
 //
 // Conventions shared by every op:
@@ -20,6 +21,10 @@
 //   input's L1 mass, for signed inputs; equal to "mean", bit for bit, on non-negative inputs).
 //   negative: with "abs_mean", (C,) bool, the channels where x[:rows] has a value < 0 (their
 //   gradient needs sign(x)); with "mean", empty (0,) (nothing to flag, nothing to launch).
+// - equinorm_forward_autograd: equinorm_forward's out and mean, out differentiable in x, weight and
+//   gain, with the autograd in C++ (csrc/autograd.cpp): what eager calls take. Its create_graph
+//   backward is equinorm_forward_reference_backward, implemented in Python (the reference's
+//   autograd); it returns the gradients output_mask asks for, in (x, weight, gain) order.
 // - enorm_group_ returns the coefficients d (C,), enorm_cycle_ the largest |d - 1| of each group,
 //   both float64.
 // - ENorm: `tensors` are rescaled in place; `entries` is a flat list of records of six ints
@@ -52,6 +57,14 @@ TORCH_LIBRARY(equinorm_kernels, m) {
       "equinorm_forward(Tensor x, SymInt rows, Tensor weight, Tensor gain, float ratio, int groups, str mode,"
       " float eps, str statistic) -> (Tensor out, Tensor mean, Tensor stats, Tensor negative)",
       kReadsAnyLayout);
+  m.def(
+      "equinorm_forward_autograd(Tensor x, SymInt rows, Tensor weight, Tensor gain, float ratio, int groups,"
+      " str mode, float eps, str statistic) -> (Tensor out, Tensor mean)",
+      kReadsAnyLayout);
+  m.def(
+      "equinorm_forward_reference_backward(Tensor grad_out, Tensor? x, Tensor weight, Tensor mean, Tensor gain,"
+      " SymInt rows, float ratio, int groups, str mode, float eps, str statistic, bool[3] output_mask)"
+      " -> Tensor[]");
   m.def(
       "equinorm_backward(Tensor grad_out, Tensor weight, Tensor mean, Tensor gain, Tensor stats, int groups)"
       " -> (Tensor grad_weight, Tensor grad_mean, Tensor grad_gain)");

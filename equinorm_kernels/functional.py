@@ -128,8 +128,19 @@ def equinorm_forward(
     """
     stats_fraction = _checks.check_equinorm_forward_args(x, stats_fraction, weight, ratio, groups, mode, gain, eps)
     _checks.check_statistic(statistic)
+    return checked_equinorm_forward(x, weight, stats_fraction, float(ratio), groups, mode, gain, float(eps), statistic,
+                                    backend)
+
+
+def checked_equinorm_forward(
+    x: torch.Tensor, weight: torch.Tensor, stats_fraction: float, ratio: float, groups: int, mode: str,
+    gain: torch.Tensor | None, eps: float, statistic: str, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`equinorm_forward` once its arguments are known to be valid: the layers validate
+    their options when built and their input at each call, so they skip the argument checks (a
+    layer call's host time); the value checks still run."""
     impl = resolve_backend(backend, weight.device)
-    out, mean = impl.equinorm_forward(x, stats_fraction, weight, float(ratio), groups, mode, gain, float(eps), statistic)
+    out, mean = impl.equinorm_forward(x, stats_fraction, weight, ratio, groups, mode, gain, eps, statistic)
     if _checks.value_checks_active():
         _value_checks.check_weight_operands(
             weight, mean, gain, sample=_statistics_rows(x, stats_fraction), out=out, statistic=statistic

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _checks
-from .functional import channel_mean, equinorm_forward, equinorm_weight, tap_mean
+from .functional import channel_mean, checked_equinorm_forward, equinorm_weight, tap_mean
 
 
 @torch.no_grad()
@@ -163,6 +163,16 @@ class EquiNormLayer(nn.Module):
             )
         return x.dim() == batched_dim
 
+    def _check_fused_input(self, x: torch.Tensor, fraction: float) -> None:
+        """What the fused forward needs of ``x`` (N, C, *spatial) beyond its shape: it skips its
+        argument checks, as the layer's options were checked when it was built."""
+        if x.dtype not in _checks.FLOAT_DTYPES:
+            raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+        if x.device != self.weight.device:
+            raise ValueError(f"x is on {x.device} but weight is on {self.weight.device}; put them on one device")
+        if x.numel() == 0:
+            _checks.check_channel_mean_args(x, fraction)  # raises, naming the empty dimension
+
     def _ratio(self, spatial_in: Sequence[int]) -> float:
         return 1.0
 
@@ -190,15 +200,19 @@ class EquiNormLayer(nn.Module):
         """The shape of the statistic (and of ``running_mean``)."""
         return tuple(self.running_mean.shape)
 
-    @torch.no_grad()
     def _track(self, mean: torch.Tensor) -> None:
+        # No no_grad context (entering and leaving one costs more than the update): the buffers
+        # need no gradient, and a mean that has one is detached first.
+        running_mean = self.running_mean
+        if mean.requires_grad or mean.dtype != running_mean.dtype:
+            mean = mean.detach().to(running_mean.dtype)
         self.num_batches_tracked.add_(1)
         if self.momentum is None:  # cumulative moving average, as BatchNorm's momentum=None
             # A tensor factor: reading the count on the host would synchronise with the GPU.
-            factor = self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()
+            factor = self.num_batches_tracked.to(running_mean.dtype).reciprocal()
         else:
             factor = self.momentum
-        self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
+        running_mean.lerp_(mean, factor)
 
     # --- forward and folding ------------------------------------------------------------------
     def _options(self, ratio: float) -> dict:
@@ -225,9 +239,10 @@ class EquiNormLayer(nn.Module):
         else:
             # One fused call: the batch's channel means and the weight built from them (validated
             # before the means are tracked).
-            weight, mean = equinorm_forward(
-                statistics_input, self.weight, stats_fraction=fraction, statistic=self.statistic,
-                **self._options(ratio),
+            self._check_fused_input(statistics_input, fraction)
+            weight, mean = checked_equinorm_forward(
+                statistics_input, self.weight, fraction, ratio, getattr(self, "groups", 1), self.mode, self.gain,
+                self.eps, self.statistic, self.backend,
             )
         self._track(mean)
         return self._run_op(x, weight)

@@ -19,6 +19,7 @@ def _has_kernel(dispatch_key: str) -> bool:
 def _register_compiled_backends() -> None:
     ops = torch.ops.equinorm_kernels
     equinorm.register_fake_kernels()
+    equinorm.register_autograd_op()
     enorm.register_fake_kernels()
     tap_mean.register_fake_kernels()
     # The overloads themselves: an overload packet resolves its overload on every call.
@@ -27,7 +28,7 @@ def _register_compiled_backends() -> None:
         "compiled",
         equinorm.FusedOps(
             ops.channel_mean.default, ops.equinorm_weight.default, ops.equinorm_forward.default,
-            ops.equinorm_backward.default,
+            ops.equinorm_backward.default, ops.equinorm_forward_autograd.default,
         ),
     )
     for name, device_type, dispatch_key in (("cpp", "cpu", "CPU"), ("cuda", "cuda", "CUDA")):

@@ -39,6 +39,9 @@ class FusedOps:
     equinorm_weight: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     equinorm_forward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     equinorm_backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    # equinorm_forward with its autograd in C++ (csrc/autograd.cpp), for eager calls on CPU
+    # tensors; None where an implementation has none (Triton).
+    equinorm_forward_autograd: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 _OP_SETS: dict[str, FusedOps] = {}
@@ -79,6 +82,20 @@ def fake_equinorm_forward(x, rows, weight, gain, ratio, groups, mode, eps, stati
 
 def fake_equinorm_backward(grad_out, weight, mean, gain, stats, groups):
     return _fake_like_weight(weight), mean.new_empty(mean.shape, dtype=WEIGHT_MATH_DTYPE), torch.empty_like(gain)
+
+
+def fake_equinorm_forward_autograd(x, rows, weight, gain, ratio, groups, mode, eps, statistic):
+    out, mean, _, _ = fake_equinorm_forward(x, rows, weight, gain, ratio, groups, mode, eps, statistic)
+    return out, mean
+
+
+def register_autograd_op() -> None:
+    """The Python parts of the compiled ``equinorm_forward_autograd``: its fake kernel, and the
+    reference backward its C++ autograd calls for ``create_graph=True``."""
+    torch.library.register_fake("equinorm_kernels::equinorm_forward_autograd", fake_equinorm_forward_autograd)
+    torch.library.impl(
+        "equinorm_kernels::equinorm_forward_reference_backward", "CompositeImplicitAutograd", reference_forward_backward
+    )
 
 
 def register_fake_kernels(prefix: str = "") -> None:
@@ -203,18 +220,19 @@ def _save_options(ctx, ratio: float, groups: int, mode: str, eps: float, impleme
     ctx.ratio, ctx.groups, ctx.mode, ctx.eps, ctx.implementation = ratio, groups, mode, eps, implementation
 
 
-def _differentiable_gradients(ctx, grad_out, out_of, operands) -> list[torch.Tensor | None]:
+def _differentiable_gradients(needs_input_grad, grad_out, out_of, operands) -> list[torch.Tensor | None]:
     """The gradients a backward returns, as a graph that autograd can differentiate again.
 
     For ``create_graph=True`` (gradient penalties, meta-learning): the fused backward op is not
     differentiable, so the weight transform is recomputed from ``operands`` with the reference's
     differentiable ops and its vector-Jacobian product taken by autograd; second-order gradients
-    are then exact. ``out_of(*operands)`` is w''; operands whose gradient is not needed give None.
+    are then exact. ``out_of(*operands)`` is w''; operands whose gradient is not needed
+    (``needs_input_grad`` False) give None.
     """
-    needed = [t for t, need in zip(operands, ctx.needs_input_grad) if need]
+    needed = [t for t, need in zip(operands, needs_input_grad) if need]
     out = out_of(*operands)
     grads = iter(torch.autograd.grad(out, needed, grad_out, create_graph=True, allow_unused=True))
-    return [next(grads) if need else None for need in ctx.needs_input_grad[: len(operands)]]
+    return [next(grads) if need else None for need in needs_input_grad[: len(operands)]]
 
 
 def _reference_weight(ctx) -> Callable[..., torch.Tensor]:
@@ -238,11 +256,38 @@ class _EquiNormWeight(torch.autograd.Function):
     def backward(ctx, grad_out):
         weight, mean, gain, stats = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
-            grads = _differentiable_gradients(ctx, grad_out, _reference_weight(ctx), (weight, mean, gain))
+            grads = _differentiable_gradients(ctx.needs_input_grad, grad_out, _reference_weight(ctx), (weight, mean, gain))
             return (*grads, None, None, None, None, None)
         ops = _OP_SETS[ctx.implementation]
         grad_weight, grad_mean, grad_gain = ops.equinorm_backward(grad_out, weight, mean, gain, stats, ctx.groups)
         return grad_weight, grad_mean.to(mean.dtype), grad_gain, None, None, None, None, None
+
+
+def _forward_reference_gradients(grad_out, x, weight, mean, gain, rows, options, needs_input_grad):
+    """The fused forward's gradients in (x, weight, gain) for ``create_graph=True``: autograd of the
+    reference's w''(weight, means of x[:rows], gain), differentiable again. ``options``: (ratio,
+    groups, mode, eps, statistic); x is None where it needs no gradient (the means are constants)."""
+    from ..reference.equinorm import channel_mean_unchecked, equinorm_weight_unchecked
+
+    ratio, groups, mode, eps, statistic = options
+
+    def out_of(x, weight, gain):
+        means = mean if x is None else channel_mean_unchecked(x[:rows], 1.0, statistic)
+        return equinorm_weight_unchecked(weight, means, ratio, groups, mode, gain, eps)
+
+    return _differentiable_gradients(needs_input_grad, grad_out, out_of, (x, weight, gain))
+
+
+def reference_forward_backward(grad_out, x, weight, mean, gain, rows, ratio, groups, mode, eps, statistic,
+                               output_mask) -> list[torch.Tensor]:
+    """``equinorm_forward_reference_backward`` (registered as CompositeImplicitAutograd, so that its
+    result stays differentiable): what the C++ autograd of ``equinorm_forward_autograd`` calls for
+    ``create_graph=True``. Returns the gradients ``output_mask`` asks for, in (x, weight, gain)
+    order; an operand the output does not depend on gets zeros."""
+    options = (ratio, groups, mode, eps, statistic)
+    grads = _forward_reference_gradients(grad_out, x, weight, mean, gain, rows, options, output_mask)
+    operands = (x, weight, gain)
+    return [torch.zeros_like(t) if g is None else g for t, g, need in zip(operands, grads, output_mask) if need]
 
 
 class _EquiNormForward(torch.autograd.Function):
@@ -269,16 +314,10 @@ class _EquiNormForward(torch.autograd.Function):
             return (None,) * 10
         weight, mean, gain, stats, x = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
-            weight_of = _reference_weight(ctx)
-
-            def out_of(x, weight, gain):
-                if x is None:  # x needs no gradient: the means are constants
-                    return weight_of(weight, mean, gain)
-                from ..reference.equinorm import channel_mean_unchecked
-
-                return weight_of(weight, channel_mean_unchecked(x, ctx.stats_fraction, ctx.statistic), gain)
-
-            return (*_differentiable_gradients(ctx, grad_out, out_of, (x, weight, gain)), *([None] * 7))
+            rows = None if x is None else _checks.stats_rows(x.shape[0], ctx.stats_fraction)
+            options = (ctx.ratio, ctx.groups, ctx.mode, ctx.eps, ctx.statistic)
+            grads = _forward_reference_gradients(grad_out, x, weight, mean, gain, rows, options, ctx.needs_input_grad)
+            return (*grads, *([None] * 7))
         ops = _OP_SETS[ctx.implementation]
         grad_weight, grad_mean, grad_gain = ops.equinorm_backward(grad_out, weight, mean, gain, stats, ctx.groups)
         grad_x = None
@@ -325,9 +364,18 @@ def fused_equinorm_forward(implementation: str) -> Callable[..., tuple[torch.Ten
         if _accumulation_dtype(x) != acc:  # the fused op wants one accumulation dtype for x and weight
             mean = unfused_mean(x, stats_fraction, statistic)
             return unfused_weight(weight, mean, ratio, groups, mode, gain, eps), mean
-        out, mean = _EquiNormForward.apply(
-            x, kernel_weight, kernel_gain, stats_fraction, ratio, groups, mode, eps, statistic, implementation
-        )
+        ops = _OP_SETS[implementation]
+        if ops.equinorm_forward_autograd is not None and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            # Eager: the same kernels and gradient with the autograd glue in C++ (a layer call's
+            # host time). torch.compile traces the Python wrapper.
+            rows = _checks.stats_rows(x.shape[0], stats_fraction)
+            out, mean = ops.equinorm_forward_autograd(
+                x, rows, kernel_weight, kernel_gain, ratio, groups, mode, eps, statistic
+            )
+        else:
+            out, mean = _EquiNormForward.apply(
+                x, kernel_weight, kernel_gain, stats_fraction, ratio, groups, mode, eps, statistic, implementation
+            )
         return (out if out.dtype == weight.dtype else out.to(weight.dtype)), mean
 
     return equinorm_forward
