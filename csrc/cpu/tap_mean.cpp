@@ -478,30 +478,61 @@ C10_ALWAYS_INLINE void plane_row_groups(const value_t* plane, const PlaneCounts<
   }
 }
 
+// sum over j < n of weights[j] * row[j], in kTapLanes running sums (lane j % kTapLanes) combined
+// as combine_lanes does.
+template <typename acc_t>
+inline acc_t tap_dot(const acc_t* weights, const acc_t* row, int64_t n) {
+  acc_t sums[kTapLanes] = {};
+  int64_t j = 0;
+  for (; j + kTapLanes <= n; j += kTapLanes) {
+    for (int s = 0; s < kTapLanes; ++s) sums[s] += weights[j + s] * row[j + s];
+  }
+  for (int s = 0; j < n; ++j, ++s) sums[s] += weights[j] * row[j];
+  return combine_lanes<kTapLanes>(sums);
+}
+
+#ifdef EQUINORM_AVX2_TRANSPOSE
+// tap_dot of floats in one AVX2 register, the same additions: the compiler's version combines
+// the lanes through the stack, stalling on store forwarding, and a 28-value row is 4 vectors.
+__attribute__((target("avx2"))) inline float tap_dot_avx2(const float* weights, const float* row, int64_t n) {
+  static_assert(kTapLanes == 8, "one AVX2 register of running sums");
+  __m256 sums = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    sums = _mm256_add_ps(sums, _mm256_mul_ps(_mm256_loadu_ps(weights + j), _mm256_loadu_ps(row + j)));
+  }
+  if (j < n) {  // the last values in lanes 0 .. n - j - 1; the other lanes add 0 * 0
+    const __m256i take = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - j)),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    sums = _mm256_add_ps(sums, _mm256_mul_ps(_mm256_maskload_ps(weights + j, take), _mm256_maskload_ps(row + j, take)));
+  }
+  // combine_lanes' order: lane s += lane s + 4, then lane s += lane s + 2, then lane 0 += lane 1.
+  __m128 half = _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1));
+  half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
+}
+
+inline float tap_dot(const float* weights, const float* row, int64_t n) {
+  return transposes::has_avx2() ? tap_dot_avx2(weights, row, n) : tap_dot<float>(weights, row, n);
+}
+#endif
+
 // taps (kh * kw) = the row groups (row groups, W) of one plane through the column count matrix,
 // each dot product in kTapLanes running sums, and then through each group's row counts.
 template <typename acc_t>
 C10_ALWAYS_INLINE void row_group_taps(const acc_t* groups, const PlaneCounts<acc_t>& counts, acc_t* taps) {
   const int64_t width = counts.width, kernel_rows = counts.kernel_rows, kernel_columns = counts.kernel_columns;
-  acc_t row_taps[kMaxKernel];
   std::fill(taps, taps + counts.taps(), acc_t(0));
   for (int64_t g = 0; g < counts.row_groups.groups; ++g) {
     const acc_t* row = groups + g * width;
-    for (int64_t u = 0; u < kernel_columns; ++u) {
-      const acc_t* weights = counts.column_matrix.data() + u * width;
-      acc_t sums[kTapLanes] = {};
-      int64_t j = 0;
-      for (; j + kTapLanes <= width; j += kTapLanes) {
-        for (int s = 0; s < kTapLanes; ++s) sums[s] += weights[j + s] * row[j + s];
-      }
-      for (int s = 0; j < width; ++j, ++s) sums[s] += weights[j] * row[j];
-      row_taps[u] = combine_lanes<kTapLanes>(sums);
-    }
     const acc_t* row_counts = counts.row_groups.counts.data() + g * kernel_rows;
-    for (int64_t t = 0; t < kernel_rows; ++t) {
-      const acc_t weight = row_counts[t];
-      if (weight == acc_t(0)) continue;
-      for (int64_t u = 0; u < kernel_columns; ++u) taps[t * kernel_columns + u] += weight * row_taps[u];
+    // Each dot product straight into its taps: kept in an array, the compiler read it back as
+    // vectors just after writing it value by value, a store-forwarding stall per group.
+    for (int64_t u = 0; u < kernel_columns; ++u) {
+      const acc_t row_tap = tap_dot(counts.column_matrix.data() + u * width, row, width);
+      for (int64_t t = 0; t < kernel_rows; ++t) {
+        if (row_counts[t] != acc_t(0)) taps[t * kernel_columns + u] += row_counts[t] * row_tap;
+      }
     }
   }
 }
