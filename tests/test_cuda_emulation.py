@@ -631,6 +631,8 @@ TAP_MEAN_SHAPES = {
     "wide": ((3, 40, 9, 10), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), "zeros"),
     # a plane of 320 positions: a block per (channel, tap) instead of a warp
     "block-teams": ((3, 4, 16, 20), (3, 5), (2, 1), (1, 1, 2, 2), (1, 1), "reflect"),
+    # 18 pairs of 1920 positions: each plane split into runs (the last shorter) and a finish kernel
+    "plane-runs": ((2, 2, 48, 40), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), "zeros"),
 }
 TAP_MODES = {"zeros": 0, "reflect": 1, "replicate": 2, "circular": 3}
 

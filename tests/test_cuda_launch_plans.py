@@ -16,8 +16,7 @@ asserts one property of the model stated in launch_plans.h for every plan:
   at most two levels, and a thread's share of the loads is the tensor's spread over all blocks.
 
 The emulation cases (tests/test_cuda_emulation.py) run some of these plans' paths on small shapes
-with smaller machines; the last test checks that their plans take the paths they are meant to.
-What the plans do not reach yet is marked xfail(strict=True), naming what is missing.
+with smaller machines; the tests named for them check that their plans take the paths they are meant to.
 """
 from __future__ import annotations
 
@@ -569,23 +568,44 @@ def tap_sums_plans(driver):
 
 
 def test_tap_mean_per_tap_kernels_take_their_launch_from_the_plan(tap_sums_plans):
-    """A team per (channel, tap), a warp for planes of up to 256 positions (eight a block, so a 7x7 plane
-    keeps its lanes busy) and the block for longer ones; every table entry and every (channel, position) of
-    the backward has its thread."""
+    """A team per (channel, tap, run of the plane), a warp for planes of up to 256 positions (eight a block, so
+    a 7x7 plane keeps its lanes busy) and the block for longer ones; runs cover the plane; every table entry
+    and every (channel, position) of the backward has its thread."""
     for (request, channels, taps, plane, entries), plan in tap_sums_plans:
         assert plan["team"] == (32 if plane <= 256 else 256), request
         assert plan["teams_per_block"] * plan["team"] == plan["threads"], request
         assert plan["pairs"] == channels * taps, request
-        assert (plan["blocks"] - 1) * plan["teams_per_block"] < plan["pairs"] <= plan["blocks"] * plan["teams_per_block"]
-        assert plan["lane_positions"] == math.ceil(plane / plan["team"]) and plan["team"] <= max(32, plane), request
+        splits, run = plan["splits"], plan["split_positions"]
+        assert (splits - 1) * run < plane <= splits * run, request
+        assert splits == 1 or plan["team"] == 256, request  # warp teams never split
+        teams = plan["pairs"] * splits
+        assert (plan["blocks"] - 1) * plan["teams_per_block"] < teams <= plan["blocks"] * plan["teams_per_block"]
+        assert plan["lane_positions"] == math.ceil(run / plan["team"]), request
+        assert plan["finish_blocks"] == (math.ceil(plan["pairs"] / plan["threads"]) if splits > 1 else 0), request
         assert (plan["table_blocks"] - 1) * plan["threads"] < entries <= plan["table_blocks"] * plan["threads"], request
         grad_threads = channels * plane
         assert (plan["grad_blocks"] - 1) * plan["threads"] < grad_threads <= plan["grad_blocks"] * plan["threads"]
 
 
-@pytest.mark.xfail(strict=True, reason="tap_mean's tap sums give each (channel, tap) one team that walks the whole "
-                   "plane: the 3-channel 224x224 stem with a 7x7 kernel has 147 blocks of 196 positions per lane; no "
-                   "split of a plane over blocks yet")
-def test_tap_mean_tap_sums_of_large_planes_fill_two_waves(driver):
-    plan = plans(driver, ["tap_mean_taps 3 49 50176 3137"])[0]
-    assert plan["blocks"] >= 2 * MULTIPROCESSORS and plan["lane_positions"] <= 32
+def test_tap_mean_block_teams_fill_two_waves_with_short_lanes(tap_sums_plans, driver):
+    """Planes longer than 256 positions: two waves of one block per multiprocessor and at most 32 positions a
+    lane, unless a run would then have fewer positions than the block has lanes. The 3-channel 224x224 stem
+    with a 7x7 kernel (147 pairs) was 147 blocks of 196 positions a lane before its planes were split."""
+    cases = [(request, plane, plan) for (request, _, _, plane, _), plan in tap_sums_plans if plane > 256]
+    stem = "tap_mean_taps 3 49 50176 3137"
+    cases.append((stem, 50176, plans(driver, [stem])[0]))
+    for request, plane, plan in cases:
+        assert plan["lane_positions"] <= 32, request
+        assert plan["blocks"] >= WAVES * MULTIPROCESSORS or plan["split_positions"] < 2 * plan["team"], request
+    stem_plan = cases[-1][2]
+    assert stem_plan["blocks"] >= WAVES * MULTIPROCESSORS and stem_plan["splits"] > 1
+
+
+def test_emulated_tap_mean_plans_split_planes(driver):
+    """The emulation's "plane-runs" shape (2 channels, 48x40, 3x3; tests/test_cuda_emulation.py) splits its
+    planes into runs of uneven length on the default machine and not on its small one; "block-teams" keeps
+    one run."""
+    plane_runs, block_teams = plans(driver, ["tap_mean_taps 2 9 1920 265", "tap_mean_taps 4 15 320 149"])
+    (small,) = plans(driver, ["tap_mean_taps 2 9 1920 265"], machine=(2, 2, 64, 32 * 1024))
+    assert plane_runs["splits"] > 2 and plane_runs["splits"] * plane_runs["split_positions"] > 1920
+    assert small["splits"] == 1 and block_teams["splits"] == 1

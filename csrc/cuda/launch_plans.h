@@ -632,29 +632,49 @@ inline TapColumnPlan plan_tap_mean_columns(int64_t rows, int64_t width, int64_t 
 // the whole block.
 constexpr int64_t kTapWarpTeamMaxPlane = 256;
 
+// Most plane positions one lane of a block team adds before the plane is split over more blocks.
+constexpr int64_t kTapMaxLanePositions = 32;
+
 // The count tables (a thread per entry of the dims' (kernel, length) matrices), the tap sums (a
-// team of lanes per (channel, tap) adds the channel's plane sums weighted by the tap's counts, each
-// lane every team-th position, then the lanes in a fixed tree) and the backward (a thread per
-// (channel, plane position) adds its taps' gradients in tap order). The grids are one-dimensional:
-// channels and taps are bounded by the grid's int range only.
+// team of lanes per (channel, tap, split) adds the split's run of the channel's plane sums
+// weighted by the tap's counts, each lane every team-th position, then the lanes in a fixed tree)
+// and the backward (a thread per (channel, plane position) adds its taps' gradients in tap order).
+// Block teams split a plane into runs when the pairs alone give fewer than two waves of one block
+// per multiprocessor, or a lane would add more than kTapMaxLanePositions positions (the 3-channel
+// 224x224 stem with a 7x7 kernel: 147 pairs of 196 positions a lane); a finish kernel, a thread
+// per pair, then adds the runs' sums in run order. The grids are one-dimensional: channels and
+// taps are bounded by the grid's int range only.
 struct TapSumsPlan {
   int threads = kTapMeanThreads;
   int team = 32;               // a warp, or the whole block
   int64_t teams_per_block = 0;
-  int64_t pairs = 0;           // channels x taps, a team each
+  int64_t pairs = 0;           // channels x taps
+  int64_t splits = 1;          // runs of the plane per pair, a team each
+  int64_t split_positions = 0; // positions of a run (the last may be shorter)
   int64_t blocks = 0;
   int64_t lane_positions = 0;  // plane positions one lane adds
+  int64_t finish_blocks = 0;   // the finish kernel's, with splits only
   int64_t table_blocks = 0;
   int64_t grad_blocks = 0;
 };
 
-inline TapSumsPlan plan_tap_mean_taps(int64_t channels, int64_t taps, int64_t plane, int64_t table_entries) {
+inline TapSumsPlan plan_tap_mean_taps(int64_t channels, int64_t taps, int64_t plane, int64_t table_entries,
+                                      const MachineModel& machine) {
   TapSumsPlan plan;
   plan.team = plane <= kTapWarpTeamMaxPlane ? 32 : plan.threads;
   plan.teams_per_block = plan.threads / plan.team;
   plan.pairs = channels * taps;
-  plan.blocks = ceil_div(plan.pairs, plan.teams_per_block);
-  plan.lane_positions = ceil_div(plane, plan.team);
+  if (plan.team == plan.threads) {
+    const int64_t by_lanes = ceil_div(ceil_div(plane, plan.team), kTapMaxLanePositions);
+    const int64_t by_waves = ceil_div(wave_blocks(machine, 1), plan.pairs);
+    // Every run keeps a position for each lane.
+    plan.splits = std::clamp<int64_t>(std::max(by_lanes, by_waves), 1, plane / plan.team);
+  }
+  plan.split_positions = ceil_div(plane, plan.splits);
+  plan.splits = ceil_div(plane, plan.split_positions);
+  plan.blocks = ceil_div(plan.pairs * plan.splits, plan.teams_per_block);
+  plan.lane_positions = ceil_div(plan.split_positions, plan.team);
+  plan.finish_blocks = plan.splits > 1 ? ceil_div(plan.pairs, plan.threads) : 0;
   plan.table_blocks = ceil_div(table_entries, plan.threads);
   plan.grad_blocks = ceil_div(channels * plane, plan.threads);
   return plan;

@@ -11,12 +11,14 @@
 //   3. the count tables: per spatial dim the (kernel, length) matrix of tap_reads, int32.
 //   4. a team per (channel, tap), a warp for planes of up to 256 positions and the block for longer
 //      ones, adds the channel's plane weighted by the tap's counts, and the (channel, 0) team also
-//      ors the channel's negative flags.
+//      ors the channel's negative flags. Long planes (or too few pairs for two waves) are split
+//      into runs, a block each, whose sums
+//   5. a finish kernel adds in run order (only when there are several runs).
 // Backward: the count tables, then a thread per (channel, plane position) adds the taps'
 // gradients times their counts, in tap order.
 //
-// Launches: forward 3 (4 with row slots), backward 2. No atomics; every sum has an order fixed by
-// the shape, so results are bit-identical across runs.
+// Launches: forward 3 (one more with row slots, one more with plane runs), backward 2. No atomics;
+// every sum has an order fixed by the shape, so results are bit-identical across runs.
 #include <algorithm>
 
 #include "cuda/device_common.cuh"
@@ -38,6 +40,7 @@ struct TapPlan {
   int64_t slots = 1;   // row slots of the column sums
   int64_t table_entries = 0;
   size_t tables_bytes = 0, plane_bytes = 0, flags_bytes = 0, partial_bytes = 0, partial_flags_bytes = 0;
+  size_t run_sums_bytes = 0, run_flags_bytes = 0;  // the plane runs' sums and flags
   size_t workspace_bytes = 0;
 };
 
@@ -61,9 +64,9 @@ int64_t output_count(const TapMeanShape& shape) {
   return shape.dims[0].outputs * shape.dims[1].outputs * shape.dims[2].outputs;
 }
 
-// The per-tap kernels' plan (forward and backward alike).
-TapSumsPlan taps_plan(const TapMeanShape& shape) {
-  return plan_tap_mean_taps(shape.channels, tap_count(shape), plane_size(shape), table_entries(shape));
+// The per-tap kernels' plan (forward and backward alike; the plane runs are the forward's only).
+TapSumsPlan taps_plan(const TapMeanShape& shape, const MachineModel& machine) {
+  return plan_tap_mean_taps(shape.channels, tap_count(shape), plane_size(shape), table_entries(shape), machine);
 }
 
 // misalignment_bytes: x's address modulo 16 (0 for the workspace size, which does not depend on it).
@@ -75,7 +78,7 @@ TapPlan plan_tap_mean(const TapMeanShape& shape, size_t element_bytes, size_t ac
   plan.width = plan.columns.width;
   plan.slots = plan.columns.slots;
   plan.table_entries = table_entries(shape);
-  plan.taps = taps_plan(shape);
+  plan.taps = taps_plan(shape, machine);
   plan.tables_bytes = aligned(static_cast<size_t>(plan.table_entries) * sizeof(int));
   plan.plane_bytes = aligned(static_cast<size_t>(plan.width) * accumulation_bytes);
   plan.flags_bytes = aligned(static_cast<size_t>(plan.width));
@@ -83,8 +86,12 @@ TapPlan plan_tap_mean(const TapMeanShape& shape, size_t element_bytes, size_t ac
     plan.partial_bytes = aligned(static_cast<size_t>(plan.slots * plan.width) * accumulation_bytes);
     plan.partial_flags_bytes = aligned(static_cast<size_t>(plan.slots * plan.width));
   }
-  plan.workspace_bytes =
-      plan.tables_bytes + plan.plane_bytes + plan.flags_bytes + plan.partial_bytes + plan.partial_flags_bytes;
+  if (plan.taps.splits > 1) {
+    plan.run_sums_bytes = aligned(static_cast<size_t>(plan.taps.pairs * plan.taps.splits) * accumulation_bytes);
+    plan.run_flags_bytes = aligned(static_cast<size_t>(shape.channels * plan.taps.splits));
+  }
+  plan.workspace_bytes = plan.tables_bytes + plan.plane_bytes + plan.flags_bytes + plan.partial_bytes +
+                         plan.partial_flags_bytes + plan.run_sums_bytes + plan.run_flags_bytes;
   return plan;
 }
 
@@ -247,15 +254,28 @@ __device__ T team_total(T value) {
   }
 }
 
-// Team (channel, tap): the channel's plane weighted by the tap's counts, divided by count.
+// Where the tap sums go: mean (C x taps, divided by count) and negative (C) with one run per
+// plane, else the runs' sums (pairs x splits) and flags (C x splits) for the finish kernel.
+template <typename acc_t>
+struct TapSumsOutput {
+  int64_t splits, split_positions;
+  acc_t count;
+  acc_t* mean;
+  unsigned char* negative;
+  acc_t* run_sums;
+  unsigned char* run_negative;
+};
+
+// Team (channel, tap, run): the run's positions of the channel's plane weighted by the tap's counts.
 template <typename acc_t, int kTeam, bool kAbsolute>
 __global__ void __launch_bounds__(kThreads) tap_sums_kernel(const acc_t* plane_sums,
                                                             const unsigned char* plane_negative, const int* tables,
                                                             PlaneGeometry g, int64_t channels, bool channels_last,
-                                                            acc_t count, acc_t* mean, unsigned char* negative) {
-  const int64_t pair = static_cast<int64_t>(blockIdx.x) * (kThreads / kTeam) + threadIdx.x / kTeam;
+                                                            TapSumsOutput<acc_t> o) {
+  const int64_t team_index = static_cast<int64_t>(blockIdx.x) * (kThreads / kTeam) + threadIdx.x / kTeam;
   const int lane = static_cast<int>(threadIdx.x % kTeam);
-  if (pair >= channels * g.taps) return;  // whole teams only: a block team's pair always exists
+  if (team_index >= channels * g.taps * o.splits) return;  // whole teams only: a block team always has one
+  const int64_t pair = team_index / o.splits, run = team_index - pair * o.splits;
   const int64_t channel = pair / g.taps;
   const int tap = static_cast<int>(pair - channel * g.taps);
   const int t2 = tap % g.kernels[2], t1 = (tap / g.kernels[2]) % g.kernels[1];
@@ -264,9 +284,11 @@ __global__ void __launch_bounds__(kThreads) tap_sums_kernel(const acc_t* plane_s
   const int* row1 = tables + g.offset[1] + static_cast<int64_t>(t1) * g.lengths[1];
   const int* row2 = tables + g.offset[2] + static_cast<int64_t>(t2) * g.lengths[2];
   const bool flags = kAbsolute && tap == 0;
+  const int first = static_cast<int>(run * o.split_positions);
+  const int end = static_cast<int>(min(static_cast<int64_t>(g.plane), (run + 1) * o.split_positions));
   acc_t sum = 0;
   int seen = 0;
-  for (int p = lane; p < g.plane; p += kTeam) {
+  for (int p = first + lane; p < end; p += kTeam) {
     const int j2 = p % g.lengths[2], rest = p / g.lengths[2];
     const int j1 = rest % g.lengths[1], j0 = rest / g.lengths[1];
     const int reads = __ldg(row0 + j0) * __ldg(row1 + j1) * __ldg(row2 + j2);
@@ -275,12 +297,40 @@ __global__ void __launch_bounds__(kThreads) tap_sums_kernel(const acc_t* plane_s
     if (flags) seen |= plane_negative[index];
   }
   const acc_t total = team_total<kTeam>(sum);
-  if (lane == 0) mean[pair] = total / count;
+  if (lane == 0) {
+    if (o.splits == 1) {
+      o.mean[pair] = total / o.count;
+    } else {
+      o.run_sums[team_index] = total;
+    }
+  }
   // A block team's tap is the same for all its threads, a warp team's for its lanes: the flag's
   // reduction is reached by whole teams.
   if (flags) {
     const int any = team_total<kTeam>(seen);
-    if (lane == 0) negative[channel] = any != 0 ? 1 : 0;
+    if (lane == 0) {
+      if (o.splits == 1) {
+        o.negative[channel] = any != 0 ? 1 : 0;
+      } else {
+        o.run_negative[channel * o.splits + run] = any != 0 ? 1 : 0;
+      }
+    }
+  }
+}
+
+// Thread per (channel, tap): its runs' sums added in run order, divided by count (flags or-ed).
+template <typename acc_t, bool kAbsolute>
+__global__ void __launch_bounds__(kThreads) tap_finish_runs_kernel(int64_t pairs, int taps, TapSumsOutput<acc_t> o) {
+  const int64_t pair = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (pair >= pairs) return;
+  acc_t total = 0;
+  for (int64_t run = 0; run < o.splits; ++run) total += __ldcg(o.run_sums + pair * o.splits + run);
+  o.mean[pair] = total / o.count;
+  if (kAbsolute && pair % taps == 0) {
+    const int64_t channel = pair / taps;
+    unsigned char seen = 0;
+    for (int64_t run = 0; run < o.splits; ++run) seen |= o.run_negative[channel * o.splits + run];
+    o.negative[channel] = seen != 0 ? 1 : 0;
   }
 }
 
@@ -345,7 +395,8 @@ cudaError_t launch_count_tables(const TapMeanShape& shape, const TapSumsPlan& pl
 }
 
 bool fits_taps_launch(const TapSumsPlan& plan) {
-  return fits_grid(plan.blocks) && fits_grid(plan.table_blocks) && fits_grid(plan.grad_blocks);
+  return fits_grid(plan.blocks) && (plan.splits == 1 || fits_grid(plan.finish_blocks)) &&
+         fits_grid(plan.table_blocks) && fits_grid(plan.grad_blocks);
 }
 
 template <typename scalar_t, bool kAbsolute>
@@ -379,17 +430,25 @@ cudaError_t launch_typed(const TapPlan& plan, const TapMeanShape& shape, const v
   }
   status = launch_count_tables(shape, plan.taps, tables, stream);
   if (status != cudaSuccess) return status;
-  const acc_t count = static_cast<acc_t>(shape.rows) * static_cast<acc_t>(output_count(shape));
+  char* runs_base = partial_base + plan.partial_bytes + plan.partial_flags_bytes;
+  const TapSumsOutput<acc_t> output{
+      plan.taps.splits, plan.taps.split_positions,
+      static_cast<acc_t>(shape.rows) * static_cast<acc_t>(output_count(shape)),
+      static_cast<acc_t*>(mean), static_cast<unsigned char*>(negative),
+      reinterpret_cast<acc_t*>(runs_base), reinterpret_cast<unsigned char*>(runs_base + plan.run_sums_bytes)};
   const auto blocks = static_cast<unsigned int>(plan.taps.blocks);
   auto launch_sums = [&](auto team) {
     constexpr int kTeam = decltype(team)::value;
     EQUINORM_LAUNCH(blocks, kThreads, 0, stream, tap_sums_kernel<acc_t, kTeam, kAbsolute>)(
-        plane, plane_negative, tables, plane_geometry(shape), shape.channels, shape.channels_last, count,
-        static_cast<acc_t*>(mean), static_cast<unsigned char*>(negative));
+        plane, plane_negative, tables, plane_geometry(shape), shape.channels, shape.channels_last, output);
     return cudaGetLastError();
   };
-  if (plan.taps.team == kWarpSize) return launch_sums(std::integral_constant<int, kWarpSize>{});
-  return launch_sums(std::integral_constant<int, kThreads>{});
+  status = plan.taps.team == kWarpSize ? launch_sums(std::integral_constant<int, kWarpSize>{})
+                                       : launch_sums(std::integral_constant<int, kThreads>{});
+  if (status != cudaSuccess || plan.taps.splits == 1) return status;
+  EQUINORM_LAUNCH(static_cast<unsigned int>(plan.taps.finish_blocks), kThreads, 0, stream,
+                  tap_finish_runs_kernel<acc_t, kAbsolute>)(plan.taps.pairs, static_cast<int>(tap_count(shape)), output);
+  return cudaGetLastError();
 }
 
 bool fits_launch(const TapPlan& plan) {
@@ -434,7 +493,7 @@ cudaError_t launch_tap_mean_backward(const TapMeanShape& shape, ElementType type
     return cudaErrorInvalidValue;
   }
   if (workspace == nullptr || workspace_bytes < tap_mean_backward_workspace_bytes(shape)) return cudaErrorInvalidValue;
-  const TapSumsPlan plan = taps_plan(shape);
+  const TapSumsPlan plan = taps_plan(shape, kHopper);  // the tables and the backward: no machine in them
   if (!fits_taps_launch(plan)) return cudaErrorInvalidConfiguration;
   int* tables = static_cast<int*>(workspace);
   cudaError_t status = launch_count_tables(shape, plan, tables, stream);

@@ -209,18 +209,21 @@ std::string tap_mean_columns(std::istringstream& in, const MachineModel& machine
   return json.str();
 }
 
-std::string tap_mean_taps(std::istringstream& in) {
+std::string tap_mean_taps(std::istringstream& in, const MachineModel& machine) {
   int64_t channels, taps, plane, table_entries;
   in >> channels >> taps >> plane >> table_entries;
-  const TapSumsPlan p = plan_tap_mean_taps(channels, taps, plane, table_entries);
+  const TapSumsPlan p = plan_tap_mean_taps(channels, taps, plane, table_entries, machine);
   Json json;
   json.field("kernel", "tap_mean_taps")
       .field("threads", p.threads)
       .field("team", p.team)
       .field("teams_per_block", p.teams_per_block)
       .field("pairs", p.pairs)
+      .field("splits", p.splits)
+      .field("split_positions", p.split_positions)
       .field("blocks", p.blocks)
       .field("lane_positions", p.lane_positions)
+      .field("finish_blocks", p.finish_blocks)
       .field("table_blocks", p.table_blocks)
       .field("grad_blocks", p.grad_blocks);
   return json.str();
@@ -251,7 +254,7 @@ int main() {
     } else if (kind == "tap_mean_columns") {
       json = tap_mean_columns(in, machine);
     } else if (kind == "tap_mean_taps") {
-      json = tap_mean_taps(in);
+      json = tap_mean_taps(in, machine);
     } else {
       std::fprintf(stderr, "unknown request %s\n", kind.c_str());
       return 2;
