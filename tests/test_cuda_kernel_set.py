@@ -3,7 +3,7 @@
 What ``make gpu-check`` runs under compute-sanitizer (memcheck, racecheck), where every call costs
 a hundred times its native time: few calls, small shapes, but each kernel variant at least once
 (scalar and vector loads, misaligned bases, channels split over blocks with the finish kernel,
-warp and block teams, groups, Linear weights, each dtype, ENorm groups). The suite runs it natively
+warp and block teams, groups, Linear weights, each dtype, tap_mean's plane runs, ENorm groups). The suite runs it natively
 wherever the CUDA extension and a GPU are present; the thorough comparisons are in
 test_ops_equinorm.py and test_ops_enorm.py.
 """
@@ -53,6 +53,27 @@ def test_channel_mean(shape, dtype, channels_last, misaligned):
     expected = reference.channel_mean(x.double().cpu())
     rtol, atol = TOLERANCES[torch.float32 if dtype != torch.float64 else dtype]
     torch.testing.assert_close(got.double().cpu(), expected, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize(
+    "shape, kernel, stride, channels_last, statistic",
+    [
+        ((2, 3, 12, 12), 3, 1, False, "abs_mean"),  # a warp per (channel, tap)
+        ((1, 2, 20, 24), 3, 2, True, "mean"),      # a block per (channel, tap), channels_last
+        ((1, 2, 48, 40), 3, 1, False, "abs_mean"),  # planes split into runs over blocks, their finish kernel
+    ],
+)
+def test_tap_mean_forward_and_backward(shape, kernel, stride, channels_last, statistic):
+    x = (_input(shape, torch.float32, channels_last=channels_last) - 0.25).requires_grad_()
+    got = ek.tap_mean(x, kernel, stride, kernel // 2, statistic=statistic, backend="cuda")
+    leaf = x.detach().double().cpu().requires_grad_()
+    expected = reference.tap_mean(leaf, kernel, stride, kernel // 2, statistic=statistic)
+    rtol, atol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(got.double().cpu(), expected, rtol=rtol, atol=atol)
+    grad = torch.randn(got.shape, dtype=torch.float64)
+    got.backward(grad.to(got.dtype).cuda())
+    expected.backward(grad)
+    torch.testing.assert_close(x.grad.double().cpu(), leaf.grad, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize(
