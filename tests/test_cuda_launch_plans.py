@@ -452,6 +452,16 @@ def test_equinorm_backward_blocks_cover_every_value_once(weight_plans):
         assert plan["column_load_bytes"] == 16, name
 
 
+def test_equinorm_backward_keeps_enough_bytes_in_flight(weight_plans):
+    """grad_weight: resident blocks x threads x rows started at a time x two reads (weight and gradient)
+    x 16 bytes covers the memory latency, wherever a slot gives a row lane at least two rows."""
+    for (name, _, _, _), plan in weight_plans:
+        rows_a_lane = math.ceil(plan["rows_per_slot"] / plan["row_lanes"])
+        rows_in_flight = min(plan["grad_rows_in_flight"], rows_a_lane)
+        in_flight = plan["blocks_per_multiprocessor"] * plan["threads"] * rows_in_flight * 2 * plan["column_load_bytes"]
+        assert in_flight >= BYTES_IN_FLIGHT_PER_MULTIPROCESSOR or rows_a_lane < 2, name
+
+
 def test_equinorm_backward_workspace_is_smaller_than_every_weight(weight_plans):
     for (name, shape, dtype, _), plan in weight_plans:
         assert plan["backward_workspace_bytes"] < math.prod(shape) * ELEMENT_BYTES[dtype], name

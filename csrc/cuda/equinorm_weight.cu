@@ -502,7 +502,7 @@ __device__ __forceinline__ GradRow grad_row(const BackwardArgs<scalar_t>& a, int
 // dL/dw of a slot of a group's rows on a tile of columns (kCVec adjacent columns a thread, aligned
 // vectors: the row length is a multiple of kCVec), and the tile's column sums over the slot of
 // the grad_mean terms u h (for channel means the finish adds a channel's taps). Row lanes take
-// rows in turn; their sums are added in row-lane order.
+// rows in turn, two rows' loads in flight at a time; their sums are added in row-lane order.
 template <typename scalar_t, int kCVec>
 __global__ void __launch_bounds__(kThreads, kEquiNormBlocksPerMultiprocessor) grad_weight_kernel(BackwardArgs<scalar_t> a) {
   using acc_t = em::weight_math_t;
@@ -533,23 +533,46 @@ __global__ void __launch_bounds__(kThreads, kEquiNormBlocksPerMultiprocessor) gr
     }
   }
   acc_t terms[kCVec] = {};
-  for (int64_t d = first + row_lane; d < last; d += row_lanes) {
+  struct RowValues {
+    scalar_t w[kCVec], grad[kCVec];
+  };
+  auto start_row = [&](int64_t d, RowValues& v) {
     const GradRow r = grad_row(a, d);
     if (tile == 0 && column_lane == 0) a.grad_gain[d] = static_cast<acc_type<scalar_t>>(r.grad_gain);
-    if (!has_columns) continue;
-    scalar_t w[kCVec], gr[kCVec], out[kCVec];
-    load_vector<kCVec>(a.weight + d * row_size + column, w);
-    load_vector<kCVec>(a.grad + d * row_size + column, gr);
+    if (has_columns) {
+      load_vector<kCVec>(a.weight + d * row_size + column, v.w);
+      load_vector<kCVec>(a.grad + d * row_size + column, v.grad);
+    }
+    return r;
+  };
+  auto finish_row = [&](int64_t d, const GradRow& r, const RowValues& v) {
+    if (!has_columns) return;
+    scalar_t out[kCVec];
 #pragma unroll
     for (int k = 0; k < kCVec; ++k) {
-      const acc_t wk = to_acc(w[k]);
+      const acc_t wk = to_acc(v.w[k]);
       const bool on = is_active(r.exact, wk, r.shift);
       const acc_t h = em::mean_factor(on, r.grad_mass, r.shared_factor);
-      out[k] = from_weight_math<scalar_t>(em::grad_weight(acc_t(to_acc(gr[k])), r.gain_times_scale, means[k], h));
+      out[k] = from_weight_math<scalar_t>(em::grad_weight(acc_t(to_acc(v.grad[k])), r.gain_times_scale, means[k], h));
       const acc_t u = wk + r.shift;
       terms[k] += em::grad_mean_term(on ? u : acc_t(0), u, r.grad_mass, r.shared_factor);
     }
     store_vector<kCVec>(a.grad_weight + d * row_size + column, out);
+  };
+  // kGradRowsInFlight rows' loads before their arithmetic, the rows still finished in order.
+  static_assert(kGradRowsInFlight == 2, "the loop below starts two rows at a time");
+  int64_t d = first + row_lane;
+  for (; d + row_lanes < last; d += 2 * row_lanes) {
+    RowValues v0, v1;
+    const GradRow r0 = start_row(d, v0);
+    const GradRow r1 = start_row(d + row_lanes, v1);
+    finish_row(d, r0, v0);
+    finish_row(d + row_lanes, r1, v1);
+  }
+  if (d < last) {
+    RowValues v;
+    const GradRow r = start_row(d, v);
+    finish_row(d, r, v);
   }
   if (row_lanes > 1) {  // the same in the whole block
 #pragma unroll

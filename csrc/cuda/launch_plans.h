@@ -444,6 +444,9 @@ constexpr int64_t kEquiNormGradSums = 3;
 constexpr int64_t kColumnPartialsShareOfWeight = 2;
 // A grad_weight tile keeps at least a warp across its columns (contiguous loads).
 constexpr int64_t kMinColumnThreads = 32;
+// Rows whose weight and gradient a grad_weight thread loads before their arithmetic: with 16-byte
+// loads, 2 blocks x 256 threads x 2 rows x 2 reads x 16 bytes = 32 KiB in flight per multiprocessor.
+constexpr int kGradRowsInFlight = 2;
 
 // One team of threads owns one output channel's row of group_channels x taps values, a contiguous
 // run in either layout: its sums read the run as 16-byte vectors on the aligned body, scalar on
@@ -480,6 +483,7 @@ struct EquiNormWeightPlan {
   int64_t rows_per_slot = 0;
   int64_t column_blocks = 0;
   int64_t column_load_bytes = 0;
+  int grad_rows_in_flight = kGradRowsInFlight;
   int64_t mean_values = 0;     // grad_mean's values (C, or C x taps with per-tap means)
   int64_t reduce_blocks = 0;
   int64_t row_partial_bytes = 0;     // (D, slices, 3) float64, rounded up to 256 bytes
