@@ -120,7 +120,7 @@ def test_rows_past_the_fraction_get_no_input_gradient():
     assert torch.count_nonzero(grad_x[2:]) == 0 and torch.count_nonzero(grad_x[:2]) == grad_x[:2].numel()
 
 
-def test_an_unused_output_gives_no_gradient():
+def test_the_means_are_constants_and_w_is_differentiable():
     x, weight, gain = (t.requires_grad_() for t in _operands("non_negative"))
     _, mean = _cpp(4, 1, "abs_mean")(x, weight, gain)
     assert not mean.requires_grad
