@@ -168,8 +168,7 @@ class EquiNormLayer(nn.Module):
         argument checks, as the layer's options were checked when it was built."""
         if x.dtype not in _checks.FLOAT_DTYPES:
             raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-        if x.device != self.weight.device:
-            raise ValueError(f"x is on {x.device} but weight is on {self.weight.device}; put them on one device")
+        _checks.check_same_device(self.weight, x, "weight", "x")
         if x.numel() == 0:
             _checks.check_channel_mean_args(x, fraction)  # raises, naming the empty dimension
 
