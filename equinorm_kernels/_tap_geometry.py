@@ -89,6 +89,11 @@ def check_tap_mean_args(
     if not torch.compiler.is_compiling():
         # A layer passes the same arguments on every call: their checks are done once. Arguments
         # that cannot be hashed (lists) are checked every time.
+        if (
+            type(kernel_size) is int and type(stride) is int and type(dilation) is int
+            and type(padding) in (int, str) and type(padding_mode) is str and type(statistic) is str
+        ):
+            return _cached_geometry(_PLAIN_SIGNATURE, args), stats_fraction  # the common call, keyed at once
         key = (tuple(map(_signature, args)), args)
         try:
             hash(key)
@@ -96,6 +101,11 @@ def check_tap_mean_args(
             return _geometry(*args), stats_fraction
         return _cached_geometry(*key), stats_fraction
     return _geometry(*args), stats_fraction
+
+
+# The cache key's signature for arguments whose types are exact ints and strings: those never
+# compare equal to another type's values (3.0, True), so one marker stands for all of them.
+_PLAIN_SIGNATURE = "int-and-str"
 
 
 def _signature(value: object) -> object:

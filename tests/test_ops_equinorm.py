@@ -159,6 +159,19 @@ def test_channel_mean_on_every_reduction_path(backend, device, shape, layout):
         torch.testing.assert_close(op(backend, "channel_mean")(x.to(device), rows, "mean")[0].cpu(), expected, rtol=1e-13, atol=0)
 
 
+def test_channel_mean_without_a_graph_gives_the_same_means_and_no_grad_fn(backend, device):
+    x = torch.randn((3, 5, 4, 4), generator=_generator(3)).to(device)
+    leaf = x.clone().requires_grad_(True)
+    recorded = equinorm_kernels.channel_mean(leaf, statistic="abs_mean", backend=backend)
+    assert recorded.grad_fn is not None
+    plain = equinorm_kernels.channel_mean(x, statistic="abs_mean", backend=backend)
+    with torch.no_grad():
+        under_no_grad = equinorm_kernels.channel_mean(leaf, statistic="abs_mean", backend=backend)
+    for got in (plain, under_no_grad):
+        assert got.grad_fn is None and not got.requires_grad
+        assert torch.equal(got, recorded.detach())
+
+
 def test_degenerate_channels_get_zero_weight_not_nan(backend, device):
     weight = _weight((4, 3, 3, 3)).to(device)
     weight[2] = -0.5  # constant: no positive mass in either mode

@@ -403,6 +403,33 @@ def test_cpu_results_do_not_depend_on_the_thread_count(backend, device, shape):
     assert all(torch.equal(results[0], r) for r in results[1:])
 
 
+@pytest.mark.parametrize("backend,device", [p for p in fused_backend_params() if p.values[0] == "cpp"])
+@pytest.mark.parametrize("shape", [(3, 11, 7, 9), (3, 11, 9, 30), (2, 11, 7, 33)], ids=["groups", "flat", "rows"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_cpu_channel_taps_do_not_depend_on_neighbouring_channels(backend, device, shape, stride):
+    # Channels 0-7 go through the 8-channel vector tiles together, channels 8-10 and a channel alone
+    # one by one: both must add in the same order.
+    x = _signed_input(shape, seed=18).float()
+    together = ek.tap_mean(x, 3, stride, 1, backend=backend)
+    for c in (0, 7, 8, 10):
+        alone = ek.tap_mean(x[:, c : c + 1].contiguous(), 3, stride, 1, backend=backend)
+        assert torch.equal(together[c], alone[0]), c
+
+
+@pytest.mark.parametrize("backend,device", _backends(every=False))
+def test_calls_without_a_graph_give_the_same_means_and_no_grad_fn(backend, device):
+    x = _signed_input((3, 4, 9, 30), seed=19).float().to(device)
+    leaf = x.clone().requires_grad_(True)
+    recorded = ek.tap_mean(leaf, 3, 2, 1, statistic="abs_mean", backend=backend)
+    assert recorded.grad_fn is not None
+    plain = ek.tap_mean(x, 3, 2, 1, statistic="abs_mean", backend=backend)
+    with torch.no_grad():
+        under_no_grad = ek.tap_mean(leaf, 3, 2, 1, statistic="abs_mean", backend=backend)
+    for got in (plain, under_no_grad):
+        assert got.grad_fn is None and not got.requires_grad
+        assert torch.equal(got, recorded.detach())
+
+
 @pytest.mark.parametrize("backend,device", [p for p in fused_backend_params() if p.values[0] == "triton"])
 def test_triton_row_splits_add_in_order(backend, device):
     from equinorm_kernels.triton import tap_mean as triton_tap_mean

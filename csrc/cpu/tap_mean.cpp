@@ -267,9 +267,8 @@ void spread_tap_gradient(const acc_t* grad, int64_t channels, const TapGeometry&
 // each border row by itself; its columns into column groups likewise.
 //
 // - NCHW with rows of kPlaneRowLength or more: each channel's planes are read where they lie, a few
-//   samples at a time, into the channel's row groups (float32 interiors as one flat run into registers);
-//   each row group's W-vector then goes through the column count matrix (kw dot products) and the
-//   kw sums into the taps through the group's row counts, once per channel.
+//   samples at a time, into the channel's row groups (float32 interiors as one flat run into registers),
+//   whose values are then added into their (row group, column group) and contracted as below.
 // - Shorter NCHW rows and channels_last: per-row work on rows of 7 or 14 values would cost more than
 //   the values, so the samples are summed column-wise first into S, one plane per channel, whose
 //   positions are added into their (row group, column group) with the channels in vector lanes
@@ -278,7 +277,6 @@ void spread_tap_gradient(const acc_t* grad, int64_t channels, const TapGeometry&
 // Elements one parallel task should at least read.
 constexpr int64_t kPlaneTaskElements = 1 << 14;
 constexpr int64_t kPlaneRowLength = 24;
-constexpr int kTapLanes = 8;  // running sums of a dot product
 constexpr int kMaxKernel = 64;  // per dim, checked by plane_path_applies
 // Float planes' interior rows are added flat in up to kMaxFlatVectors vectors of kFlatLanes.
 constexpr int64_t kFlatLanes = 8;
@@ -318,7 +316,6 @@ template <typename acc_t>
 struct PlaneCounts {
   PeriodicCounts<acc_t> rows;
   LineGroups<acc_t> row_groups, column_groups;
-  std::vector<acc_t> column_matrix;  // (kw, W), the column count matrix
   std::vector<int64_t> first_rows;   // per row residue, its first interior row (none: interior_end)
   std::vector<int64_t> border_rows;  // rows outside the interior, in order (row groups period, ...)
   int64_t height = 1, width = 1, kernel_rows = 1, kernel_columns = 1;
@@ -330,6 +327,9 @@ struct PlaneCounts {
   // Position p = r * W + j is in group row_groups.group_of[r] * column_groups.groups + column_groups.group_of[j].
   std::vector<int64_t> position_group;
   int64_t position_groups = 0;
+  // Value (g, j) of a plane's row groups (row groups, W) is in position group
+  // g * column_groups.groups + column_groups.group_of[j].
+  std::vector<int64_t> row_group_position_group;
 
   int64_t taps() const { return kernel_rows * kernel_columns; }
   int64_t plane() const { return height * width; }
@@ -342,7 +342,6 @@ PlaneCounts<acc_t> plane_counts(const TapGeometry& g) {
   const PeriodicCounts<acc_t> columns = periodic_counts<acc_t>(g.dims[2], g.mode);
   counts.row_groups = line_groups(counts.rows);
   counts.column_groups = line_groups(columns);
-  counts.column_matrix = columns.matrix;
   counts.height = g.dims[1].length, counts.width = g.dims[2].length;
   counts.kernel_rows = g.dims[1].kernel, counts.kernel_columns = g.dims[2].kernel;
   for (int64_t residue = 0; residue < counts.rows.period; ++residue) {
@@ -356,6 +355,11 @@ PlaneCounts<acc_t> plane_counts(const TapGeometry& g) {
     for (int64_t j = 0; j < counts.width; ++j) {
       counts.position_group.push_back(counts.row_groups.group_of[r] * counts.column_groups.groups +
                                       counts.column_groups.group_of[j]);
+    }
+  }
+  for (int64_t g = 0; g < counts.row_groups.groups; ++g) {
+    for (int64_t j = 0; j < counts.width; ++j) {
+      counts.row_group_position_group.push_back(g * counts.column_groups.groups + counts.column_groups.group_of[j]);
     }
   }
   const int64_t repeat = counts.rows.period * counts.width;  // values after which the residues repeat
@@ -478,62 +482,74 @@ C10_ALWAYS_INLINE void plane_row_groups(const value_t* plane, const PlaneCounts<
   }
 }
 
-// sum over j < n of weights[j] * row[j], in kTapLanes running sums (lane j % kTapLanes) combined
-// as combine_lanes does.
+// Channels whose position groups are summed together (kChannelBlock x position groups values, in
+// cache); a channel's sums are the same whichever block it falls in.
+constexpr int64_t kChannelBlock = 32;
+
+// groups (position groups, lanes) += the values of channels [begin, begin + lanes), each added to
+// its position's group (group_of, one per position) in position order, in runs of one group
+// (transposes::add_position_runs) where the channels are not adjacent. sums is (plane, C) with
+// position_major, else (C, plane).
 template <typename acc_t>
-inline acc_t tap_dot(const acc_t* weights, const acc_t* row, int64_t n) {
-  acc_t sums[kTapLanes] = {};
-  int64_t j = 0;
-  for (; j + kTapLanes <= n; j += kTapLanes) {
-    for (int s = 0; s < kTapLanes; ++s) sums[s] += weights[j + s] * row[j + s];
+C10_ALWAYS_INLINE void add_position_groups(const acc_t* sums, int64_t channels, bool position_major,
+                                           const int64_t* group_of, int64_t plane, int64_t begin, int64_t lanes,
+                                           acc_t* groups) {
+  if (position_major) {
+    for (int64_t p = 0; p < plane; ++p) {
+      acc_t* target = groups + group_of[p] * lanes;
+      const acc_t* values = sums + p * channels + begin;
+      for (int64_t c = 0; c < lanes; ++c) target[c] += values[c];
+    }
+    return;
   }
-  for (int s = 0; j < n; ++j, ++s) sums[s] += weights[j] * row[j];
-  return combine_lanes<kTapLanes>(sums);
+  int64_t c0 = 0;
+  if constexpr (std::is_same_v<acc_t, float>) {  // 8 channels x 8 positions a tile, where AVX2 is there
+    c0 = transposes::add_tile_columns(sums + begin * plane, lanes, plane, group_of, groups, lanes);
+  }
+  for (int64_t c = c0; c < lanes; ++c) {
+    const acc_t* values = sums + (begin + c) * plane;
+    for (int64_t p = 0; p < plane; p += transposes::kTile) {
+      transposes::add_position_runs(values + p, std::min(transposes::kTile, plane - p), group_of + p, groups + c,
+                                    lanes);
+    }
+  }
 }
 
-#ifdef EQUINORM_AVX2_TRANSPOSE
-// tap_dot of floats in one AVX2 register, the same additions: the compiler's version combines
-// the lanes through the stack, stalling on store forwarding, and a 28-value row is 4 vectors.
-__attribute__((target("avx2"))) inline float tap_dot_avx2(const float* weights, const float* row, int64_t n) {
-  static_assert(kTapLanes == 8, "one AVX2 register of running sums");
-  __m256 sums = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    sums = _mm256_add_ps(sums, _mm256_mul_ps(_mm256_loadu_ps(weights + j), _mm256_loadu_ps(row + j)));
-  }
-  if (j < n) {  // the last values in lanes 0 .. n - j - 1; the other lanes add 0 * 0
-    const __m256i take = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - j)),
-                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    sums = _mm256_add_ps(sums, _mm256_mul_ps(_mm256_maskload_ps(weights + j, take), _mm256_maskload_ps(row + j, take)));
-  }
-  // combine_lanes' order: lane s += lane s + 4, then lane s += lane s + 2, then lane 0 += lane 1.
-  __m128 half = _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1));
-  half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
-}
-
-inline float tap_dot(const float* weights, const float* row, int64_t n) {
-  return transposes::has_avx2() ? tap_dot_avx2(weights, row, n) : tap_dot<float>(weights, row, n);
-}
-#endif
-
-// taps (kh * kw) = the row groups (row groups, W) of one plane through the column count matrix,
-// each dot product in kTapLanes running sums, and then through each group's row counts.
+// mean (C, kh, kw) of channels [begin, begin + lanes) from their position groups (groups, lanes):
+// through the column groups' counts, then the row groups', divided by count; channels in lanes.
 template <typename acc_t>
-C10_ALWAYS_INLINE void row_group_taps(const acc_t* groups, const PlaneCounts<acc_t>& counts, acc_t* taps) {
-  const int64_t width = counts.width, kernel_rows = counts.kernel_rows, kernel_columns = counts.kernel_columns;
-  std::fill(taps, taps + counts.taps(), acc_t(0));
-  for (int64_t g = 0; g < counts.row_groups.groups; ++g) {
-    const acc_t* row = groups + g * width;
-    const acc_t* row_counts = counts.row_groups.counts.data() + g * kernel_rows;
-    // Each dot product straight into its taps: kept in an array, the compiler read it back as
-    // vectors just after writing it value by value, a store-forwarding stall per group.
-    for (int64_t u = 0; u < kernel_columns; ++u) {
-      const acc_t row_tap = tap_dot(counts.column_matrix.data() + u * width, row, width);
-      for (int64_t t = 0; t < kernel_rows; ++t) {
-        if (row_counts[t] != acc_t(0)) taps[t * kernel_columns + u] += row_counts[t] * row_tap;
+C10_ALWAYS_INLINE void group_taps(const acc_t* groups, const PlaneCounts<acc_t>& counts, acc_t count, int64_t begin,
+                                  int64_t lanes, acc_t* mean) {
+  const LineGroups<acc_t>& rows = counts.row_groups;
+  const LineGroups<acc_t>& columns = counts.column_groups;
+  const int64_t kh = counts.kernel_rows, kw = counts.kernel_columns;
+  std::vector<acc_t> row_taps(rows.groups * kw * lanes, acc_t(0));  // (row groups, kw, lanes)
+  for (int64_t g = 0; g < rows.groups; ++g) {
+    for (int64_t h = 0; h < columns.groups; ++h) {
+      const acc_t* source = groups + (g * columns.groups + h) * lanes;
+      for (int64_t u = 0; u < kw; ++u) {
+        const acc_t weight = columns.counts[h * kw + u];
+        if (weight == acc_t(0)) continue;
+        acc_t* target = row_taps.data() + (g * kw + u) * lanes;
+        for (int64_t c = 0; c < lanes; ++c) target[c] += weight * source[c];
       }
     }
+  }
+  std::vector<acc_t> taps(kh * kw * lanes, acc_t(0));  // (kh, kw, lanes)
+  for (int64_t g = 0; g < rows.groups; ++g) {
+    for (int64_t t = 0; t < kh; ++t) {
+      const acc_t weight = rows.counts[g * kh + t];
+      if (weight == acc_t(0)) continue;
+      for (int64_t u = 0; u < kw; ++u) {
+        const acc_t* source = row_taps.data() + (g * kw + u) * lanes;
+        acc_t* target = taps.data() + (t * kw + u) * lanes;
+        for (int64_t c = 0; c < lanes; ++c) target[c] += weight * source[c];
+      }
+    }
+  }
+  const int64_t k = kh * kw;
+  for (int64_t c = 0; c < lanes; ++c) {
+    for (int64_t t = 0; t < k; ++t) mean[(begin + c) * k + t] = taps[t * lanes + c] / count;
   }
 }
 
@@ -608,10 +624,28 @@ C10_ALWAYS_INLINE void add_samples(const value_t* x, int64_t sample_stride, int6
 // them, while x is still read as that many contiguous streams (one per sample).
 constexpr int64_t kSampleStreams = 4;
 
+// mean (C, kh, kw) of channels [begin, begin + lanes) from their row groups (lanes, row groups, W):
+// each value added into its (row group, column group), kChannelBlock channels at a time in vector
+// lanes, then contracted as the grouped path's. Per channel, a row group's W values would
+// otherwise meet kw dot products and the sums kh scalar updates each.
+template <typename acc_t>
+C10_ALWAYS_INLINE void row_groups_taps(const acc_t* row_groups, const PlaneCounts<acc_t>& counts, acc_t count,
+                                       int64_t begin, int64_t lanes, acc_t* mean) {
+  const int64_t size = counts.row_groups.groups * counts.width;
+  std::vector<acc_t> groups;
+  for (int64_t first = 0; first < lanes; first += kChannelBlock) {
+    const int64_t block = std::min(lanes - first, kChannelBlock);
+    groups.assign(counts.position_groups * block, acc_t(0));
+    add_position_groups(row_groups, lanes, false, counts.row_group_position_group.data(), size, first, block,
+                        groups.data());
+    group_taps(groups.data(), counts, count, begin + first, block, mean);
+  }
+}
+
 // mean (C, kh, kw) and, with kAbs, negative (C) of channels [begin, end) of NCHW x[:rows]: the
 // samples kSampleStreams at a time, within them each channel's planes in turn (so each sample's
 // planes of these channels are one contiguous run of x), every channel's state carried from
-// sample to sample; then each channel's row groups contracted and divided by count.
+// sample to sample; then the row groups contracted (row_groups_taps).
 template <bool kAbs, int kVectors, typename acc_t, typename value_t>
 C10_ALWAYS_INLINE void planar_channels(const value_t* x, int64_t rows, int64_t channels,
                                        const PlaneCounts<acc_t>& counts, acc_t count, int64_t begin, int64_t end,
@@ -634,10 +668,9 @@ C10_ALWAYS_INLINE void planar_channels(const value_t* x, int64_t rows, int64_t c
   }
   for (int64_t c = begin; c < end; ++c) {
     if constexpr (kVectors > 0) fold_flat(counts, states[c - begin]);
-    row_group_taps(states[c - begin].groups, counts, mean + c * counts.taps());
-    for (int64_t t = 0; t < counts.taps(); ++t) mean[c * counts.taps() + t] /= count;
     if constexpr (kAbs) negative[c] = states[c - begin].least < acc_t(0);
   }
+  row_groups_taps(groups.data(), counts, count, begin, lanes, mean);
 }
 
 // Float planes, also compiled for AVX2 (the loops are the same, so both give identical sums).
@@ -684,73 +717,6 @@ void planar_tap_means(const scalar_t* x, int64_t rows, int64_t channels, const P
   });
 }
 
-// Channels per task of the grouped contraction: its group sums stay in cache.
-constexpr int64_t kChannelBlock = 32;
-
-// groups (position groups, lanes) += S's values of channels [begin, begin + lanes), each added to
-// its position's group in position order. S is (plane, C) with position_major, else (C, plane).
-template <typename acc_t>
-C10_ALWAYS_INLINE void add_position_groups(const acc_t* sums, int64_t channels, bool position_major,
-                                           const PlaneCounts<acc_t>& counts, int64_t begin, int64_t lanes,
-                                           acc_t* groups) {
-  const int64_t plane = counts.plane();
-  const int64_t* group_of = counts.position_group.data();
-  if (position_major) {
-    for (int64_t p = 0; p < plane; ++p) {
-      acc_t* target = groups + group_of[p] * lanes;
-      const acc_t* values = sums + p * channels + begin;
-      for (int64_t c = 0; c < lanes; ++c) target[c] += values[c];
-    }
-    return;
-  }
-  int64_t c0 = 0;
-  if constexpr (std::is_same_v<acc_t, float>) {  // 8 channels x 8 positions a tile, where AVX2 is there
-    c0 = transposes::add_tile_columns(sums + begin * plane, lanes, plane, group_of, groups, lanes);
-  }
-  for (int64_t c = c0; c < lanes; ++c) {
-    const acc_t* values = sums + (begin + c) * plane;
-    for (int64_t p = 0; p < plane; ++p) groups[group_of[p] * lanes + c] += values[p];
-  }
-}
-
-// mean (C, kh, kw) of channels [begin, begin + lanes) from their position groups (groups, lanes):
-// through the column groups' counts, then the row groups', divided by count; channels in lanes.
-template <typename acc_t>
-C10_ALWAYS_INLINE void group_taps(const acc_t* groups, const PlaneCounts<acc_t>& counts, acc_t count, int64_t begin,
-                                  int64_t lanes, acc_t* mean) {
-  const LineGroups<acc_t>& rows = counts.row_groups;
-  const LineGroups<acc_t>& columns = counts.column_groups;
-  const int64_t kh = counts.kernel_rows, kw = counts.kernel_columns;
-  std::vector<acc_t> row_taps(rows.groups * kw * lanes, acc_t(0));  // (row groups, kw, lanes)
-  for (int64_t g = 0; g < rows.groups; ++g) {
-    for (int64_t h = 0; h < columns.groups; ++h) {
-      const acc_t* source = groups + (g * columns.groups + h) * lanes;
-      for (int64_t u = 0; u < kw; ++u) {
-        const acc_t weight = columns.counts[h * kw + u];
-        if (weight == acc_t(0)) continue;
-        acc_t* target = row_taps.data() + (g * kw + u) * lanes;
-        for (int64_t c = 0; c < lanes; ++c) target[c] += weight * source[c];
-      }
-    }
-  }
-  std::vector<acc_t> taps(kh * kw * lanes, acc_t(0));  // (kh, kw, lanes)
-  for (int64_t g = 0; g < rows.groups; ++g) {
-    for (int64_t t = 0; t < kh; ++t) {
-      const acc_t weight = rows.counts[g * kh + t];
-      if (weight == acc_t(0)) continue;
-      for (int64_t u = 0; u < kw; ++u) {
-        const acc_t* source = row_taps.data() + (g * kw + u) * lanes;
-        acc_t* target = taps.data() + (t * kw + u) * lanes;
-        for (int64_t c = 0; c < lanes; ++c) target[c] += weight * source[c];
-      }
-    }
-  }
-  const int64_t k = kh * kw;
-  for (int64_t c = 0; c < lanes; ++c) {
-    for (int64_t t = 0; t < k; ++t) mean[(begin + c) * k + t] = taps[t * lanes + c] / count;
-  }
-}
-
 template <typename acc_t>
 EQUINORM_AVX2_CLONES void grouped_blocks(const acc_t* sums, int64_t channels, bool position_major,
                                          const PlaneCounts<acc_t>& counts, acc_t count, int64_t first_block,
@@ -759,7 +725,8 @@ EQUINORM_AVX2_CLONES void grouped_blocks(const acc_t* sums, int64_t channels, bo
   for (int64_t block = first_block; block < end_block; ++block) {
     const int64_t begin = block * kChannelBlock, lanes = std::min(channels, begin + kChannelBlock) - begin;
     groups.assign(counts.position_groups * lanes, acc_t(0));
-    add_position_groups(sums, channels, position_major, counts, begin, lanes, groups.data());
+    add_position_groups(sums, channels, position_major, counts.position_group.data(), counts.plane(), begin, lanes,
+                        groups.data());
     group_taps(groups.data(), counts, count, begin, lanes, mean);
   }
 }

@@ -51,19 +51,52 @@ __attribute__((target("avx2"))) inline void tile_avx2(const float* in, int64_t i
   transpose_registers(rows, columns);
   for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + i * out_stride, columns[i]);
 }
+#endif
 
-// groups[group_of[p] * group_stride + c] += in[c * in_stride + p] for the 8x8 tile at in (channels
-// c < 8, positions p < 8), each position's 8 channels added as one vector, positions in order.
+// Runs of neighbouring positions in one group are added up before they meet the group's sum:
+// kTile positions at a time (from a multiple of kTile), each run's values from its first, then the
+// run's total into groups[group * group_stride]. A run per group update keeps the updates of one
+// group (the interior of a row) from waiting on each other through memory. One channel's
+// positions [0, n), n <= kTile, the scalar form of what the AVX2 tile does per lane.
+template <typename T>
+inline void add_position_runs(const T* values, int64_t n, const int64_t* group_of, T* groups, int64_t group_stride) {
+  T run = values[0];
+  int64_t group = group_of[0];
+  for (int64_t p = 1; p < n; ++p) {
+    if (group_of[p] == group) {
+      run += values[p];
+      continue;
+    }
+    groups[group * group_stride] += run;
+    run = values[p];
+    group = group_of[p];
+  }
+  groups[group * group_stride] += run;
+}
+
+#ifdef EQUINORM_AVX2_TRANSPOSE
+// add_position_runs for the 8x8 tile at in (channels c < 8, positions p < 8): each position's 8
+// channels are one vector, groups + c the channels' sums of a group.
 __attribute__((target("avx2"))) inline void add_tile_columns_avx2(const float* in, int64_t in_stride,
                                                                   const int64_t* group_of, float* groups,
                                                                   int64_t group_stride) {
   __m256 rows[8], columns[8];
   for (int i = 0; i < 8; ++i) rows[i] = _mm256_loadu_ps(in + i * in_stride);
   transpose_registers(rows, columns);
-  for (int p = 0; p < 8; ++p) {
-    float* target = groups + group_of[p] * group_stride;
-    _mm256_storeu_ps(target, _mm256_add_ps(_mm256_loadu_ps(target), columns[p]));
+  __m256 run = columns[0];
+  int64_t group = group_of[0];
+  for (int p = 1; p < 8; ++p) {
+    if (group_of[p] == group) {
+      run = _mm256_add_ps(run, columns[p]);
+      continue;
+    }
+    float* target = groups + group * group_stride;
+    _mm256_storeu_ps(target, _mm256_add_ps(_mm256_loadu_ps(target), run));
+    run = columns[p];
+    group = group_of[p];
   }
+  float* target = groups + group * group_stride;
+  _mm256_storeu_ps(target, _mm256_add_ps(_mm256_loadu_ps(target), run));
 }
 
 inline bool has_avx2() {
@@ -73,9 +106,9 @@ inline bool has_avx2() {
 #endif
 
 // groups[group_of[p] * group_stride + c] += in[c * in_stride + p] for rows (channels) c of in
-// (rows, in_stride), positions p < plane, in position order per entry: whole blocks of 8 rows
-// where AVX2 is there (the last positions, fewer than 8, one by one). Returns the rows done (the
-// caller adds the rest the same way, one value at a time).
+// (rows, in_stride), positions p < in_stride, added as add_position_runs does: whole blocks of 8
+// rows where AVX2 is there (the last positions, fewer than 8, per row). Returns the rows done
+// (the caller adds the rest with add_position_runs, kTile positions at a time).
 inline int64_t add_tile_columns(const float* in, int64_t rows, int64_t in_stride, const int64_t* group_of,
                                 float* groups, int64_t group_stride) {
 #ifdef EQUINORM_AVX2_TRANSPOSE
@@ -86,8 +119,9 @@ inline int64_t add_tile_columns(const float* in, int64_t rows, int64_t in_stride
     for (; p0 + kTile <= in_stride; p0 += kTile) {
       add_tile_columns_avx2(in + c0 * in_stride + p0, in_stride, group_of + p0, groups + c0, group_stride);
     }
+    if (p0 == in_stride) continue;
     for (int64_t c = c0; c < c0 + kTile; ++c) {
-      for (int64_t p = p0; p < in_stride; ++p) groups[group_of[p] * group_stride + c] += in[c * in_stride + p];
+      add_position_runs(in + c * in_stride + p0, in_stride - p0, group_of + p0, groups + c, group_stride);
     }
   }
   return c0;

@@ -23,7 +23,7 @@ import torch
 
 from .. import _checks, _tap_geometry
 from .._tap_geometry import TapGeometry
-from .equinorm import NegativeFlags
+from .equinorm import NegativeFlags, builds_graph
 
 
 def fake_tap_mean(x, rows, kernel_size, stride, padding, dilation, padding_mode, absolute):
@@ -122,7 +122,10 @@ def _grad_input(plane: torch.Tensor, x: torch.Tensor, negative: torch.Tensor, st
 
 def fused_tap_mean(implementation: str) -> Callable[[torch.Tensor, float, TapGeometry], torch.Tensor]:
     def tap_mean(x: torch.Tensor, stats_fraction: float, geometry: TapGeometry) -> torch.Tensor:
-        return _TapMean.apply(x, stats_fraction, _geometry_fields(geometry), implementation)
+        if builds_graph(x):
+            return _TapMean.apply(x, stats_fraction, _geometry_fields(geometry), implementation)
+        rows = _checks.stats_rows(x.shape[0], stats_fraction)
+        return _OPS[implementation][0](x, rows, *_op_geometry(geometry), geometry.absolute)[0]
 
     return tap_mean
 
