@@ -272,7 +272,8 @@ void spread_tap_gradient(const acc_t* grad, int64_t channels, const TapGeometry&
 // - Shorter NCHW rows and channels_last: per-row work on rows of 7 or 14 values would cost more than
 //   the values, so the samples are summed column-wise first into S, one plane per channel, whose
 //   positions are added into their (row group, column group) with the channels in vector lanes
-//   (8 x 8 tiles of channels x positions for NCHW); the group sums are then contracted.
+//   (8 x 8 tiles of channels x positions for NCHW); the group sums are then contracted. NCHW
+//   inputs do both per block of channels in one parallel pass (blocked_tap_means).
 
 // Elements one parallel task should at least read.
 constexpr int64_t kPlaneTaskElements = 1 << 14;
@@ -744,6 +745,55 @@ void grouped_tap_means(const acc_t* sums, int64_t channels, bool position_major,
   });
 }
 
+// mean (C, kh, kw) and, with kAbs, negative (C) of NCHW x[:rows] with short rows, in one parallel
+// pass over blocks of kChannelBlock channels: a block's part of S (its channels' columns of x as a
+// (rows, C * plane) matrix) is summed into task scratch and contracted while it is in cache. The
+// columns are added as columns::column_sums adds them (one run over the rows for wide rows, else
+// chunks of rows added in chunk order), so the sums are those of sample_sums. One parallel region
+// instead of two: waking the other threads a second time cost as much as the work on 8 x 256 x
+// 14 x 14 inputs.
+template <bool kAbs, typename scalar_t, typename acc_t>
+void blocked_tap_means(const scalar_t* x, int64_t rows, int64_t channels, const PlaneCounts<acc_t>& counts,
+                       acc_t count, acc_t* mean, bool* negative) {
+  const int64_t plane = counts.plane(), width = channels * plane;
+  const int64_t chunk = width >= columns::kWideRow
+                            ? rows
+                            : std::clamp<int64_t>(columns::kChunkElements / width, 1, columns::kMaxChunkRows);
+  const int64_t blocks = (channels + kChannelBlock - 1) / kChannelBlock;
+  const int64_t grain = std::max<int64_t>(1, kPlaneTaskElements / (rows * plane * kChannelBlock));
+  at::parallel_for(0, blocks, grain, [&](int64_t first_block, int64_t end_block) {
+    const bool one_run = chunk >= rows;  // one chunk: its partial sums would be added to zeros
+    std::vector<acc_t> sums(kChannelBlock * plane), partial(one_run ? 0 : kChannelBlock * plane);
+    std::vector<acc_t> least(kAbs ? kChannelBlock * plane : 0), groups;
+    for (int64_t block = first_block; block < end_block; ++block) {
+      const int64_t begin = block * kChannelBlock, lanes = std::min(channels, begin + kChannelBlock) - begin;
+      const int64_t size = lanes * plane;
+      const scalar_t* columns_of_block = x + begin * plane;
+      std::fill(sums.begin(), sums.end(), acc_t(0));
+      std::fill(least.begin(), least.end(), acc_t(0));
+      for (int64_t first = 0; first < rows; first += chunk) {
+        const int64_t last = std::min(rows, first + chunk);
+        if (one_run) {
+          columns::add_block<kAbs>(sums.data(), least.data(), columns_of_block, width, first, last, 0, size);
+          continue;
+        }
+        std::fill(partial.begin(), partial.end(), acc_t(0));
+        columns::add_block<kAbs>(partial.data(), least.data(), columns_of_block, width, first, last, 0, size);
+        add_row(sums.data(), partial.data(), size);
+      }
+      if constexpr (kAbs) {
+        for (int64_t c = 0; c < lanes; ++c) {
+          negative[begin + c] = std::any_of(least.begin() + c * plane, least.begin() + (c + 1) * plane,
+                                            [](acc_t v) { return v < acc_t(0); });
+        }
+      }
+      groups.assign(counts.position_groups * lanes, acc_t(0));
+      add_position_groups(sums.data(), lanes, false, counts.position_group.data(), plane, 0, lanes, groups.data());
+      group_taps(groups.data(), counts, count, begin, lanes, mean);
+    }
+  });
+}
+
 // S = x[:rows] summed over the samples: `data` (owned, or x itself).
 template <typename acc_t>
 struct SampleSums {
@@ -789,7 +839,8 @@ SampleSums<acc_t> sample_sums(const scalar_t* x, int64_t rows, int64_t channels,
 
 // mean (C, *kernel) and negative (C) of x[:rows]. Conv1d/2d geometries: NCHW rows of
 // kPlaneRowLength or more are read plane by plane; otherwise the samples' sum is contracted with
-// the channels in vector lanes. Conv3d: the samples' sum contracted dim by dim.
+// the channels in vector lanes (NCHW: block by block as it is summed; x itself when it is its own
+// sum). Conv3d: the samples' sum contracted dim by dim.
 template <bool kAbs, typename scalar_t, typename acc_t>
 void tap_means(const scalar_t* x, int64_t rows, int64_t channels, bool channels_last, const TapGeometry& g,
                acc_t* mean, bool* negative) {
@@ -804,6 +855,11 @@ void tap_means(const scalar_t* x, int64_t rows, int64_t channels, bool channels_
   const PlaneCounts<acc_t>& counts = *plan;
   if (!channels_last && counts.width >= kPlaneRowLength) {
     planar_tap_means<kAbs>(x, rows, channels, counts, count, mean, negative);
+    return;
+  }
+  const bool x_is_its_sum = !kAbs && std::is_same_v<scalar_t, acc_t> && rows == 1;
+  if (!channels_last && !x_is_its_sum) {
+    blocked_tap_means<kAbs>(x, rows, channels, counts, count, mean, negative);
     return;
   }
   const SampleSums<acc_t> sums = sample_sums<kAbs, scalar_t, acc_t>(x, rows, channels, g.plane(), channels_last,
