@@ -149,6 +149,43 @@ void column_sums(const scalar_t* x, int64_t rows, int64_t width, acc_t* total, u
   }
 }
 
+// sums (size) = the column sums of columns [begin, begin + size) of x (rows, width), of |x| for
+// kAbs (lowest (size) lowered to each column's least value; start it at 0): the same values, in
+// the same order, as column_sums gives for these columns, for a task that owns a block of columns
+// and uses them at once. `partial` is scratch of `size` values for narrow rows (see
+// block_sum_scratch).
+// Channels per block for tasks that own blocks of channels (each a run of columns): up to
+// kMaxChannelBlock, fewer where that leaves a thread without a block. A channel's sums do not
+// depend on which block it is in, so neither do results.
+constexpr int64_t kMaxChannelBlock = 32;
+inline int64_t channel_block(int64_t channels) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t per_thread = (channels + threads - 1) / threads;
+  return std::clamp<int64_t>((per_thread + 7) / 8 * 8, 8, kMaxChannelBlock);
+}
+
+// Values of the `partial` scratch block_column_sums needs for blocks of up to `size` columns.
+inline int64_t block_sum_scratch(int64_t rows, int64_t width, int64_t size) {
+  const int64_t chunk = width >= kWideRow ? rows : std::clamp<int64_t>(kChunkElements / width, 1, kMaxChunkRows);
+  return chunk >= rows ? 0 : size;
+}
+
+template <bool kAbs, typename scalar_t, typename acc_t>
+void block_column_sums(const scalar_t* x, int64_t rows, int64_t width, int64_t begin, int64_t size, acc_t* sums,
+                       acc_t* lowest, acc_t* partial) {
+  std::fill(sums, sums + size, acc_t(0));
+  const int64_t chunk = width >= kWideRow ? rows : std::clamp<int64_t>(kChunkElements / width, 1, kMaxChunkRows);
+  if (chunk >= rows) {  // one chunk: its partial sums would be added to zeros
+    add_block<kAbs>(sums, lowest, x + begin, width, 0, rows, 0, size);
+    return;
+  }
+  for (int64_t first = 0; first < rows; first += chunk) {
+    std::fill(partial, partial + size, acc_t(0));
+    add_block<kAbs>(partial, lowest, x + begin, width, first, std::min(rows, first + chunk), 0, size);
+    add_row(sums, partial, size);
+  }
+}
+
 }  // namespace columns
 }  // namespace cpu
 }  // namespace equinorm

@@ -746,41 +746,26 @@ void grouped_tap_means(const acc_t* sums, int64_t channels, bool position_major,
 }
 
 // mean (C, kh, kw) and, with kAbs, negative (C) of NCHW x[:rows] with short rows, in one parallel
-// pass over blocks of kChannelBlock channels: a block's part of S (its channels' columns of x as a
-// (rows, C * plane) matrix) is summed into task scratch and contracted while it is in cache. The
-// columns are added as columns::column_sums adds them (one run over the rows for wide rows, else
-// chunks of rows added in chunk order), so the sums are those of sample_sums. One parallel region
+// pass over blocks of channels (columns::channel_block): a block's part of S (its channels' columns of x as a
+// (rows, C * plane) matrix) is summed into task scratch (columns::block_column_sums, the sums
+// sample_sums would give) and contracted while it is in cache. One parallel region
 // instead of two: waking the other threads a second time cost as much as the work on 8 x 256 x
 // 14 x 14 inputs.
 template <bool kAbs, typename scalar_t, typename acc_t>
 void blocked_tap_means(const scalar_t* x, int64_t rows, int64_t channels, const PlaneCounts<acc_t>& counts,
                        acc_t count, acc_t* mean, bool* negative) {
   const int64_t plane = counts.plane(), width = channels * plane;
-  const int64_t chunk = width >= columns::kWideRow
-                            ? rows
-                            : std::clamp<int64_t>(columns::kChunkElements / width, 1, columns::kMaxChunkRows);
-  const int64_t blocks = (channels + kChannelBlock - 1) / kChannelBlock;
-  const int64_t grain = std::max<int64_t>(1, kPlaneTaskElements / (rows * plane * kChannelBlock));
+  const int64_t block_channels = columns::channel_block(channels), block_size = block_channels * plane;
+  const int64_t blocks = (channels + block_channels - 1) / block_channels;
+  const int64_t grain = std::max<int64_t>(1, kPlaneTaskElements / (rows * block_size));
   at::parallel_for(0, blocks, grain, [&](int64_t first_block, int64_t end_block) {
-    const bool one_run = chunk >= rows;  // one chunk: its partial sums would be added to zeros
-    std::vector<acc_t> sums(kChannelBlock * plane), partial(one_run ? 0 : kChannelBlock * plane);
-    std::vector<acc_t> least(kAbs ? kChannelBlock * plane : 0), groups;
+    std::vector<acc_t> sums(block_size), partial(columns::block_sum_scratch(rows, width, block_size)), groups;
+    std::vector<acc_t> least(kAbs ? block_size : 0);
     for (int64_t block = first_block; block < end_block; ++block) {
-      const int64_t begin = block * kChannelBlock, lanes = std::min(channels, begin + kChannelBlock) - begin;
-      const int64_t size = lanes * plane;
-      const scalar_t* columns_of_block = x + begin * plane;
-      std::fill(sums.begin(), sums.end(), acc_t(0));
+      const int64_t begin = block * block_channels, lanes = std::min(channels, begin + block_channels) - begin;
       std::fill(least.begin(), least.end(), acc_t(0));
-      for (int64_t first = 0; first < rows; first += chunk) {
-        const int64_t last = std::min(rows, first + chunk);
-        if (one_run) {
-          columns::add_block<kAbs>(sums.data(), least.data(), columns_of_block, width, first, last, 0, size);
-          continue;
-        }
-        std::fill(partial.begin(), partial.end(), acc_t(0));
-        columns::add_block<kAbs>(partial.data(), least.data(), columns_of_block, width, first, last, 0, size);
-        add_row(sums.data(), partial.data(), size);
-      }
+      columns::block_column_sums<kAbs>(x, rows, width, begin * plane, lanes * plane, sums.data(), least.data(),
+                                       partial.data());
       if constexpr (kAbs) {
         for (int64_t c = 0; c < lanes; ++c) {
           negative[begin + c] = std::any_of(least.begin() + c * plane, least.begin() + (c + 1) * plane,
