@@ -148,7 +148,9 @@ def test_weight_op_alone_and_channel_mean_alone_match_reference(backend, device,
 
 
 @pytest.mark.parametrize(
-    "shape", [(3, 300, 4, 4), (5, 3, 20, 20), (4, 6, 3, 3), (2, 5000)], ids=["wide-rows", "large-planes", "small-planes", "linear"]
+    "shape",
+    [(3, 300, 4, 4), (5, 3, 20, 20), (4, 6, 3, 3), (4, 40, 14, 14), (1, 20, 14, 14), (2, 5000)],
+    ids=["wide-rows", "large-planes", "small-planes", "14x14-batch", "14x14-sample", "linear"],
 )
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_channel_mean_on_every_reduction_path(backend, device, shape, layout):
@@ -353,9 +355,22 @@ def test_compiled_model_matches_eager_without_graph_breaks(backend, device):
     torch.testing.assert_close(compiled(x), eager(x))
 
 
-def test_bit_identical_across_runs_and_thread_counts(backend, device):
-    weight = _weight((16, 8, 3, 3)).float().to(device).requires_grad_()
-    x = torch.rand(8, 8, 20, 20, device=device).requires_grad_()
+@pytest.mark.parametrize("shape", [(5, 43, 7, 7), (6, 43, 14, 14)], ids=["7x7", "14x14"])
+def test_channel_mean_of_a_channel_does_not_depend_on_its_neighbours(backend, device, shape):
+    # Blocks of channels, eight running sums at a time, a channel alone: one order of additions
+    # (with few enough samples that the rows are summed in one run whatever the row width).
+    x = torch.randn(shape, generator=_generator(4)).to(device)
+    for statistic in ("mean", "abs_mean"):
+        together = op(backend, "channel_mean")(x, shape[0], statistic)[0]
+        for c in (0, 7, 8, 40, 42):
+            alone = op(backend, "channel_mean")(x[:, c : c + 1].contiguous(), shape[0], statistic)[0]
+            assert torch.equal(together[c : c + 1], alone), (statistic, c)
+
+
+@pytest.mark.parametrize("plane", [20, 7], ids=["planes", "blocks"])
+def test_bit_identical_across_runs_and_thread_counts(backend, device, plane):
+    weight = _weight((16, 40, 3, 3)).float().to(device).requires_grad_()
+    x = torch.rand(8, 40, plane, plane, device=device).requires_grad_()
     threads = torch.get_num_threads()
 
     def run(num_threads):
