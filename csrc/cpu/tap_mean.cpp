@@ -745,6 +745,48 @@ void grouped_tap_means(const acc_t* sums, int64_t channels, bool position_major,
   });
 }
 
+// A task's buffers for its blocks of channels.
+template <typename acc_t>
+struct BlockScratch {
+  std::vector<acc_t> sums, partial, least, groups;
+  BlockScratch(int64_t size, int64_t partial_size, bool abs) : sums(size), partial(partial_size), least(abs ? size : 0) {}
+};
+
+// blocked_tap_means for channels [begin, begin + lanes).
+template <bool kAbs, typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE void block_tap_means_impl(const scalar_t* x, int64_t rows, int64_t width,
+                                            const PlaneCounts<acc_t>& counts, acc_t count, int64_t begin,
+                                            int64_t lanes, BlockScratch<acc_t>& scratch, acc_t* mean, bool* negative) {
+  const int64_t plane = counts.plane();
+  std::fill(scratch.least.begin(), scratch.least.end(), acc_t(0));
+  columns::block_column_sums<kAbs>(x, rows, width, begin * plane, lanes * plane, scratch.sums.data(),
+                                   scratch.least.data(), scratch.partial.data());
+  if constexpr (kAbs) {
+    for (int64_t c = 0; c < lanes; ++c) {
+      negative[begin + c] = std::any_of(scratch.least.begin() + c * plane, scratch.least.begin() + (c + 1) * plane,
+                                        [](acc_t v) { return v < acc_t(0); });
+    }
+  }
+  scratch.groups.assign(counts.position_groups * lanes, acc_t(0));
+  add_position_groups(scratch.sums.data(), lanes, false, counts.position_group.data(), plane, 0, lanes,
+                      scratch.groups.data());
+  group_taps(scratch.groups.data(), counts, count, begin, lanes, mean);
+}
+
+template <bool kAbs, typename scalar_t, typename acc_t>
+void block_tap_means(const scalar_t* x, int64_t rows, int64_t width, const PlaneCounts<acc_t>& counts, acc_t count,
+                     int64_t begin, int64_t lanes, BlockScratch<acc_t>& scratch, acc_t* mean, bool* negative) {
+  block_tap_means_impl<kAbs>(x, rows, width, counts, count, begin, lanes, scratch, mean, negative);
+}
+
+// Float blocks, also compiled for AVX2 (the loops are the same, so both give identical sums).
+template <bool kAbs>
+EQUINORM_AVX2_CLONES void block_tap_means(const float* x, int64_t rows, int64_t width,
+                                          const PlaneCounts<float>& counts, float count, int64_t begin, int64_t lanes,
+                                          BlockScratch<float>& scratch, float* mean, bool* negative) {
+  block_tap_means_impl<kAbs>(x, rows, width, counts, count, begin, lanes, scratch, mean, negative);
+}
+
 // mean (C, kh, kw) and, with kAbs, negative (C) of NCHW x[:rows] with short rows, in one parallel
 // pass over blocks of channels (columns::channel_block): a block's part of S (its channels' columns of x as a
 // (rows, C * plane) matrix) is summed into task scratch (columns::block_column_sums, the sums
@@ -759,22 +801,10 @@ void blocked_tap_means(const scalar_t* x, int64_t rows, int64_t channels, const 
   const int64_t blocks = (channels + block_channels - 1) / block_channels;
   const int64_t grain = std::max<int64_t>(1, kPlaneTaskElements / (rows * block_size));
   at::parallel_for(0, blocks, grain, [&](int64_t first_block, int64_t end_block) {
-    std::vector<acc_t> sums(block_size), partial(columns::block_sum_scratch(rows, width, block_size)), groups;
-    std::vector<acc_t> least(kAbs ? block_size : 0);
+    BlockScratch<acc_t> scratch(block_size, columns::block_sum_scratch(rows, width, block_size), kAbs);
     for (int64_t block = first_block; block < end_block; ++block) {
       const int64_t begin = block * block_channels, lanes = std::min(channels, begin + block_channels) - begin;
-      std::fill(least.begin(), least.end(), acc_t(0));
-      columns::block_column_sums<kAbs>(x, rows, width, begin * plane, lanes * plane, sums.data(), least.data(),
-                                       partial.data());
-      if constexpr (kAbs) {
-        for (int64_t c = 0; c < lanes; ++c) {
-          negative[begin + c] = std::any_of(least.begin() + c * plane, least.begin() + (c + 1) * plane,
-                                            [](acc_t v) { return v < acc_t(0); });
-        }
-      }
-      groups.assign(counts.position_groups * lanes, acc_t(0));
-      add_position_groups(sums.data(), lanes, false, counts.position_group.data(), plane, 0, lanes, groups.data());
-      group_taps(groups.data(), counts, count, begin, lanes, mean);
+      block_tap_means<kAbs>(x, rows, width, counts, count, begin, lanes, scratch, mean, negative);
     }
   });
 }
