@@ -390,8 +390,9 @@ def test_compile_dynamic_one_graph_for_every_batch_size(backend, device, statist
 
 @pytest.mark.parametrize("backend,device", [p for p in fused_backend_params() if p.values[0] == "cpp"])
 @pytest.mark.parametrize("shape", [(6, 40, 23, 17), (6, 12, 9, 30), (4, 12, 7, 33)], ids=["groups", "flat", "rows"])
-def test_cpu_results_do_not_depend_on_the_thread_count(backend, device, shape):
-    x = _signed_input(shape, seed=16).float()
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_cpu_results_do_not_depend_on_the_thread_count(backend, device, shape, layout):
+    x = _signed_input(shape, seed=16).float().contiguous(memory_format=layout)
     threads = torch.get_num_threads()
     results = []
     try:

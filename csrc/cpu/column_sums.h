@@ -164,17 +164,21 @@ inline int64_t channel_block(int64_t channels) {
   return std::clamp<int64_t>((per_thread + 7) / 8 * 8, 8, kMaxChannelBlock);
 }
 
+// Rows column_sums adds up before adding the partial sums (rows: one run).
+inline int64_t row_chunk(int64_t rows, int64_t width) {
+  return width >= kWideRow ? rows : std::clamp<int64_t>(kChunkElements / width, 1, kMaxChunkRows);
+}
+
 // Values of the `partial` scratch block_column_sums needs for blocks of up to `size` columns.
 inline int64_t block_sum_scratch(int64_t rows, int64_t width, int64_t size) {
-  const int64_t chunk = width >= kWideRow ? rows : std::clamp<int64_t>(kChunkElements / width, 1, kMaxChunkRows);
-  return chunk >= rows ? 0 : size;
+  return row_chunk(rows, width) >= rows ? 0 : size;
 }
 
 template <bool kAbs, typename scalar_t, typename acc_t>
 void block_column_sums(const scalar_t* x, int64_t rows, int64_t width, int64_t begin, int64_t size, acc_t* sums,
                        acc_t* lowest, acc_t* partial) {
   std::fill(sums, sums + size, acc_t(0));
-  const int64_t chunk = width >= kWideRow ? rows : std::clamp<int64_t>(kChunkElements / width, 1, kMaxChunkRows);
+  const int64_t chunk = row_chunk(rows, width);
   if (chunk >= rows) {  // one chunk: its partial sums would be added to zeros
     add_block<kAbs>(sums, lowest, x + begin, width, 0, rows, 0, size);
     return;

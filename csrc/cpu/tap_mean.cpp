@@ -272,8 +272,8 @@ void spread_tap_gradient(const acc_t* grad, int64_t channels, const TapGeometry&
 // - Shorter NCHW rows and channels_last: per-row work on rows of 7 or 14 values would cost more than
 //   the values, so the samples are summed column-wise first into S, one plane per channel, whose
 //   positions are added into their (row group, column group) with the channels in vector lanes
-//   (8 x 8 tiles of channels x positions for NCHW); the group sums are then contracted. NCHW
-//   inputs do both per block of channels in one parallel pass (blocked_tap_means).
+//   (8 x 8 tiles of channels x positions for NCHW); the group sums are then contracted. Both are
+//   done per block of channels in one parallel pass (blocked_tap_means).
 
 // Elements one parallel task should at least read.
 constexpr int64_t kPlaneTaskElements = 1 << 14;
@@ -787,15 +787,85 @@ EQUINORM_AVX2_CLONES void block_tap_means(const float* x, int64_t rows, int64_t 
   block_tap_means_impl<kAbs>(x, rows, width, counts, count, begin, lanes, scratch, mean, negative);
 }
 
-// mean (C, kh, kw) and, with kAbs, negative (C) of NCHW x[:rows] with short rows, in one parallel
-// pass over blocks of channels (columns::channel_block): a block's part of S (its channels' columns of x as a
-// (rows, C * plane) matrix) is summed into task scratch (columns::block_column_sums, the sums
-// sample_sums would give) and contracted while it is in cache. One parallel region
+// sums (plane, lanes) += rows [first, last) of channels_last x (rows, plane, C), channels [begin,
+// begin + lanes) (lowest: their least values, with kAbs): each row's positions in turn, each
+// column's rows in order, as column_sums adds the columns of the (rows, plane x C) matrix.
+template <bool kAbs, typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE void add_channels_last_rows(const scalar_t* x, int64_t channels, int64_t plane, int64_t first,
+                                              int64_t last, int64_t begin, int64_t lanes, acc_t* sums,
+                                              acc_t* lowest) {
+  for (int64_t row = first; row < last; ++row) {
+    const scalar_t* values = x + row * plane * channels + begin;
+    for (int64_t p = 0; p < plane; ++p, values += channels) {
+      acc_t* target = sums + p * lanes;
+      for (int64_t c = 0; c < lanes; ++c) {
+        acc_t least = kAbs ? lowest[p * lanes + c] : acc_t(0);
+        target[c] += columns::term<kAbs, acc_t>(values[c], least);
+        if constexpr (kAbs) lowest[p * lanes + c] = least;
+      }
+    }
+  }
+}
+
+// blocked_tap_means for channels_last x: a block's part of S is (plane, lanes), position-major.
+template <bool kAbs, typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE void channels_last_block_impl(const scalar_t* x, int64_t rows, int64_t channels,
+                                                const PlaneCounts<acc_t>& counts, acc_t count, int64_t begin,
+                                                int64_t lanes, BlockScratch<acc_t>& scratch, acc_t* mean,
+                                                bool* negative) {
+  const int64_t plane = counts.plane(), size = plane * lanes;
+  const int64_t chunk = columns::row_chunk(rows, plane * channels);
+  acc_t* sums = scratch.sums.data();
+  acc_t* least = kAbs ? scratch.least.data() : nullptr;
+  std::fill(sums, sums + size, acc_t(0));
+  if constexpr (kAbs) std::fill(least, least + size, acc_t(0));
+  for (int64_t first = 0; first < rows; first += chunk) {
+    const int64_t last = std::min(rows, first + chunk);
+    if (chunk >= rows) {  // one chunk: its partial sums would be added to zeros
+      add_channels_last_rows<kAbs>(x, channels, plane, first, last, begin, lanes, sums, least);
+      break;
+    }
+    acc_t* partial = scratch.partial.data();
+    std::fill(partial, partial + size, acc_t(0));
+    add_channels_last_rows<kAbs>(x, channels, plane, first, last, begin, lanes, partial, least);
+    add_row(sums, partial, size);
+  }
+  if constexpr (kAbs) {
+    for (int64_t c = 0; c < lanes; ++c) {
+      bool any = false;
+      for (int64_t p = 0; p < plane; ++p) any |= least[p * lanes + c] < acc_t(0);
+      negative[begin + c] = any;
+    }
+  }
+  scratch.groups.assign(counts.position_groups * lanes, acc_t(0));
+  add_position_groups(sums, lanes, true, counts.position_group.data(), plane, 0, lanes, scratch.groups.data());
+  group_taps(scratch.groups.data(), counts, count, begin, lanes, mean);
+}
+
+template <bool kAbs, typename scalar_t, typename acc_t>
+void channels_last_block(const scalar_t* x, int64_t rows, int64_t channels, const PlaneCounts<acc_t>& counts,
+                         acc_t count, int64_t begin, int64_t lanes, BlockScratch<acc_t>& scratch, acc_t* mean,
+                         bool* negative) {
+  channels_last_block_impl<kAbs>(x, rows, channels, counts, count, begin, lanes, scratch, mean, negative);
+}
+
+template <bool kAbs>
+EQUINORM_AVX2_CLONES void channels_last_block(const float* x, int64_t rows, int64_t channels,
+                                              const PlaneCounts<float>& counts, float count, int64_t begin,
+                                              int64_t lanes, BlockScratch<float>& scratch, float* mean,
+                                              bool* negative) {
+  channels_last_block_impl<kAbs>(x, rows, channels, counts, count, begin, lanes, scratch, mean, negative);
+}
+
+// mean (C, kh, kw) and, with kAbs, negative (C) of x[:rows] (NCHW with short rows, or
+// channels_last) in one parallel pass over blocks of channels (columns::channel_block): a block's
+// part of S, its channels' columns of x as a (rows, C * plane) matrix, is summed into task scratch
+// (the sums sample_sums would give) and contracted while it is in cache. One parallel region
 // instead of two: waking the other threads a second time cost as much as the work on 8 x 256 x
 // 14 x 14 inputs.
 template <bool kAbs, typename scalar_t, typename acc_t>
-void blocked_tap_means(const scalar_t* x, int64_t rows, int64_t channels, const PlaneCounts<acc_t>& counts,
-                       acc_t count, acc_t* mean, bool* negative) {
+void blocked_tap_means(const scalar_t* x, int64_t rows, int64_t channels, bool channels_last,
+                       const PlaneCounts<acc_t>& counts, acc_t count, acc_t* mean, bool* negative) {
   const int64_t plane = counts.plane(), width = channels * plane;
   const int64_t block_channels = columns::channel_block(channels), block_size = block_channels * plane;
   const int64_t blocks = (channels + block_channels - 1) / block_channels;
@@ -804,7 +874,11 @@ void blocked_tap_means(const scalar_t* x, int64_t rows, int64_t channels, const 
     BlockScratch<acc_t> scratch(block_size, columns::block_sum_scratch(rows, width, block_size), kAbs);
     for (int64_t block = first_block; block < end_block; ++block) {
       const int64_t begin = block * block_channels, lanes = std::min(channels, begin + block_channels) - begin;
-      block_tap_means<kAbs>(x, rows, width, counts, count, begin, lanes, scratch, mean, negative);
+      if (channels_last) {
+        channels_last_block<kAbs>(x, rows, channels, counts, count, begin, lanes, scratch, mean, negative);
+      } else {
+        block_tap_means<kAbs>(x, rows, width, counts, count, begin, lanes, scratch, mean, negative);
+      }
     }
   });
 }
@@ -854,8 +928,8 @@ SampleSums<acc_t> sample_sums(const scalar_t* x, int64_t rows, int64_t channels,
 
 // mean (C, *kernel) and negative (C) of x[:rows]. Conv1d/2d geometries: NCHW rows of
 // kPlaneRowLength or more are read plane by plane; otherwise the samples' sum is contracted with
-// the channels in vector lanes (NCHW: block by block as it is summed; x itself when it is its own
-// sum). Conv3d: the samples' sum contracted dim by dim.
+// the channels in vector lanes (block by block as it is summed; x itself when it is its own sum).
+// Conv3d: the samples' sum contracted dim by dim.
 template <bool kAbs, typename scalar_t, typename acc_t>
 void tap_means(const scalar_t* x, int64_t rows, int64_t channels, bool channels_last, const TapGeometry& g,
                acc_t* mean, bool* negative) {
@@ -873,8 +947,8 @@ void tap_means(const scalar_t* x, int64_t rows, int64_t channels, bool channels_
     return;
   }
   const bool x_is_its_sum = !kAbs && std::is_same_v<scalar_t, acc_t> && rows == 1;
-  if (!channels_last && !x_is_its_sum) {
-    blocked_tap_means<kAbs>(x, rows, channels, counts, count, mean, negative);
+  if (!x_is_its_sum) {
+    blocked_tap_means<kAbs>(x, rows, channels, channels_last, counts, count, mean, negative);
     return;
   }
   const SampleSums<acc_t> sums = sample_sums<kAbs, scalar_t, acc_t>(x, rows, channels, g.plane(), channels_last,
