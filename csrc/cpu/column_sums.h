@@ -98,6 +98,11 @@ void add_block(acc_t* sums, acc_t* lowest, const scalar_t* x, int64_t width, int
   }
 }
 
+// Rows column_sums adds up before adding the partial sums (rows: one run).
+inline int64_t row_chunk(int64_t rows, int64_t width) {
+  return width >= kWideRow ? rows : std::clamp<int64_t>(kChunkElements / width, 1, kMaxChunkRows);
+}
+
 // total (width) = the column sums of x (of |x| for kAbs, negative (width) then set to 1 where a
 // column had a value < 0); both written in full. The least values live in per-task scratch, for
 // the block of columns, or the chunk, the task is adding: nothing of x's size is allocated besides
@@ -123,7 +128,7 @@ void column_sums(const scalar_t* x, int64_t rows, int64_t width, acc_t* total, u
     });
     return;
   }
-  const int64_t chunk = std::clamp<int64_t>(kChunkElements / width, 1, kMaxChunkRows);
+  const int64_t chunk = row_chunk(rows, width);
   const int64_t chunks = (rows + chunk - 1) / chunk;
   std::vector<acc_t> chunk_sums(chunks * width, acc_t(0));
   std::vector<uint8_t> chunk_negative(kAbs ? chunks * width : 0, uint8_t(0));
@@ -149,11 +154,6 @@ void column_sums(const scalar_t* x, int64_t rows, int64_t width, acc_t* total, u
   }
 }
 
-// sums (size) = the column sums of columns [begin, begin + size) of x (rows, width), of |x| for
-// kAbs (lowest (size) lowered to each column's least value; start it at 0): the same values, in
-// the same order, as column_sums gives for these columns, for a task that owns a block of columns
-// and uses them at once. `partial` is scratch of `size` values for narrow rows (see
-// block_sum_scratch).
 // Channels per block for tasks that own blocks of channels (each a run of columns): up to
 // kMaxChannelBlock, fewer where that leaves a thread without a block. A channel's sums do not
 // depend on which block it is in, so neither do results.
@@ -164,16 +164,16 @@ inline int64_t channel_block(int64_t channels) {
   return std::clamp<int64_t>((per_thread + 7) / 8 * 8, 8, kMaxChannelBlock);
 }
 
-// Rows column_sums adds up before adding the partial sums (rows: one run).
-inline int64_t row_chunk(int64_t rows, int64_t width) {
-  return width >= kWideRow ? rows : std::clamp<int64_t>(kChunkElements / width, 1, kMaxChunkRows);
-}
-
 // Values of the `partial` scratch block_column_sums needs for blocks of up to `size` columns.
 inline int64_t block_sum_scratch(int64_t rows, int64_t width, int64_t size) {
   return row_chunk(rows, width) >= rows ? 0 : size;
 }
 
+// sums (size) = the column sums of columns [begin, begin + size) of x (rows, width), of |x| for
+// kAbs (lowest (size) lowered to each column's least value; start it at 0): the same values, in
+// the same order, as column_sums gives for these columns, for a task that owns a block of columns
+// and uses them at once. `partial` is scratch of `size` values for narrow rows (see
+// block_sum_scratch).
 template <bool kAbs, typename scalar_t, typename acc_t>
 void block_column_sums(const scalar_t* x, int64_t rows, int64_t width, int64_t begin, int64_t size, acc_t* sums,
                        acc_t* lowest, acc_t* partial) {

@@ -745,48 +745,6 @@ void grouped_tap_means(const acc_t* sums, int64_t channels, bool position_major,
   });
 }
 
-// A task's buffers for its blocks of channels.
-template <typename acc_t>
-struct BlockScratch {
-  std::vector<acc_t> sums, partial, least, groups;
-  BlockScratch(int64_t size, int64_t partial_size, bool abs) : sums(size), partial(partial_size), least(abs ? size : 0) {}
-};
-
-// blocked_tap_means for channels [begin, begin + lanes).
-template <bool kAbs, typename scalar_t, typename acc_t>
-C10_ALWAYS_INLINE void block_tap_means_impl(const scalar_t* x, int64_t rows, int64_t width,
-                                            const PlaneCounts<acc_t>& counts, acc_t count, int64_t begin,
-                                            int64_t lanes, BlockScratch<acc_t>& scratch, acc_t* mean, bool* negative) {
-  const int64_t plane = counts.plane();
-  std::fill(scratch.least.begin(), scratch.least.end(), acc_t(0));
-  columns::block_column_sums<kAbs>(x, rows, width, begin * plane, lanes * plane, scratch.sums.data(),
-                                   scratch.least.data(), scratch.partial.data());
-  if constexpr (kAbs) {
-    for (int64_t c = 0; c < lanes; ++c) {
-      negative[begin + c] = std::any_of(scratch.least.begin() + c * plane, scratch.least.begin() + (c + 1) * plane,
-                                        [](acc_t v) { return v < acc_t(0); });
-    }
-  }
-  scratch.groups.assign(counts.position_groups * lanes, acc_t(0));
-  add_position_groups(scratch.sums.data(), lanes, false, counts.position_group.data(), plane, 0, lanes,
-                      scratch.groups.data());
-  group_taps(scratch.groups.data(), counts, count, begin, lanes, mean);
-}
-
-template <bool kAbs, typename scalar_t, typename acc_t>
-void block_tap_means(const scalar_t* x, int64_t rows, int64_t width, const PlaneCounts<acc_t>& counts, acc_t count,
-                     int64_t begin, int64_t lanes, BlockScratch<acc_t>& scratch, acc_t* mean, bool* negative) {
-  block_tap_means_impl<kAbs>(x, rows, width, counts, count, begin, lanes, scratch, mean, negative);
-}
-
-// Float blocks, also compiled for AVX2 (the loops are the same, so both give identical sums).
-template <bool kAbs>
-EQUINORM_AVX2_CLONES void block_tap_means(const float* x, int64_t rows, int64_t width,
-                                          const PlaneCounts<float>& counts, float count, int64_t begin, int64_t lanes,
-                                          BlockScratch<float>& scratch, float* mean, bool* negative) {
-  block_tap_means_impl<kAbs>(x, rows, width, counts, count, begin, lanes, scratch, mean, negative);
-}
-
 // sums (plane, lanes) += rows [first, last) of channels_last x (rows, plane, C), channels [begin,
 // begin + lanes) (lowest: their least values, with kAbs): each row's positions in turn, each
 // column's rows in order, as column_sums adds the columns of the (rows, plane x C) matrix.
@@ -807,54 +765,75 @@ C10_ALWAYS_INLINE void add_channels_last_rows(const scalar_t* x, int64_t channel
   }
 }
 
-// blocked_tap_means for channels_last x: a block's part of S is (plane, lanes), position-major.
+// The channels_last counterpart of columns::block_column_sums: sums (plane, lanes) of channels
+// [begin, begin + lanes), the chunks of rows as column_sums takes them.
 template <bool kAbs, typename scalar_t, typename acc_t>
-C10_ALWAYS_INLINE void channels_last_block_impl(const scalar_t* x, int64_t rows, int64_t channels,
-                                                const PlaneCounts<acc_t>& counts, acc_t count, int64_t begin,
-                                                int64_t lanes, BlockScratch<acc_t>& scratch, acc_t* mean,
-                                                bool* negative) {
-  const int64_t plane = counts.plane(), size = plane * lanes;
-  const int64_t chunk = columns::row_chunk(rows, plane * channels);
-  acc_t* sums = scratch.sums.data();
-  acc_t* least = kAbs ? scratch.least.data() : nullptr;
+C10_ALWAYS_INLINE void channels_last_block_sums(const scalar_t* x, int64_t rows, int64_t channels, int64_t plane,
+                                                int64_t begin, int64_t lanes, acc_t* sums, acc_t* lowest,
+                                                acc_t* partial) {
+  const int64_t size = plane * lanes, chunk = columns::row_chunk(rows, plane * channels);
   std::fill(sums, sums + size, acc_t(0));
-  if constexpr (kAbs) std::fill(least, least + size, acc_t(0));
+  if (chunk >= rows) {  // one chunk: its partial sums would be added to zeros
+    add_channels_last_rows<kAbs>(x, channels, plane, 0, rows, begin, lanes, sums, lowest);
+    return;
+  }
   for (int64_t first = 0; first < rows; first += chunk) {
-    const int64_t last = std::min(rows, first + chunk);
-    if (chunk >= rows) {  // one chunk: its partial sums would be added to zeros
-      add_channels_last_rows<kAbs>(x, channels, plane, first, last, begin, lanes, sums, least);
-      break;
-    }
-    acc_t* partial = scratch.partial.data();
     std::fill(partial, partial + size, acc_t(0));
-    add_channels_last_rows<kAbs>(x, channels, plane, first, last, begin, lanes, partial, least);
+    add_channels_last_rows<kAbs>(x, channels, plane, first, std::min(rows, first + chunk), begin, lanes, partial,
+                                 lowest);
     add_row(sums, partial, size);
   }
+}
+
+// A task's buffers for its blocks of channels.
+template <typename acc_t>
+struct BlockScratch {
+  std::vector<acc_t> sums, partial, least, groups;
+  BlockScratch(int64_t size, int64_t partial_size, bool abs) : sums(size), partial(partial_size), least(abs ? size : 0) {}
+};
+
+// blocked_tap_means for channels [begin, begin + lanes): their part of S, (lanes, plane) for NCHW
+// x and (plane, lanes) for channels_last, then its position groups and the taps.
+template <bool kAbs, typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE void tap_block_impl(const scalar_t* x, int64_t rows, int64_t channels, bool channels_last,
+                                      const PlaneCounts<acc_t>& counts, acc_t count, int64_t begin, int64_t lanes,
+                                      BlockScratch<acc_t>& scratch, acc_t* mean, bool* negative) {
+  const int64_t plane = counts.plane();
+  acc_t* sums = scratch.sums.data();
+  acc_t* least = scratch.least.data();
+  std::fill(scratch.least.begin(), scratch.least.end(), acc_t(0));
+  if (channels_last) {
+    channels_last_block_sums<kAbs>(x, rows, channels, plane, begin, lanes, sums, least, scratch.partial.data());
+  } else {
+    columns::block_column_sums<kAbs>(x, rows, channels * plane, begin * plane, lanes * plane, sums, least,
+                                     scratch.partial.data());
+  }
   if constexpr (kAbs) {
+    const int64_t channel_step = channels_last ? 1 : plane, position_step = channels_last ? lanes : 1;
     for (int64_t c = 0; c < lanes; ++c) {
       bool any = false;
-      for (int64_t p = 0; p < plane; ++p) any |= least[p * lanes + c] < acc_t(0);
+      for (int64_t p = 0; p < plane; ++p) any |= least[c * channel_step + p * position_step] < acc_t(0);
       negative[begin + c] = any;
     }
   }
   scratch.groups.assign(counts.position_groups * lanes, acc_t(0));
-  add_position_groups(sums, lanes, true, counts.position_group.data(), plane, 0, lanes, scratch.groups.data());
+  add_position_groups(sums, lanes, channels_last, counts.position_group.data(), plane, 0, lanes,
+                      scratch.groups.data());
   group_taps(scratch.groups.data(), counts, count, begin, lanes, mean);
 }
 
 template <bool kAbs, typename scalar_t, typename acc_t>
-void channels_last_block(const scalar_t* x, int64_t rows, int64_t channels, const PlaneCounts<acc_t>& counts,
-                         acc_t count, int64_t begin, int64_t lanes, BlockScratch<acc_t>& scratch, acc_t* mean,
-                         bool* negative) {
-  channels_last_block_impl<kAbs>(x, rows, channels, counts, count, begin, lanes, scratch, mean, negative);
+void tap_block(const scalar_t* x, int64_t rows, int64_t channels, bool channels_last, const PlaneCounts<acc_t>& counts,
+               acc_t count, int64_t begin, int64_t lanes, BlockScratch<acc_t>& scratch, acc_t* mean, bool* negative) {
+  tap_block_impl<kAbs>(x, rows, channels, channels_last, counts, count, begin, lanes, scratch, mean, negative);
 }
 
+// Float blocks, also compiled for AVX2 (the loops are the same, so both give identical sums).
 template <bool kAbs>
-EQUINORM_AVX2_CLONES void channels_last_block(const float* x, int64_t rows, int64_t channels,
-                                              const PlaneCounts<float>& counts, float count, int64_t begin,
-                                              int64_t lanes, BlockScratch<float>& scratch, float* mean,
-                                              bool* negative) {
-  channels_last_block_impl<kAbs>(x, rows, channels, counts, count, begin, lanes, scratch, mean, negative);
+EQUINORM_AVX2_CLONES void tap_block(const float* x, int64_t rows, int64_t channels, bool channels_last,
+                                    const PlaneCounts<float>& counts, float count, int64_t begin, int64_t lanes,
+                                    BlockScratch<float>& scratch, float* mean, bool* negative) {
+  tap_block_impl<kAbs>(x, rows, channels, channels_last, counts, count, begin, lanes, scratch, mean, negative);
 }
 
 // mean (C, kh, kw) and, with kAbs, negative (C) of x[:rows] (NCHW with short rows, or
@@ -874,11 +853,7 @@ void blocked_tap_means(const scalar_t* x, int64_t rows, int64_t channels, bool c
     BlockScratch<acc_t> scratch(block_size, columns::block_sum_scratch(rows, width, block_size), kAbs);
     for (int64_t block = first_block; block < end_block; ++block) {
       const int64_t begin = block * block_channels, lanes = std::min(channels, begin + block_channels) - begin;
-      if (channels_last) {
-        channels_last_block<kAbs>(x, rows, channels, counts, count, begin, lanes, scratch, mean, negative);
-      } else {
-        block_tap_means<kAbs>(x, rows, width, counts, count, begin, lanes, scratch, mean, negative);
-      }
+      tap_block<kAbs>(x, rows, channels, channels_last, counts, count, begin, lanes, scratch, mean, negative);
     }
   });
 }
