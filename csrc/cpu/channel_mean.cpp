@@ -149,8 +149,7 @@ void small_plane_means(const scalar_t* x, const ChannelGeometry& g, acc_t* mean,
       for (int64_t c = 0; c < lanes; ++c) {
         mean[begin + c] /= count;
         if constexpr (kAbs) {
-          negative[begin + c] = std::any_of(least.begin() + c * spatial, least.begin() + (c + 1) * spatial,
-                                            [](acc_t v) { return v < acc_t(0); });
+          negative[begin + c] = columns::had_negative(least.data() + c * spatial, spatial, 1);
         }
       }
     }

@@ -154,6 +154,15 @@ void column_sums(const scalar_t* x, int64_t rows, int64_t width, acc_t* total, u
   }
 }
 
+// Whether any of `count` least values, `step` apart, is below zero: a channel's flag from the
+// least values of its columns (lowest, as add_block leaves it).
+template <typename acc_t>
+inline bool had_negative(const acc_t* lowest, int64_t count, int64_t step) {
+  bool any = false;
+  for (int64_t i = 0; i < count; ++i) any |= lowest[i * step] < acc_t(0);
+  return any;
+}
+
 // Channels per block for tasks that own blocks of channels (each a run of columns): up to
 // kMaxChannelBlock, fewer where that leaves a thread without a block. A channel's sums do not
 // depend on which block it is in, so neither do results.

@@ -811,9 +811,7 @@ C10_ALWAYS_INLINE void tap_block_impl(const scalar_t* x, int64_t rows, int64_t c
   if constexpr (kAbs) {
     const int64_t channel_step = channels_last ? 1 : plane, position_step = channels_last ? lanes : 1;
     for (int64_t c = 0; c < lanes; ++c) {
-      bool any = false;
-      for (int64_t p = 0; p < plane; ++p) any |= least[c * channel_step + p * position_step] < acc_t(0);
-      negative[begin + c] = any;
+      negative[begin + c] = columns::had_negative(least + c * channel_step, plane, position_step);
     }
   }
   scratch.groups.assign(counts.position_groups * lanes, acc_t(0));
