@@ -267,6 +267,30 @@ def test_weight_op_backward_reaches_the_mean(backend, device):
         torch.testing.assert_close(g.cpu(), w, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("per_tap", [False, True], ids=["channel_means", "per_tap_means"])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_backward_of_a_weight_split_over_several_row_chunks(backend, device, groups, per_tap, layout):
+    """20736 values: the CPU backward sums dL/dmu over several chunks of rows, whose bounds fall
+    inside groups when groups=3 (32 outputs per group, 24 rows per chunk)."""
+    shape = (96, 24, 3, 3)
+    weight, gain = _weight(shape, layout), torch.linspace(0.5, 1.5, shape[0], dtype=torch.float64)
+    channels = shape[1] * groups
+    mean = torch.rand((channels, 3, 3) if per_tap else (channels,), generator=_generator(3), dtype=torch.float64)
+    ratio = 1.0 if per_tap else 0.9  # per-tap means take no ratio
+
+    def fused(weight, mean, gain):
+        return equinorm_kernels.equinorm_weight(weight, mean, groups=groups, gain=gain, ratio=ratio, backend=backend)
+
+    def expected(weight, mean, gain):
+        return reference.equinorm_weight(weight, mean, groups=groups, gain=gain, ratio=ratio)
+
+    got = _grads(fused, [t.to(device).requires_grad_() for t in (weight, mean, gain)])
+    want = _grads(expected, [t.clone().requires_grad_() for t in (weight, mean, gain)])
+    for g, w, name in zip(got, want, ("weight", "mean", "gain")):
+        torch.testing.assert_close(g.cpu(), w, rtol=1e-10, atol=1e-12, msg=lambda m: f"d/d{name}: {m}")
+
+
 @pytest.mark.parametrize("mode", ["single_pass", "exact"])
 def test_gradcheck(backend, device, mode):
     shape, groups = (4, 2, 3, 3), 2

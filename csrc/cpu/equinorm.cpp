@@ -224,18 +224,17 @@ struct RowGradient {
   acc_t active_shift;
 };
 
-// dL/dw of one row, and its dL/dmu terms (u h of each value; for channel means summed over each
-// channel's taps) added to `mean_grad` (the group's mean values). The per-value work runs flat
-// (vectorised); `scratch` (one row) holds each value's term until it is added.
+// dL/dw of one row, and its dL/dmu terms (u h of each value) added to `value_sums`, the running
+// sums of the rows' terms in the row's storage order; fold_value_sums later takes them to the
+// means' layout. The per-value work runs flat (vectorised) whatever the layout.
 template <typename scalar_t, typename acc_t>
 C10_ALWAYS_INLINE void write_row_gradients(const BackwardArgs<scalar_t, acc_t>& a, const WeightGeometry& g, int64_t d,
-                         const RowGradient<acc_t>& r, std::vector<acc_t>& scratch, acc_t* mean_grad) {
+                                           const RowGradient<acc_t>& r, acc_t* value_sums) {
   const int64_t size = g.row_size(), offset = d * size;
   const scalar_t* row = a.weight + offset;
   const scalar_t* grad = a.grad + offset;
   scalar_t* grad_weight = a.grad_weight + offset;
   const acc_t* mu = a.mean_per_value + (d / g.outputs_per_group()) * size;
-  acc_t* value_terms = scratch.data();
   const acc_t shift = r.shift, active_shift = r.active_shift, gain_times_scale = r.gain_times_scale;
   const acc_t grad_mass = r.grad_mass, shared_factor = r.shared_factor;
 #pragma omp simd
@@ -244,36 +243,42 @@ C10_ALWAYS_INLINE void write_row_gradients(const BackwardArgs<scalar_t, acc_t>& 
     const bool active = w + active_shift > 0;
     const acc_t h = em::mean_factor(active, grad_mass, shared_factor);
     grad_weight[i] = static_cast<scalar_t>(em::grad_weight(static_cast<acc_t>(grad[i]), gain_times_scale, m, h));
-    value_terms[i] = em::grad_mean_term(active ? u : acc_t(0), u, grad_mass, shared_factor);
+    value_sums[i] += em::grad_mean_term(active ? u : acc_t(0), u, grad_mass, shared_factor);
   }
-  if (g.per_tap_means) {  // mean_grad is stored (c, t), as a contiguous row is
-    if (!g.channels_last) {
+}
+
+// mean_grad (one group's dL/dmu values) += value_sums (a row's values in storage order, summed
+// over rows of that group), which are then zeroed: per tap they are moved as they are stored;
+// for channel means each channel's taps are added up. Once per run of rows rather than per row:
+// a channel's taps are a chain of dependent additions, which per row would cost more than the row.
+template <typename acc_t>
+C10_ALWAYS_INLINE void fold_value_sums(const WeightGeometry& g, acc_t* value_sums, acc_t* mean_grad) {
+  const int64_t size = g.row_size();
+  if (g.per_tap_means && !g.channels_last) {  // both (c, t)
 #pragma omp simd
-      for (int64_t i = 0; i < size; ++i) mean_grad[i] += value_terms[i];
-      return;
-    }
+    for (int64_t i = 0; i < size; ++i) mean_grad[i] += value_sums[i];
+  } else if (g.per_tap_means) {  // (t, c) into (c, t)
     for (int64_t t = 0; t < g.taps; ++t)
-      for (int64_t c = 0; c < g.group_channels; ++c) mean_grad[c * g.taps + t] += value_terms[t * g.group_channels + c];
-    return;
-  }
-  if (g.channels_last || g.taps == 1) {  // (t, c) storage
+      for (int64_t c = 0; c < g.group_channels; ++c) mean_grad[c * g.taps + t] += value_sums[t * g.group_channels + c];
+  } else if (g.channels_last || g.taps == 1) {  // (t, c): the taps are rows of channels
     for (int64_t t = 0; t < g.taps; ++t) {
-      const acc_t* tap = value_terms + t * g.group_channels;
+      const acc_t* tap = value_sums + t * g.group_channels;
 #pragma omp simd
       for (int64_t c = 0; c < g.group_channels; ++c) mean_grad[c] += tap[c];
     }
-    return;
+  } else {  // (c, t): a channel's taps are adjacent
+    for (int64_t c = 0; c < g.group_channels; ++c) {
+      acc_t sum = 0;
+      for (int64_t t = 0; t < g.taps; ++t) sum += value_sums[c * g.taps + t];
+      mean_grad[c] += sum;
+    }
   }
-  for (int64_t c = 0; c < g.group_channels; ++c) {  // (c, t) storage: a channel's taps are adjacent
-    acc_t sum = 0;
-    for (int64_t t = 0; t < g.taps; ++t) sum += value_terms[c * g.taps + t];
-    mean_grad[c] += sum;
-  }
+  std::fill(value_sums, value_sums + size, acc_t(0));
 }
 
 template <typename scalar_t, typename acc_t>
 C10_ALWAYS_INLINE void backward_row(const BackwardArgs<scalar_t, acc_t>& a, const WeightGeometry& g, int64_t d,
-                  std::vector<acc_t>& scratch, acc_t* mean_grad) {
+                                    acc_t* value_sums) {
   const int64_t size = g.row_size();
   const acc_t* stats = a.stats + d * em::kStatsColumns;
   RowGradient<acc_t> r;
@@ -298,39 +303,58 @@ C10_ALWAYS_INLINE void backward_row(const BackwardArgs<scalar_t, acc_t>& a, cons
   const acc_t grad_shift = em::grad_shift(grad_sum, gain, scale, r.grad_mass, active_count);
   r.shared_factor = em::shared_mean_factor(grad_shift, stats[em::kValueMass]);
   a.grad_gain[d] = scale * grad_shifted;
-  write_row_gradients(a, g, d, r, scratch, mean_grad);
+  write_row_gradients(a, g, d, r, value_sums);
 }
 
 // dL/dw, dL/dgain and dL/dmu. Rows are cut into chunks of a size fixed by the shape; each chunk
-// adds its rows' dL/dmu terms, in row order, into its own (C,) partial sum, and the partial sums
-// are added in chunk order: the result does not depend on the thread count.
+// adds its rows' dL/dmu terms, in row order, into its own (C,) partial sum (through value_sums,
+// one row of scratch, folded at the end of each group's run of rows), and the partial sums are
+// added in chunk order: the result does not depend on the thread count.
 template <typename scalar_t, typename acc_t>
 C10_ALWAYS_INLINE void backward_chunk(const BackwardArgs<scalar_t, acc_t>& a, const WeightGeometry& g, int64_t first,
-                                      int64_t last, std::vector<acc_t>& scratch, acc_t* sums) {
+                                      int64_t last, acc_t* value_sums, acc_t* sums) {
+  const int64_t per_group = g.outputs_per_group();
   for (int64_t d = first; d < last; ++d) {
-    backward_row(a, g, d, scratch, sums + (d / g.outputs_per_group()) * g.mean_values_per_group());
+    backward_row(a, g, d, value_sums);
+    const int64_t group = d / per_group;
+    if (d + 1 == last || (d + 1) / per_group != group) {
+      fold_value_sums(g, value_sums, sums + group * g.mean_values_per_group());
+    }
   }
 }
 
 EQUINORM_AVX2_CLONES void float_backward_chunk(const BackwardArgs<float, double>& a, const WeightGeometry& g,
-                                               int64_t first, int64_t last, std::vector<double>& scratch, double* sums) {
-  backward_chunk(a, g, first, last, scratch, sums);
+                                               int64_t first, int64_t last, double* value_sums, double* sums) {
+  backward_chunk(a, g, first, last, value_sums, sums);
+}
+
+// Rows per backward chunk: a task's worth of values, in a number of chunks that is a multiple of
+// kChunkMultiple once there is more than one, so that a few threads get equal shares (3 chunks on
+// 2 threads would leave one thread a third of the work). A function of the shape alone.
+constexpr int64_t kChunkMultiple = 4;
+
+int64_t backward_chunk_rows(const WeightGeometry& g) {
+  const int64_t values = g.out_channels * g.row_size();
+  if (values <= kTaskValues) return g.out_channels;
+  int64_t chunks = (values + kTaskValues - 1) / kTaskValues;
+  chunks = std::min(g.out_channels, (chunks + kChunkMultiple - 1) / kChunkMultiple * kChunkMultiple);
+  return (g.out_channels + chunks - 1) / chunks;
 }
 
 template <typename scalar_t, typename acc_t>
 void backward_rows(const BackwardArgs<scalar_t, acc_t>& a, const WeightGeometry& g, acc_t* grad_mean) {
-  const int64_t channels = g.mean_values_per_group() * g.groups, chunk_rows = row_grain(g);
+  const int64_t channels = g.mean_values_per_group() * g.groups, chunk_rows = backward_chunk_rows(g);
   const int64_t chunks = (g.out_channels + chunk_rows - 1) / chunk_rows;
   std::vector<acc_t> partial(chunks * channels, acc_t(0));
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(g.row_size());
+    std::vector<acc_t> value_sums(g.row_size(), acc_t(0));
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       acc_t* sums = partial.data() + chunk * channels;
       const int64_t first = chunk * chunk_rows, last = std::min(g.out_channels, (chunk + 1) * chunk_rows);
       if constexpr (std::is_same_v<scalar_t, float>) {
-        float_backward_chunk(a, g, first, last, scratch, sums);
+        float_backward_chunk(a, g, first, last, value_sums.data(), sums);
       } else {
-        backward_chunk(a, g, first, last, scratch, sums);
+        backward_chunk(a, g, first, last, value_sums.data(), sums);
       }
     }
   });
