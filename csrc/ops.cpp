@@ -41,10 +41,11 @@
 #include <vector>
 
 namespace {
-// The ops that read the layer input x take it in any layout (csrc/op_checks.h: NCHW and
-// channels_last are read where they lie, other strides through one copy). The tag tells
-// torch.compile so: without it Inductor gives x the strides it had when traced, and a conv output
-// that it keeps channels_last is transposed back for every call.
+// The ops that read the layer input x or a weight take them in any layout (csrc/op_checks.h:
+// NCHW and channels_last are read where they lie, other strides through one copy). The tag tells
+// torch.compile so: without it Inductor gives each tensor the strides it had when traced, and a
+// conv input it keeps channels_last, or a weight (and its gradient) that it makes channels_last
+// for the convolution, is transposed back for every call.
 const std::vector<at::Tag> kReadsAnyLayout = {at::Tag::flexible_layout};
 }  // namespace
 
@@ -52,7 +53,8 @@ TORCH_LIBRARY(equinorm_kernels, m) {
   m.def("channel_mean(Tensor x, SymInt rows, str statistic) -> (Tensor mean, Tensor negative)", kReadsAnyLayout);
   m.def(
       "equinorm_weight(Tensor weight, Tensor mean, Tensor gain, float ratio, int groups, str mode, float eps)"
-      " -> (Tensor out, Tensor stats)");
+      " -> (Tensor out, Tensor stats)",
+      kReadsAnyLayout);
   m.def(
       "equinorm_forward(Tensor x, SymInt rows, Tensor weight, Tensor gain, float ratio, int groups, str mode,"
       " float eps, str statistic) -> (Tensor out, Tensor mean, Tensor stats, Tensor negative)",
@@ -67,7 +69,8 @@ TORCH_LIBRARY(equinorm_kernels, m) {
       " -> Tensor[]");
   m.def(
       "equinorm_backward(Tensor grad_out, Tensor weight, Tensor mean, Tensor gain, Tensor stats, int groups)"
-      " -> (Tensor grad_weight, Tensor grad_mean, Tensor grad_gain)");
+      " -> (Tensor grad_weight, Tensor grad_mean, Tensor grad_gain)",
+      kReadsAnyLayout);
   m.def(
       "tap_mean(Tensor x, SymInt rows, int[] kernel_size, int[] stride, int[] padding, int[] dilation,"
       " str padding_mode, bool absolute) -> (Tensor mean, Tensor negative)",

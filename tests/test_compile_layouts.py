@@ -1,6 +1,7 @@
-"""Inductor and the layer input's layout: the statistics ops read x in whatever layout Inductor
-gives the convolution (on CPU it keeps conv outputs channels_last), so a compiled EquiNorm layer
-makes no copy of its input, and its results are the eager ones."""
+"""Inductor and layouts: the statistics ops read x in whatever layout Inductor gives the
+convolution (on CPU it keeps conv outputs channels_last), and the weight ops read the weight and
+its gradient in the layout Inductor gives the convolution's weight (channels_last too), so a
+compiled EquiNorm layer copies neither, and its results are the eager ones."""
 from __future__ import annotations
 
 import copy
@@ -28,8 +29,11 @@ def _model() -> nn.Module:
     ).train()
 
 
-def test_every_op_reading_x_is_tagged_for_any_layout():
-    for name in OPS_READING_X:
+OPS_READING_WEIGHTS = ("equinorm_weight", "equinorm_backward")
+
+
+def test_every_op_reading_x_or_a_weight_is_tagged_for_any_layout():
+    for name in OPS_READING_X + OPS_READING_WEIGHTS:
         assert torch.Tag.flexible_layout in getattr(torch.ops.equinorm_kernels, name).default.tags, name
 
 
@@ -52,7 +56,7 @@ def test_compiled_layers_read_the_buffer_their_convolution_reads_and_match_eager
         out.square().sum().backward()
         return out
 
-    out, (forward_code, *_) = run_and_get_code(step, compiled)
+    out, (forward_code, backward_code) = run_and_get_code(step, compiled)
     expected = step(eager)
 
     # Each statistics op is followed by its layer's convolution; both must read one buffer.
@@ -65,6 +69,8 @@ def test_compiled_layers_read_the_buffer_their_convolution_reads_and_match_eager
         convolution = next(line for line in calls[i + 1 :] if "extern_kernels.convolution(" in line)
         assert _buffer_read_by(calls[i].split("=", 1)[1]) == _buffer_read_by(convolution), (calls[i], convolution)
 
+    _assert_weight_backward_reads_the_convolutions_weight_gradient(backward_code)
+
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     # Float32 sums in another order: errors scale with the largest gradient (a bias gradient is the
     # sum of a layer's outputs, which EquiNorm makes zero, so relative errors mean nothing there).
@@ -73,3 +79,19 @@ def test_compiled_layers_read_the_buffer_their_convolution_reads_and_match_eager
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6 * scale, msg=name)
     for (name, got), want in zip(model.named_buffers(), eager.buffers()):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _assert_weight_backward_reads_the_convolutions_weight_gradient(backward_code: str) -> None:
+    """Each equinorm_backward call takes dL/dw'' as convolution_backward returned it (no copy into
+    another layout in between), and the weight as the graph received it."""
+    lines = [line.strip() for line in backward_code.splitlines()]
+    convolution_results = {m.group(1) for line in lines
+                           if (m := re.match(r"(\w+) = torch\.ops\.aten\.convolution_backward\.", line))}  # fmt: skip
+    weight_gradients = {m.group(1) for line in lines
+                        if (m := re.match(r"(\w+) = (\w+)\[1\]$", line)) and m.group(2) in convolution_results}  # fmt: skip
+    calls = [re.search(r"equinorm_backward\.default\((\w+), (\w+),", line) for line in lines]
+    calls = [call.groups() for call in calls if call]
+    assert len(calls) == 3, calls
+    for grad_out, weight in calls:
+        assert grad_out in weight_gradients, (grad_out, weight_gradients)
+        assert weight.startswith("primals_"), weight
