@@ -230,9 +230,10 @@ def _sum_is_finite(tensor: torch.Tensor) -> bool:
 
 def _screening_sum(tensor: torch.Tensor) -> torch.Tensor:
     tensor = tensor.detach()
-    # float16 sums overflow at 65504; float32 accumulation keeps ordinary half tensors unflagged.
-    accumulation = torch.float32 if tensor.dtype in (torch.float16, torch.bfloat16) else tensor.dtype
-    return tensor.sum(dtype=accumulation)
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        # float16 sums overflow at 65504; float32 accumulation keeps ordinary half tensors unflagged.
+        return tensor.sum(dtype=torch.float32)
+    return tensor.sum()
 
 
 def weight_operands_look_valid(weight: torch.Tensor, mean: torch.Tensor, gain: torch.Tensor | None) -> bool:

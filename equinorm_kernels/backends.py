@@ -105,12 +105,26 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
 
 def _first_auto_backend(device: torch.device) -> Backend | None:
     """The backend "auto" takes on ``device`` when nothing is measured: the first in
-    ``available_backends`` order that auto-serves it (the same choice, without building the list)."""
+    ``available_backends`` order that auto-serves it (the same choice, without building the list).
+
+    Remembered per device type together with the registry it was chosen from (every layer call
+    asks); any change to the registry, a registration or a test's patch, chooses again."""
+    snapshot = tuple(_REGISTRY.values())
+    remembered = _FIRST_AUTO.get(device.type)
+    if remembered is not None and remembered[0] == snapshot:
+        return remembered[1]
+    chosen = None
     for name in (*AUTO_PREFERENCE, *_REGISTRY):
         backend = _REGISTRY.get(name)
         if backend is not None and backend.auto_serves(device):
-            return backend
-    return None
+            chosen = backend
+            break
+    _FIRST_AUTO[device.type] = (snapshot, chosen)
+    return chosen
+
+
+# device type -> (the registry's backends when chosen, the backend "auto" chose)
+_FIRST_AUTO: dict[str, tuple[tuple[Backend, ...], Backend | None]] = {}
 
 
 # ---- "auto" on a GPU: the faster of the CUDA extension and Triton, measured ----

@@ -387,7 +387,22 @@ class _EquiNormConvNd(EquiNormLayer):
         ]
 
     def _ratio_is_constant(self) -> bool:
-        """rho = 1 for every input size: stride 1 and an output as large as the input."""
+        """rho = 1 for every input size: stride 1 and an output as large as the input.
+
+        Remembered with the geometry it was worked out for (asked at every call); not under
+        torch.compile, which evaluates it once while tracing.
+        """
+        if torch.compiler.is_compiling():
+            return self._geometry_keeps_ratio_one()
+        geometry = (self.padding, self.stride, self.dilation, self.kernel_size)
+        remembered = self.__dict__.get("_constant_ratio")
+        if remembered is not None and remembered[0] == geometry:
+            return remembered[1]
+        constant = self._geometry_keeps_ratio_one()
+        self.__dict__["_constant_ratio"] = (geometry, constant)
+        return constant
+
+    def _geometry_keeps_ratio_one(self) -> bool:
         if self.padding == "same":
             return True
         if self.padding == "valid":

@@ -11,6 +11,7 @@ fake timers, so it runs without one).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -774,6 +775,18 @@ def test_environment_variable_forces_one_backend(fake_gpu_backends, monkeypatch)
     with pytest.raises(ValueError, match=backends.FORCE_ENV):
         backends.resolve_backend("auto", torch.device("cuda"))
     assert backends.resolve_backend("reference", torch.device("cuda")).name == "reference"
+
+
+def test_auto_off_the_gpu_follows_the_registry_after_it_changes(monkeypatch):
+    """"auto" off CUDA remembers its choice per device type, but not past a change of the registry."""
+    cpu = torch.device("cpu")
+    before = backends.resolve_backend("auto", cpu)
+    preferred = dataclasses.replace(_fake_backend("cuda", []), device_types=None)  # first in AUTO_PREFERENCE
+    with monkeypatch.context() as patch:
+        patch.setitem(backends._REGISTRY, "cuda", preferred)
+        assert backends.resolve_backend("auto", cpu) is preferred
+    assert backends.resolve_backend("auto", cpu) is before
+    assert backends.resolve_backend("auto", cpu) is before
 
 
 def test_one_gpu_backend_is_used_without_measuring(monkeypatch):

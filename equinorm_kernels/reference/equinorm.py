@@ -31,8 +31,10 @@ from .. import _checks
 
 def _accumulation_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     """fp32 for fp16/bf16/fp32 operands, fp64 as soon as one is fp64."""
-    if any(t is not None and t.dtype == torch.float64 for t in tensors):
-        return torch.float64
+    # A loop rather than any() over a generator: every layer call asks, several times.
+    for tensor in tensors:
+        if tensor is not None and tensor.dtype == torch.float64:
+            return torch.float64
     return torch.float32
 
 
