@@ -15,6 +15,9 @@
 //   are host memory (CPU tensors) and otherwise assumed for every channel;
 // - with create_graph=True the gradients come from equinorm_forward_reference_backward, the
 //   reference's autograd (registered from Python), so that second-order gradients are exact.
+//
+// With screen, the op also runs the layers' per-call value screen on its outputs (passes_value_screen):
+// the Python checks then need no ATen call of their own unless it fails.
 #include <ATen/ATen.h>
 #include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -22,6 +25,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <cmath>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -200,22 +204,57 @@ struct EquiNormForwardFunction : public torch::autograd::Function<EquiNormForwar
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> equinorm_forward_autograd(const at::Tensor& x, c10::SymInt rows,
-                                                             const at::Tensor& weight, const at::Tensor& gain,
-                                                             double ratio, int64_t groups, c10::string_view mode,
-                                                             double eps, c10::string_view statistic) {
+// Every value of a CPU tensor finite (and >= 0 with non_negative): one loop, no ATen call.
+template <typename scalar_t>
+bool all_values_pass(const at::Tensor& tensor, bool non_negative) {
+  const at::Tensor values = tensor.contiguous();
+  const scalar_t* data = values.const_data_ptr<scalar_t>();
+  bool passed = true;
+  for (int64_t i = 0; i < values.numel(); ++i) {
+    const double value = static_cast<double>(data[i]);
+    passed &= std::isfinite(value) && (!non_negative || value >= 0);
+  }
+  return passed;
+}
+
+bool values_pass(const at::Tensor& tensor, bool non_negative) {
+  if (!tensor.device().is_cpu() || at::isTensorSubclassLike(tensor)) {
+    at::Tensor failed = at::isfinite(tensor).logical_not();
+    if (non_negative) failed = failed.logical_or(tensor.lt(0));
+    return !failed.any().item<bool>();  // waits for the device: callers screen device tensors there
+  }
+  bool passed = true;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensor.scalar_type(), "equinorm_value_screen", [&] {
+    passed = all_values_pass<scalar_t>(tensor, non_negative);
+  });
+  return passed;
+}
+
+// The per-call value screen of the layers' value checks, on the outputs the call made anyway: a
+// NaN or Inf in x, the weight or the gain always reaches out (each row's shift sums mu_c w_dc over
+// the whole row, and the gain scales the row); negative means leave out finite, so the "mean"
+// statistic's means are screened too. Only the Python checks name the culprit, when this fails.
+bool passes_value_screen(const at::Tensor& out, const at::Tensor& mean, c10::string_view statistic) {
+  return values_pass(out, false) && (statistic != "mean" || values_pass(mean, true));
+}
+
+using ScreenedOutputs = std::tuple<at::Tensor, at::Tensor, bool>;
+
+ScreenedOutputs equinorm_forward_autograd(const at::Tensor& x, c10::SymInt rows, const at::Tensor& weight,
+                                          const at::Tensor& gain, double ratio, int64_t groups,
+                                          c10::string_view mode, double eps, c10::string_view statistic,
+                                          bool screen) {
   const auto outputs = EquiNormForwardFunction::apply(x, rows, weight, gain, ratio, groups, mode, eps, statistic);
-  return {outputs[0], outputs[1]};
+  return {outputs[0], outputs[1], !screen || passes_value_screen(outputs[0], outputs[1], statistic)};
 }
 
 // Below autograd (no tensor needs a gradient, or the call is already inside one): the fused
 // forward's first two outputs.
-std::tuple<at::Tensor, at::Tensor> equinorm_forward_outputs(const at::Tensor& x, c10::SymInt rows,
-                                                            const at::Tensor& weight, const at::Tensor& gain,
-                                                            double ratio, int64_t groups, c10::string_view mode,
-                                                            double eps, c10::string_view statistic) {
+ScreenedOutputs equinorm_forward_outputs(const at::Tensor& x, c10::SymInt rows, const at::Tensor& weight,
+                                         const at::Tensor& gain, double ratio, int64_t groups, c10::string_view mode,
+                                         double eps, c10::string_view statistic, bool screen) {
   auto [out, mean, stats, negative] = fused_forward(x, rows, weight, gain, ratio, groups, mode, eps, statistic);
-  return {out, mean};
+  return {out, mean, !screen || passes_value_screen(out, mean, statistic)};
 }
 
 }  // namespace

@@ -24,7 +24,10 @@
 // - equinorm_forward_autograd: equinorm_forward's out and mean, out differentiable in x, weight and
 //   gain, with the autograd in C++ (csrc/autograd.cpp): what eager calls take. Its create_graph
 //   backward is equinorm_forward_reference_backward, implemented in Python (the reference's
-//   autograd); it returns the gradients output_mask asks for, in (x, weight, gain) order.
+//   autograd); it returns the gradients output_mask asks for, in (x, weight, gain) order. With
+//   screen, passed says whether out passed the per-call value screen (every value finite, and for
+//   the "mean" statistic no negative channel mean; a NaN or Inf in x, the weight or the gain
+//   always reaches out); without it, passed is true and nothing is read.
 // - enorm_group_ returns the coefficients d (C,), enorm_cycle_ the largest |d - 1| of each group,
 //   both float64.
 // - ENorm: `tensors` are rescaled in place; `entries` is a flat list of records of six ints
@@ -61,7 +64,7 @@ TORCH_LIBRARY(equinorm_kernels, m) {
       kReadsAnyLayout);
   m.def(
       "equinorm_forward_autograd(Tensor x, SymInt rows, Tensor weight, Tensor gain, float ratio, int groups,"
-      " str mode, float eps, str statistic) -> (Tensor out, Tensor mean)",
+      " str mode, float eps, str statistic, bool screen=False) -> (Tensor out, Tensor mean, bool passed)",
       kReadsAnyLayout);
   m.def(
       "equinorm_forward_reference_backward(Tensor grad_out, Tensor? x, Tensor weight, Tensor mean, Tensor gain,"

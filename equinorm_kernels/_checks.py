@@ -1,7 +1,9 @@
 """Argument validation shared by every public entry point: clear errors that name the argument."""
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from numbers import Real
 
 import torch
@@ -52,10 +54,15 @@ def value_checks_active() -> bool:
 
 
 def is_fx_tracing() -> bool:
+    return _fx_tracing_probe()()
+
+
+@functools.cache
+def _fx_tracing_probe() -> Callable[[], bool]:
+    """torch.fx's own test, looked up once (its name differs between torch versions)."""
     from torch.fx import _symbolic_trace
 
-    probe = getattr(_symbolic_trace, "is_fx_symbolic_tracing", None) or _symbolic_trace.is_fx_tracing
-    return probe()
+    return getattr(_symbolic_trace, "is_fx_symbolic_tracing", None) or _symbolic_trace.is_fx_tracing
 
 
 def stats_rows(batch: int, stats_fraction: float) -> int:

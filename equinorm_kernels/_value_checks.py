@@ -41,7 +41,7 @@ def check_channel_mean(mean: torch.Tensor, sample: torch.Tensor) -> None:
 
     ``sample``: the rows of x the means were taken over, to name the cause at the call.
     """
-    if _deferred(mean.device):
+    if deferred(mean.device):
         _flags_of(mean.device).record({"x": mean})
     else:
         _checks.check_input_channel_means(sample, mean, "x")
@@ -60,7 +60,7 @@ def check_weight_operands(
     non-negative means; ``sample``: the rows of x the means were computed from, if they were;
     ``out``: w'' already computed from them (the fused forward), which screens all three in one
     read; ``statistic``: how the means were taken ("abs_mean" means are never negative)."""
-    if not _deferred(weight.device):
+    if not deferred(weight.device):
         if out is not None:
             looks_valid = _checks.weight_transform_looks_valid(out, mean, means_may_be_negative=statistic != "abs_mean")
         else:
@@ -90,7 +90,8 @@ def check_values(device: torch.device | str | None = None) -> None:
             flags.report_now()
 
 
-def _deferred(device: torch.device) -> bool:
+def deferred(device: torch.device) -> bool:
+    """Whether the checks of tensors on ``device`` run on the device and report later."""
     return _checks.value_check_mode() == "auto" and device.type in DEFERRED_DEVICE_TYPES
 
 

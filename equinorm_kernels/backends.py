@@ -47,6 +47,9 @@ class Backend:
     auto_device_types: frozenset[str] | None = None
     # tap_mean(x, stats_fraction, geometry: TapGeometry) -> (C, *kernel) per-tap means; None: the reference's.
     tap_mean: Callable[..., torch.Tensor] | None = None
+    # equinorm_forward with the value screen run by the kernels where they can: (w'', mean, passed),
+    # passed None where it did not run; None: the caller screens every call.
+    equinorm_forward_screened: Callable[..., tuple[torch.Tensor, torch.Tensor, bool | None]] | None = None
 
     def serves(self, device: torch.device) -> bool:
         in_scope = self.device_types is None or device.type in self.device_types

@@ -140,8 +140,17 @@ def checked_equinorm_forward(
     their options when built and their input at each call, so they skip the argument checks (a
     layer call's host time); the value checks still run."""
     impl = resolve_backend(backend, weight.device)
-    out, mean = impl.equinorm_forward(x, stats_fraction, weight, ratio, groups, mode, gain, eps, statistic)
-    if _checks.value_checks_active():
+    checks = _checks.value_checks_active()
+    passed = None
+    if checks and impl.equinorm_forward_screened is not None and not _value_checks.deferred(weight.device):
+        # The screen on the kernels' side of the call (no extra ATen calls); the checks below name
+        # the culprit only when it fails.
+        out, mean, passed = impl.equinorm_forward_screened(
+            x, stats_fraction, weight, ratio, groups, mode, gain, eps, statistic
+        )
+    else:
+        out, mean = impl.equinorm_forward(x, stats_fraction, weight, ratio, groups, mode, gain, eps, statistic)
+    if checks and not passed:
         _value_checks.check_weight_operands(
             weight, mean, gain, sample=_statistics_rows(x, stats_fraction), out=out, statistic=statistic
         )

@@ -48,7 +48,9 @@ def _cpp(rows, groups, statistic):
     op = torch.ops.equinorm_kernels.equinorm_forward_autograd
 
     def forward(x, weight, gain):
-        return op(x, rows, weight, gain, 1.0, groups, MODE, EPS, statistic)
+        out, mean, passed = op(x, rows, weight, gain, 1.0, groups, MODE, EPS, statistic)
+        assert passed is True  # nothing screened unless asked
+        return out, mean
 
     return forward
 
@@ -146,6 +148,33 @@ def test_opcheck():
         for statistic in ("abs_mean", "mean"):
             sample = operands[0].abs() if statistic == "mean" else operands[0]
             torch.library.opcheck(op, (sample, 3, operands[1], operands[2], 1.0, 1, MODE, EPS, statistic))
+
+
+# Where one bad value goes, and what it does: a NaN or Inf reaches w'' (x through its channel mean,
+# the weight through its row's shift, the gain through its row's scale); a negative channel mean
+# leaves w'' finite and matters only to the "mean" statistic.
+SCREEN_CASES = {
+    "valid": lambda x, weight, gain: None,
+    "nan_in_x": lambda x, weight, gain: x[1, 2, 3, 0].fill_(float("nan")),
+    "inf_in_weight": lambda x, weight, gain: weight[4, 1, 0, 2].fill_(float("inf")),
+    "nan_in_gain": lambda x, weight, gain: gain[5].fill_(float("nan")),
+    "inf_in_gain_of_a_zero_row": lambda x, weight, gain: (weight[3].zero_(), gain[3].fill_(-float("inf"))),
+    "negative_channel": lambda x, weight, gain: x[:, 1].neg_(),
+}
+
+
+@pytest.mark.parametrize("statistic", ["abs_mean", "mean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("case", list(SCREEN_CASES))
+def test_the_screen_passes_exactly_the_outputs_the_value_checks_accept(case, dtype, statistic):
+    x, weight, gain = _operands("non_negative", dtype)
+    SCREEN_CASES[case](x, weight, gain)
+    op = torch.ops.equinorm_kernels.equinorm_forward_autograd
+    out, mean, passed = op(x, 4, weight, gain, 1.0, 1, MODE, EPS, statistic, True)
+    acceptable = bool(torch.isfinite(out).all()) and (statistic != "mean" or bool((mean >= 0).all()))
+    assert passed is acceptable
+    assert passed is (case == "valid" or (case == "negative_channel" and statistic == "abs_mean"))
+    assert op(x, 4, weight, gain, 1.0, 1, MODE, EPS, statistic, False)[2] is True  # not asked: nothing read
 
 
 def _layer_step(monkeypatch, with_cpp_autograd: bool):

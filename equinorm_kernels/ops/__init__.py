@@ -43,6 +43,7 @@ def _register_compiled_backends() -> None:
                 channel_mean=equinorm.fused_channel_mean("compiled"),
                 equinorm_weight=equinorm.fused_equinorm_weight("compiled"),
                 equinorm_forward=equinorm.fused_equinorm_forward("compiled"),
+                equinorm_forward_screened=equinorm.fused_equinorm_forward_screened("compiled"),
                 enorm_cycle=enorm.fused_sequential_cycle(ops.enorm_cycle_),
                 tap_mean=tap_mean.fused_tap_mean("compiled"),
             )

@@ -40,8 +40,8 @@ class FusedOps:
     equinorm_forward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     equinorm_backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     # equinorm_forward with its autograd in C++ (csrc/autograd.cpp), for eager calls on CPU
-    # tensors; None where an implementation has none (Triton).
-    equinorm_forward_autograd: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    # tensors, (out, mean, passed the value screen); None where an implementation has none (Triton).
+    equinorm_forward_autograd: Callable[..., tuple[torch.Tensor, torch.Tensor, bool]] | None = None
 
 
 _OP_SETS: dict[str, FusedOps] = {}
@@ -84,9 +84,9 @@ def fake_equinorm_backward(grad_out, weight, mean, gain, stats, groups):
     return _fake_like_weight(weight), mean.new_empty(mean.shape, dtype=WEIGHT_MATH_DTYPE), torch.empty_like(gain)
 
 
-def fake_equinorm_forward_autograd(x, rows, weight, gain, ratio, groups, mode, eps, statistic):
+def fake_equinorm_forward_autograd(x, rows, weight, gain, ratio, groups, mode, eps, statistic, screen=False):
     out, mean, _, _ = fake_equinorm_forward(x, rows, weight, gain, ratio, groups, mode, eps, statistic)
-    return out, mean
+    return out, mean, True  # no values to screen: the checks never run on traced tensors
 
 
 def register_autograd_op() -> None:
@@ -365,26 +365,48 @@ def fused_equinorm_weight(implementation: str) -> Callable[..., torch.Tensor]:
 
 
 def fused_equinorm_forward(implementation: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    unfused_mean, unfused_weight = fused_channel_mean(implementation), fused_equinorm_weight(implementation)
+    screened = fused_equinorm_forward_screened(implementation)
 
     def equinorm_forward(x, stats_fraction: float, weight, ratio: float, groups: int, mode: str, gain, eps: float,
                          statistic: str = "mean"):
+        out, mean, _ = screened(x, stats_fraction, weight, ratio, groups, mode, gain, eps, statistic, False)
+        return out, mean
+
+    return equinorm_forward
+
+
+ScreenedForward = Callable[..., tuple[torch.Tensor, torch.Tensor, "bool | None"]]
+
+
+def fused_equinorm_forward_screened(implementation: str) -> ScreenedForward:
+    """The fused forward with the layers' per-call value screen where the kernels run it on their
+    own outputs (eager CPU calls): ``(out, mean, passed)``, passed None where it did not run (or was
+    not asked for), so the caller screens."""
+    unfused_mean, unfused_weight = fused_channel_mean(implementation), fused_equinorm_weight(implementation)
+
+    def screened_forward(x, stats_fraction: float, weight, ratio: float, groups: int, mode: str, gain, eps: float,
+                         statistic: str = "mean", screen: bool = True):
         kernel_weight, kernel_gain, acc = _kernel_operands(weight, gain)
         if _accumulation_dtype(x) != acc:  # the fused op wants one accumulation dtype for x and weight
             mean = unfused_mean(x, stats_fraction, statistic)
-            return unfused_weight(weight, mean, ratio, groups, mode, gain, eps), mean
+            return unfused_weight(weight, mean, ratio, groups, mode, gain, eps), mean, None
         ops = _OP_SETS[implementation]
+        passed = None
         if ops.equinorm_forward_autograd is not None and x.device.type == "cpu" and not torch.compiler.is_compiling():
             # Eager: the same kernels and gradient with the autograd glue in C++ (a layer call's
-            # host time). torch.compile traces the Python wrapper.
+            # host time), and the value screen read from the outputs there. torch.compile traces
+            # the Python wrapper.
             rows = _checks.stats_rows(x.shape[0], stats_fraction)
-            out, mean = ops.equinorm_forward_autograd(
-                x, rows, kernel_weight, kernel_gain, ratio, groups, mode, eps, statistic
+            out, mean, passed = ops.equinorm_forward_autograd(
+                x, rows, kernel_weight, kernel_gain, ratio, groups, mode, eps, statistic, screen
             )
+            passed = passed if screen else None
         else:
             out, mean = _EquiNormForward.apply(
                 x, kernel_weight, kernel_gain, stats_fraction, ratio, groups, mode, eps, statistic, implementation
             )
-        return (out if out.dtype == weight.dtype else out.to(weight.dtype)), mean
+        if out.dtype != weight.dtype:  # a float64 gain widened the kernel: the screen must see the narrowed weight
+            return out.to(weight.dtype), mean, None
+        return out, mean, passed
 
-    return equinorm_forward
+    return screened_forward
