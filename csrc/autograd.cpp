@@ -221,7 +221,7 @@ bool values_pass(const at::Tensor& tensor, bool non_negative) {
   if (!tensor.device().is_cpu() || at::isTensorSubclassLike(tensor)) {
     at::Tensor failed = at::isfinite(tensor).logical_not();
     if (non_negative) failed = failed.logical_or(tensor.lt(0));
-    return !failed.any().item<bool>();  // waits for the device: callers screen device tensors there
+    return !failed.any().item<bool>();  // synchronises: the layers screen device tensors on the device
   }
   bool passed = true;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensor.scalar_type(), "equinorm_value_screen", [&] {
@@ -249,7 +249,7 @@ ScreenedOutputs equinorm_forward_autograd(const at::Tensor& x, c10::SymInt rows,
 }
 
 // Below autograd (no tensor needs a gradient, or the call is already inside one): the fused
-// forward's first two outputs.
+// forward's first two outputs, and the screen.
 ScreenedOutputs equinorm_forward_outputs(const at::Tensor& x, c10::SymInt rows, const at::Tensor& weight,
                                          const at::Tensor& gain, double ratio, int64_t groups, c10::string_view mode,
                                          double eps, c10::string_view statistic, bool screen) {

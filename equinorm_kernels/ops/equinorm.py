@@ -375,10 +375,9 @@ def fused_equinorm_forward(implementation: str) -> Callable[..., tuple[torch.Ten
     return equinorm_forward
 
 
-ScreenedForward = Callable[..., tuple[torch.Tensor, torch.Tensor, "bool | None"]]
-
-
-def fused_equinorm_forward_screened(implementation: str) -> ScreenedForward:
+def fused_equinorm_forward_screened(
+    implementation: str,
+) -> Callable[..., tuple[torch.Tensor, torch.Tensor, bool | None]]:
     """The fused forward with the layers' per-call value screen where the kernels run it on their
     own outputs (eager CPU calls): ``(out, mean, passed)``, passed None where it did not run (or was
     not asked for), so the caller screens."""
