@@ -178,25 +178,38 @@ inline int64_t block_sum_scratch(int64_t rows, int64_t width, int64_t size) {
   return row_chunk(rows, width) >= rows ? 0 : size;
 }
 
+// sums (size) = a block of columns of a (rows, width) matrix added up in the row chunks
+// column_sums takes (row_chunk), so that each column gets column_sums' additions in its order:
+// add(target, first, last) adds rows [first, last) of the block into target; with more than one
+// chunk, each chunk goes into `partial` (size values) and is then added to sums, in chunk order.
+template <typename acc_t, typename AddRows>
+C10_ALWAYS_INLINE void add_in_row_chunks(int64_t rows, int64_t width, int64_t size, acc_t* sums, acc_t* partial,
+                                         AddRows&& add) {
+  std::fill(sums, sums + size, acc_t(0));
+  const int64_t chunk = row_chunk(rows, width);
+  if (chunk >= rows) {  // one chunk: its partial sums would be added to zeros
+    add(sums, 0, rows);
+    return;
+  }
+  for (int64_t first = 0; first < rows; first += chunk) {
+    std::fill(partial, partial + size, acc_t(0));
+    add(partial, first, std::min(rows, first + chunk));
+    add_row(sums, partial, size);
+  }
+}
+
 // sums (size) = the column sums of columns [begin, begin + size) of x (rows, width), of |x| for
 // kAbs (lowest (size) lowered to each column's least value; start it at 0): the same values, in
 // the same order, as column_sums gives for these columns, for a task that owns a block of columns
 // and uses them at once. `partial` is scratch of `size` values for narrow rows (see
 // block_sum_scratch).
+// Always inlined: the callers' AVX2 clones must compile it, and add_block, for AVX2 too.
 template <bool kAbs, typename scalar_t, typename acc_t>
-void block_column_sums(const scalar_t* x, int64_t rows, int64_t width, int64_t begin, int64_t size, acc_t* sums,
-                       acc_t* lowest, acc_t* partial) {
-  std::fill(sums, sums + size, acc_t(0));
-  const int64_t chunk = row_chunk(rows, width);
-  if (chunk >= rows) {  // one chunk: its partial sums would be added to zeros
-    add_block<kAbs>(sums, lowest, x + begin, width, 0, rows, 0, size);
-    return;
-  }
-  for (int64_t first = 0; first < rows; first += chunk) {
-    std::fill(partial, partial + size, acc_t(0));
-    add_block<kAbs>(partial, lowest, x + begin, width, first, std::min(rows, first + chunk), 0, size);
-    add_row(sums, partial, size);
-  }
+C10_ALWAYS_INLINE void block_column_sums(const scalar_t* x, int64_t rows, int64_t width, int64_t begin, int64_t size,
+                                         acc_t* sums, acc_t* lowest, acc_t* partial) {
+  add_in_row_chunks(rows, width, size, sums, partial, [&](acc_t* target, int64_t first, int64_t last) {
+    add_block<kAbs>(target, lowest, x + begin, width, first, last, 0, size);
+  });
 }
 
 }  // namespace columns

@@ -771,18 +771,11 @@ template <bool kAbs, typename scalar_t, typename acc_t>
 C10_ALWAYS_INLINE void channels_last_block_sums(const scalar_t* x, int64_t rows, int64_t channels, int64_t plane,
                                                 int64_t begin, int64_t lanes, acc_t* sums, acc_t* lowest,
                                                 acc_t* partial) {
-  const int64_t size = plane * lanes, chunk = columns::row_chunk(rows, plane * channels);
-  std::fill(sums, sums + size, acc_t(0));
-  if (chunk >= rows) {  // one chunk: its partial sums would be added to zeros
-    add_channels_last_rows<kAbs>(x, channels, plane, 0, rows, begin, lanes, sums, lowest);
-    return;
-  }
-  for (int64_t first = 0; first < rows; first += chunk) {
-    std::fill(partial, partial + size, acc_t(0));
-    add_channels_last_rows<kAbs>(x, channels, plane, first, std::min(rows, first + chunk), begin, lanes, partial,
-                                 lowest);
-    add_row(sums, partial, size);
-  }
+  columns::add_in_row_chunks(rows, plane * channels, plane * lanes, sums, partial,
+                             [&](acc_t* target, int64_t first, int64_t last) {
+                               add_channels_last_rows<kAbs>(x, channels, plane, first, last, begin, lanes, target,
+                                                            lowest);
+                             });
 }
 
 // A task's buffers for its blocks of channels.
