@@ -28,6 +28,11 @@
 //   screen, passed says whether out passed the per-call value screen (every value finite, and for
 //   the "mean" statistic no negative channel mean; a NaN or Inf in x, the weight or the gain
 //   always reaches out); without it, passed is true and nothing is read.
+// - equinorm_conv_train_forward: an EquiNorm conv layer's training forward (equinorm_forward_autograd,
+//   the running mean's update in place, the zero-padded convolution with w'') in one call, composed
+//   of ATen ops and equinorm_forward_autograd (csrc/layer_forward.cpp); momentum None is the
+//   cumulative average. passed as equinorm_forward_autograd's; when false, out is empty and the
+//   running statistics are untouched.
 // - enorm_group_ returns the coefficients d (C,), enorm_cycle_ the largest |d - 1| of each group,
 //   both float64.
 // - ENorm: `tensors` are rescaled in place; `entries` is a flat list of records of six ints
@@ -70,6 +75,11 @@ TORCH_LIBRARY(equinorm_kernels, m) {
       "equinorm_forward_reference_backward(Tensor grad_out, Tensor? x, Tensor weight, Tensor mean, Tensor gain,"
       " SymInt rows, float ratio, int groups, str mode, float eps, str statistic, bool[3] output_mask)"
       " -> Tensor[]");
+  m.def(
+      "equinorm_conv_train_forward(Tensor x, SymInt rows, Tensor weight, Tensor gain, Tensor? bias,"
+      " Tensor(a!) running_mean, Tensor(b!) num_batches_tracked, float? momentum, int[] stride, int[] padding,"
+      " int[] dilation, int groups, float ratio, str mode, float eps, str statistic, bool screen=False)"
+      " -> (Tensor out, bool passed)");
   m.def(
       "equinorm_backward(Tensor grad_out, Tensor weight, Tensor mean, Tensor gain, Tensor stats, int groups)"
       " -> (Tensor grad_weight, Tensor grad_mean, Tensor grad_gain)",

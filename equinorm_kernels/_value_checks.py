@@ -92,7 +92,12 @@ def check_values(device: torch.device | str | None = None) -> None:
 
 def deferred(device: torch.device) -> bool:
     """Whether the checks of tensors on ``device`` run on the device and report later."""
-    return _checks.value_check_mode() == "auto" and device.type in DEFERRED_DEVICE_TYPES
+    return deferred_for_type(device.type)
+
+
+def deferred_for_type(device_type: str) -> bool:
+    """:func:`deferred` for a device type."""
+    return _checks.value_check_mode() == "auto" and device_type in DEFERRED_DEVICE_TYPES
 
 
 class _DeviceFlags:

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _checks
+from . import _checks, _value_checks
+from .backends import cpu_conv_train_forward
 from .functional import channel_mean, checked_equinorm_forward, equinorm_weight, tap_mean
 
 
@@ -199,7 +200,13 @@ class EquiNormLayer(nn.Module):
         """The shape of the statistic (and of ``running_mean``)."""
         return tuple(self.running_mean.shape)
 
+    def _train_forward_in_one_call(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The training forward's output made by one call where the layer and ``x`` allow it;
+        None: the forward makes its steps itself."""
+        return None
+
     def _track(self, mean: torch.Tensor) -> None:
+        # csrc/layer_forward.cpp makes the same update (conv layers in one call): change both.
         # No no_grad context (entering and leaving one costs more than the update): the buffers
         # need no gradient, and a mean that has one is detached first.
         running_mean = self.running_mean
@@ -225,6 +232,10 @@ class EquiNormLayer(nn.Module):
         return equinorm_weight(self.weight, mean, **self._options(ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            out = self._train_forward_in_one_call(x)
+            if out is not None:
+                return out
         batched = self._check_input(x)
         ratio = self._ratio(x.shape[x.dim() - self._spatial_dims :])
         if not self.training or self.weight.shape[0] == 0:
@@ -438,6 +449,43 @@ class _EquiNormConvNd(EquiNormLayer):
 
     def _run_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, weight, self.bias)
+
+    def _train_forward_in_one_call(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The statistics, w'', the running mean's update and the convolution in one call of the
+        backend's ``conv_train_forward``, for eager CPU calls (at small shapes the steps' Python is
+        most of a layer call's host time): batched ``x`` of the weight's dtype, gain and running mean
+        in the accumulation dtype, zero padding given as sizes, batch statistics of this process
+        alone. None elsewhere, for input the steps' checks reject, and where the value screen fails
+        (nothing is tracked then), so that the steps' own checks name the culprit."""
+        # Parameters and buffers read from the module's dicts: Module.__getattr__ costs
+        # microseconds a lookup next to the kernels. A parametrization or hook keeps one elsewhere.
+        parameters, buffers = self._parameters, self._buffers
+        try:
+            weight, gain, bias = parameters["weight"], parameters["gain"], parameters["bias"]
+            running_mean, count = buffers["running_mean"], buffers["num_batches_tracked"]
+        except KeyError:
+            return None
+        if (
+            self.statistics_sync is not None or self.per_tap or self.padding_mode != "zeros"
+            or isinstance(self.padding, str) or not isinstance(x, torch.Tensor) or not (x.is_cpu and weight.is_cpu)
+            or x.dim() != self._spatial_dims + 2 or x.shape[1] != weight.shape[1] * self.groups
+            or x.dtype != weight.dtype or weight.shape[0] == 0 or x.numel() == 0 or torch.compiler.is_compiling()
+        ):  # fmt: skip
+            return None
+        run = cpu_conv_train_forward(self.backend)
+        accumulation = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        if run is None or not gain.dtype == running_mean.dtype == accumulation:
+            return None
+        # Eager calls: the checks are not traced. Where they are deferred, the steps defer them.
+        screen = _checks.value_check_mode() != "off"
+        if screen and _value_checks.deferred_for_type("cpu"):
+            return None
+        out, passed = run(
+            x, _checks.stats_rows(x.shape[0], self.stats_fraction), weight, gain, bias, running_mean, count,
+            self.momentum, self.stride, self.padding, self.dilation, self.groups, self._ratio(x.shape[2:]),
+            self.mode, self.eps, self.statistic, screen,
+        )
+        return out if passed else None
 
     def _plain_kwargs(self) -> dict:
         return dict(

@@ -7,6 +7,8 @@ against the paper's equations in test_reference_equinorm.py.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -149,8 +151,8 @@ def test_weight_op_alone_and_channel_mean_alone_match_reference(backend, device,
 
 @pytest.mark.parametrize(
     "shape",
-    [(3, 300, 4, 4), (5, 3, 20, 20), (4, 6, 3, 3), (4, 40, 14, 14), (1, 20, 14, 14), (2, 5000)],
-    ids=["wide-rows", "large-planes", "small-planes", "14x14-batch", "14x14-sample", "linear"],
+    [(3, 300, 4, 4), (5, 3, 24, 24), (4, 6, 3, 3), (4, 40, 14, 14), (1, 20, 14, 14), (5, 7, 22, 22), (2, 5000)],
+    ids=["wide-rows", "large-planes", "small-planes", "14x14-batch", "14x14-sample", "22x22-batch", "linear"],
 )
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_channel_mean_on_every_reduction_path(backend, device, shape, layout):
@@ -379,7 +381,7 @@ def test_compiled_model_matches_eager_without_graph_breaks(backend, device):
     torch.testing.assert_close(compiled(x), eager(x))
 
 
-@pytest.mark.parametrize("shape", [(5, 43, 7, 7), (6, 43, 14, 14)], ids=["7x7", "14x14"])
+@pytest.mark.parametrize("shape", [(5, 43, 7, 7), (6, 43, 14, 14), (4, 43, 16, 16)], ids=["7x7", "14x14", "16x16"])
 def test_channel_mean_of_a_channel_does_not_depend_on_its_neighbours(backend, device, shape):
     # Blocks of channels, eight running sums at a time, a channel alone: one order of additions
     # (with few enough samples that the rows are summed in one run whatever the row width).
@@ -391,7 +393,7 @@ def test_channel_mean_of_a_channel_does_not_depend_on_its_neighbours(backend, de
             assert torch.equal(together[c : c + 1], alone), (statistic, c)
 
 
-@pytest.mark.parametrize("plane", [20, 7], ids=["planes", "blocks"])
+@pytest.mark.parametrize("plane", [24, 20, 7], ids=["planes", "blocks-20x20", "blocks"])
 def test_bit_identical_across_runs_and_thread_counts(backend, device, plane):
     weight = _weight((16, 40, 3, 3)).float().to(device).requires_grad_()
     x = torch.rand(8, 40, plane, plane, device=device).requires_grad_()
@@ -438,22 +440,35 @@ def test_ops_reject_bad_arguments(backend, device):
         op(backend, "channel_mean")(x.long(), 1)
 
 
-def test_layers_use_the_fused_op(backend, device, monkeypatch):
+@pytest.mark.parametrize("in_one_call", [True, False], ids=["one_call", "steps"])
+def test_layers_use_the_fused_op(backend, device, in_one_call, monkeypatch):
+    # Conv layers take the backend's whole-layer op where it has one (the C++ backend on CPU
+    # tensors), and otherwise the fused forward: never the statistics and the weight op apart.
     calls = []
     ops = equinorm_kernels.ops.equinorm._OP_SETS
     name = "triton" if backend == "triton" else "compiled"
     original = ops[name]
     counting = type(original)(
-        original.channel_mean,
-        original.equinorm_weight,
+        lambda *args: calls.append("channel_mean") or original.channel_mean(*args),
+        lambda *args: calls.append("weight") or original.equinorm_weight(*args),
         lambda *args: calls.append("forward") or original.equinorm_forward(*args),
         original.equinorm_backward,
     )
     monkeypatch.setitem(ops, name, counting)
+    layer_backend = equinorm_kernels.backends.resolve_backend(backend, torch.device(device))
+    whole_layer = layer_backend.conv_train_forward
+    if whole_layer is not None:
+        replaced = (lambda *args: calls.append("layer") or whole_layer(*args)) if in_one_call else None
+        monkeypatch.setitem(
+            equinorm_kernels.backends._REGISTRY, layer_backend.name,
+            dataclasses.replace(layer_backend, conv_train_forward=replaced),
+        )
+    elif in_one_call:
+        pytest.skip(f"backend {backend!r} has no whole-layer op for {device} tensors")
     layer = equinorm_kernels.EquiNormConv2d(3, 4, 3, padding=1, backend=backend).to(device)  # ratio 1
     x = torch.rand(2, 3, 6, 6, device=device)
     expected = F.conv2d(
         x, reference.equinorm_weight(layer.weight, reference.channel_mean(x), gain=layer.gain), layer.bias, padding=1
     )
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
-    assert calls == ["forward"]
+    assert calls == (["layer"] if in_one_call else ["forward"])

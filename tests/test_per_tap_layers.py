@@ -41,7 +41,8 @@ def _layer(kernel, stride, padding, dilation, padding_mode, per_tap, backend, in
 
 
 def _applied_weight(layer, x):
-    """The weight the layer applies in training on x, captured from its convolution."""
+    """The weight the layer applies in training on x, captured from its convolution (the forward
+    made step by step: the layer's whole-forward op keeps the weight inside)."""
     captured = {}
     original = layer._run_op
 
@@ -50,8 +51,9 @@ def _applied_weight(layer, x):
         return original(x, weight)
 
     layer._run_op = run
+    layer._train_forward_in_one_call = lambda x: None
     out = layer(x)
-    layer._run_op = original
+    del layer._run_op, layer._train_forward_in_one_call
     return captured["weight"], out
 
 

@@ -22,6 +22,7 @@ ALL_BACKENDS = fused_backend_params() + [pytest.param("reference", "cpu", id="re
 # rows, channels_last, a (N, C) input).
 SHAPES = [
     ((3, 4, 20, 20), False),
+    ((5, 4, 18, 18), False),
     ((4, 6, 3, 3), False),
     ((3, 300, 4, 4), False),
     ((3, 5, 7, 9), True),

@@ -30,10 +30,12 @@ namespace {
 // Elements one parallel task should at least touch, to amortise scheduling.
 constexpr int64_t kTaskElements = 1 << 15;
 // NCHW planes smaller than kSmallPlane are summed as columns of a (samples, C x spatial) matrix,
-// and so are planes smaller than kBlockedPlane (14x14) of kBlockedRows samples or more: a lone
-// sample's 14x14 planes sum faster one by one, a batch's as columns.
+// and so are planes smaller than kBlockedPlane (up to 22x22) of kBlockedRows samples or more: a
+// lone sample's 14x14 planes sum faster one by one, a batch's as columns (a 16x16 plane alone
+// costs its folds of 32 lanes as much as its adds). From 32x32 up the columns' sums of a block of
+// channels outgrow the cache, and planes one by one are faster again.
 constexpr int64_t kSmallPlane = 128;
-constexpr int64_t kBlockedPlane = 256;
+constexpr int64_t kBlockedPlane = 512;
 constexpr int64_t kBlockedRows = 4;
 
 // sums[p] = sum of plane p of `spatial` values (of their magnitudes with kAbs, negative[p] then
@@ -126,7 +128,7 @@ C10_ALWAYS_INLINE void add_spatial_columns(const acc_t* columns, int64_t channel
   }
 }
 
-// NCHW with small planes (7x7 to 14x14): a sample is one row of C x spatial values; summing rows
+// NCHW with small planes (7x7 to 22x22): a sample is one row of C x spatial values; summing rows
 // column-wise is fully vectorised, and each channel's spatial columns are added at the end. Tasks
 // take blocks of channels and do both, so a call wakes the other threads once and the columns'
 // sums never leave the task; each column is summed as columns::column_sums sums it.

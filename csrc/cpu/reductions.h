@@ -2,6 +2,7 @@
 // across runs and thread counts (work is split by shape only, never by the number of threads).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 // A function also compiled for AVX2 and picked at load time on CPUs that have it (the package is
@@ -26,6 +27,16 @@ inline acc_t combine_lanes(acc_t (&lanes)[kWidth]) {
   return lanes[0];
 }
 
+// The least of the lanes and 0, folded as combine_lanes folds (vectorised): a running minimum
+// across 32 lanes one at a time waits on every comparison, as long as summing a 256-value plane.
+template <int kWidth, typename acc_t>
+inline acc_t least_of_lanes(acc_t (&lanes)[kWidth]) {
+  for (int width = kWidth / 2; width > 0; width /= 2) {
+    for (int j = 0; j < width; ++j) lanes[j] = lanes[j + width] < lanes[j] ? lanes[j + width] : lanes[j];
+  }
+  return lanes[0] < 0 ? lanes[0] : acc_t(0);
+}
+
 // sum of values[0 .. count), accumulated in acc_t in kWidth interleaved partial sums.
 template <typename acc_t, int kWidth = kLanes, typename scalar_t>
 inline acc_t contiguous_sum(const scalar_t* values, int64_t count) {
@@ -48,18 +59,16 @@ inline acc_t contiguous_abs_sum(const scalar_t* values, int64_t count, uint8_t& 
   for (; i + kWidth <= count; i += kWidth) {
     for (int j = 0; j < kWidth; ++j) {
       const acc_t value = static_cast<acc_t>(values[i + j]);
-      lanes[j] += value < 0 ? -value : value;
+      lanes[j] += std::abs(value);
       lowest[j] = value < lowest[j] ? value : lowest[j];
     }
   }
   for (int j = 0; i < count; ++i, ++j) {
     const acc_t value = static_cast<acc_t>(values[i]);
-    lanes[j] += value < 0 ? -value : value;
+    lanes[j] += std::abs(value);
     lowest[j] = value < lowest[j] ? value : lowest[j];
   }
-  acc_t least = 0;
-  for (int j = 0; j < kWidth; ++j) least = lowest[j] < least ? lowest[j] : least;
-  negative = least < 0 ? 1 : 0;
+  negative = least_of_lanes<kWidth>(lowest) < 0 ? 1 : 0;
   return combine_lanes<kWidth>(lanes);
 }
 
