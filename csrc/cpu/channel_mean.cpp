@@ -96,15 +96,35 @@ std::vector<acc_t> column_totals(const scalar_t* x, int64_t rows, int64_t width,
   return total;
 }
 
-// channels_last: one C-vector per (sample, position).
+// channels_last: one C-vector per (sample, position), summed as the columns of a (positions / k,
+// k x C) matrix, k positions to a row, and the k columns of each channel added at the end. Rows
+// of a few channels would leave every running sum waiting on its previous add (a (32, 16, 32, 32)
+// input summed 2.5x slower than in NCHW); rows of about kChannelsLastRow values stream like NCHW
+// rows and take column_sums' unrolled path. The positions past the last full row are summed alone.
+constexpr int64_t kChannelsLastRow = 1024;
+
 template <bool kAbs, typename scalar_t, typename acc_t>
 void channels_last_means(const scalar_t* x, const ChannelGeometry& g, acc_t* mean, bool* negative) {
-  const int64_t positions = g.rows * g.spatial;
-  std::vector<uint8_t> column_negative;
-  const std::vector<acc_t> total = column_totals<kAbs, scalar_t, acc_t>(x, positions, g.channels, column_negative);
-  for (int64_t c = 0; c < g.channels; ++c) {
-    mean[c] = total[c] / static_cast<acc_t>(positions);
-    if constexpr (kAbs) negative[c] = column_negative[c] != 0;
+  const int64_t positions = g.rows * g.spatial, channels = g.channels;
+  int64_t per_row = std::max<int64_t>(1, kChannelsLastRow / channels);
+  if (positions < 2 * per_row) per_row = 1;
+  const int64_t wide_rows = positions / per_row, leftover = positions - wide_rows * per_row;
+  std::vector<uint8_t> wide_negative, leftover_negative(kAbs ? channels : 0, uint8_t(0));
+  const std::vector<acc_t> wide = column_totals<kAbs, scalar_t, acc_t>(x, wide_rows, per_row * channels, wide_negative);
+  std::vector<acc_t> rest(channels, acc_t(0));
+  if (leftover > 0) {
+    rest = column_totals<kAbs, scalar_t, acc_t>(x + wide_rows * per_row * channels, leftover, channels,
+                                                leftover_negative);
+  }
+  for (int64_t c = 0; c < channels; ++c) {
+    acc_t total = 0;
+    uint8_t any = 0;
+    for (int64_t i = 0; i < per_row; ++i) {
+      total += wide[i * channels + c];
+      if constexpr (kAbs) any |= wide_negative[i * channels + c];
+    }
+    mean[c] = (total + rest[c]) / static_cast<acc_t>(positions);
+    if constexpr (kAbs) negative[c] = (any | leftover_negative[c]) != 0;
   }
 }
 

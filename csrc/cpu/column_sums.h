@@ -51,9 +51,11 @@ C10_ALWAYS_INLINE acc_t term(scalar_t value, acc_t& lowest) {
 
 // Rows [first_row, end_row) of columns [begin, end) added into sums (and, for kAbs, their least
 // values into lowest), in row order.
+// The three arrays never overlap (restrict): otherwise the compiler must assume a store to the
+// sums may change the least values, and the kAbs loop does not vectorise.
 template <bool kAbs, typename acc_t, typename scalar_t>
-C10_ALWAYS_INLINE void add_rows(acc_t* sums, acc_t* lowest, const scalar_t* x, int64_t width, int64_t first_row,
-                                int64_t end_row, int64_t begin, int64_t end) {
+C10_ALWAYS_INLINE void add_rows(acc_t* __restrict__ sums, acc_t* __restrict__ lowest, const scalar_t* __restrict__ x,
+                                int64_t width, int64_t first_row, int64_t end_row, int64_t begin, int64_t end) {
   int64_t row = first_row;
   for (; end - begin >= kUnrolledColumns && row + kRowUnroll <= end_row; row += kRowUnroll) {
     const scalar_t* r0 = x + row * width;
@@ -131,26 +133,22 @@ void column_sums(const scalar_t* x, int64_t rows, int64_t width, acc_t* total, u
   const int64_t chunk = row_chunk(rows, width);
   const int64_t chunks = (rows + chunk - 1) / chunk;
   std::vector<acc_t> chunk_sums(chunks * width, acc_t(0));
-  std::vector<uint8_t> chunk_negative(kAbs ? chunks * width : 0, uint8_t(0));
+  // Each chunk's least values, kept as values: the least of them all is a vectorised minimum (a
+  // byte flag per column and chunk, set and merged one at a time, cost as much as the sums).
+  std::vector<acc_t> chunk_least(kAbs ? chunks * width : 0, acc_t(0));
   const int64_t grain = std::max<int64_t>(1, kTaskElements / (chunk * width));
   at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> least(kAbs ? width : 0);
     for (int64_t k = begin; k < end; ++k) {
-      std::fill(least.begin(), least.end(), acc_t(0));
-      add_block<kAbs>(chunk_sums.data() + k * width, least.data(), x, width, k * chunk, std::min(rows, (k + 1) * chunk),
-                      0, width);
-      if constexpr (kAbs) {
-        for (int64_t j = 0; j < width; ++j) chunk_negative[k * width + j] = least[j] < acc_t(0) ? 1 : 0;
-      }
+      add_block<kAbs>(chunk_sums.data() + k * width, chunk_least.data() + (kAbs ? k * width : 0), x, width, k * chunk,
+                      std::min(rows, (k + 1) * chunk), 0, width);
     }
   });
   std::fill(total, total + width, acc_t(0));
-  if constexpr (kAbs) std::fill(negative, negative + width, uint8_t(0));
-  for (int64_t k = 0; k < chunks; ++k) {
-    add_row(total, chunk_sums.data() + k * width, width);
-    if constexpr (kAbs) {
-      for (int64_t j = 0; j < width; ++j) negative[j] |= chunk_negative[k * width + j];
-    }
+  for (int64_t k = 0; k < chunks; ++k) add_row(total, chunk_sums.data() + k * width, width);
+  if constexpr (kAbs) {
+    std::vector<acc_t> least(width, acc_t(0));
+    for (int64_t k = 0; k < chunks; ++k) lower_to(least.data(), chunk_least.data() + k * width, width);
+    for (int64_t j = 0; j < width; ++j) negative[j] = least[j] < acc_t(0) ? 1 : 0;
   }
 }
 

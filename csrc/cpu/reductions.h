@@ -72,6 +72,12 @@ inline acc_t contiguous_abs_sum(const scalar_t* values, int64_t count, uint8_t& 
   return combine_lanes<kWidth>(lanes);
 }
 
+// least[j] = min(least[j], values[j]) for j in [0, count).
+template <typename acc_t>
+inline void lower_to(acc_t* least, const acc_t* values, int64_t count) {
+  for (int64_t j = 0; j < count; ++j) least[j] = values[j] < least[j] ? values[j] : least[j];
+}
+
 // sums[j] += values[j] for j in [0, count): one row of a (rows, count) block added to a running sum.
 template <typename acc_t, typename scalar_t>
 inline void add_row(acc_t* sums, const scalar_t* values, int64_t count) {
