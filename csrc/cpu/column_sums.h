@@ -51,11 +51,9 @@ C10_ALWAYS_INLINE acc_t term(scalar_t value, acc_t& lowest) {
 
 // Rows [first_row, end_row) of columns [begin, end) added into sums (and, for kAbs, their least
 // values into lowest), in row order.
-// The three arrays never overlap (restrict): otherwise the compiler must assume a store to the
-// sums may change the least values, and the kAbs loop does not vectorise.
 template <bool kAbs, typename acc_t, typename scalar_t>
-C10_ALWAYS_INLINE void add_rows(acc_t* __restrict__ sums, acc_t* __restrict__ lowest, const scalar_t* __restrict__ x,
-                                int64_t width, int64_t first_row, int64_t end_row, int64_t begin, int64_t end) {
+C10_ALWAYS_INLINE void add_rows(acc_t* sums, acc_t* lowest, const scalar_t* x, int64_t width, int64_t first_row,
+                                int64_t end_row, int64_t begin, int64_t end) {
   int64_t row = first_row;
   for (; end - begin >= kUnrolledColumns && row + kRowUnroll <= end_row; row += kRowUnroll) {
     const scalar_t* r0 = x + row * width;
