@@ -1,14 +1,17 @@
-// equinorm_conv_train_forward: an EquiNorm conv layer's training forward in one call.
+// equinorm_conv_train_forward and equinorm_linear_train_forward: an EquiNorm layer's training
+// forward in one call.
 //
-// What EquiNormConv*d.forward does in training, step for step, with no Python between the steps
-// (at small shapes a layer call's host time is mostly the interpreter and the objects it makes):
+// What EquiNormConv*d.forward and EquiNormLinear.forward do in training, step for step, with no
+// Python between the steps (at small shapes a layer call's host time is mostly the interpreter and
+// the objects it makes):
 //   1. the fused forward with its C++ autograd (equinorm_forward_autograd): w'' and the batch's
 //      channel means, and with screen the layers' per-call value screen;
 //   2. only if the screen passed, the running mean's update, as EquiNormLayer._track makes it:
 //      num_batches_tracked += 1, then running_mean.lerp_(mean, momentum), or with momentum None
 //      lerp_ towards mean by 1 / num_batches_tracked (a tensor: no host read of the count);
-//   3. the convolution of x with w'' (zero padding), by the ATen op F.conv*d calls (autocast casts it).
-// If the screen fails nothing is tracked or convolved: out is empty and passed false, and the
+//   3. the convolution of x with w'' (zero padding), or the linear map, by the ATen op F.conv*d or
+//      F.linear calls (autocast casts it).
+// If the screen fails nothing is tracked or applied: out is empty and passed false, and the
 // caller's checks name the culprit.
 //
 // Registered CompositeImplicitAutograd: autograd sees the ops it calls, so it needs no backward
@@ -62,23 +65,52 @@ at::Tensor convolution(const at::Tensor& x, const at::Tensor& weight, const c10:
   }
 }
 
-std::tuple<at::Tensor, bool> equinorm_conv_train_forward(
-    const at::Tensor& x, c10::SymInt rows, const at::Tensor& weight, const at::Tensor& gain,
-    const c10::optional<at::Tensor>& bias, at::Tensor& running_mean, at::Tensor& num_batches_tracked,
-    c10::optional<double> momentum, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-    int64_t groups, double ratio, c10::string_view mode, double eps, c10::string_view statistic, bool screen) {
+// Steps 1 and 2: w'', or nullopt when the screen failed (nothing is tracked then).
+c10::optional<at::Tensor> normalized_weight_tracked(const at::Tensor& x, const c10::SymInt& rows,
+                                                    const at::Tensor& weight, const at::Tensor& gain,
+                                                    at::Tensor& running_mean, at::Tensor& num_batches_tracked,
+                                                    c10::optional<double> momentum, double ratio, int64_t groups,
+                                                    c10::string_view mode, double eps, c10::string_view statistic,
+                                                    bool screen) {
   auto [normalized, mean, passed] =
       forward_autograd(x, rows, weight, gain, ratio, groups, mode, eps, statistic, screen);
   // Without screen, passed is not read: a trace then needs no guard on its value.
-  if (screen && !passed) return {x.new_empty({0}), false};
+  if (screen && !passed) return c10::nullopt;
   track_running_mean(running_mean, num_batches_tracked, mean, momentum);
-  return {convolution(x, normalized, bias, stride, padding, dilation, groups), true};
+  return normalized;
+}
+
+using LayerOutputs = std::tuple<at::Tensor, bool>;
+
+LayerOutputs equinorm_conv_train_forward(const at::Tensor& x, c10::SymInt rows, const at::Tensor& weight,
+                                         const at::Tensor& gain, const c10::optional<at::Tensor>& bias,
+                                         at::Tensor& running_mean, at::Tensor& num_batches_tracked,
+                                         c10::optional<double> momentum, at::IntArrayRef stride,
+                                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                         double ratio, c10::string_view mode, double eps,
+                                         c10::string_view statistic, bool screen) {
+  const auto normalized = normalized_weight_tracked(x, rows, weight, gain, running_mean, num_batches_tracked,
+                                                    momentum, ratio, groups, mode, eps, statistic, screen);
+  if (!normalized) return {x.new_empty({0}), false};
+  return {convolution(x, *normalized, bias, stride, padding, dilation, groups), true};
+}
+
+LayerOutputs equinorm_linear_train_forward(const at::Tensor& x, c10::SymInt rows, const at::Tensor& weight,
+                                           const at::Tensor& gain, const c10::optional<at::Tensor>& bias,
+                                           at::Tensor& running_mean, at::Tensor& num_batches_tracked,
+                                           c10::optional<double> momentum, c10::string_view mode, double eps,
+                                           c10::string_view statistic, bool screen) {
+  const auto normalized = normalized_weight_tracked(x, rows, weight, gain, running_mean, num_batches_tracked,
+                                                    momentum, /*ratio=*/1.0, /*groups=*/1, mode, eps, statistic, screen);
+  if (!normalized) return {x.new_empty({0}), false};
+  return {at::linear(x, *normalized, bias), true};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(equinorm_kernels, CompositeImplicitAutograd, m) {
   m.impl("equinorm_conv_train_forward", &equinorm_conv_train_forward);
+  m.impl("equinorm_linear_train_forward", &equinorm_linear_train_forward);
 }
 
 }  // namespace equinorm

@@ -32,7 +32,8 @@
 //   the running mean's update in place, the zero-padded convolution with w'') in one call, composed
 //   of ATen ops and equinorm_forward_autograd (csrc/layer_forward.cpp); momentum None is the
 //   cumulative average. passed as equinorm_forward_autograd's; when false, out is empty and the
-//   running statistics are untouched.
+//   running statistics are untouched. equinorm_linear_train_forward: the same for a Linear layer
+//   on (N, C) inputs (ratio 1, one group, F.linear's op).
 // - enorm_group_ returns the coefficients d (C,), enorm_cycle_ the largest |d - 1| of each group,
 //   both float64.
 // - ENorm: `tensors` are rescaled in place; `entries` is a flat list of records of six ints
@@ -80,6 +81,10 @@ TORCH_LIBRARY(equinorm_kernels, m) {
       " Tensor(a!) running_mean, Tensor(b!) num_batches_tracked, float? momentum, int[] stride, int[] padding,"
       " int[] dilation, int groups, float ratio, str mode, float eps, str statistic, bool screen=False)"
       " -> (Tensor out, bool passed)");
+  m.def(
+      "equinorm_linear_train_forward(Tensor x, SymInt rows, Tensor weight, Tensor gain, Tensor? bias,"
+      " Tensor(a!) running_mean, Tensor(b!) num_batches_tracked, float? momentum, str mode, float eps,"
+      " str statistic, bool screen=False) -> (Tensor out, bool passed)");
   m.def(
       "equinorm_backward(Tensor grad_out, Tensor weight, Tensor mean, Tensor gain, Tensor stats, int groups)"
       " -> (Tensor grad_weight, Tensor grad_mean, Tensor grad_gain)",

@@ -50,10 +50,11 @@ class Backend:
     # equinorm_forward with the value screen run by the kernels where they can: (w'', mean, passed),
     # passed None where it did not run; None: the caller screens every call.
     equinorm_forward_screened: Callable[..., tuple[torch.Tensor, torch.Tensor, bool | None]] | None = None
-    # A conv layer's whole training forward in one call (the equinorm_conv_train_forward op of
-    # csrc/ops.cpp: w'', the running mean's update, the convolution), for eager calls; None: the
-    # layer makes those steps itself.
+    # A conv or Linear layer's whole training forward in one call (the equinorm_conv_train_forward
+    # and equinorm_linear_train_forward ops of csrc/ops.cpp: w'', the running mean's update, the
+    # layer's op), for eager calls; None: the layer makes those steps itself.
     conv_train_forward: Callable[..., tuple[torch.Tensor, bool]] | None = None
+    linear_train_forward: Callable[..., tuple[torch.Tensor, bool]] | None = None
 
     def serves(self, device: torch.device) -> bool:
         in_scope = self.device_types is None or device.type in self.device_types
@@ -136,21 +137,22 @@ _FIRST_AUTO: dict[str, tuple[tuple[Backend, ...], Backend | None]] = {}
 _CPU = torch.device("cpu")
 
 
-def cpu_conv_train_forward(name: str) -> Callable[..., tuple[torch.Tensor, bool]] | None:
-    """The ``conv_train_forward`` of the backend that ``name`` resolves to for CPU tensors (None
-    where it has none). Remembered per name together with the registry it was resolved from: every
-    training call of a conv layer asks."""
+def cpu_train_forward(name: str, field: str) -> Callable[..., tuple[torch.Tensor, bool]] | None:
+    """The whole-layer training forward ``field`` ("conv_train_forward" or "linear_train_forward")
+    of the backend that ``name`` resolves to for CPU tensors (None where it has none). Remembered
+    per name and field together with the registry it was resolved from: every training call of a
+    layer asks."""
     snapshot = tuple(_REGISTRY.values())
-    remembered = _CPU_CONV_TRAIN_FORWARD.get(name)
+    remembered = _CPU_TRAIN_FORWARD.get((name, field))
     if remembered is not None and remembered[0] == snapshot:
         return remembered[1]
-    run = resolve_backend(name, _CPU).conv_train_forward
-    _CPU_CONV_TRAIN_FORWARD[name] = (snapshot, run)
+    run = getattr(resolve_backend(name, _CPU), field)
+    _CPU_TRAIN_FORWARD[(name, field)] = (snapshot, run)
     return run
 
 
-# backend name -> (the registry's backends when resolved, its conv_train_forward for CPU tensors)
-_CPU_CONV_TRAIN_FORWARD: dict[str, tuple[tuple[Backend, ...], Callable[..., tuple[torch.Tensor, bool]] | None]] = {}
+# (backend name, field) -> (the registry's backends when resolved, its whole-layer forward for CPU tensors)
+_CPU_TRAIN_FORWARD: dict[tuple[str, str], tuple[tuple[Backend, ...], Callable[..., tuple[torch.Tensor, bool]] | None]] = {}
 
 
 # ---- "auto" on a GPU: the faster of the CUDA extension and Triton, measured ----

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _checks, _value_checks
-from .backends import cpu_conv_train_forward
+from .backends import cpu_train_forward
 from .functional import channel_mean, checked_equinorm_forward, equinorm_weight, tap_mean
 
 
@@ -200,13 +200,56 @@ class EquiNormLayer(nn.Module):
         """The shape of the statistic (and of ``running_mean``)."""
         return tuple(self.running_mean.shape)
 
+    # The Backend field that makes this layer's training forward in one call (None: no such op).
+    _one_call_field: str | None = None
+
     def _train_forward_in_one_call(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The training forward's output made by one call where the layer and ``x`` allow it;
-        None: the forward makes its steps itself."""
-        return None
+        """The statistics, w'', the running mean's update and the layer's op in one call of the
+        backend's ``conv_train_forward`` or ``linear_train_forward``, for eager CPU calls (at small
+        shapes the steps' Python is most of a layer call's host time): batched ``x`` of the weight's
+        dtype (a conv input, or a Linear's (N, C)), gain and running mean in the accumulation dtype,
+        batch statistics of this process alone. None elsewhere, for input the steps' checks reject,
+        and where the value screen fails (nothing is tracked then), so that the steps' own checks
+        name the culprit: the forward then makes its steps itself."""
+        # Parameters and buffers read from the module's dicts: Module.__getattr__ costs
+        # microseconds a lookup next to the kernels. A parametrization or hook keeps one elsewhere.
+        parameters, buffers = self._parameters, self._buffers
+        try:
+            weight, gain, bias = parameters["weight"], parameters["gain"], parameters["bias"]
+            running_mean, count = buffers["running_mean"], buffers["num_batches_tracked"]
+        except KeyError:
+            return None
+        if (
+            self._one_call_field is None or self.statistics_sync is not None or not isinstance(x, torch.Tensor)
+            or not (x.is_cpu and weight.is_cpu) or x.dim() != self._spatial_dims + 2
+            or x.shape[1] != weight.shape[1] * self.__dict__.get("groups", 1) or x.dtype != weight.dtype
+            or weight.shape[0] == 0 or x.numel() == 0 or torch.compiler.is_compiling()
+            or not self._layer_takes_one_call()
+        ):  # fmt: skip
+            return None
+        run = cpu_train_forward(self.backend, self._one_call_field)
+        accumulation = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        # Eager calls: the checks are not traced. Where they are deferred, the steps defer them.
+        screen = _checks.value_check_mode() != "off"
+        if (run is None or not gain.dtype == running_mean.dtype == accumulation
+                or (screen and _value_checks.deferred_for_type("cpu"))):  # fmt: skip
+            return None
+        out, passed = run(
+            x, _checks.stats_rows(x.shape[0], self.stats_fraction), weight, gain, bias, running_mean, count,
+            self.momentum, *self._one_call_options(x), self.mode, self.eps, self.statistic, screen,
+        )
+        return out if passed else None
+
+    def _layer_takes_one_call(self) -> bool:
+        """What the layer's own options ask of the one-call forward."""
+        return True
+
+    def _one_call_options(self, x: torch.Tensor) -> tuple:
+        """The one-call op's arguments for the layer's own op, between momentum and mode."""
+        return ()
 
     def _track(self, mean: torch.Tensor) -> None:
-        # csrc/layer_forward.cpp makes the same update (conv layers in one call): change both.
+        # csrc/layer_forward.cpp makes the same update (layers in one call): change both.
         # No no_grad context (entering and leaving one costs more than the update): the buffers
         # need no gradient, and a mean that has one is detached first.
         running_mean = self.running_mean
@@ -450,42 +493,14 @@ class _EquiNormConvNd(EquiNormLayer):
     def _run_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, weight, self.bias)
 
-    def _train_forward_in_one_call(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The statistics, w'', the running mean's update and the convolution in one call of the
-        backend's ``conv_train_forward``, for eager CPU calls (at small shapes the steps' Python is
-        most of a layer call's host time): batched ``x`` of the weight's dtype, gain and running mean
-        in the accumulation dtype, zero padding given as sizes, batch statistics of this process
-        alone. None elsewhere, for input the steps' checks reject, and where the value screen fails
-        (nothing is tracked then), so that the steps' own checks name the culprit."""
-        # Parameters and buffers read from the module's dicts: Module.__getattr__ costs
-        # microseconds a lookup next to the kernels. A parametrization or hook keeps one elsewhere.
-        parameters, buffers = self._parameters, self._buffers
-        try:
-            weight, gain, bias = parameters["weight"], parameters["gain"], parameters["bias"]
-            running_mean, count = buffers["running_mean"], buffers["num_batches_tracked"]
-        except KeyError:
-            return None
-        if (
-            self.statistics_sync is not None or self.per_tap or self.padding_mode != "zeros"
-            or isinstance(self.padding, str) or not isinstance(x, torch.Tensor) or not (x.is_cpu and weight.is_cpu)
-            or x.dim() != self._spatial_dims + 2 or x.shape[1] != weight.shape[1] * self.groups
-            or x.dtype != weight.dtype or weight.shape[0] == 0 or x.numel() == 0 or torch.compiler.is_compiling()
-        ):  # fmt: skip
-            return None
-        run = cpu_conv_train_forward(self.backend)
-        accumulation = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        if run is None or not gain.dtype == running_mean.dtype == accumulation:
-            return None
-        # Eager calls: the checks are not traced. Where they are deferred, the steps defer them.
-        screen = _checks.value_check_mode() != "off"
-        if screen and _value_checks.deferred_for_type("cpu"):
-            return None
-        out, passed = run(
-            x, _checks.stats_rows(x.shape[0], self.stats_fraction), weight, gain, bias, running_mean, count,
-            self.momentum, self.stride, self.padding, self.dilation, self.groups, self._ratio(x.shape[2:]),
-            self.mode, self.eps, self.statistic, screen,
-        )
-        return out if passed else None
+    _one_call_field = "conv_train_forward"
+
+    def _layer_takes_one_call(self) -> bool:
+        # Zero padding given as sizes: the op convolves with F.conv*d's padding argument.
+        return not self.per_tap and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+
+    def _one_call_options(self, x: torch.Tensor) -> tuple:
+        return self.stride, self.padding, self.dilation, self.groups, self._ratio(x.shape[2:])
 
     def _plain_kwargs(self) -> dict:
         return dict(
@@ -555,6 +570,7 @@ class EquiNormLinear(EquiNormLayer, nn.Linear):
     __doc__ = "nn.Linear with EquiNorm weights (ratio 1)." + _LAYER_OPTIONS_DOC.format(base="nn.Linear")
     _spatial_dims = 0
     _plain_class = nn.Linear
+    _one_call_field = "linear_train_forward"  # (N, C) inputs: x.dim() == _spatial_dims + 2
 
     def __init__(
         self,

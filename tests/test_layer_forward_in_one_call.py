@@ -1,4 +1,5 @@
-"""Conv layers' training forward in one call (equinorm_conv_train_forward, eager CPU calls).
+"""Layers' training forward in one call (equinorm_conv_train_forward and
+equinorm_linear_train_forward, eager CPU calls).
 
 The same outputs, gradients and running statistics as the forward made step by step, bit for bit
 (the same kernels in the same order), and the reference's within rounding; the layers fall back to
@@ -25,13 +26,15 @@ CPU = torch.device("cpu")
 
 
 def _patch_one_call(monkeypatch, counting: bool) -> list:
-    """Count the layers' one-call forwards (counting) or take the op away (not counting)."""
+    """Count the layers' one-call forwards (counting) or take the ops away (not counting)."""
     backend = backends.resolve_backend("auto", CPU)
-    run = backend.conv_train_forward
-    assert run is not None, "the C++ backend serves CPU conv layers in one call"
     calls: list = []
-    replaced = (lambda *args: calls.append(args) or run(*args)) if counting else None
-    monkeypatch.setitem(backends._REGISTRY, backend.name, dataclasses.replace(backend, conv_train_forward=replaced))
+    replaced = {}
+    for field in ("conv_train_forward", "linear_train_forward"):
+        run = getattr(backend, field)
+        assert run is not None, f"the C++ backend serves CPU layers in one call ({field})"
+        replaced[field] = (lambda *args, run=run: calls.append(args) or run(*args)) if counting else None
+    monkeypatch.setitem(backends._REGISTRY, backend.name, dataclasses.replace(backend, **replaced))
     return calls
 
 
@@ -66,6 +69,10 @@ LAYERS = {
     "conv1d_stride2": lambda: (ek.EquiNormConv1d(3, 5, 3, stride=2), (2, 3, 11)),
     "conv3d": lambda: (ek.EquiNormConv3d(2, 3, 3, padding=1), (2, 2, 4, 3, 4)),
     "conv2d_float64": lambda: (ek.EquiNormConv2d(4, 6, 3, padding=1, dtype=torch.float64), (3, 4, 6, 5)),
+    "linear": lambda: (ek.EquiNormLinear(5, 7), (6, 5)),
+    "linear_no_bias_momentum_none_fraction_exact": lambda: (
+        ek.EquiNormLinear(5, 7, bias=False, momentum=None, stats_fraction=0.5, mode="exact"), (6, 5)
+    ),
 }
 
 
@@ -92,6 +99,18 @@ def test_one_call_equals_the_steps_bit_for_bit(name, layout, monkeypatch):
     assert len(got) == len(expected)
     for g, e in zip(got, expected):
         assert g.dtype == e.dtype and torch.equal(g, e)
+
+
+def test_linear_in_one_call_matches_the_reference(monkeypatch):
+    calls = _patch_one_call(monkeypatch, counting=True)
+    torch.manual_seed(2)
+    layer = ek.EquiNormLinear(5, 7, momentum=0.5, dtype=torch.float64)
+    x = _signed_input((6, 5), torch.float64)
+    mean = reference.channel_mean(x.abs())
+    weight = reference.equinorm_weight(layer.weight, mean, gain=layer.gain)
+    torch.testing.assert_close(layer(x), F.linear(x, weight, layer.bias))
+    torch.testing.assert_close(layer.running_mean, 0.5 + 0.5 * mean)
+    assert len(calls) == 1
 
 
 def test_one_call_matches_the_reference(monkeypatch):
@@ -133,7 +152,7 @@ FALLBACKS = {
     ),
     "bfloat16_layer": _bf16_layer,
     "parametrized_weight": _parametrized_layer,
-    "linear": lambda: (ek.EquiNormLinear(4, 6), _signed_input((3, 4))),
+    "linear_on_sequences": lambda: (ek.EquiNormLinear(4, 6), _signed_input((3, 2, 4))),
 }
 
 
@@ -184,17 +203,26 @@ def test_a_failed_screen_raises_as_the_steps_do_and_tracks_nothing(bad, monkeypa
     assert int(layer.num_batches_tracked) == 0 and torch.equal(layer.running_mean, torch.ones(4))
 
 
-def test_opcheck():
-    op = torch.ops.equinorm_kernels.equinorm_conv_train_forward.default
+OPCHECK_LAYERS = {
+    "conv": lambda: (
+        torch.ops.equinorm_kernels.equinorm_conv_train_forward.default,
+        ek.EquiNormConv2d(4, 6, 3, stride=2, padding=1), (3, 4, 6, 5), ([2, 2], [1, 1], [1, 1], 1, 0.5),
+    ),
+    "linear": lambda: (torch.ops.equinorm_kernels.equinorm_linear_train_forward.default, ek.EquiNormLinear(4, 6), (3, 4), ()),
+}
+
+
+@pytest.mark.parametrize("kind", list(OPCHECK_LAYERS))
+def test_opcheck(kind):
     torch.manual_seed(0)
-    layer = ek.EquiNormConv2d(4, 6, 3, stride=2, padding=1)
-    x = _signed_input((3, 4, 6, 5))
+    op, layer, shape, options = OPCHECK_LAYERS[kind]()
+    x = _signed_input(shape)
     for requires_grad in (False, True):
         operands = [t.detach().clone().requires_grad_(requires_grad) for t in (x, layer.weight, layer.gain, layer.bias)]
         for momentum, screen in ((0.1, False), (None, False), (0.1, True)):
             running_mean, count = torch.ones(4), torch.tensor(0)
-            args = (operands[0], 3, operands[1], operands[2], operands[3], running_mean, count, momentum, [2, 2],
-                    [1, 1], [1, 1], 1, 0.5, "single_pass", 1e-5, "abs_mean", screen)  # fmt: skip
+            args = (operands[0], 3, operands[1], operands[2], operands[3], running_mean, count, momentum, *options,
+                    "single_pass", 1e-5, "abs_mean", screen)  # fmt: skip
             # The screen reads values: eager calls only (a trace would have to guard on its outcome).
             traced = () if screen else ("test_aot_dispatch_dynamic",)
             torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor",

@@ -46,8 +46,9 @@ def _register_compiled_backends() -> None:
                 equinorm_forward_screened=equinorm.fused_equinorm_forward_screened("compiled"),
                 enorm_cycle=enorm.fused_sequential_cycle(ops.enorm_cycle_),
                 tap_mean=tap_mean.fused_tap_mean("compiled"),
-                # The C++ autograd behind it serves CPU tensors (csrc/autograd.cpp).
+                # The C++ autograd behind them serves CPU tensors (csrc/autograd.cpp).
                 conv_train_forward=ops.equinorm_conv_train_forward.default if device_type == "cpu" else None,
+                linear_train_forward=ops.equinorm_linear_train_forward.default if device_type == "cpu" else None,
             )
         )
 
