@@ -8,7 +8,8 @@ from numbers import Real
 
 import torch
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# float32 first: membership tests stop at the first equal dtype, and most inputs are float32.
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MODES = ("single_pass", "exact")
 
 # EquiNorm's ratio and ENorm's c reach the kernels' float32 arithmetic multiplied by factors the
@@ -92,6 +93,8 @@ def check_number(value: object, name: str, *, low: float, high: float = math.inf
         # testing their value would break the graph. Layers validate their options when built,
         # shape-derived values are positive by construction, and the ops check ratio and eps.
         return value
+    if type(value) is float and math.isfinite(value) and (value >= low if low_inclusive else value > low) and value <= high:
+        return value  # the common call, a float in range, answered without the checks below
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
         raise TypeError(f"{name} must be a finite real number, got {value!r}")
     value = float(value)
@@ -133,9 +136,15 @@ def check_statistic(statistic: object) -> str:
 
 def check_channel_mean_args(x: object, stats_fraction: object) -> float:
     x = check_tensor(x, "x", dims="(N, C, *spatial) or (N, C)", min_dim=2)
-    if x.shape[0] == 0:
+    return check_channel_mean_extent(x, stats_fraction)
+
+
+def check_channel_mean_extent(x: torch.Tensor, stats_fraction: object) -> float:
+    """check_channel_mean_args for an ``x`` already checked as a float tensor of 2 dims or more."""
+    shape = x.shape
+    if shape[0] == 0:
         raise ValueError("x has an empty batch (N = 0): channel means need at least one sample")
-    if x.shape[1] == 0:
+    if shape[1] == 0:
         raise ValueError("x has no channels (C = 0)")
     if x.numel() == 0:
         raise ValueError(f"x has an empty spatial extent {tuple(x.shape[2:])}: channel means need at least one element")

@@ -84,8 +84,9 @@ def check_tap_mean_args(
 ) -> tuple[TapGeometry, float]:
     """Validate tap_mean's arguments against x; returns the geometry and stats_fraction as a float."""
     x = _checks.check_tensor(x, "x", dims="(N, C, *spatial) with 1 to 3 spatial dims", min_dim=3, max_dim=5)
-    stats_fraction = _checks.check_channel_mean_args(x, stats_fraction)
-    args = (tuple(x.shape[2:]), kernel_size, stride, padding, dilation, padding_mode, statistic)
+    stats_fraction = _checks.check_channel_mean_extent(x, stats_fraction)
+    # torch.Size is a tuple: a cache key as it is.
+    args = (x.shape[2:], kernel_size, stride, padding, dilation, padding_mode, statistic)
     if not torch.compiler.is_compiling():
         # A layer passes the same arguments on every call: their checks are done once. Arguments
         # that cannot be hashed (lists) are checked every time.

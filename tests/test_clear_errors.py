@@ -87,3 +87,29 @@ def test_fake_enorm_kernels_reject_an_empty_program():
             ops.enorm_group_([weight], [], 2.0, 1.0)
         with pytest.raises(ValueError, match=r"^enorm_cycle_: group_sizes must not be empty"):
             ops.enorm_cycle_([weight], [0, 0, 1, 1, 1, 1], [], 2.0, 1.0)
+
+
+# Every stats_fraction outside (0, 1], and every value that is not a finite real number, is refused
+# by name; the floats inside it, and the int 1, are taken.
+BAD_FRACTIONS = [
+    (0.0, ValueError), (-0.25, ValueError), (1.0000001, ValueError), (math.inf, TypeError), (-math.inf, TypeError),
+    (math.nan, TypeError), (True, TypeError), ("0.5", TypeError), (None, TypeError),
+]
+
+
+@pytest.mark.parametrize("function", ["channel_mean", "tap_mean"])
+@pytest.mark.parametrize("fraction,error", BAD_FRACTIONS, ids=[repr(value) for value, _ in BAD_FRACTIONS])
+def test_a_stats_fraction_outside_its_range_is_refused_by_name(function, fraction, error):
+    x = torch.rand(4, 3, 5, 5)
+    call = {"channel_mean": lambda: ek.channel_mean(x, stats_fraction=fraction),
+            "tap_mean": lambda: ek.tap_mean(x, 3, padding=1, stats_fraction=fraction)}[function]
+    with pytest.raises(error, match="stats_fraction"):
+        call()
+
+
+@pytest.mark.parametrize("fraction,rows", [(1.0, 4), (0.5, 2), (1e-9, 1), (1, 4)])
+def test_a_stats_fraction_in_its_range_averages_that_many_samples(fraction, rows):
+    x = torch.rand(4, 3, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(ek.channel_mean(x, stats_fraction=fraction), x[:rows].mean(dim=(0, 2, 3)))
+    want = ek.tap_mean(x[:rows], 3, padding=1)
+    torch.testing.assert_close(ek.tap_mean(x, 3, padding=1, stats_fraction=fraction), want)
