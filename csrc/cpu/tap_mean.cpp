@@ -574,7 +574,7 @@ C10_ALWAYS_INLINE void add_flat_samples(const float* x, int64_t sample_stride, i
   const int64_t width = counts.width, period = counts.rows.period;
   const int64_t values = (counts.rows.interior_end - counts.rows.interior_begin) * width;
   float sums[kPeriod];
-  for (int k = 0; k < kPeriod; ++k) sums[k] = state.flat[k];  // zeros before the first sample
+  for (int k = 0; k < kPeriod; ++k) sums[k] = first == 0 ? 0.0f : state.flat[k];
   float least[kFlatLanes] = {};
   for (int64_t n = first; n < end; ++n) {
     const float* plane = x + n * sample_stride;
@@ -653,9 +653,12 @@ C10_ALWAYS_INLINE void planar_channels(const value_t* x, int64_t rows, int64_t c
                                        acc_t* mean, bool* negative) {
   const int64_t size = counts.row_groups.groups * counts.width, flat = kVectors * kFlatLanes;
   const int64_t lanes = end - begin, plane = counts.plane();
-  std::vector<acc_t> groups(lanes * size), flat_sums(lanes * flat), scratch(kVectors > 0 ? 0 : size);
+  // Set by the first sample before they are read: no initialisation.
+  const std::unique_ptr<acc_t[]> groups(new acc_t[lanes * size]), flat_sums(new acc_t[lanes * flat]);
+  std::vector<acc_t> scratch(kVectors > 0 ? 0 : size);
   std::vector<ChannelState<acc_t>> states;
-  for (int64_t c = 0; c < lanes; ++c) states.push_back({groups.data() + c * size, flat_sums.data() + c * flat, acc_t(0)});
+  states.reserve(lanes);
+  for (int64_t c = 0; c < lanes; ++c) states.push_back({groups.get() + c * size, flat_sums.get() + c * flat, acc_t(0)});
   for (int64_t n = 0; n < rows; n += kSampleStreams) {
     const int64_t last = std::min(rows, n + kSampleStreams);
     for (int64_t c = begin; c < end; ++c) {
@@ -671,7 +674,7 @@ C10_ALWAYS_INLINE void planar_channels(const value_t* x, int64_t rows, int64_t c
     if constexpr (kVectors > 0) fold_flat(counts, states[c - begin]);
     if constexpr (kAbs) negative[c] = states[c - begin].least < acc_t(0);
   }
-  row_groups_taps(groups.data(), counts, count, begin, lanes, mean);
+  row_groups_taps(groups.get(), counts, count, begin, lanes, mean);
 }
 
 // Float planes, also compiled for AVX2 (the loops are the same, so both give identical sums).
