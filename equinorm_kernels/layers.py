@@ -219,6 +219,8 @@ class EquiNormLayer(nn.Module):
             running_mean, count = buffers["running_mean"], buffers["num_batches_tracked"]
         except KeyError:
             return None
+        # groups: nn.Conv keeps it in the instance dict (read there, as the weights above); a
+        # Linear layer has none, one group.
         if (
             self._one_call_field is None or self.statistics_sync is not None or not isinstance(x, torch.Tensor)
             or not (x.is_cpu and weight.is_cpu) or x.dim() != self._spatial_dims + 2
