@@ -32,8 +32,8 @@ def set_value_checks(mode: bool | str = "auto") -> None:
             call (one host-device synchronisation per call on a GPU). ``"off"`` (or ``False``): none.
 
     The checks never run inside ``torch.compile``/``torch.fx`` graphs, where data-dependent Python
-    is not allowed; there (and when off) bad values are not reported but stay finite where the
-    documented clamps apply.
+    is not allowed, nor under ``torch.func.vmap``, which cannot read a value on the host; there
+    (and when off) bad values are not reported but stay finite where the documented clamps apply.
     """
     global _value_check_mode
     if mode is True or mode is False:
@@ -51,11 +51,25 @@ def value_check_mode() -> str:
 def value_checks_active() -> bool:
     if _value_check_mode == "off":
         return False
-    return not (torch.compiler.is_compiling() or torch.jit.is_scripting() or is_fx_tracing())
+    return not (torch.compiler.is_compiling() or torch.jit.is_scripting() or is_fx_tracing() or vmap_active())
 
 
 def is_fx_tracing() -> bool:
     return _fx_tracing_probe()()
+
+
+def vmap_active() -> bool:
+    """Whether a torch.func.vmap is running (alone or around other transforms)."""
+    if not func_transform_active():
+        return False
+    vmap = torch._C._functorch.TransformType.Vmap
+    return any(interpreter.key() == vmap for interpreter in torch._C._functorch.get_interpreter_stack())
+
+
+def func_transform_active() -> bool:
+    """Whether a torch.func transform (grad, vjp, jacrev, vmap, ...) is running: its tensors are
+    wrappers, which the C++ autograd and the host-side caches cannot take."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 @functools.cache

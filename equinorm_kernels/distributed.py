@@ -26,6 +26,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 from . import _checks
+from ._transformable import apply, transformable
 from .reference.equinorm import _accumulation_dtype
 
 
@@ -48,11 +49,14 @@ def _collective_device(group: dist.ProcessGroup) -> torch.device:
     return torch.device("cpu")
 
 
+@transformable
 class _SynchronizedStatistic(torch.autograd.Function):
-    """local statistic (C,), local count -> the group's statistic (C,), with one all-reduce each way."""
+    """local statistic (C,), local count -> the group's statistic (C,), with one all-reduce each way.
+
+    The forward also returns d mu / d local, which ``save`` keeps."""
 
     @staticmethod
-    def forward(ctx, local: torch.Tensor, count: int, group: dist.ProcessGroup) -> torch.Tensor:
+    def compute(local: torch.Tensor, count: int, group: dist.ProcessGroup) -> tuple[torch.Tensor, torch.Tensor]:
         packed = torch.cat([local * count, local.new_full((1,), count)])
         total = funcol.all_reduce(packed, "sum", group)
         sums, total_count = total[:-1], total[-1:]
@@ -64,12 +68,16 @@ class _SynchronizedStatistic(torch.autograd.Function):
         total_count = total_count.clamp_min(1)
         # d mu / d local = count / total count, kept as a tensor: a size saved on ctx would be a
         # symbol of the forward's graph under torch.compile(dynamic=True), unusable in the backward's.
-        ctx.save_for_backward(packed[-1:] / total_count)
-        ctx.group = group
-        return sums / total_count
+        return sums / total_count, packed[-1:] / total_count
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def save(ctx, inputs, output) -> None:
+        ctx.save_for_backward(output[1])
+        ctx.group = inputs[2]
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _grad_share: torch.Tensor):
         (share,) = ctx.saved_tensors
         total_grad = funcol.all_reduce(grad.contiguous(), "sum", ctx.group)
         # The local statistic's own backward then divides by this process's count.
@@ -101,7 +109,7 @@ def synchronized_statistic(local: torch.Tensor, count: int, process_group: dist.
         ValueError: every process of the group passed ``count`` 0 (raised on each of them).
     """
     # Flat across processes: a per-tap statistic (C, *kernel) travels as C * K values.
-    return _SynchronizedStatistic.apply(local.reshape(-1), count, process_group).reshape(local.shape)
+    return apply(_SynchronizedStatistic, local.reshape(-1), count, process_group)[0].reshape(local.shape)
 
 
 class StatisticsSync:

@@ -226,7 +226,7 @@ class EquiNormLayer(nn.Module):
             or not (x.is_cpu and weight.is_cpu) or x.dim() != self._spatial_dims + 2
             or x.shape[1] != weight.shape[1] * self.__dict__.get("groups", 1) or x.dtype != weight.dtype
             or weight.shape[0] == 0 or x.numel() == 0 or torch.compiler.is_compiling()
-            or not self._layer_takes_one_call()
+            or _checks.func_transform_active() or not self._layer_takes_one_call()
         ):  # fmt: skip
             return None
         run = cpu_train_forward(self.backend, self._one_call_field)
@@ -310,10 +310,11 @@ class EquiNormLayer(nn.Module):
         move to another device or dtype all make a new one), the ratio and the options. In-place
         changes through ``.data`` escape version counting: call :meth:`reset_eval_weight` after them. Not reused where autograd
         must see it (grad enabled and a parameter requiring grad), nor under ``torch.compile``,
-        which builds the weight inside its graph.
+        which builds the weight inside its graph, nor under torch.func transforms.
         """
         needs_graph = torch.is_grad_enabled() and (self.weight.requires_grad or self.gain.requires_grad)
-        if needs_graph or torch.compiler.is_compiling():
+        # torch.func's tensors are wrappers without data pointers; a transform's weight is its own.
+        if needs_graph or torch.compiler.is_compiling() or _checks.func_transform_active():
             return self.normalized_weight(self.running_mean, ratio)
         key = self._eval_weight_key(ratio)
         cached = self.__dict__.get("_cached_eval_weight")

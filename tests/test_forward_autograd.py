@@ -57,7 +57,10 @@ def _cpp(rows, groups, statistic):
 
 def _python(fraction, groups, statistic):
     def forward(x, weight, gain):
-        return equinorm_ops._EquiNormForward.apply(x, weight, gain, fraction, 1.0, groups, MODE, EPS, statistic, "compiled")
+        out, mean, _, _ = equinorm_ops._EquiNormForward.apply(
+            x, weight, gain, fraction, 1.0, groups, MODE, EPS, statistic, "compiled"
+        )
+        return out, mean
 
     return forward
 

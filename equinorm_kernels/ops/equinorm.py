@@ -15,6 +15,10 @@ ops, so eager mode, autograd and ``torch.compile`` all see the same registered o
     With ``create_graph=True`` the backward is the reference's autograd instead, so that
     second-order gradients are exact (the fused backward op is not differentiable).
 
+Each wrapper is written as ``compute``, ``save`` and ``backward`` (see
+:mod:`equinorm_kernels._transformable`), so that torch.func transforms take it too; its outputs
+include the non-differentiable ones (stats, flags) that the backward needs.
+
 The specification is :mod:`equinorm_kernels.reference.equinorm`.
 """
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 
 from .. import _checks
 from ..reference.equinorm import WEIGHT_MATH_DTYPE, _accumulation_dtype
+from .._transformable import apply, transformable
 
 STATS_COLUMNS = 5  # shift, scale, positive mass, mean mass, used exact (csrc/shared/equinorm_math.h)
 
@@ -198,20 +203,28 @@ def _negative_flags(statistic: str, negative: torch.Tensor) -> NegativeFlags | N
     return NegativeFlags(negative) if statistic == "abs_mean" else None
 
 
+@transformable
 class _ChannelMean(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, stats_fraction: float, statistic: str, implementation: str) -> torch.Tensor:
+    def compute(x: torch.Tensor, stats_fraction: float, statistic: str, implementation: str):
+        rows = _checks.stats_rows(x.shape[0], stats_fraction)
+        return _OP_SETS[implementation].channel_mean(x, rows, statistic)  # (mean, negative)
+
+    @staticmethod
+    def save(ctx, inputs, output) -> None:
+        x, stats_fraction, statistic, _ = inputs
         # x itself, not its shape: sizes kept on ctx would be symbols of the forward's graph
         # under torch.compile(dynamic=True), which the backward's graph cannot use.
         ctx.save_for_backward(x)
         ctx.stats_fraction = float(stats_fraction)
-        rows = _checks.stats_rows(x.shape[0], stats_fraction)
-        mean, negative = _OP_SETS[implementation].channel_mean(x, rows, statistic)
-        ctx.negative_flags = _negative_flags(statistic, negative)
-        return mean
+        ctx.negative_flags = _negative_flags(statistic, output[1])
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # no zero gradient built for the flags
 
     @staticmethod
-    def backward(ctx, grad_mean: torch.Tensor):
+    def backward(ctx, grad_mean: torch.Tensor | None, _grad_negative: None):
+        if grad_mean is None:  # the mean did not reach the loss
+            return None, None, None, None
         (x,) = ctx.saved_tensors
         return _input_gradient(grad_mean, x, ctx.stats_fraction, ctx.negative_flags), None, None, None
 
@@ -244,16 +257,24 @@ def _reference_weight(ctx) -> Callable[..., torch.Tensor]:
     return weight_of
 
 
+@transformable
 class _EquiNormWeight(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight, mean, gain, ratio: float, groups: int, mode: str, eps: float, implementation: str):
-        out, stats = _OP_SETS[implementation].equinorm_weight(weight, mean, gain, ratio, groups, mode, eps)
-        ctx.save_for_backward(weight, mean, gain, stats)
-        _save_options(ctx, ratio, groups, mode, eps, implementation)
-        return out
+    def compute(weight, mean, gain, ratio: float, groups: int, mode: str, eps: float, implementation: str):
+        return _OP_SETS[implementation].equinorm_weight(weight, mean, gain, ratio, groups, mode, eps)  # (out, stats)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def save(ctx, inputs, output) -> None:
+        weight, mean, gain, ratio, groups, mode, eps, implementation = inputs
+        ctx.save_for_backward(weight, mean, gain, output[1])
+        _save_options(ctx, ratio, groups, mode, eps, implementation)
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # no zero gradient built for the stats
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_stats):
+        if grad_out is None:  # w'' did not reach the loss
+            return (None,) * 8
         weight, mean, gain, stats = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
             grads = _differentiable_gradients(ctx.needs_input_grad, grad_out, _reference_weight(ctx), (weight, mean, gain))
@@ -290,26 +311,31 @@ def reference_forward_backward(grad_out, x, weight, mean, gain, rows, ratio, gro
     return [torch.zeros_like(t) if g is None else g for t, g, need in zip(operands, grads, output_mask) if need]
 
 
+@transformable
 class _EquiNormForward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, gain, stats_fraction: float, ratio: float, groups: int, mode: str, eps: float,
+    def compute(x, weight, gain, stats_fraction: float, ratio: float, groups: int, mode: str, eps: float,
                 statistic: str, implementation: str):
-        ops = _OP_SETS[implementation]
         rows = _checks.stats_rows(x.shape[0], stats_fraction)
-        out, mean, stats, negative = ops.equinorm_forward(x, rows, weight, gain, ratio, groups, mode, eps, statistic)
+        # (out, mean, stats, negative)
+        return _OP_SETS[implementation].equinorm_forward(x, rows, weight, gain, ratio, groups, mode, eps, statistic)
+
+    @staticmethod
+    def save(ctx, inputs, output) -> None:
+        x, weight, gain, stats_fraction, ratio, groups, mode, eps, statistic, implementation = inputs
+        _, mean, stats, negative = output
         # x (when it needs a gradient) rather than its shape: see _ChannelMean.
         ctx.save_for_backward(weight, mean, gain, stats, x if x.requires_grad else None)
         ctx.stats_fraction = float(stats_fraction)
         ctx.statistic = statistic
         ctx.negative_flags = _negative_flags(statistic, negative) if x.requires_grad else None
         _save_options(ctx, ratio, groups, mode, eps, implementation)
-        ctx.mark_non_differentiable(mean)
+        ctx.mark_non_differentiable(mean, stats, negative)
         # The means are not differentiable: no zero gradient is built for them in every backward.
         ctx.set_materialize_grads(False)
-        return out, mean
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_mean_unused):
+    def backward(ctx, grad_out, _grad_mean, _grad_stats, _grad_negative):
         if grad_out is None:  # w'' did not reach the loss
             return (None,) * 10
         weight, mean, gain, stats, x = ctx.saved_tensors
@@ -348,7 +374,7 @@ def builds_graph(x: torch.Tensor) -> bool:
 def fused_channel_mean(implementation: str) -> Callable[[torch.Tensor, float, str], torch.Tensor]:
     def channel_mean(x: torch.Tensor, stats_fraction: float, statistic: str = "mean") -> torch.Tensor:
         if builds_graph(x):
-            return _ChannelMean.apply(x, stats_fraction, statistic, implementation)
+            return apply(_ChannelMean, x, stats_fraction, statistic, implementation)[0]
         rows = _checks.stats_rows(x.shape[0], stats_fraction)
         return _OP_SETS[implementation].channel_mean(x, rows, statistic)[0]
 
@@ -358,7 +384,7 @@ def fused_channel_mean(implementation: str) -> Callable[[torch.Tensor, float, st
 def fused_equinorm_weight(implementation: str) -> Callable[..., torch.Tensor]:
     def equinorm_weight(weight, mean, ratio: float, groups: int, mode: str, gain, eps: float) -> torch.Tensor:
         kernel_weight, kernel_gain, acc = _kernel_operands(weight, gain, mean)
-        out = _EquiNormWeight.apply(kernel_weight, mean.to(acc), kernel_gain, ratio, groups, mode, eps, implementation)
+        out, _ = apply(_EquiNormWeight, kernel_weight, mean.to(acc), kernel_gain, ratio, groups, mode, eps, implementation)
         return out.to(weight.dtype)
 
     return equinorm_weight
@@ -391,18 +417,20 @@ def fused_equinorm_forward_screened(
             return unfused_weight(weight, mean, ratio, groups, mode, gain, eps), mean, None
         ops = _OP_SETS[implementation]
         passed = None
-        if ops.equinorm_forward_autograd is not None and x.device.type == "cpu" and not torch.compiler.is_compiling():
+        if (ops.equinorm_forward_autograd is not None and x.device.type == "cpu" and not torch.compiler.is_compiling()
+                and not _checks.func_transform_active()):  # fmt: skip
             # Eager: the same kernels and gradient with the autograd glue in C++ (a layer call's
             # host time), and the value screen read from the outputs there. torch.compile traces
-            # the Python wrapper.
+            # the Python wrapper, and torch.func transforms need it (they take no C++ autograd).
             rows = _checks.stats_rows(x.shape[0], stats_fraction)
             out, mean, passed = ops.equinorm_forward_autograd(
                 x, rows, kernel_weight, kernel_gain, ratio, groups, mode, eps, statistic, screen
             )
             passed = passed if screen else None
         else:
-            out, mean = _EquiNormForward.apply(
-                x, kernel_weight, kernel_gain, stats_fraction, ratio, groups, mode, eps, statistic, implementation
+            out, mean, _, _ = apply(
+                _EquiNormForward, x, kernel_weight, kernel_gain, stats_fraction, ratio, groups, mode, eps, statistic,
+                implementation,
             )
         if out.dtype != weight.dtype:  # a float64 gain widened the kernel: the screen must see the narrowed weight
             return out.to(weight.dtype), mean, None

@@ -23,6 +23,7 @@ import torch
 
 from .. import _checks, _tap_geometry
 from .._tap_geometry import TapGeometry
+from .._transformable import apply, transformable
 from .equinorm import NegativeFlags, builds_graph
 
 
@@ -54,6 +55,7 @@ def _op_geometry(geometry: TapGeometry) -> tuple:
 
 
 def _geometry_fields(geometry: TapGeometry) -> tuple:
+    # TapGeometry's fields in its constructor's order, which is also the op's argument order.
     return (geometry.kernel_size, geometry.stride, geometry.padding, geometry.dilation, geometry.padding_mode,
             geometry.absolute)
 
@@ -64,36 +66,47 @@ def _geometry(fields: tuple) -> TapGeometry:
     return TapGeometry(*fields)
 
 
+@transformable
 class _TapMean(torch.autograd.Function):
     # The geometry travels as one tuple of plain tuples, strings and bools: torch.compile traces it
-    # as a constant (and every argument of apply costs host time).
+    # as a constant (and every argument of apply costs host time). The fields are the op's
+    # geometry arguments and then `absolute` (see _geometry_fields): no TapGeometry is built where
+    # torch.compile traces.
     @staticmethod
-    def forward(ctx, x, stats_fraction: float, geometry_fields: tuple, implementation: str):
-        geometry = _geometry(geometry_fields)
-        absolute = geometry.absolute
+    def compute(x, stats_fraction: float, geometry_fields: tuple, implementation: str):
         rows = _checks.stats_rows(x.shape[0], stats_fraction)
-        mean, negative = _OPS[implementation][0](x, rows, *_op_geometry(geometry), absolute)
+        return _OPS[implementation][0](x, rows, *geometry_fields)  # (mean, negative)
+
+    @staticmethod
+    def save(ctx, inputs, output) -> None:
+        x, stats_fraction, geometry_fields, implementation = inputs
+        negative = output[1]
+        absolute = geometry_fields[-1]
         # x itself, not its shape: sizes kept on ctx would be symbols of the forward's graph under
         # torch.compile(dynamic=True), which the backward's graph cannot use.
         ctx.save_for_backward(x, negative)
-        ctx.geometry, ctx.stats_fraction, ctx.implementation = geometry, float(stats_fraction), implementation
+        ctx.geometry_fields, ctx.stats_fraction, ctx.implementation = geometry_fields, float(stats_fraction), implementation
         ctx.negative_flags = NegativeFlags(negative) if absolute and x.requires_grad else None
-        return mean
+        ctx.mark_non_differentiable(negative)
+        ctx.set_materialize_grads(False)  # no zero gradient built for the flags
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _grad_negative):
+        if grad is None:  # the means did not reach the loss
+            return None, None, None, None
         x, negative = ctx.saved_tensors
-        geometry = ctx.geometry
         if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable
             from ..reference.tap_statistics import tap_mean_unchecked
 
-            with torch.enable_grad():
-                leaf = x.detach().requires_grad_(True)
-                out = tap_mean_unchecked(leaf, ctx.stats_fraction, geometry)
-                (grad_x,) = torch.autograd.grad(out, leaf, grad, create_graph=True)
+            # torch.func.vjp rather than a leaf that requires grad: it also runs inside torch.func
+            # transforms (whose backward always builds a graph). Through x the means are linear
+            # (abs_mean: piecewise), so nothing of second order is lost by detaching it.
+            geometry = _geometry(ctx.geometry_fields)
+            _, vjp = torch.func.vjp(lambda value: tap_mean_unchecked(value, ctx.stats_fraction, geometry), x.detach())
+            (grad_x,) = vjp(grad)
             return grad_x, None, None, None
         rows = _checks.stats_rows(x.shape[0], ctx.stats_fraction)
-        plane = _OPS[ctx.implementation][1](grad.contiguous(), list(x.shape[2:]), rows, *_op_geometry(geometry))
+        plane = _OPS[ctx.implementation][1](grad.contiguous(), list(x.shape[2:]), rows, *ctx.geometry_fields[:-1])
         return _grad_input(plane, x, negative, ctx.stats_fraction, ctx.negative_flags), None, None, None
 
 
@@ -123,7 +136,7 @@ def _grad_input(plane: torch.Tensor, x: torch.Tensor, negative: torch.Tensor, st
 def fused_tap_mean(implementation: str) -> Callable[[torch.Tensor, float, TapGeometry], torch.Tensor]:
     def tap_mean(x: torch.Tensor, stats_fraction: float, geometry: TapGeometry) -> torch.Tensor:
         if builds_graph(x):
-            return _TapMean.apply(x, stats_fraction, _geometry_fields(geometry), implementation)
+            return apply(_TapMean, x, stats_fraction, _geometry_fields(geometry), implementation)[0]
         rows = _checks.stats_rows(x.shape[0], stats_fraction)
         return _OPS[implementation][0](x, rows, *_op_geometry(geometry), geometry.absolute)[0]
 

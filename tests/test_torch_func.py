@@ -1,0 +1,150 @@
+"""torch.func transforms through EquiNorm layers and ops: grad, per-sample gradients (vmap of grad),
+jacrev, and model ensembles (vmap over stacked parameters), each against the same transform of the
+pure-PyTorch reference functions."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, jacrev, stack_module_state, vmap
+
+import equinorm_kernels as ek
+from equinorm_kernels import reference
+
+from kernel_backends import fused_backend_params
+
+BACKENDS = [pytest.param("reference", "cpu", id="reference-cpu"), *fused_backend_params()]
+pytestmark = [
+    pytest.mark.parametrize("backend,device", BACKENDS),
+    # vmap runs the fused ops once per batch entry (no batching rule) and says so.
+    pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning"),
+]
+RTOL, ATOL = 1e-9, 1e-11
+
+
+def _conv_layer(backend: str, device: str, per_tap: bool = False, statistic: str = "abs_mean") -> ek.EquiNormConv2d:
+    torch.manual_seed(0)
+    layer = ek.EquiNormConv2d(3, 4, 3, padding=1, per_tap=per_tap, statistic=statistic, backend=backend)
+    with torch.no_grad():
+        layer.gain.uniform_(0.5, 1.5)
+        layer.bias.normal_()
+    return layer.to(device=device, dtype=torch.float64)
+
+
+def _reference_conv(params: dict, x: torch.Tensor, statistic: str, per_tap: bool, mean=None) -> torch.Tensor:
+    """The layer's training forward (or, given ``mean``, its eval forward) from reference functions."""
+    if mean is None:
+        mean = (reference.tap_mean(x, 3, padding=1, statistic=statistic) if per_tap
+                else reference.channel_mean(x, statistic=statistic))  # fmt: skip
+    weight = reference.equinorm_weight(params["weight"], mean, gain=params["gain"])
+    return F.conv2d(x, weight, params["bias"], padding=1)
+
+
+def _inputs(device: str, signed: bool, batch: int = 3) -> torch.Tensor:
+    torch.manual_seed(1)
+    x = torch.rand(batch, 3, 5, 5, dtype=torch.float64, device=device)
+    return x - 0.4 if signed else x
+
+
+def _assert_all_close(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], rtol=RTOL, atol=ATOL, msg=name)
+
+
+@pytest.mark.parametrize("per_tap", [False, True], ids=["channel", "per_tap"])
+@pytest.mark.parametrize("signed", [False, True], ids=["non_negative", "signed"])
+def test_grad_of_a_training_layer_matches_the_reference(backend, device, per_tap, signed):
+    layer = _conv_layer(backend, device, per_tap)
+    x = _inputs(device, signed)
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+    buffers = {name: b.clone() for name, b in layer.named_buffers()}
+
+    # The buffers are the transformed function's input, so that the forward may update them (as
+    # BatchNorm's must be).
+    def loss(params, x, buffers):
+        return functional_call(layer, (params, buffers), (x,)).square().sum()
+
+    def reference_loss(params, x):
+        return _reference_conv(params, x, "abs_mean", per_tap).square().sum()
+
+    got_params, got_x = grad(loss, argnums=(0, 1))(params, x, buffers)
+    expected_params, expected_x = grad(reference_loss, argnums=(0, 1))(params, x)
+    _assert_all_close({**got_params, "x": got_x}, {**expected_params, "x": expected_x})
+    # The training forward tracked the batch's statistic in the buffers it was given.
+    assert buffers["num_batches_tracked"].item() == 1
+    assert not torch.equal(buffers["running_mean"], torch.ones_like(buffers["running_mean"]))
+
+
+def test_grad_of_a_linear_layer_matches_the_reference(backend, device):
+    torch.manual_seed(0)
+    layer = ek.EquiNormLinear(5, 4, backend=backend).to(device=device, dtype=torch.float64)
+    x = _inputs(device, signed=True).reshape(45, 5)
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+    buffers = {name: b.clone() for name, b in layer.named_buffers()}
+
+    def loss(params, buffers):
+        return functional_call(layer, (params, buffers), (x,)).square().sum()
+
+    def reference_loss(params):
+        mean = reference.channel_mean(x, statistic=layer.statistic)
+        weight = reference.equinorm_weight(params["weight"], mean, gain=params["gain"])
+        return F.linear(x, weight, params["bias"]).square().sum()
+
+    _assert_all_close(grad(loss)(params, buffers), grad(reference_loss)(params))
+
+
+@pytest.mark.parametrize("per_tap", [False, True], ids=["channel", "per_tap"])
+def test_per_sample_gradients_in_eval(backend, device, per_tap):
+    # vmap of grad over the samples, as differential privacy computes them: eval mode, so every
+    # sample sees the running statistics and the batch does not mix.
+    layer = _conv_layer(backend, device, per_tap)
+    x = _inputs(device, signed=False, batch=4)
+    layer(x)  # one training step's statistics
+    layer.eval()
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+    buffers = {name: b.clone() for name, b in layer.named_buffers()}
+
+    def sample_loss(params, sample):
+        return functional_call(layer, (params, buffers), (sample.unsqueeze(0),)).square().sum()
+
+    def reference_sample_loss(params, sample):
+        out = _reference_conv(params, sample.unsqueeze(0), "abs_mean", per_tap, mean=buffers["running_mean"])
+        return out.square().sum()
+
+    got = vmap(grad(sample_loss), in_dims=(None, 0))(params, x)
+    expected = vmap(grad(reference_sample_loss), in_dims=(None, 0))(params, x)
+    _assert_all_close(got, expected)
+    assert not torch.allclose(got["weight"][0], got["weight"][1])  # the samples' own gradients
+
+
+def test_ensemble_of_training_layers(backend, device):
+    # vmap over stacked parameters and buffers (torch.func.stack_module_state), one shared batch.
+    layers = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        layers.append(ek.EquiNormConv2d(3, 4, 3, padding=1, backend=backend).to(device=device, dtype=torch.float64))
+    x = _inputs(device, signed=True)
+    params, buffers = stack_module_state(layers)
+    base = copy.deepcopy(layers[0]).to("meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        out = vmap(lambda p, b: functional_call(base, (p, b), (x,)))(params, buffers)
+    for index, layer in enumerate(layers):
+        own = {name: p.detach() for name, p in layer.named_parameters()}
+        torch.testing.assert_close(out[index], _reference_conv(own, x, "abs_mean", False), rtol=RTOL, atol=ATOL)
+    assert buffers["num_batches_tracked"].tolist() == [1, 1, 1]
+
+
+@pytest.mark.parametrize("statistic", ["mean", "abs_mean"])
+def test_jacrev_of_the_statistics(backend, device, statistic):
+    x = _inputs(device, signed=statistic == "abs_mean", batch=2)
+    got = jacrev(lambda v: ek.channel_mean(v, statistic=statistic, stats_fraction=0.5, backend=backend))(x)
+    expected = jacrev(lambda v: reference.channel_mean(v, statistic=statistic, stats_fraction=0.5))(x)
+    torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+    got = jacrev(lambda v: ek.tap_mean(v, 3, stride=2, padding=1, statistic=statistic, backend=backend))(x)
+    expected = jacrev(lambda v: reference.tap_mean(v, 3, stride=2, padding=1, statistic=statistic))(x)
+    torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
