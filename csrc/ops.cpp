@@ -42,9 +42,11 @@
 // - tap_mean: per input channel and kernel tap, the mean of the values the tap multiplies in the
 //   convolution (csrc/shared/tap_mean_math.h), (C, *kernel_size) in acc, and negative (C,) bool:
 //   the channels where x[:rows] has a value < 0 (set only when absolute, the mean of |x|).
-//   padding is a (before, after) pair per spatial dim; padding_mode "zeros", "reflect",
-//   "replicate" or "circular". tap_mean_backward maps the (C, *kernel_size) gradient to the
-//   (C, *spatial) gradient of every sample that fed the means (before any sign of x).
+//   geometry is the convolution's, one string: "kernel_size=3,3 stride=1,1 padding=1,1,1,1
+//   dilation=1,1 padding_mode=zeros", padding a (before, after) pair per spatial dim, padding_mode
+//   "zeros", "reflect", "replicate" or "circular" (tap_geometry.h; a string converts from Python
+//   in a fraction of the time four int lists take). tap_mean_backward maps the (C, *kernel_size)
+//   gradient to the (C, *spatial) gradient of every sample that fed the means (before any sign of x).
 #include <torch/library.h>
 
 #include <vector>
@@ -90,12 +92,10 @@ TORCH_LIBRARY(equinorm_kernels, m) {
       " -> (Tensor grad_weight, Tensor grad_mean, Tensor grad_gain)",
       kReadsAnyLayout);
   m.def(
-      "tap_mean(Tensor x, SymInt rows, int[] kernel_size, int[] stride, int[] padding, int[] dilation,"
-      " str padding_mode, bool absolute) -> (Tensor mean, Tensor negative)",
+      "tap_mean(Tensor x, SymInt rows, str geometry, bool absolute) -> (Tensor mean, Tensor negative)",
       kReadsAnyLayout);
   m.def(
-      "tap_mean_backward(Tensor grad, SymInt[] spatial, SymInt rows, int[] kernel_size, int[] stride,"
-      " int[] padding, int[] dilation, str padding_mode) -> Tensor");
+      "tap_mean_backward(Tensor grad, SymInt[] spatial, SymInt rows, str geometry) -> Tensor");
   m.def("enorm_group_(Tensor(a!)[] tensors, int[] entries, float p, float c) -> Tensor");
   m.def("enorm_cycle_(Tensor(a!)[] tensors, int[] entries, int[] group_sizes, float p, float c) -> Tensor");
 }

@@ -4,7 +4,10 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdint>
 #include <string>
+#include <string_view>
+#include <vector>
 
 #include "op_checks.h"
 #include "shared/tap_mean_math.h"
@@ -27,6 +30,74 @@ inline int parse_padding_mode(c10::string_view mode) {
   TORCH_CHECK(mode == "circular", "padding_mode must be \"zeros\", \"reflect\", \"replicate\" or \"circular\", got \"",
               std::string(mode), "\"");
   return tap::kCircular;
+}
+
+// The ops' geometry argument, one string:
+//   "kernel_size=3,3 stride=1,1 padding=1,1,1,1 dilation=1,1 padding_mode=zeros"
+// (fields in this order; padding a (before, after) pair per dim), as
+// equinorm_kernels/_tap_geometry.py writes it. One string rather than four int lists and a mode:
+// the Python-to-C++ conversion of an op call's int lists costs microseconds per list, more than a
+// small input's whole kernel.
+struct TapSpec {
+  std::vector<int64_t> kernel_size, stride, padding, dilation;
+  std::string_view padding_mode;  // a view into the spec
+};
+
+namespace detail {
+
+[[noreturn]] inline void bad_tap_spec(std::string_view spec) {
+  TORCH_CHECK(false, "geometry must read \"kernel_size=<ints> stride=<ints> padding=<ints> dilation=<ints> "
+              "padding_mode=<mode>\" (ints comma-separated), got \"", std::string(spec), "\"");
+}
+
+// The value of field `name` at the front of `rest`, which is then moved past it.
+inline std::string_view take_field(std::string_view& rest, std::string_view name, std::string_view spec) {
+  if (rest.size() <= name.size() || rest.substr(0, name.size()) != name || rest[name.size()] != '=') {
+    bad_tap_spec(spec);
+  }
+  rest.remove_prefix(name.size() + 1);
+  const size_t end = std::min(rest.find(' '), rest.size());
+  const std::string_view value = rest.substr(0, end);
+  rest.remove_prefix(end == rest.size() ? end : end + 1);
+  return value;
+}
+
+inline std::vector<int64_t> parse_ints(std::string_view text, std::string_view spec) {
+  constexpr int64_t kLargest = (INT64_MAX - 9) / 10;
+  std::vector<int64_t> values;
+  size_t i = 0;
+  while (i < text.size()) {
+    const bool negative = text[i] == '-';
+    if (negative) ++i;
+    if (i == text.size() || text[i] < '0' || text[i] > '9') bad_tap_spec(spec);
+    int64_t value = 0;
+    for (; i < text.size() && text[i] >= '0' && text[i] <= '9'; ++i) {
+      if (value > kLargest) bad_tap_spec(spec);
+      value = value * 10 + (text[i] - '0');
+    }
+    values.push_back(negative ? -value : value);
+    if (i < text.size()) {
+      if (text[i] != ',' || i + 1 == text.size()) bad_tap_spec(spec);
+      ++i;
+    }
+  }
+  if (values.empty()) bad_tap_spec(spec);
+  return values;
+}
+
+}  // namespace detail
+
+inline TapSpec parse_tap_spec(c10::string_view geometry) {
+  const std::string_view spec(geometry.data(), geometry.size());
+  std::string_view rest = spec;
+  TapSpec parsed;
+  parsed.kernel_size = detail::parse_ints(detail::take_field(rest, "kernel_size", spec), spec);
+  parsed.stride = detail::parse_ints(detail::take_field(rest, "stride", spec), spec);
+  parsed.padding = detail::parse_ints(detail::take_field(rest, "padding", spec), spec);
+  parsed.dilation = detail::parse_ints(detail::take_field(rest, "dilation", spec), spec);
+  parsed.padding_mode = detail::take_field(rest, "padding_mode", spec);
+  if (!rest.empty()) detail::bad_tap_spec(spec);
+  return parsed;
 }
 
 // Checks the convolution arguments against the spatial sizes (kernel_size, stride and dilation
@@ -64,6 +135,12 @@ inline TapGeometry tap_geometry(at::IntArrayRef spatial, at::IntArrayRef kernel_
     d.outputs = tap::output_positions(d.length, d.kernel, d.stride, d.dilation, d.before, d.after);
   }
   return g;
+}
+
+// tap_geometry of a spec (see TapSpec).
+inline TapGeometry tap_geometry(at::IntArrayRef spatial, const TapSpec& spec) {
+  return tap_geometry(spatial, spec.kernel_size, spec.stride, spec.padding, spec.dilation,
+                      c10::string_view(spec.padding_mode.data(), spec.padding_mode.size()));
 }
 
 // The output shape (C, *kernel_size).

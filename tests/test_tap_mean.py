@@ -17,6 +17,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import equinorm_kernels as ek
+from equinorm_kernels._tap_geometry import check_tap_mean_args, parse_geometry_spec
 
 from kernel_backends import fused_backend_params, op
 
@@ -355,15 +356,41 @@ def test_second_order_gradients(backend, device):
 def test_opcheck(backend, device):
     x = _signed_input((3, 2, 6, 5), seed=15).float().to(device)
     forward, backward = op(backend, "tap_mean"), op(backend, "tap_mean_backward")
-    geometry = ([3, 3], [2, 1], [1, 1, 0, 2], [1, 2], "reflect")
+    geometry = "kernel_size=3,3 stride=2,1 padding=1,1,0,2 dilation=1,2 padding_mode=reflect"
     grad = torch.randn(2, 3, 3, device=device)
     samples = [
-        (forward, (x, 2, *geometry, True)),
-        (forward, (x.contiguous(memory_format=torch.channels_last), 3, *geometry, False)),
-        (backward, (grad, [6, 5], 2, *geometry)),
+        (forward, (x, 2, geometry, True)),
+        (forward, (x.contiguous(memory_format=torch.channels_last), 3, geometry, False)),
+        (backward, (grad, [6, 5], 2, geometry)),
     ]
     for function, args in samples:
         torch.library.opcheck(function, args)
+
+
+@pytest.mark.parametrize("backend,device", fused_backend_params())
+@pytest.mark.parametrize("geometry", [
+    "kernel_size=3,3 stride=1,1 padding=1,1,1,1 dilation=1,1",  # no padding_mode
+    "stride=1,1 kernel_size=3,3 padding=1,1,1,1 dilation=1,1 padding_mode=zeros",  # fields out of order
+    "kernel_size=3,x stride=1,1 padding=1,1,1,1 dilation=1,1 padding_mode=zeros",
+    "kernel_size=3,3 stride= padding=1,1,1,1 dilation=1,1 padding_mode=zeros",
+    "kernel_size=3,3, stride=1,1 padding=1,1,1,1 dilation=1,1 padding_mode=zeros",
+    "kernel_size=3,3 stride=1,1 padding=1,1,1,1 dilation=1,1 padding_mode=zeros extra=1",
+])
+def test_ops_reject_a_malformed_geometry(backend, device, geometry):
+    x = torch.rand(2, 3, 6, 6, device=device)
+    with pytest.raises((RuntimeError, ValueError), match="geometry"):
+        op(backend, "tap_mean")(x, 2, geometry, False)
+    with pytest.raises((RuntimeError, ValueError), match="geometry"):
+        op(backend, "tap_mean_backward")(torch.rand(3, 3, 3, device=device), [6, 6], 2, geometry)
+
+
+def test_geometry_spec_round_trips():
+    # The string the ops take, from every argument form tap_mean accepts.
+    geometry, _ = check_tap_mean_args(torch.rand(1, 2, 9, 8, 7), (3, 2, 1), 1, "same", 2, "circular", 1.0, "mean")
+    assert geometry.spec == "kernel_size=3,2,1 stride=1,1,1 padding=2,2,1,1,0,0 dilation=2,2,2 padding_mode=circular"
+    assert parse_geometry_spec(geometry.spec) == (
+        geometry.kernel_size, geometry.stride, geometry.padding, geometry.dilation, geometry.padding_mode
+    )
 
 
 # Triton under its interpreter runs as opaque ops: compiled Triton (GPU) only, as test_compile_dynamic.

@@ -925,15 +925,15 @@ void tap_means(const scalar_t* x, int64_t rows, int64_t channels, bool channels_
   grouped_tap_means(sums.data, channels, channels_last, counts, count, mean);
 }
 
-std::tuple<at::Tensor, at::Tensor> tap_mean(const at::Tensor& x, int64_t rows, at::IntArrayRef kernel_size,
-                                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                            c10::string_view padding_mode, bool absolute) {
+std::tuple<at::Tensor, at::Tensor> tap_mean(const at::Tensor& x, int64_t rows, c10::string_view geometry,
+                                            bool absolute) {
   auto [readable, channel_geometry] = channel_input(x, rows);
   TORCH_CHECK(readable.device().is_cpu(), "x must be a CPU tensor for the CPU kernel");
-  const TapGeometry g = tap_geometry(x.sizes().slice(2), kernel_size, stride, padding, dilation, padding_mode);
+  const TapSpec spec = parse_tap_spec(geometry);
+  const TapGeometry g = tap_geometry(x.sizes().slice(2), spec);
   const int64_t channels = channel_geometry.channels;
   const auto acc = accumulation_type(x.scalar_type());
-  at::Tensor mean = at::empty(tap_mean_shape(channels, kernel_size), x.options().dtype(acc));
+  at::Tensor mean = at::empty(tap_mean_shape(channels, spec.kernel_size), x.options().dtype(acc));
   at::Tensor negative = at::empty({channels}, x.options().dtype(at::kBool));
   std::fill_n(negative.mutable_data_ptr<bool>(), channels, false);  // set per channel by abs_mean only
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tap_mean_cpu", [&] {
@@ -951,10 +951,10 @@ std::tuple<at::Tensor, at::Tensor> tap_mean(const at::Tensor& x, int64_t rows, a
 }
 
 at::Tensor tap_mean_backward(const at::Tensor& grad, at::IntArrayRef spatial, int64_t rows,
-                             at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-                             at::IntArrayRef dilation, c10::string_view padding_mode) {
-  const TapGeometry g = tap_geometry(spatial, kernel_size, stride, padding, dilation, padding_mode);
-  check_tap_grad(grad, kernel_size, rows);
+                             c10::string_view geometry) {
+  const TapSpec spec = parse_tap_spec(geometry);
+  const TapGeometry g = tap_geometry(spatial, spec);
+  check_tap_grad(grad, spec.kernel_size, rows);
   TORCH_CHECK(grad.device().is_cpu(), "grad must be a CPU tensor for the CPU kernel");
   const at::Tensor grad_c = grad.contiguous();
   const int64_t channels = grad.size(0);

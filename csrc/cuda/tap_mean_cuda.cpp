@@ -32,15 +32,16 @@ at::Tensor workspace_of(size_t bytes, const at::Tensor& like) {
   return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
 }
 
-std::tuple<at::Tensor, at::Tensor> tap_mean(const at::Tensor& x, int64_t rows, at::IntArrayRef kernel_size,
-                                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                            c10::string_view padding_mode, bool absolute) {
+std::tuple<at::Tensor, at::Tensor> tap_mean(const at::Tensor& x, int64_t rows, c10::string_view geometry,
+                                            bool absolute) {
   auto [readable, channel_geometry] = channel_input(x, rows);
   TORCH_CHECK(readable.is_cuda(), "x must be a CUDA tensor for the CUDA kernel, got one on ", readable.device());
-  const TapGeometry g = tap_geometry(x.sizes().slice(2), kernel_size, stride, padding, dilation, padding_mode);
+  const TapSpec spec = parse_tap_spec(geometry);
+  const TapGeometry g = tap_geometry(x.sizes().slice(2), spec);
   const c10::cuda::CUDAGuard guard(readable.device());
   const int64_t channels = channel_geometry.channels;
-  at::Tensor mean = at::empty(tap_mean_shape(channels, kernel_size), x.options().dtype(accumulation_type(x.scalar_type())));
+  at::Tensor mean =
+      at::empty(tap_mean_shape(channels, spec.kernel_size), x.options().dtype(accumulation_type(x.scalar_type())));
   at::Tensor negative = at::zeros({channels}, x.options().dtype(at::kBool));
   const TapMeanShape shape = tap_shape(g, rows, channels, channel_geometry.channels_last);
   const ElementType type = element_type(readable.scalar_type());
@@ -53,10 +54,10 @@ std::tuple<at::Tensor, at::Tensor> tap_mean(const at::Tensor& x, int64_t rows, a
 }
 
 at::Tensor tap_mean_backward(const at::Tensor& grad, at::IntArrayRef spatial, int64_t rows,
-                             at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-                             at::IntArrayRef dilation, c10::string_view padding_mode) {
-  const TapGeometry g = tap_geometry(spatial, kernel_size, stride, padding, dilation, padding_mode);
-  check_tap_grad(grad, kernel_size, rows);
+                             c10::string_view geometry) {
+  const TapSpec spec = parse_tap_spec(geometry);
+  const TapGeometry g = tap_geometry(spatial, spec);
+  check_tap_grad(grad, spec.kernel_size, rows);
   TORCH_CHECK(grad.is_cuda(), "grad must be a CUDA tensor for the CUDA kernel, got one on ", grad.device());
   const c10::cuda::CUDAGuard guard(grad.device());
   const at::Tensor grad_c = grad.contiguous();

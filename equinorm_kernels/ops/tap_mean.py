@@ -27,12 +27,13 @@ from .._transformable import apply, transformable
 from .equinorm import NegativeFlags, builds_graph
 
 
-def fake_tap_mean(x, rows, kernel_size, stride, padding, dilation, padding_mode, absolute):
+def fake_tap_mean(x, rows, geometry, absolute):
+    kernel_size = _tap_geometry.parse_geometry_spec(geometry)[0]
     mean = x.new_empty((x.shape[1], *kernel_size), dtype=_tap_geometry.accumulation_dtype(x))
     return mean, x.new_empty((x.shape[1],), dtype=torch.bool)
 
 
-def fake_tap_mean_backward(grad, spatial, rows, kernel_size, stride, padding, dilation, padding_mode):
+def fake_tap_mean_backward(grad, spatial, rows, geometry):
     return grad.new_empty((grad.shape[0], *spatial))
 
 
@@ -50,42 +51,29 @@ def register_ops(name: str, forward: Callable, backward: Callable) -> None:
     _OPS[name] = (forward, backward)
 
 
-def _op_geometry(geometry: TapGeometry) -> tuple:
-    return (geometry.kernel_size, geometry.stride, geometry.padding, geometry.dilation, geometry.padding_mode)
-
-
-def _geometry_fields(geometry: TapGeometry) -> tuple:
-    # TapGeometry's fields in its constructor's order, which is also the op's argument order.
-    return (geometry.kernel_size, geometry.stride, geometry.padding, geometry.dilation, geometry.padding_mode,
-            geometry.absolute)
-
-
 @functools.lru_cache(maxsize=256)
-def _geometry(fields: tuple) -> TapGeometry:
-    # The fields come from a TapGeometry (plain tuples), so equal keys mean equal geometries.
-    return TapGeometry(*fields)
+def _geometry(spec: str, absolute: bool) -> TapGeometry:
+    return TapGeometry(*_tap_geometry.parse_geometry_spec(spec), absolute)
 
 
 @transformable
 class _TapMean(torch.autograd.Function):
-    # The geometry travels as one tuple of plain tuples, strings and bools: torch.compile traces it
-    # as a constant (and every argument of apply costs host time). The fields are the op's
-    # geometry arguments and then `absolute` (see _geometry_fields): no TapGeometry is built where
-    # torch.compile traces.
+    # The geometry travels as its spec string (TapGeometry.spec) and `absolute`: torch.compile
+    # traces them as constants, and every argument of apply costs host time.
     @staticmethod
-    def compute(x, stats_fraction: float, geometry_fields: tuple, implementation: str):
+    def compute(x, stats_fraction: float, spec: str, absolute: bool, implementation: str):
         rows = _checks.stats_rows(x.shape[0], stats_fraction)
-        return _OPS[implementation][0](x, rows, *geometry_fields)  # (mean, negative)
+        return _OPS[implementation][0](x, rows, spec, absolute)  # (mean, negative)
 
     @staticmethod
     def save(ctx, inputs, output) -> None:
-        x, stats_fraction, geometry_fields, implementation = inputs
+        x, stats_fraction, spec, absolute, implementation = inputs
         negative = output[1]
-        absolute = geometry_fields[-1]
         # x itself, not its shape: sizes kept on ctx would be symbols of the forward's graph under
         # torch.compile(dynamic=True), which the backward's graph cannot use.
         ctx.save_for_backward(x, negative)
-        ctx.geometry_fields, ctx.stats_fraction, ctx.implementation = geometry_fields, float(stats_fraction), implementation
+        ctx.spec, ctx.absolute = spec, absolute
+        ctx.stats_fraction, ctx.implementation = float(stats_fraction), implementation
         ctx.negative_flags = NegativeFlags(negative) if absolute and x.requires_grad else None
         ctx.mark_non_differentiable(negative)
         ctx.set_materialize_grads(False)  # no zero gradient built for the flags
@@ -93,7 +81,7 @@ class _TapMean(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, _grad_negative):
         if grad is None:  # the means did not reach the loss
-            return None, None, None, None
+            return None, None, None, None, None
         x, negative = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable
             from ..reference.tap_statistics import tap_mean_unchecked
@@ -101,13 +89,13 @@ class _TapMean(torch.autograd.Function):
             # torch.func.vjp rather than a leaf that requires grad: it also runs inside torch.func
             # transforms (whose backward always builds a graph). Through x the means are linear
             # (abs_mean: piecewise), so nothing of second order is lost by detaching it.
-            geometry = _geometry(ctx.geometry_fields)
+            geometry = _geometry(ctx.spec, ctx.absolute)
             _, vjp = torch.func.vjp(lambda value: tap_mean_unchecked(value, ctx.stats_fraction, geometry), x.detach())
             (grad_x,) = vjp(grad)
-            return grad_x, None, None, None
+            return grad_x, None, None, None, None
         rows = _checks.stats_rows(x.shape[0], ctx.stats_fraction)
-        plane = _OPS[ctx.implementation][1](grad.contiguous(), list(x.shape[2:]), rows, *ctx.geometry_fields[:-1])
-        return _grad_input(plane, x, negative, ctx.stats_fraction, ctx.negative_flags), None, None, None
+        plane = _OPS[ctx.implementation][1](grad.contiguous(), list(x.shape[2:]), rows, ctx.spec)
+        return _grad_input(plane, x, negative, ctx.stats_fraction, ctx.negative_flags), None, None, None, None
 
 
 def _grad_input(plane: torch.Tensor, x: torch.Tensor, negative: torch.Tensor, stats_fraction: float,
@@ -136,9 +124,9 @@ def _grad_input(plane: torch.Tensor, x: torch.Tensor, negative: torch.Tensor, st
 def fused_tap_mean(implementation: str) -> Callable[[torch.Tensor, float, TapGeometry], torch.Tensor]:
     def tap_mean(x: torch.Tensor, stats_fraction: float, geometry: TapGeometry) -> torch.Tensor:
         if builds_graph(x):
-            return apply(_TapMean, x, stats_fraction, _geometry_fields(geometry), implementation)[0]
+            return apply(_TapMean, x, stats_fraction, geometry.spec, geometry.absolute, implementation)[0]
         rows = _checks.stats_rows(x.shape[0], stats_fraction)
-        return _OPS[implementation][0](x, rows, *_op_geometry(geometry), geometry.absolute)[0]
+        return _OPS[implementation][0](x, rows, geometry.spec, geometry.absolute)[0]
 
     return tap_mean
 

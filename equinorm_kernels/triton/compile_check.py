@@ -44,6 +44,7 @@ from triton.compiler import ASTSource, CompiledKernel, make_backend
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
+from .._tap_geometry import geometry_spec
 from . import _runtime, enorm, equinorm, launch_plans, tap_mean  # importing the kernel modules defines the ops
 from ._row_sums import launch_row_sums
 
@@ -328,11 +329,12 @@ def _tap_mean_calls(recorder: LaunchRecorder, dtypes) -> None:
                 for mode, absolute in (("zeros", True), ("reflect", False), ("replicate", True), ("circular", False)):
                     for rows in sorted({shape[0], 1}):
                         with recorder.sample(f"{dtype} tap_mean {shape} {layout} {mode} rows={rows}"):
-                            ops.triton_tap_mean(x, rows, kernel, stride, padding, dilation, mode, absolute)
+                            ops.triton_tap_mean(x, rows, geometry_spec(kernel, stride, padding, dilation, mode),
+                                                absolute)
                     with recorder.sample(f"{dtype} tap_mean backward {shape} {mode}"):
                         grad = torch.randn((shape[1], *kernel), dtype=acc)
-                        ops.triton_tap_mean_backward(grad, list(shape[2:]), shape[0], kernel, stride, padding,
-                                                     dilation, mode)
+                        ops.triton_tap_mean_backward(grad, list(shape[2:]), shape[0],
+                                                     geometry_spec(kernel, stride, padding, dilation, mode))
         x = torch.randn(7, 3, 5, 6).to(dtype)
         for splits in (1, 2, 3):
             with recorder.sample(f"{dtype} tap_mean splits={splits}"):

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._tap_geometry import parse_geometry_spec
 from ._runtime import accumulation_dtype, check, check_device, define_op, on_device, wrap_triton
 from .equinorm import _channel_input
 from .launch_plans import tap_column_sum_plan
@@ -275,22 +276,18 @@ def _tap_mean(x, rows, kernel_size, stride, padding, dilation, padding_mode, abs
 
 
 @define_op("triton_tap_mean")
-def triton_tap_mean(
-    x: torch.Tensor, rows: int, kernel_size: list[int], stride: list[int], padding: list[int],
-    dilation: list[int], padding_mode: str, absolute: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def triton_tap_mean(x: torch.Tensor, rows: int, geometry: str, absolute: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(C, *kernel_size) per-tap means of x[:rows] in the accumulation dtype, and (C,) bool:
-    the channels with a negative value (set for abs_mean only)."""
+    the channels with a negative value (set for abs_mean only). ``geometry``: see
+    :func:`equinorm_kernels._tap_geometry.geometry_spec`."""
     with on_device(x):
-        return _tap_mean(x, rows, kernel_size, stride, padding, dilation, padding_mode, absolute)
+        return _tap_mean(x, rows, *parse_geometry_spec(geometry), absolute)
 
 
 @define_op("triton_tap_mean_backward")
-def triton_tap_mean_backward(
-    grad: torch.Tensor, spatial: list[int], rows: int, kernel_size: list[int], stride: list[int],
-    padding: list[int], dilation: list[int], padding_mode: str,
-) -> torch.Tensor:
+def triton_tap_mean_backward(grad: torch.Tensor, spatial: list[int], rows: int, geometry: str) -> torch.Tensor:
     """The (C, *spatial) gradient of every sample that fed the means, from grad (C, *kernel_size)."""
+    kernel_size, stride, padding, dilation, padding_mode = parse_geometry_spec(geometry)
     check_device(grad, "grad")
     check(grad.dtype in (torch.float32, torch.float64),
           f"grad must be float32 or float64 (the accumulation dtype), got {grad.dtype}")
