@@ -313,7 +313,7 @@ class EquiNormLayer(nn.Module):
         which builds the weight inside its graph, nor under torch.func transforms.
         """
         needs_graph = torch.is_grad_enabled() and (self.weight.requires_grad or self.gain.requires_grad)
-        # torch.func's tensors are wrappers without data pointers; a transform's weight is its own.
+        # Under torch.func the tensors are wrappers without the data pointers the cache key reads.
         if needs_graph or torch.compiler.is_compiling() or _checks.func_transform_active():
             return self.normalized_weight(self.running_mean, ratio)
         key = self._eval_weight_key(ratio)
