@@ -385,7 +385,7 @@ def test_ops_reject_a_malformed_geometry(backend, device, geometry):
 
 
 def test_geometry_spec_round_trips():
-    # The string the ops take, from every argument form tap_mean accepts.
+    # A 3-d geometry with "same" padding (worked out by hand) as the string the ops take, and back.
     geometry, _ = check_tap_mean_args(torch.rand(1, 2, 9, 8, 7), (3, 2, 1), 1, "same", 2, "circular", 1.0, "mean")
     assert geometry.spec == "kernel_size=3,2,1 stride=1,1,1 padding=2,2,1,1,0,0 dilation=2,2,2 padding_mode=circular"
     assert parse_geometry_spec(geometry.spec) == (
