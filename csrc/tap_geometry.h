@@ -3,11 +3,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/SmallVector.h>
 
 #include <cstdint>
 #include <string>
 #include <string_view>
-#include <vector>
 
 #include "op_checks.h"
 #include "shared/tap_mean_math.h"
@@ -37,9 +37,12 @@ inline int parse_padding_mode(c10::string_view mode) {
 // (fields in this order; padding a (before, after) pair per dim), as
 // equinorm_kernels/_tap_geometry.py writes it. One string rather than four int lists and a mode:
 // the Python-to-C++ conversion of an op call's int lists costs microseconds per list, more than a
-// small input's whole kernel.
+// small input's whole kernel. The values are kept inline (at most 3 per dim field, 6 for padding):
+// no heap allocation per call.
+using SpecInts = c10::SmallVector<int64_t, 2 * tap::kDims>;
+
 struct TapSpec {
-  std::vector<int64_t> kernel_size, stride, padding, dilation;
+  SpecInts kernel_size, stride, padding, dilation;
   std::string_view padding_mode;  // a view into the spec
 };
 
@@ -62,9 +65,9 @@ inline std::string_view take_field(std::string_view& rest, std::string_view name
   return value;
 }
 
-inline std::vector<int64_t> parse_ints(std::string_view text, std::string_view spec) {
+inline SpecInts parse_ints(std::string_view text, std::string_view spec) {
   constexpr int64_t kLargest = (INT64_MAX - 9) / 10;
-  std::vector<int64_t> values;
+  SpecInts values;
   size_t i = 0;
   while (i < text.size()) {
     const bool negative = text[i] == '-';
@@ -144,15 +147,15 @@ inline TapGeometry tap_geometry(at::IntArrayRef spatial, const TapSpec& spec) {
 }
 
 // The output shape (C, *kernel_size).
-inline std::vector<int64_t> tap_mean_shape(int64_t channels, at::IntArrayRef kernel_size) {
-  std::vector<int64_t> shape{channels};
+inline c10::SmallVector<int64_t, tap::kDims + 1> tap_mean_shape(int64_t channels, at::IntArrayRef kernel_size) {
+  c10::SmallVector<int64_t, tap::kDims + 1> shape{channels};
   shape.insert(shape.end(), kernel_size.begin(), kernel_size.end());
   return shape;
 }
 
 // The backward's input gradient plane shape (C, *spatial).
-inline std::vector<int64_t> tap_plane_shape(int64_t channels, at::IntArrayRef spatial) {
-  std::vector<int64_t> shape{channels};
+inline c10::SmallVector<int64_t, tap::kDims + 1> tap_plane_shape(int64_t channels, at::IntArrayRef spatial) {
+  c10::SmallVector<int64_t, tap::kDims + 1> shape{channels};
   shape.insert(shape.end(), spatial.begin(), spatial.end());
   return shape;
 }
