@@ -7,6 +7,7 @@ from collections.abc import Callable
 from numbers import Real
 
 import torch
+from torch.autograd import forward_ad
 
 # float32 first: membership tests stop at the first equal dtype, and most inputs are float32.
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -64,6 +65,12 @@ def vmap_active() -> bool:
         return False
     vmap = torch._C._functorch.TransformType.Vmap
     return any(interpreter.key() == vmap for interpreter in torch._C._functorch.get_interpreter_stack())
+
+
+def forward_ad_active() -> bool:
+    """Whether forward-mode AD runs (torch.func.jvp, jacfwd, hessian, or a
+    torch.autograd.forward_ad dual level): its tangents pass only through PyTorch ops."""
+    return forward_ad._current_level >= 0
 
 
 def func_transform_active() -> bool:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from . import reference
+from . import _checks, reference
 from ._tap_geometry import TapGeometry
 from .reference.tap_statistics import tap_mean_unchecked as _reference_tap_mean
 
@@ -91,7 +91,17 @@ def available_backends(device: torch.device | str | torch.Tensor = "cpu") -> lis
 
 
 def resolve_backend(name: str, device: torch.device) -> Backend:
-    """The backend that runs on ``device`` for the ``backend=`` argument ``name``."""
+    """The backend that runs on ``device`` for the ``backend=`` argument ``name``: the reference
+    while forward-mode AD runs (``torch.func.jvp``, ``jacfwd``, ``hessian``, or a
+    ``torch.autograd.forward_ad`` dual level). Tangents pass only through PyTorch ops, and the
+    fused ops would drop them; the reference is the same math in PyTorch ops."""
+    backend = _named_backend(name, device)
+    if _checks.forward_ad_active():
+        return _REGISTRY["reference"]
+    return backend
+
+
+def _named_backend(name: str, device: torch.device) -> Backend:
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
     if name == "auto":
@@ -141,7 +151,9 @@ def cpu_train_forward(name: str, field: str) -> Callable[..., tuple[torch.Tensor
     """The whole-layer training forward ``field`` ("conv_train_forward" or "linear_train_forward")
     of the backend that ``name`` resolves to for CPU tensors (None where it has none). Remembered
     per name and field together with the registry it was resolved from: every training call of a
-    layer asks."""
+    layer asks. None under forward-mode AD (see resolve_backend), and not remembered then."""
+    if _checks.forward_ad_active():
+        return None
     snapshot = tuple(_REGISTRY.values())
     remembered = _CPU_TRAIN_FORWARD.get((name, field))
     if remembered is not None and remembered[0] == snapshot:

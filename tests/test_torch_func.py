@@ -148,3 +148,117 @@ def test_jacrev_of_the_statistics(backend, device, statistic):
     got = jacrev(lambda v: ek.tap_mean(v, 3, stride=2, padding=1, statistic=statistic, backend=backend))(x)
     expected = jacrev(lambda v: reference.tap_mean(v, 3, stride=2, padding=1, statistic=statistic))(x)
     torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+
+
+# Forward-mode AD (jvp, jacfwd, hessian, torch.autograd.forward_ad): the fused ops carry no
+# tangents, so every backend answers through the reference there; the tangents must be exact.
+
+
+@pytest.mark.parametrize("statistic", ["mean", "abs_mean"])
+def test_jvp_of_the_ops_matches_the_reference(backend, device, statistic):
+    x = _inputs(device, signed=statistic == "abs_mean", batch=2)
+    torch.manual_seed(2)
+    x_tangent = torch.randn_like(x)
+    weight = torch.randn(4, 3, 3, 3, dtype=torch.float64, device=device)
+    weight_tangent = torch.randn_like(weight)
+    cases = {
+        "channel_mean": (lambda v: ek.channel_mean(v, statistic=statistic, stats_fraction=0.5, backend=backend),
+                         lambda v: reference.channel_mean(v, statistic=statistic, stats_fraction=0.5)),
+        "tap_mean": (lambda v: ek.tap_mean(v, 3, stride=2, padding=1, statistic=statistic, backend=backend),
+                     lambda v: reference.tap_mean(v, 3, stride=2, padding=1, statistic=statistic)),
+    }
+    for name, (fused, specification) in cases.items():
+        got = torch.func.jvp(fused, (x,), (x_tangent,))
+        expected = torch.func.jvp(specification, (x,), (x_tangent,))
+        torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL, msg=name)
+        assert expected[1].abs().max() > 0, name  # a tangent that can tell zero from the truth
+
+    mean = reference.channel_mean(x, statistic="abs_mean")
+
+    def fused_weight(w, mu):
+        return ek.equinorm_weight(w, mu, backend=backend)
+
+    got = torch.func.jvp(fused_weight, (weight, mean), (weight_tangent, x_tangent[0, :, 0, 0]))
+    expected = torch.func.jvp(reference.equinorm_weight, (weight, mean), (weight_tangent, x_tangent[0, :, 0, 0]))
+    torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL, msg="equinorm_weight")
+
+
+@pytest.mark.parametrize("per_tap", [False, True], ids=["channel", "per_tap"])
+def test_hessian_of_a_normalized_convolution_matches_the_reference(backend, device, per_tap):
+    # hessian is jacfwd of jacrev: forward-mode AD around the backward. The ops rather than a
+    # layer: a layer's training forward updates its running statistics in place, which jacfwd's
+    # vmap over the tangents cannot batch.
+    torch.manual_seed(0)
+    weight = torch.randn(4, 3, 3, 3, dtype=torch.float64, device=device)
+    gain = torch.rand(4, dtype=torch.float64, device=device) + 0.5
+    x = _inputs(device, signed=True, batch=2)
+
+    def loss(v):
+        mean = (ek.tap_mean(v, 3, padding=1, statistic="abs_mean", backend=backend) if per_tap
+                else ek.channel_mean(v, statistic="abs_mean", backend=backend))  # fmt: skip
+        return F.conv2d(v, ek.equinorm_weight(weight, mean, gain=gain, backend=backend), padding=1).square().sum()
+
+    def reference_loss(v):
+        return _reference_conv({"weight": weight, "gain": gain, "bias": None}, v, "abs_mean", per_tap).square().sum()
+
+    got, expected = torch.func.hessian(loss)(x), torch.func.hessian(reference_loss)(x)
+    torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("per_tap", [False, True], ids=["channel", "per_tap"])
+def test_forward_ad_dual_tensors_through_a_training_layer(backend, device, per_tap):
+    # torch.autograd.forward_ad without torch.func: no transform is on the stack, and a layer's
+    # one-call forward must step aside as well.
+    import torch.autograd.forward_ad as fwAD
+
+    layer = _conv_layer(backend, device, per_tap)
+    x = _inputs(device, signed=True)
+    torch.manual_seed(3)
+    tangent = torch.randn_like(x)
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+    with fwAD.dual_level():
+        out = layer(fwAD.make_dual(x, tangent))
+        got, got_tangent = fwAD.unpack_dual(out)
+    expected, expected_tangent = torch.func.jvp(
+        lambda v: _reference_conv(params, v, "abs_mean", per_tap), (x,), (tangent,)
+    )
+    torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(got_tangent, expected_tangent, rtol=RTOL, atol=ATOL)
+
+
+def test_forward_ad_through_the_eval_weight(backend, device):
+    # The eval weight is built once and reused. A dual weight shares its primal's data and version:
+    # reusing the primal's weight for it would lose the tangent.
+    import torch.autograd.forward_ad as fwAD
+
+    layer = _conv_layer(backend, device)
+    x = _inputs(device, signed=False)
+    layer(x)
+    layer.eval()
+    layer(x)  # the eval weight, built and kept
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+    torch.manual_seed(4)
+    tangent = torch.randn_like(params["weight"])
+    with fwAD.dual_level():
+        out = functional_call(layer, {"weight": fwAD.make_dual(params["weight"], tangent)}, (x,), strict=False)
+        got_tangent = fwAD.unpack_dual(out).tangent
+    mean = layer.running_mean.clone()
+    _, expected_tangent = torch.func.jvp(
+        lambda w: _reference_conv({**params, "weight": w}, x, "abs_mean", False, mean=mean), (params["weight"],), (tangent,)
+    )
+    torch.testing.assert_close(got_tangent, expected_tangent, rtol=RTOL, atol=ATOL)
+
+
+def test_forward_ad_leaves_the_backend_choice_as_it_was(backend, device):
+    # The backend is swapped only while a dual level is open, and nothing of it is remembered.
+    import torch.autograd.forward_ad as fwAD
+
+    from equinorm_kernels.backends import cpu_train_forward, resolve_backend
+
+    target = torch.device(device)
+    with fwAD.dual_level():
+        assert resolve_backend(backend, target).name == "reference"
+        assert cpu_train_forward(backend, "conv_train_forward") is None
+    assert resolve_backend(backend, target).name == backend
+    whole_layer = resolve_backend(backend, torch.device("cpu")).conv_train_forward
+    assert cpu_train_forward(backend, "conv_train_forward") is whole_layer
