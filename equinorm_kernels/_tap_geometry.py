@@ -120,6 +120,18 @@ def check_tap_mean_args(
     statistic: object,
 ) -> tuple[TapGeometry, float]:
     """Validate tap_mean's arguments against x; returns the geometry and stats_fraction as a float."""
+    if (
+        type(kernel_size) is int and type(stride) is int and type(dilation) is int and type(padding) in (int, str)
+        and type(padding_mode) is str and type(statistic) is str and type(stats_fraction) is float
+        and 0.0 < stats_fraction <= 1.0 and isinstance(x, torch.Tensor) and not torch.compiler.is_compiling()
+    ):
+        # The common call (a layer's, or ints and strings): what the checks below accept, tested at
+        # once, with the geometry's own checks cached. Anything else goes through them, and they
+        # name the culprit.
+        shape = x.shape
+        if 3 <= len(shape) <= 5 and x.dtype in _checks.FLOAT_DTYPES and shape[0] and shape[1] and x.numel():
+            args = (shape[2:], kernel_size, stride, padding, dilation, padding_mode, statistic)
+            return _cached_geometry(_PLAIN_SIGNATURE, args), stats_fraction
     x = _checks.check_tensor(x, "x", dims="(N, C, *spatial) with 1 to 3 spatial dims", min_dim=3, max_dim=5)
     stats_fraction = _checks.check_channel_mean_extent(x, stats_fraction)
     # torch.Size is a tuple: a cache key as it is.
@@ -131,7 +143,7 @@ def check_tap_mean_args(
             type(kernel_size) is int and type(stride) is int and type(dilation) is int
             and type(padding) in (int, str) and type(padding_mode) is str and type(statistic) is str
         ):
-            return _cached_geometry(_PLAIN_SIGNATURE, args), stats_fraction  # the common call, keyed at once
+            return _cached_geometry(_PLAIN_SIGNATURE, args), stats_fraction  # keyed at once
         key = (tuple(map(_signature, args)), args)
         try:
             hash(key)

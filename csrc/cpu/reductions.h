@@ -27,14 +27,14 @@ inline acc_t combine_lanes(acc_t (&lanes)[kWidth]) {
   return lanes[0];
 }
 
-// The least of the lanes and 0, folded as combine_lanes folds (vectorised): a running minimum
-// across 32 lanes one at a time waits on every comparison, as long as summing a 256-value plane.
+// The least of the lanes, folded as combine_lanes folds (vectorised): a running minimum across
+// 32 lanes one at a time waits on every comparison, as long as summing a 256-value plane.
 template <int kWidth, typename acc_t>
 inline acc_t least_of_lanes(acc_t (&lanes)[kWidth]) {
   for (int width = kWidth / 2; width > 0; width /= 2) {
     for (int j = 0; j < width; ++j) lanes[j] = lanes[j + width] < lanes[j] ? lanes[j + width] : lanes[j];
   }
-  return lanes[0] < 0 ? lanes[0] : acc_t(0);
+  return lanes[0];
 }
 
 // sum of values[0 .. count), accumulated in acc_t in kWidth interleaved partial sums.
