@@ -8,11 +8,13 @@ import warnings
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
-from torch.func import functional_call, grad, jacrev, stack_module_state, vmap
+from torch.func import functional_call, grad, hessian, jacrev, jvp, stack_module_state, vmap
 
 import equinorm_kernels as ek
 from equinorm_kernels import reference
+from equinorm_kernels.backends import cpu_train_forward, resolve_backend
 
 from kernel_backends import fused_backend_params
 
@@ -168,8 +170,8 @@ def test_jvp_of_the_ops_matches_the_reference(backend, device, statistic):
                      lambda v: reference.tap_mean(v, 3, stride=2, padding=1, statistic=statistic)),
     }
     for name, (fused, specification) in cases.items():
-        got = torch.func.jvp(fused, (x,), (x_tangent,))
-        expected = torch.func.jvp(specification, (x,), (x_tangent,))
+        got = jvp(fused, (x,), (x_tangent,))
+        expected = jvp(specification, (x,), (x_tangent,))
         torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL, msg=name)
         assert expected[1].abs().max() > 0, name  # a tangent that can tell zero from the truth
 
@@ -178,8 +180,8 @@ def test_jvp_of_the_ops_matches_the_reference(backend, device, statistic):
     def fused_weight(w, mu):
         return ek.equinorm_weight(w, mu, backend=backend)
 
-    got = torch.func.jvp(fused_weight, (weight, mean), (weight_tangent, x_tangent[0, :, 0, 0]))
-    expected = torch.func.jvp(reference.equinorm_weight, (weight, mean), (weight_tangent, x_tangent[0, :, 0, 0]))
+    got = jvp(fused_weight, (weight, mean), (weight_tangent, x_tangent[0, :, 0, 0]))
+    expected = jvp(reference.equinorm_weight, (weight, mean), (weight_tangent, x_tangent[0, :, 0, 0]))
     torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL, msg="equinorm_weight")
 
 
@@ -201,7 +203,7 @@ def test_hessian_of_a_normalized_convolution_matches_the_reference(backend, devi
     def reference_loss(v):
         return _reference_conv({"weight": weight, "gain": gain, "bias": None}, v, "abs_mean", per_tap).square().sum()
 
-    got, expected = torch.func.hessian(loss)(x), torch.func.hessian(reference_loss)(x)
+    got, expected = hessian(loss)(x), hessian(reference_loss)(x)
     torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
 
 
@@ -209,8 +211,6 @@ def test_hessian_of_a_normalized_convolution_matches_the_reference(backend, devi
 def test_forward_ad_dual_tensors_through_a_training_layer(backend, device, per_tap):
     # torch.autograd.forward_ad without torch.func: no transform is on the stack, and a layer's
     # one-call forward must step aside as well.
-    import torch.autograd.forward_ad as fwAD
-
     layer = _conv_layer(backend, device, per_tap)
     x = _inputs(device, signed=True)
     torch.manual_seed(3)
@@ -219,7 +219,7 @@ def test_forward_ad_dual_tensors_through_a_training_layer(backend, device, per_t
     with fwAD.dual_level():
         out = layer(fwAD.make_dual(x, tangent))
         got, got_tangent = fwAD.unpack_dual(out)
-    expected, expected_tangent = torch.func.jvp(
+    expected, expected_tangent = jvp(
         lambda v: _reference_conv(params, v, "abs_mean", per_tap), (x,), (tangent,)
     )
     torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
@@ -229,8 +229,6 @@ def test_forward_ad_dual_tensors_through_a_training_layer(backend, device, per_t
 def test_forward_ad_through_the_eval_weight(backend, device):
     # The eval weight is built once and reused. A dual weight shares its primal's data and version:
     # reusing the primal's weight for it would lose the tangent.
-    import torch.autograd.forward_ad as fwAD
-
     layer = _conv_layer(backend, device)
     x = _inputs(device, signed=False)
     layer(x)
@@ -243,7 +241,7 @@ def test_forward_ad_through_the_eval_weight(backend, device):
         out = functional_call(layer, {"weight": fwAD.make_dual(params["weight"], tangent)}, (x,), strict=False)
         got_tangent = fwAD.unpack_dual(out).tangent
     mean = layer.running_mean.clone()
-    _, expected_tangent = torch.func.jvp(
+    _, expected_tangent = jvp(
         lambda w: _reference_conv({**params, "weight": w}, x, "abs_mean", False, mean=mean), (params["weight"],), (tangent,)
     )
     torch.testing.assert_close(got_tangent, expected_tangent, rtol=RTOL, atol=ATOL)
@@ -251,10 +249,6 @@ def test_forward_ad_through_the_eval_weight(backend, device):
 
 def test_forward_ad_leaves_the_backend_choice_as_it_was(backend, device):
     # The backend is swapped only while a dual level is open, and nothing of it is remembered.
-    import torch.autograd.forward_ad as fwAD
-
-    from equinorm_kernels.backends import cpu_train_forward, resolve_backend
-
     target = torch.device(device)
     with fwAD.dual_level():
         assert resolve_backend(backend, target).name == "reference"
