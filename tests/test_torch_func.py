@@ -242,7 +242,8 @@ def test_forward_ad_through_the_eval_weight(backend, device):
         got_tangent = fwAD.unpack_dual(out).tangent
     mean = layer.running_mean.clone()
     _, expected_tangent = jvp(
-        lambda w: _reference_conv({**params, "weight": w}, x, "abs_mean", False, mean=mean), (params["weight"],), (tangent,)
+        lambda w: _reference_conv({**params, "weight": w}, x, "abs_mean", False, mean=mean),
+        (params["weight"],), (tangent,),
     )
     torch.testing.assert_close(got_tangent, expected_tangent, rtol=RTOL, atol=ATOL)
 
