@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
-from torch.func import functional_call, grad, hessian, jacrev, jvp, stack_module_state, vmap
+from torch.func import functional_call, grad, hessian, jacrev, jvp, stack_module_state, vjp, vmap
 
 import equinorm_kernels as ek
 from equinorm_kernels import reference
@@ -185,25 +185,43 @@ def test_jvp_of_the_ops_matches_the_reference(backend, device, statistic):
     torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL, msg="equinorm_weight")
 
 
-@pytest.mark.parametrize("per_tap", [False, True], ids=["channel", "per_tap"])
-def test_hessian_of_a_normalized_convolution_matches_the_reference(backend, device, per_tap):
-    # hessian is jacfwd of jacrev: forward-mode AD around the backward. The ops rather than a
-    # layer: a layer's training forward updates its running statistics in place, which jacfwd's
-    # vmap over the tangents cannot batch.
+def _normalized_convs(backend: str, device: str, per_tap: bool):
+    """A training layer's forward as ops, (weight, x) -> output: through the backend's ops, and
+    through the reference functions. Ops rather than a layer: a layer's training forward updates
+    its running statistics in place, which a transform can only take when they are its input."""
     torch.manual_seed(0)
-    weight = torch.randn(4, 3, 3, 3, dtype=torch.float64, device=device)
     gain = torch.rand(4, dtype=torch.float64, device=device) + 0.5
-    x = _inputs(device, signed=True, batch=2)
 
-    def loss(v):
+    def fused(w, v):
         mean = (ek.tap_mean(v, 3, padding=1, statistic="abs_mean", backend=backend) if per_tap
                 else ek.channel_mean(v, statistic="abs_mean", backend=backend))  # fmt: skip
-        return F.conv2d(v, ek.equinorm_weight(weight, mean, gain=gain, backend=backend), padding=1).square().sum()
+        return F.conv2d(v, ek.equinorm_weight(w, mean, gain=gain, backend=backend), padding=1)
 
-    def reference_loss(v):
-        return _reference_conv({"weight": weight, "gain": gain, "bias": None}, v, "abs_mean", per_tap).square().sum()
+    def specification(w, v):
+        return _reference_conv({"weight": w, "gain": gain, "bias": None}, v, "abs_mean", per_tap)
 
-    got, expected = hessian(loss)(x), hessian(reference_loss)(x)
+    weight = torch.randn(4, 3, 3, 3, dtype=torch.float64, device=device)
+    return fused, specification, weight, _inputs(device, signed=True, batch=2)
+
+
+@pytest.mark.parametrize("per_tap", [False, True], ids=["channel", "per_tap"])
+def test_vjp_of_a_normalized_convolution_matches_the_reference(backend, device, per_tap):
+    fused, specification, weight, x = _normalized_convs(backend, device, per_tap)
+    out, pullback = vjp(fused, weight, x)
+    expected_out, expected_pullback = vjp(specification, weight, x)
+    torch.testing.assert_close(out, expected_out, rtol=RTOL, atol=ATOL)
+    cotangent = torch.randn_like(out)
+    got, expected = pullback(cotangent), expected_pullback(cotangent)
+    for name, a, b in zip(("weight", "x"), got, expected):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=name)
+
+
+@pytest.mark.parametrize("per_tap", [False, True], ids=["channel", "per_tap"])
+def test_hessian_of_a_normalized_convolution_matches_the_reference(backend, device, per_tap):
+    # hessian is jacfwd of jacrev: forward-mode AD around the backward.
+    fused, specification, weight, x = _normalized_convs(backend, device, per_tap)
+    got = hessian(lambda v: fused(weight, v).square().sum())(x)
+    expected = hessian(lambda v: specification(weight, v).square().sum())(x)
     torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
 
 

@@ -238,14 +238,23 @@ def _differentiable_gradients(needs_input_grad, grad_out, out_of, operands) -> l
 
     For ``create_graph=True`` (gradient penalties, meta-learning): the fused backward op is not
     differentiable, so the weight transform is recomputed from ``operands`` with the reference's
-    differentiable ops and its vector-Jacobian product taken by autograd; second-order gradients
-    are then exact. ``out_of(*operands)`` is w''; operands whose gradient is not needed
-    (``needs_input_grad`` False) give None.
+    differentiable ops and its vector-Jacobian product taken by ``torch.func.vjp``; second-order
+    gradients are then exact. ``out_of(*operands)`` is w''; operands whose gradient is not needed
+    (``needs_input_grad`` False) give None. torch.func.vjp rather than torch.autograd.grad on the
+    saved operands: the pullback of a ``torch.func.vjp`` runs this backward after its transform
+    has ended, when the saved operands are no longer part of any graph.
     """
-    needed = [t for t, need in zip(operands, needs_input_grad) if need]
-    out = out_of(*operands)
-    grads = iter(torch.autograd.grad(out, needed, grad_out, create_graph=True, allow_unused=True))
-    return [next(grads) if need else None for need in needs_input_grad[: len(operands)]]
+    positions = [i for i, need in enumerate(needs_input_grad[: len(operands)]) if need]
+
+    def of_needed(*needed):
+        values = list(operands)
+        for i, value in zip(positions, needed):
+            values[i] = value
+        return out_of(*values)
+
+    _, pullback = torch.func.vjp(of_needed, *(operands[i] for i in positions))
+    grads = dict(zip(positions, pullback(grad_out)))
+    return [grads.get(i) for i in range(len(operands))]
 
 
 def _reference_weight(ctx) -> Callable[..., torch.Tensor]:
