@@ -185,7 +185,12 @@ def test_jvp_of_the_ops_matches_the_reference(backend, device, statistic):
     torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL, msg="equinorm_weight")
 
 
-def _normalized_convs(backend: str, device: str, per_tap: bool):
+# How a training layer's forward builds w'': the channel means then the weight, the same in one
+# fused call (equinorm_forward, what a layer with channel statistics runs), or per-tap means.
+STATISTICS_PATHS = ["channel", "fused_forward", "per_tap"]
+
+
+def _normalized_convs(backend: str, device: str, path: str):
     """A training layer's forward as ops, (weight, x) -> output: through the backend's ops, and
     through the reference functions. Ops rather than a layer: a layer's training forward updates
     its running statistics in place, which a transform can only take when they are its input."""
@@ -193,20 +198,23 @@ def _normalized_convs(backend: str, device: str, per_tap: bool):
     gain = torch.rand(4, dtype=torch.float64, device=device) + 0.5
 
     def fused(w, v):
-        mean = (ek.tap_mean(v, 3, padding=1, statistic="abs_mean", backend=backend) if per_tap
+        if path == "fused_forward":
+            weight = ek.equinorm_forward(v, w, gain=gain, statistic="abs_mean", backend=backend)[0]
+            return F.conv2d(v, weight, padding=1)
+        mean = (ek.tap_mean(v, 3, padding=1, statistic="abs_mean", backend=backend) if path == "per_tap"
                 else ek.channel_mean(v, statistic="abs_mean", backend=backend))  # fmt: skip
         return F.conv2d(v, ek.equinorm_weight(w, mean, gain=gain, backend=backend), padding=1)
 
     def specification(w, v):
-        return _reference_conv({"weight": w, "gain": gain, "bias": None}, v, "abs_mean", per_tap)
+        return _reference_conv({"weight": w, "gain": gain, "bias": None}, v, "abs_mean", path == "per_tap")
 
     weight = torch.randn(4, 3, 3, 3, dtype=torch.float64, device=device)
     return fused, specification, weight, _inputs(device, signed=True, batch=2)
 
 
-@pytest.mark.parametrize("per_tap", [False, True], ids=["channel", "per_tap"])
-def test_vjp_of_a_normalized_convolution_matches_the_reference(backend, device, per_tap):
-    fused, specification, weight, x = _normalized_convs(backend, device, per_tap)
+@pytest.mark.parametrize("path", STATISTICS_PATHS)
+def test_vjp_of_a_normalized_convolution_matches_the_reference(backend, device, path):
+    fused, specification, weight, x = _normalized_convs(backend, device, path)
     out, pullback = vjp(fused, weight, x)
     expected_out, expected_pullback = vjp(specification, weight, x)
     torch.testing.assert_close(out, expected_out, rtol=RTOL, atol=ATOL)
@@ -216,10 +224,10 @@ def test_vjp_of_a_normalized_convolution_matches_the_reference(backend, device, 
         torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=name)
 
 
-@pytest.mark.parametrize("per_tap", [False, True], ids=["channel", "per_tap"])
-def test_hessian_of_a_normalized_convolution_matches_the_reference(backend, device, per_tap):
+@pytest.mark.parametrize("path", STATISTICS_PATHS)
+def test_hessian_of_a_normalized_convolution_matches_the_reference(backend, device, path):
     # hessian is jacfwd of jacrev: forward-mode AD around the backward.
-    fused, specification, weight, x = _normalized_convs(backend, device, per_tap)
+    fused, specification, weight, x = _normalized_convs(backend, device, path)
     got = hessian(lambda v: fused(weight, v).square().sum())(x)
     expected = hessian(lambda v: specification(weight, v).square().sum())(x)
     torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
