@@ -120,10 +120,14 @@ def check_tap_mean_args(
     statistic: object,
 ) -> tuple[TapGeometry, float]:
     """Validate tap_mean's arguments against x; returns the geometry and stats_fraction as a float."""
-    if (
+    # Exact ints and strings: cached under one signature (see _PLAIN_SIGNATURE).
+    plain = (
         type(kernel_size) is int and type(stride) is int and type(dilation) is int and type(padding) in (int, str)
-        and type(padding_mode) is str and type(statistic) is str and type(stats_fraction) is float
-        and 0.0 < stats_fraction <= 1.0 and isinstance(x, torch.Tensor) and not torch.compiler.is_compiling()
+        and type(padding_mode) is str and type(statistic) is str
+    )  # fmt: skip
+    if (
+        plain and type(stats_fraction) is float and 0.0 < stats_fraction <= 1.0 and isinstance(x, torch.Tensor)
+        and not torch.compiler.is_compiling()
     ):
         # The common call (a layer's, or ints and strings): what the checks below accept, tested at
         # once, with the geometry's own checks cached. Anything else goes through them, and they
@@ -139,10 +143,7 @@ def check_tap_mean_args(
     if not torch.compiler.is_compiling():
         # A layer passes the same arguments on every call: their checks are done once. Arguments
         # that cannot be hashed (lists) are checked every time.
-        if (
-            type(kernel_size) is int and type(stride) is int and type(dilation) is int
-            and type(padding) in (int, str) and type(padding_mode) is str and type(statistic) is str
-        ):
+        if plain:
             return _cached_geometry(_PLAIN_SIGNATURE, args), stats_fraction  # keyed at once
         key = (tuple(map(_signature, args)), args)
         try:

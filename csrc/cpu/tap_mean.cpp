@@ -820,7 +820,7 @@ C10_ALWAYS_INLINE void channels_last_block_sums(const scalar_t* x, int64_t rows,
 template <typename acc_t>
 struct BlockScratch {
   std::vector<acc_t> sums, partial, least;
-  GroupScratch<acc_t> groups;
+  GroupScratch<acc_t> grouping;
   BlockScratch(int64_t size, int64_t partial_size, bool abs) : sums(size), partial(partial_size), least(abs ? size : 0) {}
 };
 
@@ -846,11 +846,11 @@ C10_ALWAYS_INLINE void tap_block_impl(const scalar_t* x, int64_t rows, int64_t c
       negative[begin + c] = columns::had_negative(least + c * channel_step, plane, position_step);
     }
   }
-  GroupScratch<acc_t>& groups = scratch.groups;
-  groups.groups.assign(counts.position_groups * lanes, acc_t(0));
+  GroupScratch<acc_t>& grouping = scratch.grouping;
+  grouping.groups.assign(counts.position_groups * lanes, acc_t(0));
   add_position_groups(sums, lanes, channels_last, counts.position_group.data(), plane, 0, lanes,
-                      groups.groups.data());
-  group_taps(groups.groups.data(), counts, count, begin, lanes, groups, mean);
+                      grouping.groups.data());
+  group_taps(grouping.groups.data(), counts, count, begin, lanes, grouping, mean);
 }
 
 template <bool kAbs, typename scalar_t, typename acc_t>
